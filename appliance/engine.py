@@ -1,0 +1,379 @@
+"""The appliance engine: a data directory's store and catalog, and the work functions on them.
+
+Every long operation (backup, restore, verify, prune, GC, catalog rebuild) is a method here that
+knows nothing about HTTP or terminals: it takes plain arguments, an optional progress callback and
+an optional cancel event, and returns a result. The CLI, the API's jobs, the scheduler and the
+tests call them the same way.
+
+Data directory layout::
+
+    catalog.sqlite              the catalog (unless a PostgreSQL URL is configured)
+    pools/default/store/        the default pool's store (self-describing; see docs/format.md)
+    cache/<store id>/           local index cache and verify ledger (safe to delete)
+    locks/                      flock files of running operations
+
+Time is injected (``clock``) so that tests and policies use explicit timestamps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from appliance.backup.files import backup_tree
+from appliance.backup.images import backup_disk
+from appliance.catalog import Catalog
+from appliance.catalog.records import PointRecord
+from appliance.errors import (
+    InvalidInput,
+    NotFound,
+    ObjectMissing,
+    StoreExists,
+)
+from appliance.points import new_manifest, new_point_id, record_from_manifest
+from appliance.restore import restore_disk, restore_tar, restore_tree
+from appliance.store.backend import LocalDirectoryBackend
+from appliance.store.repository import Repository
+from appliance.vmspec import default_spec, load_spec
+
+Clock = Callable[[], datetime]
+ProgressCallback = Callable[[dict[str, Any]], None]
+MODES = ("full", "incremental", "differential")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    path: str
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.path, "pools", "default", "store")
+
+    @property
+    def cache_path(self) -> str:
+        return os.path.join(self.path, "cache")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.path, "locks")
+
+    @property
+    def catalog_url(self) -> str:
+        return os.environ.get("APPLIANCE_CATALOG_URL") or (
+            "sqlite:///" + os.path.join(self.path, "catalog.sqlite")
+        )
+
+
+@dataclass
+class BackupOutcome:
+    point: PointRecord
+    stats: dict[str, Any]
+    warnings: list[dict[str, str]] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Appliance:
+    def __init__(
+        self, data_dir: DataDir, repo: Repository, catalog: Catalog, clock: Clock = utcnow
+    ) -> None:
+        self.data_dir = data_dir
+        self.repo = repo
+        self.catalog = catalog
+        self.clock = clock
+        self.locks = repo.locks(data_dir.lock_path)
+        catalog.ensure_store(repo.store_id, "pool", data_dir.store_path)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls, path: str, passphrase: str, *, clock: Clock = utcnow, **store_config: Any
+    ) -> tuple[Appliance, str]:
+        data_dir = DataDir(os.path.abspath(path))
+        os.makedirs(data_dir.store_path, exist_ok=True)
+        backend = LocalDirectoryBackend(data_dir.store_path)
+        if any(True for _ in backend.list("config")):
+            raise StoreExists(f"{data_dir.path} already holds a store")
+        repo = Repository.init(backend, passphrase, data_dir.cache_path, **store_config)
+        catalog = Catalog.open(data_dir.catalog_url)
+        return cls(data_dir, repo, catalog, clock), repo.key.recovery_key()
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        passphrase: str | None = None,
+        recovery_key: str | None = None,
+        clock: Clock = utcnow,
+    ) -> Appliance:
+        data_dir = DataDir(os.path.abspath(path))
+        backend = LocalDirectoryBackend(data_dir.store_path)
+        repo = Repository.open(
+            backend, data_dir.cache_path, passphrase=passphrase, recovery_key=recovery_key
+        )
+        catalog = Catalog.open(data_dir.catalog_url)
+        return cls(data_dir, repo, catalog, clock)
+
+    def close(self) -> None:
+        self.repo.close()
+        self.catalog.close()
+
+    def __enter__(self) -> Appliance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- base points --------------------------------------------------------------------------
+
+    def _base(self, asset: str, kind: str, mode: str) -> tuple[str, dict[str, Any] | None]:
+        """Pick the point to compare against; a mode without a usable base becomes a full."""
+        if mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}")
+        if mode == "full":
+            return "full", None
+        base = self.catalog.latest_point(
+            asset, kind=kind, mode="full" if mode == "differential" else None
+        )
+        if base is None:
+            return "full", None
+        try:
+            return mode, self.repo.get_manifest(base.id)
+        except ObjectMissing:
+            return "full", None
+
+    @staticmethod
+    def _base_full(base: dict[str, Any] | None) -> str | None:
+        if base is None:
+            return None
+        return str(base["point_id"]) if base["mode"] == "full" else base.get("base_full")
+
+    def _record(self, manifest: dict[str, Any]) -> PointRecord:
+        # Data and index are already in the store; the manifest makes the point real, the
+        # catalog row makes it visible. A crash between the two is repaired by `catalog rebuild`.
+        self.repo.put_manifest(manifest["point_id"], manifest)
+        point = record_from_manifest(manifest)
+        self.catalog.add_point(point, self.repo.store_id)
+        return point
+
+    # --- backups --------------------------------------------------------------------------------
+
+    def backup_files(
+        self,
+        source: str,
+        asset: str,
+        *,
+        mode: str = "incremental",
+        workers: int | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> BackupOutcome:
+        source = os.path.abspath(source)
+        with self.locks.shared(), self.locks.asset(asset):
+            created = self.clock()
+            mode, base = self._base(asset, "files", mode)
+            if base is not None and base.get("source") != source:
+                mode, base = "full", None  # another folder under the same name: start afresh
+            point_id = new_point_id(created)
+            tree, stats, warnings = backup_tree(
+                self.repo,
+                source,
+                previous=base,
+                workers=workers or default_workers(),
+                progress=progress,
+                cancel=cancel,
+            )
+            manifest = new_manifest(
+                point_id=point_id,
+                asset=asset,
+                kind="files",
+                mode=mode,
+                created=created,
+                parent=base["point_id"] if base else None,
+                base_full=self._base_full(base),
+                store_id=self.repo.store_id,
+                source=source,
+            )
+            manifest["tree"] = tree
+            manifest["stats"] = {**vars(stats), "logical_bytes": stats.bytes_total}
+            manifest["warnings"] = warnings.items
+            manifest["warning_count"] = warnings.count
+            point = self._record(manifest)
+            return BackupOutcome(point, manifest["stats"], warnings.items)
+
+    def backup_image(
+        self,
+        disks: list[str],
+        asset: str,
+        *,
+        mode: str = "incremental",
+        vm_spec: str | dict[str, Any] | None = None,
+        changed_ranges: dict[str, list[tuple[int, int]]] | None = None,
+        disk_format: str | None = None,
+        threads: int | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> BackupOutcome:
+        if not disks:
+            raise InvalidInput("name at least one disk image")
+        disks = [os.path.abspath(d) for d in disks]
+        names = _disk_names(disks)
+        with self.locks.shared(), self.locks.asset(asset):
+            created = self.clock()
+            mode, base = self._base(asset, "image", mode)
+            base_disks = {d["name"]: d for d in base.get("disks", [])} if base else {}
+            point_id = new_point_id(created)
+            entries_out: list[dict[str, Any]] = []
+            totals = {
+                "logical_bytes": 0,
+                "bytes_read": 0,
+                "new_bytes": 0,
+                "changed_chunks": 0,
+                "zero_chunks": 0,
+                "disks": len(disks),
+            }
+            for name, path in zip(names, disks, strict=True):
+                entry, stats, index_entries = backup_disk(
+                    self.repo,
+                    path,
+                    name=name,
+                    base=base_disks.get(name),
+                    changed_ranges=(changed_ranges or {}).get(name)
+                    if changed_ranges is not None
+                    else None,
+                    fmt_name=disk_format,
+                    threads=threads or default_workers(),
+                    progress=progress,
+                    cancel=cancel,
+                )
+                self.repo.commit_index(index_entries)
+                entries_out.append(entry)
+                totals["logical_bytes"] += stats.size
+                totals["bytes_read"] += stats.bytes_read
+                totals["new_bytes"] += stats.new_bytes
+                totals["changed_chunks"] += stats.changed_chunks
+                totals["zero_chunks"] += stats.zero_chunks
+            if isinstance(vm_spec, str):
+                spec = load_spec(vm_spec)
+            elif isinstance(vm_spec, dict):
+                spec = vm_spec
+            else:
+                spec = default_spec(asset, names)
+            manifest = new_manifest(
+                point_id=point_id,
+                asset=asset,
+                kind="image",
+                mode=mode,
+                created=created,
+                parent=base["point_id"] if base else None,
+                base_full=self._base_full(base),
+                store_id=self.repo.store_id,
+                source=" ".join(disks),
+            )
+            manifest["disks"] = entries_out
+            manifest["vm"] = spec
+            manifest["stats"] = totals
+            manifest["warnings"] = []
+            manifest["warning_count"] = 0
+            point = self._record(manifest)
+            return BackupOutcome(point, totals, [])
+
+    # --- restores -------------------------------------------------------------------------------
+
+    def point(self, point_id: str) -> PointRecord:
+        return self.catalog.get_point(point_id)
+
+    def manifest(self, point_id: str) -> dict[str, Any]:
+        return self.repo.get_manifest(self.point(point_id).id)
+
+    def restore(
+        self,
+        point_id: str,
+        target: str,
+        *,
+        subpath: str | None = None,
+        disk: str | None = None,
+        target_format: str = "raw",
+        workers: int | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        manifest = self.manifest(point_id)
+        with self.locks.shared():
+            if manifest["kind"] == "files":
+                counts = restore_tree(
+                    self.repo,
+                    manifest,
+                    target,
+                    subpath=subpath,
+                    workers=workers or default_workers(),
+                    progress=progress,
+                    cancel=cancel,
+                )
+                return {"point": manifest["point_id"], "target": target, **counts}
+            disks = manifest["disks"]
+            if disk is not None:
+                disks = [d for d in disks if d["name"] == disk]
+                if not disks:
+                    raise NotFound(f"point {point_id} has no disk named {disk!r}")
+            written = []
+            if len(disks) == 1 and not os.path.isdir(target):
+                restore_disk(
+                    self.repo, disks[0], target, target_format=target_format, progress=progress
+                )
+                written.append(target)
+            else:
+                os.makedirs(target, exist_ok=True)
+                for d in disks:
+                    suffix = "img" if target_format == "raw" else target_format
+                    out = os.path.join(target, f"{d['name']}.{suffix}")
+                    restore_disk(self.repo, d, out, target_format=target_format, progress=progress)
+                    written.append(out)
+            return {"point": manifest["point_id"], "disks": written, "vm": manifest.get("vm")}
+
+    def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:
+        manifest = self.manifest(point_id)
+        if manifest["kind"] != "files":
+            raise InvalidInput("only file points can be streamed as tar")
+        with self.locks.shared():
+            return restore_tar(self.repo, manifest, out, subpath=subpath)
+
+    # --- catalog ----------------------------------------------------------------------------------
+
+    def rebuild_catalog(self) -> dict[str, int]:
+        """Recreate the catalog's view of this store from the store alone."""
+        self.repo.sync_index()
+        points = []
+        damaged = 0
+        for point_id in self.repo.manifest_ids():
+            try:
+                points.append(record_from_manifest(self.repo.get_manifest(point_id)))
+            except Exception:  # a damaged manifest must not stop the rebuild of the others
+                damaged += 1
+        added, removed = self.catalog.replace_store_points(self.repo.store_id, points)
+        return {"points": len(points), "added": added, "removed": removed, "damaged": damaged}
+
+
+def _disk_names(disks: list[str]) -> list[str]:
+    names: list[str] = []
+    for path in disks:
+        base = os.path.basename(path).rsplit(".", 1)[0] or "disk"
+        name = base
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names

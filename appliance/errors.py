@@ -1,0 +1,146 @@
+"""Domain errors of the appliance.
+
+Every error has a stable ``code`` (never renamed: scripts, the API and the web page key on it) and
+its docstring is the default message. Third-party exceptions are converted into these at the
+adapter that catches them; the API maps them to HTTP statuses in exactly one place.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """An operation of the appliance failed."""
+
+    code = "appliance_error"
+    #: HTTP-ish category used by the API's single mapping table.
+    kind = "internal"
+
+    def __init__(self, message: str | None = None, **details: object) -> None:
+        self.message = message or (self.__doc__ or self.code).strip()
+        self.details = details
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class NotFound(ApplianceError):
+    """The requested object does not exist."""
+
+    code = "not_found"
+    kind = "not_found"
+
+
+class InvalidInput(ApplianceError):
+    """The request is not valid."""
+
+    code = "invalid_input"
+    kind = "invalid"
+
+
+class Conflict(ApplianceError):
+    """The operation conflicts with the current state."""
+
+    code = "conflict"
+    kind = "conflict"
+
+
+# --- store -------------------------------------------------------------------------------------
+
+
+class StoreError(ApplianceError):
+    """The store could not be used."""
+
+    code = "store_error"
+
+
+class StoreNotFound(StoreError):
+    """No store exists at this location; run `appliance init` first."""
+
+    code = "store_not_found"
+    kind = "not_found"
+
+
+class StoreExists(StoreError):
+    """A store already exists at this location."""
+
+    code = "store_exists"
+    kind = "conflict"
+
+
+class UnsupportedFormat(StoreError):
+    """The store or object uses a format version this software does not understand."""
+
+    code = "unsupported_format"
+
+
+class WrongPassphrase(StoreError):
+    """The passphrase (or recovery key) does not unlock any key of this store."""
+
+    code = "wrong_passphrase"
+    kind = "unauthorized"
+
+
+class PassphraseRequired(StoreError):
+    """A passphrase is needed: set APPLIANCE_PASSPHRASE, use --passphrase-file, or run on a terminal."""
+
+    code = "passphrase_required"
+    kind = "invalid"
+
+
+class IntegrityError(StoreError):
+    """Stored data failed its integrity check (corrupt, truncated or tampered)."""
+
+    code = "integrity_error"
+
+
+class ObjectMissing(StoreError):
+    """An object the store refers to is missing."""
+
+    code = "object_missing"
+    kind = "not_found"
+
+
+class StoreFull(StoreError):
+    """The pool ran out of space; the backup was stopped and nothing already stored was lost."""
+
+    code = "store_full"
+    kind = "insufficient_storage"
+
+
+class LockHeld(StoreError):
+    """Another operation holds the lock this operation needs."""
+
+    code = "lock_held"
+    kind = "conflict"
+
+
+class InvalidName(StoreError):
+    """An object name is not valid in the store."""
+
+    code = "invalid_name"
+    kind = "invalid"
+
+
+# --- backup / restore --------------------------------------------------------------------------
+
+
+class SourceError(ApplianceError):
+    """The backup source cannot be read."""
+
+    code = "source_error"
+    kind = "invalid"
+
+
+class UnsafeRestorePath(ApplianceError):
+    """A manifest entry names a path outside the restore target; it was refused."""
+
+    code = "unsafe_restore_path"
+    kind = "invalid"
+
+
+class BackupCancelled(ApplianceError):
+    """The backup was cancelled; no recovery point was recorded."""
+
+    code = "cancelled"
+    kind = "conflict"
