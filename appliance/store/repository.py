@@ -254,10 +254,21 @@ class Repository:
         raise WrongPassphrase()
 
     def _check_key(self) -> None:
-        """A recovery key has no key file to check against: prove it on an index file."""
-        for info in self.backend.list("index/"):
-            self._read_index_file(info.name)
-            break
+        """A recovery key has no key file to check against: prove it on an index file.
+
+        The key is wrong when no index file opens with it (one damaged index file must not make
+        the right key look wrong; the sync below reports that damage as what it is).
+        """
+        names = [info.name for info in self.backend.list("index/")]
+        for name in names:
+            try:
+                self._read_index_file(name)
+                break
+            except IntegrityError:
+                continue
+        else:
+            if names:
+                raise WrongPassphrase("the recovery key does not unlock this store")
         self.sync_index()
 
     def add_passphrase(self, passphrase: str) -> str:

@@ -1,0 +1,209 @@
+"""What the catalog hands out: plain frozen records, free of any database type.
+
+Every public method of :class:`appliance.catalog.Catalog` takes and returns these records, so the
+engine, the CLI, the API and the tiering code never see SQLAlchemy objects and never hold a
+session. This module imports nothing but the standard library: importing it is cheap, and it can
+be used wherever records are built or inspected (for example when `catalog rebuild` turns a
+store's manifests into :class:`PointRecord` values) without pulling in the database layer.
+
+Invariants of every record:
+
+- Datetimes are timezone-aware and in UTC. The catalog refuses naive datetimes on the way in
+  (a naive value is ambiguous: local time or UTC?) and converts aware ones to UTC.
+- JSON-valued fields (``labels``, ``params``, ``schedule``, ...) hold plain ``dict``/``list``
+  values that survive a JSON round trip unchanged.
+- A record is a snapshot: changing the catalog later does not change a record already returned.
+
+The allowed values of the enumerated text fields are the frozensets below; the catalog raises
+:class:`appliance.errors.InvalidInput` for anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+ASSET_KINDS = frozenset({"files", "vm"})
+POINT_KINDS = frozenset({"files", "image"})
+POINT_MODES = frozenset({"full", "incremental", "differential"})
+STORE_LOCATION_KINDS = frozenset({"pool", "usb", "tape", "bucket", "peer"})
+COPY_STATES = frozenset({"present", "copying", "deleted"})
+MEDIA_KINDS = frozenset({"usb", "tape"})
+USER_ROLES = frozenset({"admin", "operator", "viewer"})
+LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
+
+JOB_STATES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "interrupted"})
+#: A job in one of these states is over for good; nothing moves it again.
+TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: Entering one of these states stamps ``finished_at``: the job is not running any more.
+#: ``interrupted`` is among them although it is not terminal (it can be resumed).
+STOPPED_JOB_STATES = TERMINAL_JOB_STATES | {"interrupted"}
+#: The state machine of a job. Staying in the same state is always allowed (a no-op).
+JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "cancelled", "failed"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "interrupted"}),
+    "interrupted": frozenset({"queued", "running", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class AssetRecord:
+    """Something the appliance protects: a file tree or a virtual machine.
+
+    ``source`` is the path of a file tree, or the VM's disk list as JSON text.
+    """
+
+    name: str
+    kind: str
+    source: str
+    created_at: datetime
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """A store (pool directory, USB disk, tape, bucket or peer) the catalog knows copies in."""
+
+    store_id: str
+    location_kind: str
+    location: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class PointRecord:
+    """A recovery point: one complete, independently restorable snapshot of an asset.
+
+    ``parent_id`` is the point an incremental was compared against and ``base_full_id`` the full
+    a differential was compared against; both are informational (no point depends on another for
+    its data). ``stored_bytes`` counts only the bytes this point added to its store.
+    """
+
+    id: str
+    asset: str
+    kind: str
+    mode: str
+    created_at: datetime
+    parent_id: str | None = None
+    base_full_id: str | None = None
+    source: str = ""
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    file_count: int = 0
+    warning_count: int = 0
+    status: str = "complete"
+    verified_at: datetime | None = None
+    verify_status: str | None = None
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CopyRecord:
+    """Where one copy of a recovery point lives, and whether it is usable yet (or still)."""
+
+    point_id: str
+    store_id: str
+    state: str
+    added_at: datetime
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A long operation and its outcome. ``resource`` names what the job locks (a pool, a drive)."""
+
+    id: str
+    kind: str
+    state: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    resource: str | None
+
+
+@dataclass(frozen=True)
+class JobLogRecord:
+    """One log line of a job; ``seq`` counts 1, 2, 3, ... per job in the order lines were added."""
+
+    job_id: str
+    seq: int
+    at: datetime
+    level: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """When and how an asset is backed up, and how long its points are kept.
+
+    ``schedule`` and ``retention`` are the JSON forms the scheduler and retention code define;
+    the catalog stores them without interpreting them.
+    """
+
+    name: str
+    asset: str
+    schedule: dict[str, Any]
+    mode: str
+    retention: dict[str, Any]
+    rpo_seconds: int
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """A disk pool: a filesystem mounted at ``path`` that holds the store ``store_id``."""
+
+    name: str
+    path: str
+    store_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    """A removable medium (USB disk or tape) known by a stable identity (serial, WWN, FS UUID)."""
+
+    identity: str
+    kind: str
+    label: str
+    last_seen: datetime
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """An account of the admin page and API. ``password_hash`` is never a password."""
+
+    name: str
+    role: str
+    password_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token of a user. Only a hash of the token is stored; ``revoked_at`` ends it."""
+
+    id: str
+    user: str
+    hashed: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited change: who (``actor``) did what (``action``) to what (``target``)."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]

@@ -1,0 +1,59 @@
+"""Shared test fixtures.
+
+The tests directory is not a package: pytest puts it on sys.path, so helper modules such as
+``pg`` are imported by their plain name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pg import PostgresUnavailable, ThrowawayPostgres
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[ThrowawayPostgres]:
+    """A real PostgreSQL 15 started for this test session and stopped at its end.
+
+    Missing binaries fail the tests that need it (with the install step): a silently skipped
+    PostgreSQL suite would hide that the catalog was never tested against it.
+    """
+    try:
+        server = ThrowawayPostgres()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        server.stop()
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: ThrowawayPostgres) -> str:
+    """SQLAlchemy URL of a database created once for the session on the throwaway server."""
+    return postgres_server.url(postgres_server.create_database())
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: ThrowawayPostgres) -> Iterator[str]:
+    """SQLAlchemy URL of a new, empty database for this test alone (dropped afterwards)."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of an empty catalog database: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'catalog.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))

@@ -1,0 +1,705 @@
+"""The catalog against SQLite and a real throwaway PostgreSQL (every test runs on both)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import MetaData, create_engine, inspect, text
+
+from appliance.catalog import Catalog, PointRecord, PolicyRecord
+from appliance.catalog.catalog import MIGRATIONS_DIR
+from appliance.catalog.models import Base
+from appliance.errors import Conflict, InvalidInput, NotFound
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """The catalog's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def catalog(catalog_url: str, clock: FakeClock) -> Iterator[Catalog]:
+    with Catalog.open(catalog_url, clock=clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+def pool(catalog: Catalog) -> str:
+    return catalog.ensure_store("pool-store", "pool", "/srv/pool1").store_id
+
+
+def point(point_id: str, asset: str = "docs", *, minutes: float = 0, **fields: Any) -> PointRecord:
+    fields.setdefault("kind", "files")
+    fields.setdefault("mode", "full")
+    fields.setdefault("created_at", T0 + timedelta(minutes=minutes))
+    return PointRecord(id=point_id, asset=asset, **fields)
+
+
+def ids(points: list[PointRecord]) -> list[str]:
+    return [p.id for p in points]
+
+
+# --- schema and connection -----------------------------------------------------------------------
+
+
+def test_models_and_migrations_agree(catalog_url: str) -> None:
+    Catalog.open(catalog_url).close()
+    engine = create_engine(catalog_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+            # The comparison does see the schema: against no models, every table is extra.
+            diffs = compare_metadata(context, MetaData())
+            assert {diff[1].name for diff in diffs if diff[0] == "remove_table"} == set(
+                Base.metadata.tables
+            )
+    finally:
+        engine.dispose()
+
+
+def test_open_twice_keeps_data_and_stays_at_head(catalog_url: str, clock: FakeClock) -> None:
+    with Catalog.open(catalog_url, clock=clock) as first:
+        first.ensure_asset("docs", "files", "/srv/docs")
+    with Catalog.open(catalog_url, clock=clock) as second:
+        assert second.get_asset("docs").source == "/srv/docs"
+    engine = create_engine(catalog_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_opens_of_a_fresh_database_all_succeed(catalog_url: str) -> None:
+    barrier = threading.Barrier(4)
+
+    def open_and_close() -> None:
+        barrier.wait()
+        Catalog.open(catalog_url).close()
+
+    with ThreadPoolExecutor(4) as executor:
+        for future in [executor.submit(open_and_close) for _ in range(4)]:
+            future.result()
+
+
+def test_downgrade_to_base_and_upgrade_again(catalog_url: str) -> None:
+    Catalog.open(catalog_url).close()
+    engine = create_engine(catalog_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+    with Catalog.open(catalog_url) as catalog:
+        assert catalog.list_assets() == []
+
+
+def test_sqlite_connections_use_wal_foreign_keys_and_busy_timeout(tmp_path: Path) -> None:
+    # The engine is private; the connection settings are what this test is about.
+    with (
+        Catalog.open(f"sqlite:///{tmp_path / 'catalog.db'}") as catalog,
+        catalog._engine.connect() as connection,
+    ):
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+
+
+def test_sqlite_catalog_in_missing_directory_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        Catalog.open(f"sqlite:///{tmp_path / 'missing' / 'catalog.db'}")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_records_module_does_not_load_sqlalchemy() -> None:
+    probe = (
+        "import sys, appliance.catalog.records, appliance.catalog; "
+        "assert not any(m.split('.')[0] in ('sqlalchemy', 'alembic') for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+# --- assets and stores ---------------------------------------------------------------------------
+
+
+def test_ensure_asset_creates_once_updates_source_and_keeps_kind(
+    catalog: Catalog, clock: FakeClock
+) -> None:
+    created = catalog.ensure_asset("docs", "files", "/srv/docs")
+    clock.advance(60)
+    assert catalog.ensure_asset("docs", "files") == created  # no source: nothing changes
+    moved = catalog.ensure_asset("docs", "files", "/srv/documents")
+    assert moved.source == "/srv/documents"
+    assert moved.created_at == T0
+    with pytest.raises(Conflict, match="files asset"):
+        catalog.ensure_asset("docs", "vm")
+    with pytest.raises(InvalidInput):
+        catalog.ensure_asset("db", "database")
+    catalog.ensure_asset("alpha", "vm", '["disk0.qcow2"]')
+    assert [a.name for a in catalog.list_assets()] == ["alpha", "docs"]
+    assert catalog.get_asset("docs") == moved
+    with pytest.raises(NotFound):
+        catalog.get_asset("nope")
+
+
+def test_ensure_store_follows_a_moved_store(catalog: Catalog) -> None:
+    catalog.ensure_store("usb-1", "usb", "/media/usb-a")
+    catalog.ensure_store("usb-1", "usb", "/media/usb-b")
+    catalog.ensure_store("bucket-1", "bucket", "s3://cold")
+    stores = catalog.list_stores()
+    assert [(s.store_id, s.location) for s in stores] == [
+        ("bucket-1", "s3://cold"),
+        ("usb-1", "/media/usb-b"),
+    ]
+    assert catalog.get_store("usb-1").location_kind == "usb"
+    with pytest.raises(InvalidInput, match="location kind"):
+        catalog.ensure_store("x", "floppy", "/dev/fd0")
+
+
+# --- recovery points -----------------------------------------------------------------------------
+
+
+def test_add_point_records_a_present_copy_and_its_asset(
+    catalog: Catalog, pool: str, clock: FakeClock
+) -> None:
+    clock.advance(30)
+    catalog.add_point(point("a1b2c3d4e5f60718", source="/srv/docs"), pool)
+    catalog.add_point(point("0000111122223333", "web-vm", kind="image", source="vm.json"), pool)
+    assert catalog.get_asset("docs").kind == "files"
+    assert catalog.get_asset("docs").source == "/srv/docs"
+    assert catalog.get_asset("web-vm").kind == "vm"
+    copies = catalog.point_copies("a1b2c3d4e5f60718")
+    assert [(c.store_id, c.state, c.added_at) for c in copies] == [
+        (pool, "present", T0 + timedelta(seconds=30))
+    ]
+
+
+def test_add_point_refuses_duplicates_unknown_stores_and_kind_clashes(
+    catalog: Catalog, pool: str
+) -> None:
+    catalog.add_point(point("a1b2c3d4e5f60718"), pool)
+    with pytest.raises(Conflict, match="already in the catalog"):
+        catalog.add_point(point("a1b2c3d4e5f60718", minutes=5), pool)
+    with pytest.raises(NotFound, match="store"):
+        catalog.add_point(point("ffff000011112222"), "no-such-store")
+    with pytest.raises(Conflict, match="files asset"):
+        catalog.add_point(point("eeee000011112222", kind="image"), pool)
+    with pytest.raises(InvalidInput, match="backup mode"):
+        catalog.add_point(point("dddd000011112222", mode="sometimes"), pool)
+    assert ids(catalog.list_points()) == ["a1b2c3d4e5f60718"]
+
+
+def test_point_fields_round_trip_including_large_numbers(catalog: Catalog, pool: str) -> None:
+    original = point(
+        "a1b2c3d4e5f60718",
+        mode="incremental",
+        parent_id="0000000000000001",
+        base_full_id="0000000000000000",
+        source="/srv/docs",
+        logical_bytes=5 * 2**40,
+        stored_bytes=3 * 2**32,
+        file_count=2**33,
+        warning_count=7,
+        status="partial",
+        labels={"tier": "gold", "tags": ["a", "b"], "n": 1},
+    )
+    catalog.add_point(original, pool)
+    assert catalog.get_point("a1b2c3d4e5f60718") == original
+
+
+def test_get_point_by_id_or_unique_prefix(catalog: Catalog, pool: str) -> None:
+    for point_id in ("0123456789abcdef", "0123456700000000", "fedcba9876543210"):
+        catalog.add_point(point(point_id), pool)
+    assert catalog.get_point("fedcba9876543210").id == "fedcba9876543210"
+    assert catalog.get_point("fedc").id == "fedcba9876543210"
+    assert catalog.get_point("012345678").id == "0123456789abcdef"
+    with pytest.raises(InvalidInput) as ambiguous:
+        catalog.get_point("01234567")
+    assert "0123456789abcdef" in ambiguous.value.message
+    assert "0123456700000000" in ambiguous.value.message
+    assert ambiguous.value.details["candidates"] == ["0123456700000000", "0123456789abcdef"]
+    with pytest.raises(InvalidInput, match="at least 4"):
+        catalog.get_point("fed")
+    with pytest.raises(NotFound):
+        catalog.get_point("aaaa")
+    # Exact on both backends: no case folding (SQLite's LIKE would), no wildcards.
+    with pytest.raises(NotFound):
+        catalog.get_point("FEDC")
+    with pytest.raises(NotFound):
+        catalog.get_point("0123%")
+    with pytest.raises(NotFound):
+        catalog.get_point("01_3")
+
+
+def test_timestamps_are_stored_as_utc_instants(catalog: Catalog, pool: str) -> None:
+    plus_five = timezone(timedelta(hours=5))
+    # 12:00+05:00 is 07:00 UTC: earlier than 08:00 UTC although its wall-clock digits are later.
+    early = point("aaaa000000000001", created_at=datetime(2026, 3, 1, 12, 0, tzinfo=plus_five))
+    late = point("bbbb000000000002", created_at=datetime(2026, 3, 1, 8, 0, tzinfo=UTC))
+    catalog.add_point(late, pool)
+    catalog.add_point(early, pool)
+    listed = catalog.list_points()
+    assert ids(listed) == ["aaaa000000000001", "bbbb000000000002"]
+    assert listed[0].created_at == datetime(2026, 3, 1, 7, 0, tzinfo=UTC)
+    assert listed[0].created_at.utcoffset() == timedelta(0)
+    assert listed[0].created_at.tzinfo == UTC
+    verified = datetime(2026, 3, 2, 1, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-3)))
+    catalog.mark_verified("aaaa000000000001", verified, "ok")
+    got = catalog.get_point("aaaa000000000001")
+    assert got.verified_at == verified
+    assert got.verified_at is not None and got.verified_at.tzinfo == UTC
+    assert got.verified_at.hour == 4 and got.verified_at.microsecond == 123456
+    with pytest.raises(InvalidInput, match="time zone"):
+        catalog.add_point(point("cccc000000000003", created_at=datetime(2026, 3, 1)), pool)
+
+
+def test_list_points_orders_by_time_and_filters_by_asset_and_store(
+    catalog: Catalog, pool: str
+) -> None:
+    usb = catalog.ensure_store("usb-1", "usb", "/media/usb").store_id
+    catalog.add_point(point("cccc000000000003", minutes=30), pool)
+    catalog.add_point(point("aaaa000000000001", minutes=10), pool)
+    catalog.add_point(point("bbbb000000000002", "mail", minutes=20), usb)
+    catalog.add_copy("aaaa000000000001", usb, state="present")
+    catalog.add_copy("cccc000000000003", usb, state="copying")
+    assert ids(catalog.list_points()) == [
+        "aaaa000000000001",
+        "bbbb000000000002",
+        "cccc000000000003",
+    ]
+    assert ids(catalog.list_points(asset="docs")) == ["aaaa000000000001", "cccc000000000003"]
+    # A copy still being written is not yet a point of that store.
+    assert ids(catalog.list_points(store_id=usb)) == ["aaaa000000000001", "bbbb000000000002"]
+    assert ids(catalog.list_points(asset="docs", store_id=usb)) == ["aaaa000000000001"]
+    assert catalog.list_points(asset="nobody") == []
+
+
+def test_latest_point_by_kind_and_mode(catalog: Catalog, pool: str) -> None:
+    def latest(**filters: str) -> str | None:
+        found = catalog.latest_point("docs", **filters)
+        return None if found is None else found.id
+
+    assert latest() is None
+    catalog.add_point(point("aaaa000000000001", minutes=0, mode="full"), pool)
+    catalog.add_point(point("bbbb000000000002", minutes=10, mode="incremental"), pool)
+    catalog.add_point(point("cccc000000000003", minutes=20, mode="differential"), pool)
+    catalog.add_point(point("dddd000000000004", "other", minutes=30), pool)
+    assert latest() == "cccc000000000003"
+    assert latest(mode="full") == "aaaa000000000001"
+    assert latest(kind="files", mode="incremental") == "bbbb000000000002"
+    assert latest(kind="image") is None
+
+
+def test_delete_point_forgets_it_and_its_copies(catalog: Catalog, pool: str) -> None:
+    usb = catalog.ensure_store("usb-1", "usb", "/media/usb").store_id
+    catalog.add_point(point("aaaa000000000001"), pool)
+    catalog.add_point(point("bbbb000000000002", minutes=1), pool)
+    catalog.add_copy("aaaa000000000001", usb)
+    catalog.delete_point("aaaa000000000001")
+    with pytest.raises(NotFound):
+        catalog.get_point("aaaa000000000001")
+    with pytest.raises(NotFound):
+        catalog.point_copies("aaaa000000000001")
+    with pytest.raises(NotFound):
+        catalog.delete_point("aaaa000000000001")
+    assert ids(catalog.list_points(store_id=pool)) == ["bbbb000000000002"]
+    # The point ID is free again: the copy rows went with the point.
+    catalog.add_point(point("aaaa000000000001"), usb)
+
+
+def test_copies_move_through_their_states(catalog: Catalog, pool: str, clock: FakeClock) -> None:
+    tape = catalog.ensure_store("tape-1", "tape", "LTO0001").store_id
+    catalog.add_point(point("aaaa000000000001"), pool)
+    clock.advance(3600)
+    assert catalog.add_copy("aaaa000000000001", tape).state == "copying"
+    with pytest.raises(Conflict, match="already has a copy"):
+        catalog.add_copy("aaaa000000000001", tape)
+    catalog.set_copy_state("aaaa000000000001", tape, "present")
+    catalog.set_copy_state("aaaa000000000001", pool, "deleted")
+    copies = catalog.point_copies("aaaa000000000001")
+    assert [(c.store_id, c.state) for c in copies] == [(pool, "deleted"), (tape, "present")]
+    assert copies[1].added_at == T0 + timedelta(hours=1)
+    with pytest.raises(NotFound):
+        catalog.set_copy_state("aaaa000000000001", "nowhere", "present")
+    with pytest.raises(InvalidInput):
+        catalog.set_copy_state("aaaa000000000001", tape, "lost")
+
+
+# --- catalog rebuild -----------------------------------------------------------------------------
+
+
+def test_replace_store_points_makes_the_store_listing_exact(catalog: Catalog, pool: str) -> None:
+    usb = catalog.ensure_store("usb-1", "usb", "/media/usb").store_id
+    only_pool = point("aaaa000000000001", minutes=1)
+    both = point("bbbb000000000002", minutes=2, labels={"v": 1})
+    only_usb = point("cccc000000000003", minutes=3)
+    catalog.add_point(only_pool, pool)
+    catalog.add_point(both, pool)
+    catalog.add_copy(both.id, usb, state="present")
+    catalog.add_point(only_usb, usb)
+    catalog.mark_verified(both.id, T0 + timedelta(days=1), "ok")
+
+    # What the USB disk holds now: `both` (its manifest says labels v=2) and a point the catalog
+    # never heard of (written by another appliance, say). `only_usb` is gone from the disk.
+    changed = point("bbbb000000000002", minutes=2, labels={"v": 2})
+    new = point("dddd000000000004", "mail", minutes=4, kind="image")
+    assert catalog.replace_store_points(usb, [changed, new]) == (1, 1)
+
+    assert ids(catalog.list_points(store_id=usb)) == [both.id, new.id]
+    assert ids(catalog.list_points(store_id=pool)) == [only_pool.id, both.id]
+    assert ids(catalog.list_points()) == [only_pool.id, both.id, new.id]  # only_usb removed
+    rebuilt = catalog.get_point(both.id)
+    assert rebuilt.labels == {"v": 2}
+    # The store's record carries no verification; the catalog's knowledge of it is kept.
+    assert rebuilt.verified_at == T0 + timedelta(days=1)
+    assert rebuilt.verify_status == "ok"
+    assert catalog.get_asset("mail").kind == "vm"
+
+    # Same listing again: nothing added or removed.
+    assert catalog.replace_store_points(usb, [changed, new]) == (0, 0)
+
+    # The pool lost everything: `only_pool` had no other copy and goes; `both` stays (on USB).
+    assert catalog.replace_store_points(pool, []) == (0, 2)
+    assert ids(catalog.list_points()) == [both.id, new.id]
+    assert [c.store_id for c in catalog.point_copies(both.id)] == [usb]
+
+
+def test_replace_store_points_revives_non_present_copies_and_spares_copying_ones(
+    catalog: Catalog, pool: str
+) -> None:
+    tape = catalog.ensure_store("tape-1", "tape", "LTO0001").store_id
+    catalog.add_point(point("aaaa000000000001"), pool)
+    catalog.add_point(point("bbbb000000000002", minutes=1), pool)
+    catalog.add_copy("aaaa000000000001", tape, state="deleted")
+    catalog.add_copy("bbbb000000000002", tape, state="copying")
+    # The tape turns out to hold `aaaa` after all; `bbbb` is still being written to it.
+    assert catalog.replace_store_points(tape, [point("aaaa000000000001")]) == (1, 0)
+    assert ids(catalog.list_points(store_id=tape)) == ["aaaa000000000001"]
+    states = {c.store_id: c.state for c in catalog.point_copies("bbbb000000000002")}
+    assert states == {pool: "present", tape: "copying"}
+
+
+def test_replace_store_points_deletes_points_left_with_only_deleted_copies(
+    catalog: Catalog, pool: str
+) -> None:
+    usb = catalog.ensure_store("usb-1", "usb", "/media/usb").store_id
+    catalog.add_point(point("aaaa000000000001"), pool)
+    catalog.add_copy("aaaa000000000001", usb, state="deleted")
+    assert catalog.replace_store_points(pool, []) == (0, 1)
+    assert catalog.list_points() == []
+
+
+def test_replace_store_points_checks_its_input(catalog: Catalog, pool: str) -> None:
+    with pytest.raises(NotFound):
+        catalog.replace_store_points("no-such-store", [])
+    with pytest.raises(InvalidInput, match="repeat"):
+        catalog.replace_store_points(pool, [point("aaaa000000000001"), point("aaaa000000000001")])
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+def test_job_lifecycle_stamps_start_and_finish(catalog: Catalog, clock: FakeClock) -> None:
+    job = catalog.create_job("backup", {"asset": "docs"}, resource="pool:pool1")
+    assert (job.state, job.created_at, job.started_at, job.finished_at) == (
+        "queued",
+        T0,
+        None,
+        None,
+    )
+    assert (job.progress, job.result, job.error) == ({}, None, None)
+    assert len(job.id) == 32 and int(job.id, 16) >= 0
+
+    clock.advance(5)
+    running = catalog.update_job(job.id, state="running")
+    assert (running.state, running.started_at, running.finished_at) == (
+        "running",
+        T0 + timedelta(seconds=5),
+        None,
+    )
+    clock.advance(1)
+    # Same state again is a no-op for the timestamps; progress is replaced, not merged.
+    catalog.update_job(job.id, state="running", progress={"files": 10, "bytes": 100})
+    assert catalog.update_job(job.id, progress={"files": 20}).progress == {"files": 20}
+    assert catalog.get_job(job.id).started_at == T0 + timedelta(seconds=5)
+
+    clock.advance(10)
+    done = catalog.update_job(job.id, state="succeeded", result={"point": "aaaa000000000001"})
+    assert done.finished_at == T0 + timedelta(seconds=16)
+    assert done.result == {"point": "aaaa000000000001"}
+    assert done.params == {"asset": "docs"} and done.resource == "pool:pool1"
+
+    with pytest.raises(Conflict, match="succeeded; it cannot become running"):
+        catalog.update_job(job.id, state="running")
+    assert catalog.get_job(job.id) == done
+
+
+def test_job_state_machine_refuses_bad_moves(catalog: Catalog, clock: FakeClock) -> None:
+    job = catalog.create_job("verify", {})
+    with pytest.raises(Conflict):
+        catalog.update_job(job.id, state="succeeded")  # never ran
+    with pytest.raises(InvalidInput, match="job state"):
+        catalog.update_job(job.id, state="paused")
+    with pytest.raises(NotFound):
+        catalog.update_job("0" * 32, state="running")
+    with pytest.raises(NotFound):
+        catalog.get_job("0" * 32)
+    cancelled = catalog.update_job(job.id, state="cancelled")
+    assert cancelled.finished_at == T0 and cancelled.started_at is None
+    failed = catalog.create_job("prune", {})
+    catalog.update_job(failed.id, state="running")
+    clock.advance(2)
+    outcome = catalog.update_job(failed.id, state="failed", error={"code": "store_full"})
+    assert outcome.error == {"code": "store_full"} and outcome.finished_at == clock.now
+
+
+def test_interrupted_job_resumes_with_fresh_start_time(catalog: Catalog, clock: FakeClock) -> None:
+    job = catalog.create_job("restore", {})
+    catalog.update_job(job.id, state="running")
+    clock.advance(60)
+    stopped = catalog.update_job(job.id, state="interrupted")
+    assert stopped.finished_at == T0 + timedelta(seconds=60)
+    clock.advance(60)
+    resumed = catalog.update_job(job.id, state="running")
+    assert resumed.started_at == T0 + timedelta(seconds=120)
+    assert resumed.finished_at is None
+
+
+def test_list_jobs_newest_first_with_state_filter_and_limit(
+    catalog: Catalog, clock: FakeClock
+) -> None:
+    made = []
+    for kind in ("backup", "verify", "prune", "gc"):
+        made.append(catalog.create_job(kind, {}).id)
+        clock.advance(1)
+    catalog.update_job(made[1], state="running")
+    assert [j.id for j in catalog.list_jobs()] == made[::-1]
+    assert [j.id for j in catalog.list_jobs(limit=2)] == made[:1:-1]
+    assert [j.id for j in catalog.list_jobs(state="running")] == [made[1]]
+    assert [j.id for j in catalog.list_jobs(state="queued")] == [made[3], made[2], made[0]]
+    with pytest.raises(InvalidInput):
+        catalog.list_jobs(limit=0)
+
+
+def test_job_log_keeps_order_and_follows_from_a_seq(catalog: Catalog, clock: FakeClock) -> None:
+    job = catalog.create_job("backup", {})
+    other = catalog.create_job("backup", {})
+    for n in range(5):
+        clock.advance(1)
+        catalog.append_job_log(job.id, "info", f"line {n}")
+        catalog.append_job_log(other.id, "debug", f"other {n}")
+    lines = catalog.job_log(job.id)
+    assert [(line.seq, line.message) for line in lines] == [(n + 1, f"line {n}") for n in range(5)]
+    assert [line.at for line in lines] == [T0 + timedelta(seconds=n + 1) for n in range(5)]
+    assert [line.seq for line in catalog.job_log(job.id, after_seq=3)] == [4, 5]
+    assert catalog.job_log(job.id, after_seq=5) == []
+    assert {line.job_id for line in catalog.job_log(other.id)} == {other.id}
+    with pytest.raises(NotFound):
+        catalog.append_job_log("0" * 32, "info", "lost")
+    with pytest.raises(NotFound):
+        catalog.job_log("0" * 32)
+    with pytest.raises(InvalidInput, match="log level"):
+        catalog.append_job_log(job.id, "loud", "?")
+
+
+def test_concurrent_log_writers_get_distinct_consecutive_seqs(catalog: Catalog) -> None:
+    job = catalog.create_job("backup", {})
+    barrier = threading.Barrier(4)
+
+    def write(worker: int) -> None:
+        barrier.wait()
+        for n in range(15):
+            catalog.append_job_log(job.id, "info", f"{worker}:{n}")
+
+    with ThreadPoolExecutor(4) as executor:
+        for future in [executor.submit(write, worker) for worker in range(4)]:
+            future.result()
+    lines = catalog.job_log(job.id)
+    assert [line.seq for line in lines] == list(range(1, 61))
+    for worker in range(4):
+        # Each writer's own lines appear in the order it wrote them.
+        mine = [line.message for line in lines if line.message.startswith(f"{worker}:")]
+        assert mine == [f"{worker}:{n}" for n in range(15)]
+
+
+def test_mark_running_jobs_interrupted(catalog: Catalog, clock: FakeClock) -> None:
+    queued = catalog.create_job("backup", {})
+    running = [catalog.create_job("backup", {}) for _ in range(2)]
+    done = catalog.create_job("verify", {})
+    for job in [*running, done]:
+        catalog.update_job(job.id, state="running")
+    catalog.append_job_log(running[0].id, "info", "reading")
+    catalog.update_job(done.id, state="succeeded")
+    clock.advance(30)
+
+    assert catalog.mark_running_jobs_interrupted() == 2
+    for job in running:
+        after = catalog.get_job(job.id)
+        assert after.state == "interrupted"
+        assert after.finished_at == T0 + timedelta(seconds=30)
+    assert catalog.get_job(queued.id).state == "queued"
+    assert catalog.get_job(done.id).finished_at == T0
+    log = catalog.job_log(running[0].id)
+    assert [(line.seq, line.level) for line in log] == [(1, "info"), (2, "warning")]
+    assert "interrupted" in log[1].message
+    assert catalog.mark_running_jobs_interrupted() == 0
+
+
+def test_values_the_database_cannot_store_are_invalid_input(catalog: Catalog) -> None:
+    with pytest.raises(InvalidInput, match="not storable"):
+        catalog.create_job("backup", {"when": object()})
+    with pytest.raises(InvalidInput, match="not storable"):
+        catalog.audit("admin", "x", "y", {"ratio": float("nan")})
+    with pytest.raises(InvalidInput, match="longer than 255"):
+        catalog.ensure_asset("x" * 256, "files")
+    with pytest.raises(InvalidInput, match="longer than 255"):
+        catalog.mark_verified("aaaa000000000001", T0, "damaged: " * 30)
+    with pytest.raises(InvalidInput, match="longer than 255"):
+        catalog.create_job("backup", {}, resource="pool:" + "p" * 255)
+    assert catalog.list_jobs() == []
+    assert catalog.list_audit() == []
+
+
+# --- policies, pools, media, users, tokens, audit ------------------------------------------------
+
+
+def test_policies_crud(catalog: Catalog) -> None:
+    nightly = PolicyRecord(
+        name="nightly",
+        asset="docs",
+        schedule={"cron": "0 2 * * *"},
+        mode="incremental",
+        retention={"daily": 7, "weekly": 4},
+        rpo_seconds=86_400,
+    )
+    with pytest.raises(NotFound, match="asset"):
+        catalog.add_policy(nightly)
+    catalog.ensure_asset("docs", "files", "/srv/docs")
+    assert catalog.add_policy(nightly) == nightly
+    with pytest.raises(Conflict):
+        catalog.add_policy(nightly)
+    hourly = PolicyRecord("hourly", "docs", {"every": 3600}, "full", {"hourly": 24}, 3600)
+    catalog.add_policy(hourly)
+    changed = PolicyRecord("nightly", "docs", {"cron": "0 3 * * *"}, "full", {}, 7200)
+    assert catalog.update_policy(changed) == changed
+    assert catalog.get_policy("nightly") == changed
+    assert [p.name for p in catalog.list_policies(asset="docs")] == ["hourly", "nightly"]
+    assert catalog.list_policies(asset="other") == []
+    catalog.delete_policy("hourly")
+    with pytest.raises(NotFound):
+        catalog.get_policy("hourly")
+    with pytest.raises(InvalidInput):
+        catalog.add_policy(PolicyRecord("bad", "docs", {}, "sometimes", {}, 0))
+
+
+def test_pools_crud(catalog: Catalog) -> None:
+    pool = catalog.add_pool("pool1", "/srv/pool1", "store-1")
+    assert pool.created_at == T0
+    with pytest.raises(Conflict, match="pool1 already exists"):
+        catalog.add_pool("pool1", "/elsewhere", "store-2")
+    catalog.add_pool("pool0", "/srv/pool0", "store-0")
+    assert [p.name for p in catalog.list_pools()] == ["pool0", "pool1"]
+    assert catalog.get_pool("pool1") == pool
+    catalog.delete_pool("pool0")
+    with pytest.raises(NotFound):
+        catalog.get_pool("pool0")
+
+
+def test_media_are_recognised_again(catalog: Catalog, clock: FakeClock) -> None:
+    first = catalog.ensure_media("WD-123", "usb", "offsite-a")
+    clock.advance(86_400)
+    again = catalog.ensure_media("WD-123", "usb", "offsite-A")
+    assert (again.label, again.last_seen) == ("offsite-A", first.last_seen + timedelta(days=1))
+    catalog.ensure_media("LTO0001", "tape", "weekly")
+    assert [m.identity for m in catalog.list_media()] == ["LTO0001", "WD-123"]
+    assert [m.identity for m in catalog.list_media(kind="tape")] == ["LTO0001"]
+    assert catalog.get_media("WD-123") == again
+    with pytest.raises(Conflict):
+        catalog.ensure_media("WD-123", "tape", "?")
+
+
+def test_users_and_tokens(catalog: Catalog, clock: FakeClock) -> None:
+    catalog.add_user("admin", "admin", "$argon2id$v=19$m=65536,t=3,p=4$abc$def")
+    with pytest.raises(Conflict, match="user admin already exists"):
+        catalog.add_user("admin", "viewer", "$argon2id$other")
+    with pytest.raises(InvalidInput, match="role"):
+        catalog.add_user("root", "god", "$argon2id$x")
+    catalog.add_user("ops", "operator", "$argon2id$y")
+    assert [(u.name, u.role) for u in catalog.list_users()] == [
+        ("admin", "admin"),
+        ("ops", "operator"),
+    ]
+    token = catalog.add_token("ops", "sha256:aa", ["jobs:read", "backup:run"])
+    assert token.scopes == ["jobs:read", "backup:run"] and token.revoked_at is None
+    with pytest.raises(Conflict):
+        catalog.add_token("admin", "sha256:aa", [])
+    with pytest.raises(NotFound):
+        catalog.add_token("nobody", "sha256:bb", [])
+    assert catalog.find_active_token("sha256:aa") == token
+    clock.advance(10)
+    revoked = catalog.revoke_token(token.id)
+    assert revoked.revoked_at == T0 + timedelta(seconds=10)
+    with pytest.raises(NotFound):
+        catalog.find_active_token("sha256:aa")
+    assert catalog.list_tokens(user="ops") == [revoked]
+    assert catalog.list_tokens(user="admin") == []
+
+
+def test_audit_log_newest_first(catalog: Catalog, clock: FakeClock) -> None:
+    for n in range(5):
+        catalog.audit("admin", "policy.update", f"policy/{n}", {"n": n})
+        clock.advance(1)
+    catalog.audit("system", "startup", "appliance")
+    newest = catalog.list_audit(limit=3)
+    assert [(a.action, a.target) for a in newest] == [
+        ("startup", "appliance"),
+        ("policy.update", "policy/4"),
+        ("policy.update", "policy/3"),
+    ]
+    assert newest[0].details == {} and newest[1].details == {"n": 4}
+    assert newest[1].at == T0 + timedelta(seconds=4)
+    assert len(catalog.list_audit()) == 6
+
+
+def test_head_revision_constant_matches_migrations():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from appliance.catalog import catalog as catalog_module
+
+    config = Config()
+    config.set_main_option("script_location", str(catalog_module.MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_current_head() == catalog_module.HEAD_REVISION
