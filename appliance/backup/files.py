@@ -30,6 +30,7 @@ import os
 import pwd
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -48,6 +49,8 @@ BATCH_BYTES = 32 * 1024 * 1024
 BATCH_FILES = 256
 WHOLE_READ_LIMIT = 32 * 1024 * 1024
 MAX_WARNINGS = 1000
+#: Seconds between index commits during a backup.
+COMMIT_INTERVAL = 30.0
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -403,11 +406,19 @@ def backup_tree(
     batch_records: list[Record] = []
     batch_bytes = 0
 
+    last_commit = time.monotonic()
+
     def commit_entries(entries: list[IndexEntry], force: bool = False) -> None:
+        # Committing index files as the backup goes (not only at the end) makes the packs
+        # already written reusable by a retry after a crash: the retry resumes, it does not
+        # start over.
+        nonlocal last_commit
         pending_entries.extend(entries)
-        if pending_entries and (force or len(pending_entries) >= INDEX_FILE_ENTRIES):
+        due = time.monotonic() - last_commit >= COMMIT_INTERVAL
+        if pending_entries and (force or due or len(pending_entries) >= INDEX_FILE_ENTRIES):
             repo.commit_index(pending_entries)
             pending_entries.clear()
+            last_commit = time.monotonic()
 
     def report() -> None:
         if progress is not None:

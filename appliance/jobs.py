@@ -1,0 +1,424 @@
+"""Jobs: every long operation runs as a job with stored state, progress, log and result.
+
+A job is submitted (``queued``), started by the dispatcher when the resources it needs are free
+(``running``), and ends ``succeeded``, ``failed`` or ``cancelled``. Resources are names held shared
+or exclusive: a backup holds its asset exclusively and the store shared; prune, GC and catalog
+rebuild hold the store exclusively. A queued job that must wait says why in its progress
+(``waiting``), so the page can show it.
+
+State lives in the catalog, so the page and the API read it from there and it survives restarts.
+When the service stops gracefully, running jobs are cancelled *as interrupted*; after a crash
+they are still ``running`` in the catalog and :meth:`JobRunner.start` marks them ``interrupted``.
+Either way, start re-queues interrupted jobs of kinds that are safe to run again (backups,
+verify, ...). A retried backup re-reads the source but stores only what the interrupted run had
+not already committed, so it resumes rather than starting over.
+
+Work functions take the engine, the job's parameters and a :class:`JobContext` (progress, log,
+cancel event); they know nothing of HTTP and are the same functions the CLI calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.catalog.records import JobRecord
+from appliance.engine import Appliance
+from appliance.errors import ApplianceError, BackupCancelled, InvalidInput
+from appliance.maintenance import collect_garbage, verify_point, verify_store
+from appliance.retention import RetentionRules, apply_retention
+
+PROGRESS_INTERVAL = 0.5
+
+
+class JobContext:
+    def __init__(self, runner: JobRunner, job_id: str) -> None:
+        self.job_id = job_id
+        self.cancel = threading.Event()
+        self.interrupted = False  # set on service shutdown: the job ends "interrupted"
+        self._runner = runner
+        self._last = 0.0
+        self._started = time.monotonic()
+        self.latest: dict[str, Any] = {}
+
+    def progress(self, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self._started, 1e-6)
+        done = info.get("bytes_done", 0)
+        info = {**info, "elapsed": round(elapsed, 2), "rate": int(done / elapsed)}
+        total = info.get("bytes_total")
+        if total and done:
+            info["percent"] = round(min(100.0, 100.0 * done / total), 1)
+            info["eta"] = round(max(0.0, (total - done) / max(info["rate"], 1)), 1)
+        self.latest = info
+        if now - self._last >= PROGRESS_INTERVAL:
+            self._last = now
+            self._runner.catalog.update_job(self.job_id, progress=info)
+
+    def log(self, level: str, message: str) -> None:
+        self._runner.catalog.append_job_log(self.job_id, level, message)
+
+
+WorkFunction = Callable[[Appliance, dict[str, Any], JobContext], dict[str, Any]]
+ResourceFunction = Callable[[dict[str, Any]], list[tuple[str, bool]]]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    work: WorkFunction
+    resources: ResourceFunction
+    retry_after_interrupt: bool = True
+    describe: Callable[[dict[str, Any]], str] = field(default=lambda p: "")
+
+
+# --- work functions --------------------------------------------------------------------------------
+
+
+def _backup_files(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.log("info", f"backing up {p['source']} as {p['asset']} ({p.get('mode', 'incremental')})")
+    outcome = app.backup_files(
+        p["source"],
+        p["asset"],
+        mode=p.get("mode", "incremental"),
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+    )
+    for warning in outcome.warnings[:100]:
+        ctx.log("warning", f"{warning['path']}: {warning['message']}")
+    ctx.progress({**ctx.latest, "percent": 100.0})
+    return {
+        "point": outcome.point.id,
+        "mode": outcome.point.mode,
+        "stats": outcome.stats,
+        "warnings": len(outcome.warnings),
+    }
+
+
+def _backup_image(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.log("info", f"backing up disks {', '.join(p['disks'])} as {p['asset']}")
+    outcome = app.backup_image(
+        p["disks"],
+        p["asset"],
+        mode=p.get("mode", "incremental"),
+        vm_spec=p.get("vm"),
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+    )
+    ctx.progress({**ctx.latest, "percent": 100.0})
+    return {"point": outcome.point.id, "mode": outcome.point.mode, "stats": outcome.stats}
+
+
+def _restore(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.log("info", f"restoring point {p['point']} to {p['target']}")
+    result = app.restore(
+        p["point"],
+        p["target"],
+        subpath=p.get("path"),
+        disk=p.get("disk"),
+        target_format=p.get("format", "raw"),
+        progress=ctx.progress,
+        cancel=ctx.cancel,
+    )
+    return result
+
+
+def _verify(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    if p.get("point"):
+        point = app.point(p["point"])
+        report = verify_point(app.repo, point.id)
+    else:
+        report = verify_store(app.repo, max_bytes=p.get("max_bytes"), progress=ctx.progress)
+    now = app.clock()
+    for point_id, reasons in report.affected_points.items():
+        ctx.log("error", f"point {point_id}: {'; '.join(reasons)}")
+    checked = (
+        [p["point"]]
+        if p.get("point")
+        else (
+            app.repo.manifest_ids() if p.get("max_bytes") is None else list(report.affected_points)
+        )
+    )
+    for point_id in checked:
+        try:
+            point_id = app.point(point_id).id
+        except ApplianceError:
+            continue
+        app.catalog.mark_verified(
+            point_id, now, "damaged" if point_id in report.affected_points else "ok"
+        )
+    return report.to_dict()
+
+
+def _prune(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    rules = RetentionRules(**{k: int(v) for k, v in p.get("rules", {}).items()})
+    if rules.empty():
+        raise InvalidInput("a prune needs at least one keep rule")
+    decision = apply_retention(app.catalog.list_points(asset=p["asset"]), rules)
+    if not p.get("dry_run"):
+        with app.locks.exclusive():
+            for point_id in decision.remove:
+                app.repo.delete_manifest(point_id)
+                app.catalog.delete_point(point_id)
+                ctx.log("info", f"removed point {point_id}")
+    return {"keep": decision.keep, "remove": decision.remove, "dry_run": bool(p.get("dry_run"))}
+
+
+def _gc(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    with app.locks.exclusive():
+        report = collect_garbage(app.repo, grace_seconds=float(p.get("grace", 3600)))
+    return report.to_dict()
+
+
+def _rebuild(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    return app.rebuild_catalog()
+
+
+def _store_shared(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [("store", False)]
+
+
+def _store_exclusive(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [("store", True)]
+
+
+def _asset_backup(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [(f"asset:{p['asset']}", True), ("store", False)]
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    "backup_files": JobKind(
+        _backup_files, _asset_backup, True, lambda p: f"backup of {p['asset']}"
+    ),
+    "backup_image": JobKind(
+        _backup_image, _asset_backup, True, lambda p: f"backup of {p['asset']}"
+    ),
+    "restore": JobKind(_restore, _store_shared, False, lambda p: f"restore of {p['point']}"),
+    "verify": JobKind(_verify, _store_shared, True, lambda p: "verify"),
+    "prune": JobKind(_prune, _store_exclusive, True, lambda p: f"prune of {p['asset']}"),
+    "gc": JobKind(_gc, _store_exclusive, True, lambda p: "garbage collection"),
+    "rebuild_catalog": JobKind(_rebuild, _store_exclusive, True, lambda p: "catalog rebuild"),
+}
+
+
+def register_job_kind(name: str, kind: JobKind) -> None:
+    """Outer packages (tiering, failover) add their own job kinds at start-up."""
+    JOB_KINDS[name] = kind
+
+
+# --- the runner ---------------------------------------------------------------------------------------
+
+
+class JobRunner:
+    """Dispatches queued jobs onto threads when their resources are free."""
+
+    def __init__(self, app: Appliance, *, max_parallel: int = 2) -> None:
+        self.app = app
+        self.catalog = app.catalog
+        self.max_parallel = max_parallel
+        self._lock = threading.Condition()
+        self._held: dict[str, tuple[bool, set[str]]] = {}  # resource -> (exclusive, job ids)
+        self._running: dict[str, JobContext] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopping = False
+        self._dispatcher: threading.Thread | None = None
+        self._waiting_reason: dict[str, str] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Mark jobs a crash left running as interrupted, re-queue retryable ones, dispatch."""
+        self.catalog.mark_running_jobs_interrupted()
+        requeued = []
+        for job in reversed(self.catalog.list_jobs(state="interrupted", limit=1000)):
+            kind = JOB_KINDS.get(job.kind)
+            if kind is not None and kind.retry_after_interrupt:
+                self.catalog.update_job(job.id, state="queued", progress={"waiting": "resuming"})
+                self.catalog.append_job_log(job.id, "info", "re-queued after the interruption")
+                requeued.append(job.id)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="job-dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+        with self._lock:
+            self._lock.notify_all()
+        return requeued
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop dispatching; running jobs end as ``interrupted`` and resume on the next start."""
+        with self._lock:
+            self._stopping = True
+            for ctx in self._running.values():
+                ctx.interrupted = True
+                ctx.cancel.set()
+            self._lock.notify_all()
+            threads = list(self._threads.values())
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._dispatcher is not None:
+            self._dispatcher.join(max(0.0, deadline - time.monotonic()))
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def submit(self, kind: str, params: dict[str, Any]) -> JobRecord:
+        spec = JOB_KINDS.get(kind)
+        if spec is None:
+            raise InvalidInput(f"unknown job kind {kind!r}")
+        resources = spec.resources(params)  # validates the parameters it needs
+        job = self.catalog.create_job(kind, params, resource=",".join(r for r, _ in resources))
+        with self._lock:
+            self._lock.notify_all()
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.catalog.get_job(job_id)
+        with self._lock:
+            ctx = self._running.get(job_id)
+            if ctx is not None:
+                ctx.cancel.set()
+                return job
+            if job.state in ("queued", "interrupted"):
+                job = self.catalog.update_job(job_id, state="cancelled")
+                self.catalog.append_job_log(job_id, "info", "cancelled before it ran")
+            return job
+
+    def retry(self, job_id: str) -> JobRecord:
+        job = self.catalog.get_job(job_id)
+        if job.state in ("queued", "running"):
+            return job
+        if job.state == "interrupted":
+            job = self.catalog.update_job(job_id, state="queued")
+            with self._lock:
+                self._lock.notify_all()
+            return job
+        new = self.submit(job.kind, dict(job.params))
+        self.catalog.append_job_log(new.id, "info", f"retry of job {job_id}")
+        return new
+
+    def wait(self, job_id: str, timeout: float = 600.0) -> JobRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.catalog.get_job(job_id)
+            if job.state in ("succeeded", "failed", "cancelled") or (
+                job.state == "interrupted" and self._stopping
+            ):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state}")
+            time.sleep(0.05)
+
+    def live_progress(self, job_id: str) -> dict[str, Any] | None:
+        ctx = self._running.get(job_id)
+        return dict(ctx.latest) if ctx is not None else None
+
+    # --- dispatching ------------------------------------------------------------------------------
+
+    def _can_take(self, resources: list[tuple[str, bool]]) -> str | None:
+        for name, exclusive in resources:
+            held = self._held.get(name)
+            if held is None or not held[1]:
+                continue
+            if exclusive or held[0]:
+                other = next(iter(held[1]))
+                return f"waiting for job {other[:8]} ({name} is busy)"
+        return None
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                started = self._start_ready()
+                if not started:
+                    self._lock.wait(timeout=1.0)
+
+    def _start_ready(self) -> bool:
+        started = False
+        queued = sorted(
+            self.catalog.list_jobs(state="queued", limit=1000), key=lambda j: j.created_at
+        )
+        for job in queued:
+            if len(self._running) >= self.max_parallel:
+                self._note_waiting(job, "waiting for a free job slot")
+                continue
+            spec = JOB_KINDS.get(job.kind)
+            if spec is None:
+                self.catalog.update_job(
+                    job.id,
+                    state="failed",
+                    error={"code": "invalid_input", "message": f"unknown job kind {job.kind}"},
+                )
+                continue
+            resources = spec.resources(job.params)
+            reason = self._can_take(resources)
+            if reason is not None:
+                self._note_waiting(job, reason)
+                continue
+            for name, exclusive in resources:
+                held = self._held.setdefault(name, (exclusive, set()))
+                self._held[name] = (exclusive or held[0], held[1] | {job.id})
+            ctx = JobContext(self, job.id)
+            self._running[job.id] = ctx
+            self._waiting_reason.pop(job.id, None)
+            self.catalog.update_job(job.id, state="running", progress={})
+            thread = threading.Thread(
+                target=self._run,
+                args=(job, spec, ctx, resources),
+                name=f"job-{job.id[:8]}",
+                daemon=True,
+            )
+            self._threads[job.id] = thread
+            thread.start()
+            started = True
+        return started
+
+    def _note_waiting(self, job: JobRecord, reason: str) -> None:
+        if self._waiting_reason.get(job.id) != reason:
+            self._waiting_reason[job.id] = reason
+            self.catalog.update_job(job.id, progress={"waiting": reason})
+
+    def _run(
+        self, job: JobRecord, spec: JobKind, ctx: JobContext, resources: list[tuple[str, bool]]
+    ) -> None:
+        try:
+            result = spec.work(self.app, dict(job.params), ctx)
+            self.catalog.update_job(job.id, state="succeeded", result=result, progress=ctx.latest)
+            self.catalog.append_job_log(job.id, "info", "finished")
+        except BackupCancelled:
+            state = "interrupted" if ctx.interrupted else "cancelled"
+            self.catalog.update_job(job.id, state=state, progress=ctx.latest)
+            self.catalog.append_job_log(
+                job.id,
+                "warning",
+                "interrupted by the service stopping; it resumes on the next start"
+                if ctx.interrupted
+                else "cancelled",
+            )
+        except ApplianceError as exc:
+            self.catalog.update_job(
+                job.id, state="failed", error=exc.to_dict(), progress=ctx.latest
+            )
+            self.catalog.append_job_log(job.id, "error", exc.message)
+        except Exception as exc:  # a bug must fail the job, not kill the dispatcher
+            self.catalog.update_job(
+                job.id,
+                state="failed",
+                error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+            )
+            self.catalog.append_job_log(job.id, "error", traceback.format_exc(limit=5))
+        finally:
+            with self._lock:
+                for name, _exclusive in resources:
+                    exclusive_flag, holders = self._held.get(name, (False, set()))
+                    holders = holders - {job.id}
+                    if holders:
+                        self._held[name] = (exclusive_flag, holders)
+                    else:
+                        self._held.pop(name, None)
+                self._running.pop(job.id, None)
+                self._threads.pop(job.id, None)
+                self._lock.notify_all()
