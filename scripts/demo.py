@@ -27,7 +27,19 @@ def run(*args: str, capture: bool = False) -> str:
 
 def make_tree(root: str) -> None:
     rng = random.Random(7)
-    words = "backup restore pool chunk pack index manifest verify retention point asset".split()
+    words = [
+        "backup",
+        "restore",
+        "pool",
+        "chunk",
+        "pack",
+        "index",
+        "manifest",
+        "verify",
+        "retention",
+        "point",
+        "asset",
+    ]
     for d in range(6):
         os.makedirs(os.path.join(root, f"dept-{d}", "docs"), exist_ok=True)
         for f in range(40):
@@ -69,9 +81,17 @@ def main() -> int:
     if not os.path.exists(disk):
         make_disk(disk)
     with open(spec, "w") as f:
-        json.dump({"name": "web-vm", "vcpus": 1, "memory_mib": 256, "firmware": "bios",
-                   "disks": [{"name": "web-vm", "bus": "virtio"}],
-                   "nics": [{"model": "virtio", "mac": "52:54:00:12:34:56"}]}, f)
+        json.dump(
+            {
+                "name": "web-vm",
+                "vcpus": 1,
+                "memory_mib": 256,
+                "firmware": "bios",
+                "disks": [{"name": "web-vm", "bus": "virtio"}],
+                "nics": [{"model": "virtio", "mac": "52:54:00:12:34:56"}],
+            },
+            f,
+        )
     if not os.path.exists(os.path.join(DATA, "pools", "default", "store", "config")):
         run("init")
     run("backup", "files", tree, "--asset", "fileserver")
@@ -86,7 +106,9 @@ def main() -> int:
     restored = os.path.join(os.path.dirname(DATA), "restored")
     subprocess.run(["rm", "-rf", restored], check=True)
     run("restore", files_point, os.path.join(restored, "fileserver"))
-    same = subprocess.run(["diff", "-r", tree, os.path.join(restored, "fileserver")]).returncode == 0
+    same = (
+        subprocess.run(["diff", "-r", tree, os.path.join(restored, "fileserver")]).returncode == 0
+    )
     run("restore", image_point, os.path.join(restored, "web-vm.img"))
     disk_same = digest(disk) == digest(os.path.join(restored, "web-vm.img"))
     run("verify")
