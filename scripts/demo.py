@@ -55,7 +55,7 @@ def make_disk(path: str) -> None:
     rng = random.Random(11)
     with open(path, "wb") as disk:
         disk.truncate(256 * 1024 * 1024)
-        for region in range(40):
+        for _region in range(40):
             disk.seek(rng.randrange(0, 250) * 1024 * 1024)
             disk.write(rng.randbytes(256 * 1024) + b"filesystem block " * 8000)
 
