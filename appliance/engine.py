@@ -38,7 +38,7 @@ from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
-from appliance.vmspec import default_spec, load_spec
+from appliance.vmspec import default_spec, load_spec, normalise
 
 Clock = Callable[[], datetime]
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -98,7 +98,13 @@ class Appliance:
 
     @classmethod
     def init(
-        cls, path: str, passphrase: str, *, clock: Clock = utcnow, **store_config: Any
+        cls,
+        path: str,
+        passphrase: str,
+        *,
+        clock: Clock = utcnow,
+        catalog_url: str | None = None,
+        **store_config: Any,
     ) -> tuple[Appliance, str]:
         data_dir = DataDir(os.path.abspath(path))
         os.makedirs(data_dir.store_path, exist_ok=True)
@@ -106,7 +112,7 @@ class Appliance:
         if any(True for _ in backend.list("config")):
             raise StoreExists(f"{data_dir.path} already holds a store")
         repo = Repository.init(backend, passphrase, data_dir.cache_path, **store_config)
-        catalog = Catalog.open(data_dir.catalog_url)
+        catalog = Catalog.open(catalog_url or data_dir.catalog_url)
         return cls(data_dir, repo, catalog, clock), repo.key.recovery_key()
 
     @classmethod
@@ -117,13 +123,14 @@ class Appliance:
         passphrase: str | None = None,
         recovery_key: str | None = None,
         clock: Clock = utcnow,
+        catalog_url: str | None = None,
     ) -> Appliance:
         data_dir = DataDir(os.path.abspath(path))
         backend = LocalDirectoryBackend(data_dir.store_path)
         repo = Repository.open(
             backend, data_dir.cache_path, passphrase=passphrase, recovery_key=recovery_key
         )
-        catalog = Catalog.open(data_dir.catalog_url)
+        catalog = Catalog.open(catalog_url or data_dir.catalog_url)
         return cls(data_dir, repo, catalog, clock)
 
     def close(self) -> None:
@@ -230,6 +237,13 @@ class Appliance:
             raise InvalidInput("name at least one disk image")
         disks = [os.path.abspath(d) for d in disks]
         names = _disk_names(disks)
+        # The VM definition is checked before any disk is read: a bad one must not cost a backup.
+        if isinstance(vm_spec, str):
+            spec = load_spec(vm_spec)
+        elif isinstance(vm_spec, dict):
+            spec = normalise(vm_spec)
+        else:
+            spec = default_spec(asset, names)
         with self.locks.shared(), self.locks.asset(asset):
             created = self.clock()
             mode, base = self._base(asset, "image", mode)
@@ -265,12 +279,6 @@ class Appliance:
                 totals["new_bytes"] += stats.new_bytes
                 totals["changed_chunks"] += stats.changed_chunks
                 totals["zero_chunks"] += stats.zero_chunks
-            if isinstance(vm_spec, str):
-                spec = load_spec(vm_spec)
-            elif isinstance(vm_spec, dict):
-                spec = vm_spec
-            else:
-                spec = default_spec(asset, names)
             manifest = new_manifest(
                 point_id=point_id,
                 asset=asset,
@@ -331,7 +339,12 @@ class Appliance:
             written = []
             if len(disks) == 1 and not os.path.isdir(target):
                 restore_disk(
-                    self.repo, disks[0], target, target_format=target_format, progress=progress
+                    self.repo,
+                    disks[0],
+                    target,
+                    target_format=target_format,
+                    progress=progress,
+                    threads=workers or default_workers(),
                 )
                 written.append(target)
             else:
@@ -339,7 +352,14 @@ class Appliance:
                 for d in disks:
                     suffix = "img" if target_format == "raw" else target_format
                     out = os.path.join(target, f"{d['name']}.{suffix}")
-                    restore_disk(self.repo, d, out, target_format=target_format, progress=progress)
+                    restore_disk(
+                        self.repo,
+                        d,
+                        out,
+                        target_format=target_format,
+                        progress=progress,
+                        threads=workers or default_workers(),
+                    )
                     written.append(out)
             return {"point": manifest["point_id"], "disks": written, "vm": manifest.get("vm")}
 

@@ -23,7 +23,7 @@ import stat
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import IO, Any
 
 from appliance.backup.disks import write_disk
@@ -37,6 +37,7 @@ from appliance.store.repository import Repository
 ProgressCallback = Callable[[dict[str, Any]], None]
 RESTORE_BATCH_BYTES = 32 * 1024 * 1024
 RESTORE_BATCH_FILES = 256
+RESTORE_UNIT_CHUNKS = 64
 ALLOWED_TYPES = frozenset({"file", "dir", "symlink", "hardlink"})
 
 
@@ -85,6 +86,52 @@ def _select(records: Iterator[Record], subpath: str | None) -> Iterator[tuple[st
             yield (path[len(parent) + 1 :] if parent else path), record
     if not found:
         raise NotFound(f"{subpath} is not in this recovery point", path=subpath)
+
+
+def _relocate(path: str, subpath: str | None) -> str | None:
+    """``path`` relative to the restore target, or None if it lies outside ``subpath``."""
+    if not subpath:
+        return path
+    prefix = safe_relative_path(subpath.strip("/"))
+    if not (path == prefix or path.startswith(prefix + "/")):
+        return None
+    parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+    return path[len(parent) + 1 :] if parent else path
+
+
+def _detached_hardlinks(
+    repo: Repository, manifest: dict[str, Any], subpath: str | None
+) -> tuple[dict[str, str], dict[str, Record]]:
+    """Hardlinks of a restored subtree whose first name (the file record) lies outside it.
+
+    Returns ``firsts`` (first name -> target-relative path of the first link to it within the
+    subtree) and ``stand_ins`` (that path -> the first name's record): that link is restored as
+    the file itself and the other links to the same first name point at it, so no name of the
+    subtree is lost.
+    """
+    firsts: dict[str, str] = {}
+    if not subpath:
+        return firsts, {}
+    for rel, record in _select(iter_tree(repo, manifest), subpath):
+        if record["type"] == "hardlink" and _relocate(record["target"], subpath) is None:
+            firsts.setdefault(record["target"], rel)
+    stand_ins: dict[str, Record] = {}
+    if firsts:
+        for record in iter_tree(repo, manifest):
+            if record.get("path") in firsts and check_record(record)["type"] == "file":
+                stand_ins[firsts[record["path"]]] = record
+    return firsts, stand_ins
+
+
+def _hardlink_target(
+    rel: str, record: Record, subpath: str | None, firsts: dict[str, str]
+) -> str | None:
+    """Target-relative path a hardlink points at; None if it is restored as a file or lost."""
+    relocated = _relocate(record["target"], subpath)
+    if relocated is not None:
+        return relocated
+    first = firsts.get(record["target"])
+    return None if first is None or first == rel else first
 
 
 def _inside(target: str, path: str) -> str:
@@ -191,6 +238,7 @@ def restore_tree(
     target = os.path.realpath(target)
     os.makedirs(target, exist_ok=True)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0, "bytes": 0}
+    firsts, stand_ins = _detached_hardlinks(repo, manifest, subpath)
     ctx = multiprocessing.get_context("fork")
     pending = []
     batch: list[tuple[str, Record]] = []
@@ -233,6 +281,9 @@ def restore_tree(
                 counts["files"] += 1
                 if batch_bytes >= RESTORE_BATCH_BYTES or len(batch) >= RESTORE_BATCH_FILES:
                     flush()
+        for rel, record in stand_ins.items():
+            batch.append((rel, record))
+            counts["files"] += 1
         flush()
         for future in pending:
             counts["bytes"] += future.result()
@@ -248,13 +299,9 @@ def restore_tree(
             counts["symlinks"] += 1
         elif kind == "hardlink":
             full = _inside(target, rel)
-            link_target = record["target"]
-            if subpath:
-                prefix = subpath.strip("/")
-                parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-                if not (link_target == prefix or link_target.startswith(prefix + "/")):
-                    continue  # its first name lies outside the restored subtree
-                link_target = link_target[len(parent) + 1 :] if parent else link_target
+            link_target = _hardlink_target(rel, record, subpath, firsts)
+            if link_target is None:
+                continue  # restored as a file in pass 1 (its first name lies outside)
             source = _inside(target, link_target)
             if os.path.islink(source):
                 raise UnsafeRestorePath(f"hardlink {rel!r} points at a symlink")
@@ -276,6 +323,7 @@ def restore_tar(
     """Stream a files point (or one path of it) as a POSIX tar; return the number of entries."""
     envelope = repo.envelope
     count = 0
+    firsts, stand_ins = _detached_hardlinks(repo, manifest, subpath)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for rel, record in _select(iter_tree(repo, manifest), subpath):
             info = tarfile.TarInfo(rel or ".")
@@ -291,13 +339,17 @@ def restore_tar(
                 info.type = tarfile.SYMTYPE
                 info.linkname = record["target"]
                 tar.addfile(info)
-            elif kind == "hardlink":
+            elif kind == "hardlink" and rel not in stand_ins:
+                link_target = _hardlink_target(rel, record, subpath, firsts)
+                if link_target is None:
+                    continue  # its first name lies outside and could not be found
                 info.type = tarfile.LNKTYPE
-                info.linkname = record["target"]
+                info.linkname = link_target
                 tar.addfile(info)
             else:
-                info.size = int(record.get("size", 0))
-                tar.addfile(info, _ChunkStream(repo, envelope, record.get("chunks", [])))
+                contents = stand_ins.get(rel, record)  # a detached hardlink carries the file
+                info.size = int(contents.get("size", 0))
+                tar.addfile(info, _ChunkStream(repo, envelope, contents.get("chunks", [])))
             count += 1
     return count
 
@@ -352,12 +404,13 @@ def restore_disk(
     *,
     target_format: str = "raw",
     progress: ProgressCallback | None = None,
+    threads: int = 2,
 ) -> int:
     """Write one disk of an image point to a raw/qcow2/... file or a block device."""
     if target_format != "raw":
         tmp = f"{target}.raw-restore"
         try:
-            restore_disk(repo, disk, tmp, progress=progress)
+            restore_disk(repo, disk, tmp, progress=progress, threads=threads)
             write_disk(tmp, target, target_format)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -379,18 +432,29 @@ def restore_disk(
                 raise InvalidInput(
                     f"block device {target} holds {device_size} bytes; the disk needs {size}"
                 )
-        envelope = repo.envelope
         zero_chunk = bytes(chunk_size)
-        for i, blob_id in enumerate(table):
-            offset = i * chunk_size
-            if blob_id == fmt.ZERO_ID:
-                if is_block:  # a device keeps old contents where a file has holes
-                    os.pwrite(fd, zero_chunk[: min(chunk_size, size - offset)], offset)
-                continue
-            data = repo.read_blob(blob_id, envelope)
-            os.pwrite(fd, data, offset)
-            if progress is not None and i % 256 == 0:
-                progress({"bytes_done": offset, "bytes_total": size})
+        local = threading.local()
+
+        def unit(first: int) -> int:
+            # Decrypt and decompress release the GIL: threads over runs of chunks scale.
+            envelope = getattr(local, "envelope", None)
+            if envelope is None:
+                envelope = local.envelope = Envelope(repo.key)
+            last = min(first + RESTORE_UNIT_CHUNKS, len(table))
+            for i in range(first, last):
+                offset = i * chunk_size
+                blob_id = table[i]
+                if blob_id == fmt.ZERO_ID:
+                    if is_block:  # a device keeps old contents where a file has holes
+                        os.pwrite(fd, zero_chunk[: min(chunk_size, size - offset)], offset)
+                    continue
+                os.pwrite(fd, repo.read_blob(blob_id, envelope), offset)
+            return min(last * chunk_size, size)
+
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for done in pool.map(unit, range(0, len(table), RESTORE_UNIT_CHUNKS)):
+                if progress is not None:
+                    progress({"bytes_done": done, "bytes_total": size})
         if not is_block:
             os.ftruncate(fd, size)
         try:

@@ -20,17 +20,21 @@ from appliance.errors import InvalidInput
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _BUSES = {"virtio", "sata", "scsi", "ide", "nvme", "usb"}
 _NIC_MODELS = {"virtio", "virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"}
-_MEMORY_UNITS = {
+_MEMORY_UNITS = {  # libvirt's units (case-insensitive), in MiB
     "b": 1 / 2**20,
+    "bytes": 1 / 2**20,
     "k": 1 / 1024,
     "kib": 1 / 1024,
     "m": 1,
     "mib": 1,
     "g": 1024,
     "gib": 1024,
+    "t": 2**20,
+    "tib": 2**20,
     "kb": 1000 / 2**20,
     "mb": 10**6 / 2**20,
     "gb": 10**9 / 2**20,
+    "tb": 10**12 / 2**20,
 }
 
 
@@ -66,7 +70,7 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
         model = str(nic.get("model", "virtio")).lower()
         if model not in _NIC_MODELS:
             raise InvalidInput(f"VM spec: unknown NIC model {model!r}")
-        mac = str(nic.get("mac", "")).lower()
+        mac = str(nic.get("mac") or "").lower()
         if mac and not _MAC.match(mac):
             raise InvalidInput(f"VM spec: {mac!r} is not a MAC address")
         nics.append({"model": model, "mac": mac or None, "network": nic.get("network")})
@@ -92,7 +96,12 @@ def parse_libvirt_xml(text: str) -> dict[str, Any]:
     mib = 512
     if memory is not None and memory.text:
         unit = (memory.get("unit") or "KiB").lower()
-        mib = int(int(memory.text) * _MEMORY_UNITS.get(unit, 1 / 1024))
+        if unit not in _MEMORY_UNITS:
+            raise InvalidInput(f"VM spec: unknown memory unit {memory.get('unit')!r}")
+        try:
+            mib = int(int(memory.text) * _MEMORY_UNITS[unit])
+        except ValueError as exc:
+            raise InvalidInput(f"VM spec: memory {memory.text!r} is not an integer") from exc
     os_el = root.find("os")
     firmware = "bios"
     machine = "q35"
@@ -140,7 +149,7 @@ def parse_libvirt_xml(text: str) -> dict[str, Any]:
     return normalise(
         {
             "name": name.text if name is not None and name.text else "vm",
-            "vcpus": int(vcpu.text) if vcpu is not None and vcpu.text else 1,
+            "vcpus": vcpu.text.strip() if vcpu is not None and vcpu.text else 1,
             "memory_mib": mib,
             "firmware": firmware,
             "machine": machine,

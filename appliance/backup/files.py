@@ -234,9 +234,29 @@ def _read_file(path: str) -> dict[str, Any]:
         os.close(fd)
 
 
+def _prefetch(paths: list[str]) -> None:
+    """Ask the kernel to read the batch's files ahead, so many reads are in flight at once.
+
+    A cold tree of small files is bound by I/O latency, not bandwidth: two workers reading one
+    file at a time keep two requests in flight; WILLNEED readahead keeps the whole batch in flight.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue  # reported properly when the file is read
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def _read_batch(paths: list[str]) -> tuple[list[dict[str, Any]], list[IndexEntry], int]:
     assert _worker is not None
     before = _worker.new_bytes
+    _prefetch(paths)
     results = [_read_file(path) for path in paths]
     return results, _worker.take_completed(), _worker.new_bytes - before
 
@@ -526,7 +546,12 @@ def backup_tree(
                     record["chunks"] = prev["chunks"]
                     if prev.get("sparse"):
                         record["sparse"] = True
+                    if prev.get("xattrs"):
+                        record["xattrs"] = prev["xattrs"]
                     stats.files_reused += 1
+                    queue.append(record)
+                    drain()
+                    continue  # setting an xattr changes ctime: the previous ones still hold
                 else:
                     record["_pending"] = True
                     batch_paths.append(full)
