@@ -134,11 +134,23 @@ def _hardlink_target(
     return None if first is None or first == rel else first
 
 
-def _inside(target: str, path: str) -> str:
+_checked_parents: dict[str, bool] = {}
+
+
+def _inside(target: str, path: str, *, cache: bool = True) -> str:
     full = os.path.join(target, path)
-    parent = os.path.realpath(os.path.dirname(full))
-    if parent != target and not parent.startswith(target + os.sep):
-        raise UnsafeRestorePath(f"refusing {path!r}: it resolves outside the target", path=path)
+    directory = os.path.dirname(full)
+    if not cache or directory not in _checked_parents:
+        # Directories come from pass 1 and manifest symlinks only from pass 2, so a parent that
+        # resolved inside the target stays inside for the rest of pass 1; the cache saves a
+        # realpath (one lstat per component) for every file.
+        parent = os.path.realpath(directory)
+        if parent != target and not parent.startswith(target + os.sep):
+            raise UnsafeRestorePath(f"refusing {path!r}: it resolves outside the target", path=path)
+        if cache:
+            if len(_checked_parents) > 100_000:
+                _checked_parents.clear()
+            _checked_parents[directory] = True
     return full
 
 
@@ -150,6 +162,7 @@ _envelope: Envelope | None = None
 
 def _init_restore_worker(repo: Repository) -> None:
     global _repo, _envelope
+    _checked_parents.clear()  # a cache of a previous restore must not carry over
     _repo = repo
     _envelope = Envelope(repo.key)
 
@@ -235,6 +248,7 @@ def restore_tree(
     cancel: threading.Event | None = None,
 ) -> dict[str, int]:
     """Restore a files point (or one path of it) into ``target``; return counts."""
+    _checked_parents.clear()
     target = os.path.realpath(target)
     os.makedirs(target, exist_ok=True)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0, "bytes": 0}
@@ -291,18 +305,18 @@ def restore_tree(
     for rel, record in _select(iter_tree(repo, manifest), subpath):
         kind = record["type"]
         if kind == "symlink":
-            full = _inside(target, rel)
+            full = _inside(target, rel, cache=False)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(full)
             os.symlink(record["target"], full)
             apply_metadata(full, record)
             counts["symlinks"] += 1
         elif kind == "hardlink":
-            full = _inside(target, rel)
+            full = _inside(target, rel, cache=False)
             link_target = _hardlink_target(rel, record, subpath, firsts)
             if link_target is None:
                 continue  # restored as a file in pass 1 (its first name lies outside)
-            source = _inside(target, link_target)
+            source = _inside(target, link_target, cache=False)
             if os.path.islink(source):
                 raise UnsafeRestorePath(f"hardlink {rel!r} points at a symlink")
             with contextlib.suppress(FileNotFoundError):
@@ -311,7 +325,7 @@ def restore_tree(
             counts["hardlinks"] += 1
     for rel, record in _select(iter_tree(repo, manifest), subpath):
         if record["type"] == "dir":
-            apply_metadata(_inside(target, rel) if rel else target, record)
+            apply_metadata(_inside(target, rel, cache=False) if rel else target, record)
     if progress is not None:
         progress({"files": counts["files"], "bytes_done": counts["bytes"]})
     return counts
