@@ -372,18 +372,27 @@ class Appliance:
 
     # --- catalog ----------------------------------------------------------------------------------
 
-    def rebuild_catalog(self) -> dict[str, int]:
-        """Recreate the catalog's view of this store from the store alone."""
+    def rebuild_catalog(self) -> dict[str, Any]:
+        """Recreate the catalog's view of this store from the store alone.
+
+        Points whose manifest cannot be read are left out and named in ``damaged_points``.
+        """
         self.repo.sync_index()
         points = []
-        damaged = 0
+        damaged: list[str] = []
         for point_id in self.repo.manifest_ids():
             try:
                 points.append(record_from_manifest(self.repo.get_manifest(point_id)))
             except Exception:  # a damaged manifest must not stop the rebuild of the others
-                damaged += 1
+                damaged.append(point_id)
         added, removed = self.catalog.replace_store_points(self.repo.store_id, points)
-        return {"points": len(points), "added": added, "removed": removed, "damaged": damaged}
+        return {
+            "points": len(points),
+            "added": added,
+            "removed": removed,
+            "damaged": len(damaged),
+            "damaged_points": damaged,
+        }
 
 
 def _disk_names(disks: list[str]) -> list[str]:

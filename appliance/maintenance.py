@@ -74,11 +74,17 @@ class VerifyReport:
     damaged_packs: list[dict[str, str]] = field(default_factory=list)
     missing_blobs: int = 0
     affected_points: dict[str, list[str]] = field(default_factory=dict)
+    damaged_index_files: list[dict[str, str]] = field(default_factory=list)
     coverage: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.damaged_packs and not self.affected_points and not self.missing_blobs
+        return (
+            not self.damaged_packs
+            and not self.affected_points
+            and not self.missing_blobs
+            and not self.damaged_index_files
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "ok": self.ok}
@@ -159,6 +165,14 @@ def verify_store(
                 }
             )
     full = max_bytes is None
+    if full:
+        # The local cache answers lookups, so a damaged index file in the store goes unnoticed
+        # until the cache is lost; then the store would not open. Catch it now.
+        for info in repo.backend.list("index/"):
+            try:
+                repo.check_index_file(info.name)
+            except (IntegrityError, ObjectMissing, UnsupportedFormat) as exc:
+                report.damaged_index_files.append({"name": info.name, "error": exc.message})
     if damaged_ids or full:
         # Map damage (and, on a full verify, lost references) to the points it affects.
         for point_id in repo.manifest_ids():

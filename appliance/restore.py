@@ -147,6 +147,12 @@ def _inside(target: str, path: str, *, cache: bool = True) -> str:
         parent = os.path.realpath(directory)
         if parent != target and not parent.startswith(target + os.sep):
             raise UnsafeRestorePath(f"refusing {path!r}: it resolves outside the target", path=path)
+        if not os.path.isdir(parent):
+            # A point lists every directory before its contents; a parent that is missing here
+            # is a manifest symlink (created only in pass 2) or no directory of the point.
+            raise UnsafeRestorePath(
+                f"refusing {path!r}: its parent is not a directory of this point", path=path
+            )
         if cache:
             if len(_checked_parents) > 100_000:
                 _checked_parents.clear()
@@ -202,6 +208,18 @@ def _restore_file(target: str, rel: str, record: Record, numeric_owner: bool) ->
     finally:
         os.close(fd)
     return size
+
+
+def _remove_for_link(full: str, rel: str) -> None:
+    """Remove what a link of the point replaces; a directory is refused, never emptied."""
+    try:
+        os.unlink(full)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise UnsafeRestorePath(
+            f"refusing link {rel!r}: a directory of that name is in the target", path=rel
+        ) from None
 
 
 def _restore_batch(target: str, items: list[tuple[str, Record]], numeric_owner: bool) -> int:
@@ -306,8 +324,7 @@ def restore_tree(
         kind = record["type"]
         if kind == "symlink":
             full = _inside(target, rel, cache=False)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(full)
+            _remove_for_link(full, rel)
             os.symlink(record["target"], full)
             apply_metadata(full, record)
             counts["symlinks"] += 1
@@ -319,8 +336,7 @@ def restore_tree(
             source = _inside(target, link_target, cache=False)
             if os.path.islink(source):
                 raise UnsafeRestorePath(f"hardlink {rel!r} points at a symlink")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(full)
+            _remove_for_link(full, rel)
             os.link(source, full, follow_symlinks=False)
             counts["hardlinks"] += 1
     for rel, record in _select(iter_tree(repo, manifest), subpath):

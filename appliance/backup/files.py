@@ -104,7 +104,9 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
 
 
 def _open_for_read(path: str) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a file replaced by a FIFO after the walk would otherwise block the open until
+    # a writer appears (forever); the fstat below then refuses it. Regular files ignore the flag.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         return os.open(path, flags | os.O_NOATIME)
     except PermissionError:

@@ -286,8 +286,19 @@ class Repository:
 
     def _read_index_file(self, name: str) -> list[IndexEntry]:
         blob_id = bytes.fromhex(name.rsplit("/", 1)[1])
-        plaintext = self.envelope.open_content(fmt.BLOB_INDEX, blob_id, self.backend.get(name))
-        return list(decode_index(plaintext))
+        try:
+            plaintext = self.envelope.open_content(fmt.BLOB_INDEX, blob_id, self.backend.get(name))
+            return list(decode_index(plaintext))
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"index file {name} is damaged ({exc.message}); the index can be rebuilt from "
+                "the packs",
+                name=name,
+            ) from exc
+
+    def check_index_file(self, name: str) -> int:
+        """Read and authenticate one index file of the store; return its number of entries."""
+        return len(self._read_index_file(name))
 
     def sync_index(self) -> None:
         """Bring the local cache in line with the store's index files."""
@@ -355,10 +366,19 @@ class Repository:
 
     def read_blob(self, blob_id: bytes, envelope: Envelope | None = None) -> bytes:
         entry = self.locate(blob_id)
-        data = self.backend.get(
-            pack_object_name(entry.pack, entry.pack_kind), entry.offset, entry.length
-        )
-        return (envelope or self.envelope).open_content(entry.blob_type, blob_id, data)
+        try:
+            data = self.backend.get(
+                pack_object_name(entry.pack, entry.pack_kind), entry.offset, entry.length
+            )
+            return (envelope or self.envelope).open_content(entry.blob_type, blob_id, data)
+        except (IntegrityError, ObjectMissing) as exc:
+            # Name both: the blob is what a point needs, the pack is what `verify` reports.
+            raise type(exc)(
+                f"blob {blob_id.hex()[:16]} in pack {entry.pack.hex()[:16]} cannot be read: "
+                f"{exc.message}",
+                blob=blob_id.hex(),
+                pack=entry.pack.hex(),
+            ) from exc
 
     # --- manifests ----------------------------------------------------------------------------------
 
@@ -372,7 +392,12 @@ class Repository:
     def get_manifest(self, point_id: str) -> dict[str, Any]:
         blob_id = self.envelope.named_id(f"manifest:{point_id}")
         data = self.backend.get(f"manifests/{point_id}")
-        plaintext = self.envelope.open(fmt.BLOB_MANIFEST, blob_id, data)
+        try:
+            plaintext = self.envelope.open(fmt.BLOB_MANIFEST, blob_id, data)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"manifest of point {point_id} is damaged ({exc.message})", point=point_id
+            ) from exc
         try:
             document: dict[str, Any] = json.loads(plaintext)
         except ValueError as exc:

@@ -1,0 +1,722 @@
+"""The store below the backup engine: envelopes, keys, packs, index files, the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import blake3
+import pytest
+from engine_support import (
+    PASSPHRASE,
+    SMALL_PACKS,
+    compare_trees,
+    new_appliance,
+    random_bytes,
+    set_engine_env,
+    snapshot,
+    text_bytes,
+)
+
+from appliance.engine import Appliance
+from appliance.errors import (
+    IntegrityError,
+    InvalidInput,
+    ObjectMissing,
+    StoreExists,
+    StoreNotFound,
+    UnsupportedFormat,
+    WrongPassphrase,
+)
+from appliance.store import format as fmt
+from appliance.store.backend import LocalDirectoryBackend, MemoryBackend
+from appliance.store.crypto import (
+    WEAK_KDF,
+    Envelope,
+    MasterKey,
+    kdf_parameters,
+    unwrap_key,
+    wrap_key,
+)
+from appliance.store.index import IndexCache, decode_index, encode_index
+from appliance.store.packs import (
+    IndexEntry,
+    PackWriter,
+    pack_name_matches,
+    pack_object_name,
+    parse_pack,
+)
+from appliance.store.repository import Repository
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_engine_env(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def key() -> MasterKey:
+    return MasterKey.generate()
+
+
+@pytest.fixture
+def envelope(key: MasterKey) -> Envelope:
+    return Envelope(key)
+
+
+# --- envelope ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [b"", b"x", text_bytes(100_000), random_bytes(70_000, 1), bytes(4096)],
+    ids=["empty", "one-byte", "text", "random", "zeros"],
+)
+@pytest.mark.parametrize("blob_type", [fmt.BLOB_DATA, fmt.BLOB_DISK, fmt.BLOB_TREE])
+def test_envelope_round_trip(envelope: Envelope, plaintext: bytes, blob_type: int) -> None:
+    blob_id = envelope.chunk_id(plaintext)
+    sealed = envelope.seal(blob_type, blob_id, plaintext)
+    assert sealed[0] == fmt.ENVELOPE_VERSION and sealed[1] == fmt.CIPHER_AES_256_GCM
+    assert envelope.open(blob_type, blob_id, sealed) == plaintext
+    assert envelope.open_content(blob_type, blob_id, memoryview(sealed)) == plaintext
+    # Nonces are random: sealing twice never gives the same bytes.
+    assert envelope.seal(blob_type, blob_id, plaintext) != sealed
+
+
+def test_envelope_opens_with_another_instance_of_the_same_key(key: MasterKey) -> None:
+    data = text_bytes(5000)
+    one, two = Envelope(key), Envelope(MasterKey(key.material))
+    blob_id = one.chunk_id(data)
+    assert two.chunk_id(data) == blob_id
+    assert two.open_content(fmt.BLOB_DATA, blob_id, one.seal(fmt.BLOB_DATA, blob_id, data)) == data
+
+
+def test_envelope_fails_with_another_key(key: MasterKey) -> None:
+    data = b"secret payload"
+    one, other = Envelope(key), Envelope(MasterKey.generate())
+    blob_id = one.chunk_id(data)
+    assert other.chunk_id(data) != blob_id  # chunk IDs are keyed
+    with pytest.raises(IntegrityError):
+        other.open(fmt.BLOB_DATA, blob_id, one.seal(fmt.BLOB_DATA, blob_id, data))
+
+
+def test_aad_binds_the_blob_id(envelope: Envelope) -> None:
+    data = b"chunk contents"
+    blob_id = envelope.chunk_id(data)
+    sealed = envelope.seal(fmt.BLOB_DATA, blob_id, data)
+    other_id = envelope.chunk_id(b"another chunk")
+    with pytest.raises(IntegrityError):
+        envelope.open(fmt.BLOB_DATA, other_id, sealed)
+    flipped = bytes([blob_id[0] ^ 1]) + blob_id[1:]
+    with pytest.raises(IntegrityError):
+        envelope.open(fmt.BLOB_DATA, flipped, sealed)
+
+
+def test_aad_binds_the_blob_type(envelope: Envelope) -> None:
+    data = b'{"path":"a"}\n'
+    blob_id = envelope.chunk_id(data)
+    sealed = envelope.seal(fmt.BLOB_TREE, blob_id, data)
+    for other_type in (fmt.BLOB_DATA, fmt.BLOB_DISK, fmt.BLOB_TABLE, fmt.BLOB_MANIFEST):
+        with pytest.raises(IntegrityError):
+            envelope.open(other_type, blob_id, sealed)
+    assert envelope.open(fmt.BLOB_TREE, blob_id, sealed) == data
+
+
+def _flip(data: bytes, position: int) -> bytes:
+    return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1 :]
+
+
+@pytest.mark.parametrize(
+    "position",
+    [2, 3, 9, 14, 15, 40, -17, -1],
+    ids=[
+        "header-compression",
+        "nonce-first",
+        "nonce-middle",
+        "nonce-last",
+        "ciphertext-first",
+        "ciphertext-middle",
+        "ciphertext-last",
+        "tag-last",
+    ],
+)
+def test_tampering_fails_authentication(envelope: Envelope, position: int) -> None:
+    data = text_bytes(3000)
+    blob_id = envelope.chunk_id(data)
+    sealed = envelope.seal(fmt.BLOB_DATA, blob_id, data)
+    with pytest.raises(IntegrityError):
+        envelope.open(fmt.BLOB_DATA, blob_id, _flip(sealed, position % len(sealed)))
+
+
+def test_tampered_version_or_cipher_is_refused(envelope: Envelope) -> None:
+    data = b"payload"
+    blob_id = envelope.chunk_id(data)
+    sealed = envelope.seal(fmt.BLOB_DATA, blob_id, data)
+    with pytest.raises(UnsupportedFormat):
+        envelope.open(fmt.BLOB_DATA, blob_id, _flip(sealed, 0))
+    with pytest.raises(UnsupportedFormat):
+        envelope.open(fmt.BLOB_DATA, blob_id, _flip(sealed, 1))
+
+
+@pytest.mark.parametrize("keep", [0, 10, fmt.ENVELOPE_HEADER_SIZE + fmt.TAG_SIZE - 1, -1])
+def test_truncated_envelope_fails(envelope: Envelope, keep: int) -> None:
+    data = text_bytes(1000)
+    blob_id = envelope.chunk_id(data)
+    sealed = envelope.seal(fmt.BLOB_DATA, blob_id, data)
+    with pytest.raises(IntegrityError):
+        envelope.open(fmt.BLOB_DATA, blob_id, sealed[:keep])
+
+
+def test_open_content_checks_the_id(envelope: Envelope) -> None:
+    data = b"what the blob really holds"
+    claimed = envelope.chunk_id(b"what the manifest expects")
+    sealed = envelope.seal(fmt.BLOB_DATA, claimed, data)  # authentic, but under the wrong ID
+    assert envelope.open(fmt.BLOB_DATA, claimed, sealed) == data
+    with pytest.raises(IntegrityError, match="does not match its ID"):
+        envelope.open_content(fmt.BLOB_DATA, claimed, sealed)
+
+
+def test_compression_is_skipped_for_random_data(envelope: Envelope) -> None:
+    for size in (100, 20_000, 1 << 20):
+        data = os.urandom(size)
+        sealed = envelope.seal(fmt.BLOB_DATA, envelope.chunk_id(data), data)
+        assert sealed[2] == fmt.COMPRESSION_NONE
+        assert len(sealed) == fmt.ENVELOPE_HEADER_SIZE + size + fmt.TAG_SIZE
+
+
+def test_compression_is_used_for_text(envelope: Envelope) -> None:
+    for size in (2000, 20_000, 1 << 20):
+        data = text_bytes(size)
+        sealed = envelope.seal(fmt.BLOB_DATA, envelope.chunk_id(data), data)
+        assert sealed[2] == fmt.COMPRESSION_ZSTD
+        assert len(sealed) < size // 4
+        assert envelope.open_content(fmt.BLOB_DATA, envelope.chunk_id(data), sealed) == data
+
+
+def test_compression_is_skipped_when_only_the_head_is_random(envelope: Envelope) -> None:
+    # The probe looks at the first 16 KiB: a random head means "do not compress".
+    data = os.urandom(16384) + text_bytes(100_000)
+    sealed = envelope.seal(fmt.BLOB_DATA, envelope.chunk_id(data), data)
+    assert sealed[2] == fmt.COMPRESSION_NONE
+    assert envelope.open_content(fmt.BLOB_DATA, envelope.chunk_id(data), sealed) == data
+
+
+@pytest.mark.parametrize("size", [1, 4096, 65536, 1 << 20, (1 << 23) + 1])
+def test_zero_detection(size: int) -> None:
+    zeros = bytes(size)
+    assert Envelope.is_zero(zeros)
+    assert Envelope.is_zero(memoryview(zeros))
+    assert Envelope.is_zero(bytearray(size))
+    for position in {0, size // 2, size - 1}:
+        data = bytearray(size)
+        data[position] = 1
+        assert not Envelope.is_zero(bytes(data))
+    assert Envelope.is_zero(b"")
+
+
+def test_named_ids_are_keyed_and_distinct(key: MasterKey) -> None:
+    one = Envelope(key)
+    assert one.named_id("manifest:a") == Envelope(key).named_id("manifest:a")
+    assert one.named_id("manifest:a") != one.named_id("manifest:b")
+    assert one.named_id("manifest:a") != Envelope(MasterKey.generate()).named_id("manifest:a")
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def test_weak_kdf_is_used_in_tests() -> None:
+    assert kdf_parameters() == WEAK_KDF
+
+
+def test_wrap_and_unwrap(key: MasterKey) -> None:
+    document = wrap_key(key, "pass phrase", "store-1")
+    parsed = json.loads(document)
+    assert parsed["kdf"] == fmt.KDF_ARGON2ID and parsed["store_id"] == "store-1"
+    assert key.material.hex() not in document.decode()
+    assert unwrap_key(document, "pass phrase", "store-1") == key
+    # Wrapping is randomised: two key files of the same key differ.
+    assert wrap_key(key, "pass phrase", "store-1") != document
+
+
+def test_wrong_passphrase(key: MasterKey) -> None:
+    document = wrap_key(key, "right", "store-1")
+    with pytest.raises(WrongPassphrase) as info:
+        unwrap_key(document, "wrong", "store-1")
+    assert info.value.code == "wrong_passphrase"
+    with pytest.raises(WrongPassphrase):
+        unwrap_key(document, "Right", "store-1")
+
+
+def test_key_file_is_bound_to_its_store(key: MasterKey) -> None:
+    document = wrap_key(key, "right", "store-1")
+    with pytest.raises(WrongPassphrase):
+        unwrap_key(document, "right", "store-2")
+
+
+def test_empty_passphrase_is_refused(key: MasterKey) -> None:
+    with pytest.raises(InvalidInput):
+        wrap_key(key, "", "store-1")
+
+
+def test_damaged_key_file(key: MasterKey) -> None:
+    document = json.loads(wrap_key(key, "right", "s"))
+    del document["salt"]
+    with pytest.raises(IntegrityError):
+        unwrap_key(json.dumps(document).encode(), "right", "s")
+    with pytest.raises(IntegrityError):
+        unwrap_key(b"not json at all", "right", "s")
+    document = json.loads(wrap_key(key, "right", "s"))
+    document["version"] = 99
+    with pytest.raises(UnsupportedFormat):
+        unwrap_key(json.dumps(document).encode(), "right", "s")
+
+
+def test_master_key_must_be_64_bytes() -> None:
+    with pytest.raises(InvalidInput):
+        MasterKey(bytes(32))
+
+
+def test_recovery_key_round_trip(key: MasterKey) -> None:
+    text = key.recovery_key()
+    groups = text.split("-")
+    assert all(len(g) == 6 for g in groups[:-1]) and 0 < len(groups[-1]) <= 6
+    assert set(text) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567-")
+    assert MasterKey.from_recovery_key(text) == key
+
+
+def test_recovery_key_accepts_lowercase_dashes_and_spaces(key: MasterKey) -> None:
+    text = key.recovery_key()
+    variants = [
+        text.lower(),
+        text.replace("-", " "),
+        text.replace("-", ""),
+        "  " + text.replace("-", " - ").lower() + "\n",
+        # Digits a reader may type for look-alike letters (base32 has no 0, 1 or 8).
+        text.replace("O", "0").replace("I", "1").replace("B", "8"),
+    ]
+    for variant in variants:
+        assert MasterKey.from_recovery_key(variant) == key, variant
+
+
+def test_recovery_key_typos_are_detected(key: MasterKey) -> None:
+    text = key.recovery_key()
+    letters = [i for i, ch in enumerate(text) if ch != "-"]
+    # Every position but the last carries only key or checksum bits (the last one has padding).
+    for position in letters[:-1]:
+        wrong = "A" if text[position] != "A" else "C"
+        typo = text[:position] + wrong + text[position + 1 :]
+        with pytest.raises(WrongPassphrase, match="checksum"):
+            MasterKey.from_recovery_key(typo)
+    # Swapping two different neighbouring characters (a common typo) is caught too.
+    i = next(i for i in letters[:-2] if text[i] != text[i + 1] and text[i + 1] != "-")
+    swapped = text[:i] + text[i + 1] + text[i] + text[i + 2 :]
+    with pytest.raises(WrongPassphrase):
+        MasterKey.from_recovery_key(swapped)
+
+
+@pytest.mark.parametrize("text", ["", "ABCDEF", "not a key!", "AAAAAA-" * 30])
+def test_recovery_key_garbage_is_refused(text: str) -> None:
+    with pytest.raises(WrongPassphrase):
+        MasterKey.from_recovery_key(text)
+
+
+def test_recovery_key_missing_a_group_is_refused(key: MasterKey) -> None:
+    groups = key.recovery_key().split("-")
+    with pytest.raises(WrongPassphrase):
+        MasterKey.from_recovery_key("-".join(groups[:5] + groups[6:]))
+
+
+# --- packs ------------------------------------------------------------------------------------------
+
+
+def _sealed_blobs(envelope: Envelope, count: int, size: int) -> list[tuple[int, bytes, bytes]]:
+    out = []
+    for i in range(count):
+        data = random_bytes(size, 1000 + i)
+        blob_id = envelope.chunk_id(data)
+        out.append((fmt.BLOB_DATA, blob_id, envelope.seal(fmt.BLOB_DATA, blob_id, data)))
+    return out
+
+
+def test_pack_writer_and_parse_round_trip(envelope: Envelope) -> None:
+    backend = MemoryBackend()
+    writer = PackWriter(backend, fmt.PACK_KIND_DATA, target_size=10_000)
+    blobs = _sealed_blobs(envelope, 12, 3000)
+    for blob_type, blob_id, sealed in blobs:
+        writer.add(blob_type, blob_id, sealed)
+    entries = writer.flush()
+    assert writer.packs_written == len({e.pack for e in entries}) >= 3
+    assert writer.flush() == []  # nothing pending: no empty pack
+    assert sorted(e.blob_id for e in entries) == sorted(b[1] for b in blobs)
+    stored = {info.name for info in backend.list()}
+    assert stored == {pack_object_name(e.pack, fmt.PACK_KIND_DATA) for e in entries}
+    assert all(name.startswith("data/") for name in stored)
+    by_id = {blob_id: sealed for _t, blob_id, sealed in blobs}
+    for pack in {e.pack for e in entries}:
+        data = backend.get(pack_object_name(pack, fmt.PACK_KIND_DATA))
+        # The pack's name is the (unkeyed) BLAKE3 of its bytes.
+        assert blake3.blake3(data).digest() == pack
+        assert pack_name_matches(pack, data)
+        assert data[: len(fmt.PACK_MAGIC)] == fmt.PACK_MAGIC
+        parsed = list(parse_pack(pack, data))
+        assert parsed == sorted((e for e in entries if e.pack == pack), key=lambda e: e.offset)
+        for entry in parsed:
+            envelope_bytes = data[entry.offset : entry.offset + entry.length]
+            assert envelope_bytes == by_id[entry.blob_id]
+            assert envelope.open_content(entry.blob_type, entry.blob_id, envelope_bytes)
+
+
+def test_pack_kinds_go_to_their_own_prefix(envelope: Envelope) -> None:
+    backend = MemoryBackend()
+    writer = PackWriter(backend, fmt.PACK_KIND_META)
+    data = b'{"path":""}\n'
+    blob_id = envelope.chunk_id(data)
+    writer.add(fmt.BLOB_TREE, blob_id, envelope.seal(fmt.BLOB_TREE, blob_id, data))
+    assert writer.take_completed() == []  # the open pack is not written yet
+    assert list(backend.list()) == []
+    (entry,) = writer.flush()
+    assert entry.pack_kind == fmt.PACK_KIND_META and entry.blob_type == fmt.BLOB_TREE
+    assert [i.name for i in backend.list()] == [pack_object_name(entry.pack, fmt.PACK_KIND_META)]
+    assert pack_object_name(entry.pack, fmt.PACK_KIND_META).startswith("meta/")
+
+
+def test_pack_writer_discard_writes_nothing(envelope: Envelope) -> None:
+    backend = MemoryBackend()
+    writer = PackWriter(backend, fmt.PACK_KIND_DATA)
+    for blob_type, blob_id, sealed in _sealed_blobs(envelope, 3, 100):
+        writer.add(blob_type, blob_id, sealed)
+    writer.discard()
+    assert writer.flush() == []
+    assert list(backend.list()) == []
+
+
+def test_damaged_packs_are_detected(envelope: Envelope) -> None:
+    backend = MemoryBackend()
+    writer = PackWriter(backend, fmt.PACK_KIND_DATA)
+    for blob_type, blob_id, sealed in _sealed_blobs(envelope, 3, 500):
+        writer.add(blob_type, blob_id, sealed)
+    (pack,) = {e.pack for e in writer.flush()}
+    data = backend.get(pack_object_name(pack, fmt.PACK_KIND_DATA))
+    with pytest.raises(IntegrityError):
+        list(parse_pack(pack, data[:-10]))  # truncated in the last envelope
+    with pytest.raises(IntegrityError):
+        list(parse_pack(pack, data[: fmt.PACK_HEADER_SIZE + 20]))  # truncated in an entry header
+    with pytest.raises(IntegrityError):
+        list(parse_pack(pack, b"NOTAPACK" + data[8:]))
+    with pytest.raises(UnsupportedFormat):
+        list(parse_pack(pack, data[:7] + b"\x09" + data[8:]))
+    with pytest.raises(IntegrityError):
+        list(parse_pack(pack, data[:8] + b"z" + data[9:]))  # unknown kind
+    assert not pack_name_matches(pack, _flip(data, len(data) // 2))
+
+
+# --- index files and the index cache -------------------------------------------------------------
+
+
+def _entries(count: int, packs: int = 3) -> list[IndexEntry]:
+    out = []
+    for i in range(count):
+        pack = blake3.blake3(b"pack %d" % (i % packs)).digest()
+        kind = fmt.PACK_KIND_DATA if i % packs else fmt.PACK_KIND_META
+        blob_type = fmt.BLOB_DATA if kind == fmt.PACK_KIND_DATA else fmt.BLOB_TREE
+        out.append(
+            IndexEntry(
+                blake3.blake3(b"blob %d" % i).digest(),
+                blob_type,
+                pack,
+                kind,
+                fmt.PACK_HEADER_SIZE + i * 1000,
+                900 + i,
+            )
+        )
+    return out
+
+
+def test_index_encode_decode_round_trip() -> None:
+    entries = _entries(50)
+    data = encode_index(entries)
+    assert data.startswith(fmt.INDEX_MAGIC)
+    decoded = list(decode_index(data))
+    assert sorted(decoded, key=lambda e: e.blob_id) == sorted(entries, key=lambda e: e.blob_id)
+    # Deterministic: the same entries in any order encode to the same bytes (same index ID).
+    assert encode_index(reversed(entries)) == data
+    assert list(decode_index(encode_index([]))) == []
+
+
+def test_damaged_index_files_are_detected() -> None:
+    data = encode_index(_entries(10))
+    with pytest.raises(IntegrityError):
+        list(decode_index(data[:-5]))
+    with pytest.raises(IntegrityError):
+        list(decode_index(b"garbage!" + data[8:]))
+    with pytest.raises(UnsupportedFormat):
+        list(decode_index(data[:7] + b"\x07" + data[8:]))
+
+
+def test_index_cache_add_lookup_remove(tmp_path: Path) -> None:
+    cache = IndexCache(str(tmp_path / "cache" / "index.sqlite"))
+    entries = _entries(30)
+    cache.add("index/one", entries[:20])
+    cache.add("index/two", entries[20:])
+    cache.add("index/two", entries[20:])  # idempotent
+    assert cache.index_files() == {"index/one", "index/two"}
+    assert cache.counts() == (30, 3)
+    for entry in entries:
+        assert cache.lookup(entry.blob_id) == entry
+        assert cache.contains(entry.blob_id)
+    unknown = blake3.blake3(b"unknown").digest()
+    assert cache.lookup(unknown) is None and not cache.contains(unknown)
+    first_pack = entries[0].pack
+    assert cache.pack_entries(first_pack) == [e for e in entries if e.pack == first_pack]
+    cache.remove_packs([first_pack])
+    assert cache.counts() == (20, 2)
+    for entry in entries:
+        assert (cache.lookup(entry.blob_id) is None) == (entry.pack == first_pack)
+    assert sorted(p for p, _k in cache.packs()) == sorted({e.pack for e in entries} - {first_pack})
+    cache.forget_index_file("index/one")
+    assert cache.index_files() == {"index/two"}
+    cache.clear()
+    assert cache.counts() == (0, 0) and cache.index_files() == set()
+    cache.close()
+
+
+def test_index_cache_persists_across_instances(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.sqlite")
+    entries = _entries(5)
+    cache = IndexCache(path)
+    cache.add("index/x", entries)
+    cache.close()
+    again = IndexCache(path)
+    assert again.lookup(entries[3].blob_id) == entries[3]
+    assert again.index_files() == {"index/x"}
+    again.close()
+
+
+def _new_repo(tmp_path: Path, **config: object) -> Repository:
+    backend = LocalDirectoryBackend(str(tmp_path / "store"))
+    return Repository.init(backend, PASSPHRASE, str(tmp_path / "cache"), **config)
+
+
+def _write_blobs(repo: Repository, seeds: range, size: int = 20_000) -> dict[bytes, bytes]:
+    writer = repo.writer()
+    written = {}
+    for seed in seeds:
+        data = random_bytes(size, seed)
+        written[writer.put(fmt.BLOB_DATA, data)] = data
+    repo.commit_index(writer.flush())
+    return written
+
+
+def test_sync_index_follows_the_store(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path, pack_size=SMALL_PACKS)
+    first = _write_blobs(repo, range(0, 10))
+    second = _write_blobs(repo, range(10, 20))
+    index_files = repo.index.index_files()
+    assert len(index_files) == 2
+    # Another cache (another appliance reading the same store) catches up from the index files.
+    other = Repository.open(
+        LocalDirectoryBackend(repo.backend.root),  # type: ignore[attr-defined]
+        str(tmp_path / "other-cache"),
+        passphrase=PASSPHRASE,
+    )
+    for blob_id, data in {**first, **second}.items():
+        assert other.read_blob(blob_id) == data
+    # A third session writes more: sync picks up only the new index file.
+    third = _write_blobs(repo, range(20, 25))
+    other.sync_index()
+    assert other.index.index_files() == repo.index.index_files()
+    assert all(other.index.contains(b) for b in third)
+    # An index file removed from the store (consolidated by GC elsewhere): the cache starts over.
+    gone = sorted(index_files)[0]
+    repo.backend.delete(gone)
+    other.sync_index()
+    assert other.index.index_files() == repo.index.index_files() - {gone}
+    # The blobs of the deleted index file are no longer known; the others are.
+    assert sum(other.index.contains(b) for b in {**first, **second}) == 10
+    assert all(other.index.contains(b) for b in third)
+    other.close()
+    repo.close()
+
+
+def test_writer_deduplicates_within_and_across_sessions(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    data = random_bytes(50_000, 7)
+    writer = repo.writer()
+    first = writer.put(fmt.BLOB_DATA, data)
+    assert writer.put(fmt.BLOB_DATA, data) == first
+    assert writer.new_blobs == 1
+    repo.commit_index(writer.flush())
+    again = repo.writer()
+    assert again.put(fmt.BLOB_DATA, data) == first
+    assert again.new_blobs == 0 and again.flush() == []
+    assert repo.read_blob(first) == data
+    with pytest.raises(ObjectMissing):
+        repo.read_blob(bytes(32))
+    repo.close()
+
+
+# --- repository ---------------------------------------------------------------------------------------
+
+
+def test_init_twice_is_refused(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    with pytest.raises(StoreExists):
+        Repository.init(repo.backend, "other", str(tmp_path / "cache2"))
+    repo.close()
+    app, _recovery = new_appliance(tmp_path / "appliance")
+    app.close()
+    with pytest.raises(StoreExists):
+        new_appliance(tmp_path / "appliance")
+
+
+def test_open_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFound) as info:
+        Repository.open(
+            LocalDirectoryBackend(str(tmp_path / "nothing")),
+            str(tmp_path / "cache"),
+            passphrase=PASSPHRASE,
+        )
+    assert info.value.code == "store_not_found"
+    with pytest.raises(StoreNotFound):
+        Appliance.open(str(tmp_path / "nothing-either"), passphrase=PASSPHRASE)
+
+
+def test_open_needs_a_secret(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    with pytest.raises(InvalidInput):
+        Repository.open(repo.backend, str(tmp_path / "cache"))
+    repo.close()
+
+
+def test_open_with_wrong_passphrase(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    with pytest.raises(WrongPassphrase):
+        Repository.open(repo.backend, str(tmp_path / "cache"), passphrase="not it")
+    repo.close()
+
+
+def test_config_records_overrides(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path, pack_size=SMALL_PACKS, labels={"site": "lab"})
+    config = Repository.read_config(repo.backend)
+    assert config.pack_size == SMALL_PACKS and config.labels == {"site": "lab"}
+    assert config.store_id == repo.store_id
+    assert config.format == fmt.STORE_FORMAT_VERSION
+    repo.close()
+
+
+def test_open_with_recovery_key(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    blobs = _write_blobs(repo, range(3))
+    recovery = repo.key.recovery_key()
+    repo.close()
+    backend = LocalDirectoryBackend(str(tmp_path / "store"))
+    opened = Repository.open(backend, str(tmp_path / "cache-r"), recovery_key=recovery.lower())
+    for blob_id, data in blobs.items():
+        assert opened.read_blob(blob_id) == data
+    opened.close()
+
+
+def test_recovery_key_of_another_store_is_refused(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    _write_blobs(repo, range(2))
+    repo.close()
+    stranger = MasterKey.generate().recovery_key()  # valid checksum, wrong store
+    with pytest.raises(WrongPassphrase):
+        Repository.open(
+            LocalDirectoryBackend(str(tmp_path / "store")),
+            str(tmp_path / "cache-x"),
+            recovery_key=stranger,
+        )
+
+
+def test_add_passphrase_then_open_with_it(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    blobs = _write_blobs(repo, range(3))
+    name = repo.add_passphrase("a second passphrase")
+    assert name in repo.key_files() and len(repo.key_files()) == 2
+    repo.close()
+    for passphrase in (PASSPHRASE, "a second passphrase"):
+        opened = Repository.open(
+            LocalDirectoryBackend(str(tmp_path / "store")),
+            str(tmp_path / "cache"),
+            passphrase=passphrase,
+        )
+        assert opened.key == repo.key
+        assert all(opened.read_blob(b) == d for b, d in blobs.items())
+        opened.close()
+
+
+def test_recovery_then_new_passphrase_after_losing_every_key_file(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    blobs = _write_blobs(repo, range(2))
+    recovery = repo.key.recovery_key()
+    for name in repo.key_files():
+        repo.backend.delete(name)
+    repo.close()
+    backend = LocalDirectoryBackend(str(tmp_path / "store"))
+    with pytest.raises(StoreNotFound):
+        Repository.open(backend, str(tmp_path / "cache"), passphrase=PASSPHRASE)
+    recovered = Repository.open(backend, str(tmp_path / "cache"), recovery_key=recovery)
+    recovered.add_passphrase("brand new")
+    recovered.close()
+    reopened = Repository.open(backend, str(tmp_path / "cache"), passphrase="brand new")
+    assert all(reopened.read_blob(b) == d for b, d in blobs.items())
+    reopened.close()
+
+
+def test_manifests_round_trip_and_are_bound_to_their_id(tmp_path: Path) -> None:
+    repo = _new_repo(tmp_path)
+    document = {"version": fmt.MANIFEST_VERSION, "point_id": "p1", "kind": "files", "tree": []}
+    repo.put_manifest("p1", document)
+    assert repo.get_manifest("p1") == document
+    assert repo.manifest_ids() == ["p1"]
+    # A manifest copied under another point's name does not open.
+    repo.backend.put("manifests/p2", repo.backend.get("manifests/p1"))
+    with pytest.raises(IntegrityError):
+        repo.get_manifest("p2")
+    repo.delete_manifest("p1")
+    assert repo.manifest_ids() == ["p2"]
+    with pytest.raises(ObjectMissing):
+        repo.get_manifest("p1")
+    repo.close()
+
+
+def test_rebuild_index_from_packs_alone(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    for i in range(12):
+        (source / f"f{i}.bin").write_bytes(random_bytes(30_000 + i * 1000, i))
+    (source / "sub" / "text.txt").write_bytes(text_bytes(500_000))
+    data_dir = tmp_path / "appliance"
+    app, _recovery = new_appliance(data_dir, pack_size=SMALL_PACKS)
+    point = app.backup_files(str(source), "docs", workers=2).point
+    app.backup_files(str(source), "docs", mode="full", workers=2)
+    before = {e.blob_id: e for e in app.repo.index.all_entries()}
+    packs_before = sorted(p for p, _k in app.repo.index.packs())
+    assert len(packs_before) > 5  # small packs: many of them
+    app.close()
+
+    store = data_dir / "pools" / "default" / "store"
+    shutil.rmtree(store / "index")
+    shutil.rmtree(data_dir / "cache")
+    app = Appliance.open(str(data_dir), passphrase=PASSPHRASE)
+    try:
+        assert app.repo.index.counts() == (0, 0)
+        packs, blobs = app.repo.rebuild_index()
+        assert (packs, blobs) == (len(packs_before), len(before))
+        after = {e.blob_id: e for e in app.repo.index.all_entries()}
+        assert after == before
+        for blob_id, entry in before.items():
+            assert app.repo.index.lookup(blob_id) == entry
+        assert list((store / "index").iterdir())  # index files were written again
+        target = tmp_path / "restored"
+        app.restore(point.id, str(target), workers=2)
+        compare_trees(snapshot(source), snapshot(target))
+    finally:
+        app.close()
+    # And a later open (new cache) reads the rebuilt index files.
+    shutil.rmtree(data_dir / "cache")
+    with Appliance.open(str(data_dir), passphrase=PASSPHRASE) as app:
+        assert {e.blob_id: e for e in app.repo.index.all_entries()} == before
