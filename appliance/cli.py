@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any
 
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
-from appliance.maintenance import collect_garbage, verify_point, verify_store
+from appliance.maintenance import collect_garbage, repair_store, verify_point, verify_store
 from appliance.retention import RetentionRules, apply_retention
 
 EXIT_DAMAGE = 1
@@ -287,6 +288,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ]
         for damaged in report.damaged_packs:
             lines.append(f"DAMAGED pack {damaged['pack'][:16]}: {damaged['error']}")
+        for damaged in report.damaged_index_files:
+            lines.append(f"DAMAGED {damaged['name']}: {damaged['error']}")
         for point_id, reasons in report.affected_points.items():
             lines.append(f"AFFECTED point {point_id}: " + "; ".join(reasons))
         lines.append("OK" if report.ok else "DAMAGE FOUND")
@@ -343,6 +346,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    recovery = os.environ.get("APPLIANCE_RECOVERY_KEY")
+    if recovery:
+        app = Appliance.open(args.data_dir, recovery_key=recovery, sync_index=False)
+    else:
+        app = Appliance.open(args.data_dir, passphrase=_passphrase(args), sync_index=False)
+    with app, app.locks.exclusive():
+        report = repair_store(app.repo)
+
+    def text() -> str:
+        lines = [
+            f"Index rebuilt from {report.packs_scanned} packs ({report.blobs_indexed} blobs); "
+            f"{report.blobs_dropped} damaged blob(s) dropped from the index."
+        ]
+        for damaged in report.damaged_packs:
+            lines.append(f"DAMAGED pack {damaged['pack'][:16]}: {damaged['error']}")
+        for point_id, reasons in report.affected_points.items():
+            lines.append(f"STILL DAMAGED point {point_id}: " + "; ".join(reasons))
+        if report.blobs_dropped:
+            lines.append("The next backup of the affected assets stores the lost data again.")
+        return "\n".join(lines)
+
+    _emit(args, report.to_dict(), text)
+    return 0 if not report.affected_points else EXIT_DAMAGE
 
 
 def cmd_catalog_rebuild(args: argparse.Namespace) -> int:
@@ -464,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true")
     gc.set_defaults(func=cmd_gc)
 
+    sub.add_parser(
+        "repair", help="rebuild the index from the packs and drop damaged blobs from it"
+    ).set_defaults(func=cmd_repair)
+
     catalog = sub.add_parser("catalog", help="catalog maintenance").add_subparsers(
         dest="action", required=True
     )
@@ -479,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     recover = key.add_parser("recover", help="set a new passphrase with the recovery key")
     recover.add_argument("--recovery-key-file")
     recover.set_defaults(func=cmd_key_recover)
+
+    # Outer packages add commands (the service adds `serve` and `admin`) through this entry
+    # point group, so the core CLI lists them without importing any outer package.
+    for plugin in entry_points(group="appliance.cli_plugins"):
+        try:
+            register = plugin.load()
+        except Exception as exc:  # a broken plug-in must not take the core commands down
+            print(f"warning: CLI plug-in {plugin.name} not loaded: {exc}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 

@@ -124,11 +124,16 @@ class Appliance:
         recovery_key: str | None = None,
         clock: Clock = utcnow,
         catalog_url: str | None = None,
+        sync_index: bool = True,
     ) -> Appliance:
         data_dir = DataDir(os.path.abspath(path))
         backend = LocalDirectoryBackend(data_dir.store_path)
         repo = Repository.open(
-            backend, data_dir.cache_path, passphrase=passphrase, recovery_key=recovery_key
+            backend,
+            data_dir.cache_path,
+            passphrase=passphrase,
+            recovery_key=recovery_key,
+            sync=sync_index,
         )
         catalog = Catalog.open(catalog_url or data_dir.catalog_url)
         return cls(data_dir, repo, catalog, clock)

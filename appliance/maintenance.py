@@ -366,3 +366,61 @@ def collect_garbage(
             report.temp_files_deleted += 1
     repo.sync_index()
     return report
+
+
+@dataclass
+class RepairReport:
+    packs_scanned: int = 0
+    blobs_indexed: int = 0
+    damaged_packs: list[dict[str, str]] = field(default_factory=list)
+    blobs_dropped: int = 0
+    affected_points: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def repair_store(repo: Repository) -> RepairReport:
+    """Make the store safe to back up into again after damage.
+
+    Rebuilds the index from the packs alone (so a damaged or lost index file is no obstacle),
+    then checks every pack and drops the damaged blobs from the index. Without this step a new
+    backup would deduplicate against a lost blob and inherit the damage; after it, the next
+    backup of the source stores that data afresh. Points that needed the damaged blobs are
+    reported: they stay damaged (the data is gone) unless another copy exists. The caller holds
+    the exclusive store lock.
+    """
+    report = RepairReport()
+    report.packs_scanned, report.blobs_indexed = repo.rebuild_index()
+    envelope = Envelope(repo.key)
+    damaged_ids: set[bytes] = set()
+    damaged_locations: list[tuple[bytes, bytes]] = []
+    for pack, kind in list(repo.index.packs()):
+        _size, _blobs, damaged, error = _check_pack(repo, envelope, pack, kind)
+        if error is not None:
+            report.damaged_packs.append({"pack": pack.hex(), "error": error})
+            damaged_ids.update(damaged)
+            damaged_locations.extend((blob_id, pack) for blob_id in damaged)
+    if damaged_locations:
+        repo.index.remove_blobs(damaged_locations)
+        report.blobs_dropped = len(damaged_locations)
+        old_index_files = [info.name for info in repo.backend.list("index/")]
+        written: list[str] = []
+        chunk: list[IndexEntry] = []
+        for entry in repo.index.all_entries():
+            chunk.append(entry)
+            if len(chunk) >= INDEX_FILE_ENTRIES:
+                written.append(repo.commit_index(chunk) or "")
+                chunk = []
+        if chunk:
+            written.append(repo.commit_index(chunk) or "")
+        for name in old_index_files:
+            if name not in written:
+                repo.backend.delete(name)
+                repo.index.forget_index_file(name)
+        repo.sync_index()
+    for point_id in repo.manifest_ids():
+        reasons = _check_point_references(repo, point_id, damaged_ids, check_missing=True)
+        if reasons:
+            report.affected_points[point_id] = reasons
+    return report

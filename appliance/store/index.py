@@ -121,6 +121,27 @@ class IndexCache:
             kind = kinds[pack] = row[0] if row is not None else 0
         return kind
 
+    def lookup_many(self, blob_ids: Iterable[bytes]) -> dict[bytes, IndexEntry]:
+        """The entries of those of ``blob_ids`` the index knows (missing IDs are left out).
+
+        Batched: a failover checks every chunk of a point before it boots, and one query per
+        500 IDs is about ten times faster than one lookup per ID.
+        """
+        ids = list(dict.fromkeys(blob_ids))
+        found: dict[bytes, IndexEntry] = {}
+        db = self._db()
+        for start in range(0, len(ids), 500):
+            batch = ids[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            rows = db.execute(
+                "SELECT c.id, c.type, c.pack, p.kind, c.offset, c.length FROM chunks c "
+                f"JOIN packs p ON p.name = c.pack WHERE c.id IN ({marks})",
+                batch,
+            )
+            for r in rows:
+                found[r[0]] = IndexEntry(r[0], r[1], r[2], r[3], r[4], r[5])
+        return found
+
     def contains(self, blob_id: bytes) -> bool:
         return (
             self._db().execute("SELECT 1 FROM chunks WHERE id = ?", (blob_id,)).fetchone()
@@ -185,6 +206,17 @@ class IndexCache:
                 db.execute("DELETE FROM chunks WHERE pack = ?", (pack,))
                 db.execute("DELETE FROM packs WHERE name = ?", (pack,))
                 db.execute("DELETE FROM verified WHERE pack = ?", (pack,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def remove_blobs(self, locations: Iterable[tuple[bytes, bytes]]) -> None:
+        """Forget blobs at (blob ID, pack) locations (damaged copies found by repair)."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM chunks WHERE id = ? AND pack = ?", locations)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

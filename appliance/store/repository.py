@@ -231,12 +231,15 @@ class Repository:
         *,
         passphrase: str | None = None,
         recovery_key: str | None = None,
+        sync: bool = True,
     ) -> Repository:
+        """Open the store. ``sync=False`` skips reading the index files (for `appliance repair`,
+        which rebuilds them from the packs when they are damaged)."""
         config = cls.read_config(backend)
         if recovery_key is not None:
             key = MasterKey.from_recovery_key(recovery_key)
             repo = cls(backend, config, key, cache_dir)
-            repo._check_key()
+            repo._check_key(sync=sync)
             return repo
         if passphrase is None:
             raise InvalidInput("a passphrase or a recovery key is needed to open the store")
@@ -249,11 +252,12 @@ class Repository:
             except WrongPassphrase:
                 continue
             repo = cls(backend, config, key, cache_dir)
-            repo.sync_index()
+            if sync:
+                repo.sync_index()
             return repo
         raise WrongPassphrase()
 
-    def _check_key(self) -> None:
+    def _check_key(self, *, sync: bool = True) -> None:
         """A recovery key has no key file to check against: prove it on an index file.
 
         The key is wrong when no index file opens with it (one damaged index file must not make
@@ -269,7 +273,8 @@ class Repository:
         else:
             if names:
                 raise WrongPassphrase("the recovery key does not unlock this store")
-        self.sync_index()
+        if sync:
+            self.sync_index()
 
     def add_passphrase(self, passphrase: str) -> str:
         name = f"keys/{secrets.token_hex(8)}"
