@@ -442,16 +442,21 @@ def backup_tree(
             pending_entries.clear()
             last_commit = time.monotonic()
 
+    # The tree is not pre-scanned (that would stat everything twice); the previous point's
+    # size is the estimate of the total, good for the usual incremental.
+    estimate = int((previous or {}).get("stats", {}).get("logical_bytes", 0))
+
     def report() -> None:
         if progress is not None:
-            progress(
-                {
-                    "files": stats.files,
-                    "bytes_done": stats.bytes_total,
-                    "bytes_read": stats.bytes_read,
-                    "new_bytes": stats.new_bytes,
-                }
-            )
+            info = {
+                "files": stats.files,
+                "bytes_done": stats.bytes_total,
+                "bytes_read": stats.bytes_read,
+                "new_bytes": stats.new_bytes,
+            }
+            if estimate:
+                info["bytes_total"] = max(estimate, stats.bytes_total)
+            progress(info)
 
     def finish_batch(batch: _Batch) -> None:
         results, entries, new_bytes = batch.future.result()
