@@ -29,6 +29,7 @@ from typing import Any
 from appliance.catalog.records import JobRecord
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, BackupCancelled, InvalidInput
+from appliance.isolation import run_isolated
 from appliance.maintenance import collect_garbage, verify_point, verify_store
 from appliance.retention import RetentionRules, apply_retention
 
@@ -62,6 +63,10 @@ class JobContext:
     def log(self, level: str, message: str) -> None:
         self._runner.catalog.append_job_log(self.job_id, level, message)
 
+    def submit(self, kind: str, params: dict[str, Any]) -> JobRecord:
+        """Queue a follow-up job (e.g. a policy's prune after its backup succeeded)."""
+        return self._runner.submit(kind, params)
+
 
 WorkFunction = Callable[[Appliance, dict[str, Any], JobContext], dict[str, Any]]
 ResourceFunction = Callable[[dict[str, Any]], list[tuple[str, bool]]]
@@ -73,6 +78,9 @@ class JobKind:
     resources: ResourceFunction
     retry_after_interrupt: bool = True
     describe: Callable[[dict[str, Any]], str] = field(default=lambda p: "")
+    #: The work forks worker processes: a runner with ``isolate`` runs it in a clean child
+    #: (see :mod:`appliance.isolation`), because forking a multi-threaded service is unsafe.
+    isolated: bool = False
 
 
 # --- work functions --------------------------------------------------------------------------------
@@ -191,12 +199,14 @@ def _asset_backup(p: dict[str, Any]) -> list[tuple[str, bool]]:
 
 JOB_KINDS: dict[str, JobKind] = {
     "backup_files": JobKind(
-        _backup_files, _asset_backup, True, lambda p: f"backup of {p['asset']}"
+        _backup_files, _asset_backup, True, lambda p: f"backup of {p['asset']}", isolated=True
     ),
     "backup_image": JobKind(
         _backup_image, _asset_backup, True, lambda p: f"backup of {p['asset']}"
     ),
-    "restore": JobKind(_restore, _store_shared, False, lambda p: f"restore of {p['point']}"),
+    "restore": JobKind(
+        _restore, _store_shared, False, lambda p: f"restore of {p['point']}", isolated=True
+    ),
     "verify": JobKind(_verify, _store_shared, True, lambda p: "verify"),
     "prune": JobKind(_prune, _store_exclusive, True, lambda p: f"prune of {p['asset']}"),
     "gc": JobKind(_gc, _store_exclusive, True, lambda p: "garbage collection"),
@@ -215,8 +225,11 @@ def register_job_kind(name: str, kind: JobKind) -> None:
 class JobRunner:
     """Dispatches queued jobs onto threads when their resources are free."""
 
-    def __init__(self, app: Appliance, *, max_parallel: int = 2) -> None:
+    def __init__(self, app: Appliance, *, max_parallel: int = 2, isolate: bool = False) -> None:
+        """``isolate``: run kinds marked ``isolated`` in a clean child process. A service
+        (many threads) must; a single-threaded caller such as the CLI need not."""
         self.app = app
+        self.isolate = isolate
         self.catalog = app.catalog
         self.max_parallel = max_parallel
         self._lock = threading.Condition()
@@ -273,6 +286,11 @@ class JobRunner:
         with self._lock:
             self._lock.notify_all()
         return job
+
+    def wake(self) -> None:
+        """Look for queued jobs now (after a job was created in the catalog directly)."""
+        with self._lock:
+            self._lock.notify_all()
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.catalog.get_job(job_id)
@@ -385,7 +403,10 @@ class JobRunner:
         self, job: JobRecord, spec: JobKind, ctx: JobContext, resources: list[tuple[str, bool]]
     ) -> None:
         try:
-            result = spec.work(self.app, dict(job.params), ctx)
+            if self.isolate and spec.isolated:
+                result = run_isolated(self.app, spec.work, dict(job.params), ctx)
+            else:
+                result = spec.work(self.app, dict(job.params), ctx)
             self.catalog.update_job(job.id, state="succeeded", result=result, progress=ctx.latest)
             self.catalog.append_job_log(job.id, "info", "finished")
         except BackupCancelled:

@@ -17,7 +17,6 @@ import base64
 import contextlib
 import errno
 import io
-import multiprocessing
 import os
 import stat
 import tarfile
@@ -33,6 +32,7 @@ from appliance.errors import BackupCancelled, InvalidInput, NotFound, UnsafeRest
 from appliance.store import format as fmt
 from appliance.store.crypto import Envelope
 from appliance.store.repository import Repository
+from appliance.workers import die_with_parent, worker_context
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 RESTORE_BATCH_BYTES = 32 * 1024 * 1024
@@ -166,9 +166,15 @@ _repo: Repository | None = None
 _envelope: Envelope | None = None
 
 
-def _init_restore_worker(repo: Repository) -> None:
+def _init_restore_worker(repo_or_spec: Any) -> None:
+    die_with_parent()
     global _repo, _envelope
     _checked_parents.clear()  # a cache of a previous restore must not carry over
+    repo = (
+        repo_or_spec
+        if isinstance(repo_or_spec, Repository)
+        else Repository.from_worker_spec(repo_or_spec)
+    )
     _repo = repo
     _envelope = Envelope(repo.key)
 
@@ -271,7 +277,8 @@ def restore_tree(
     os.makedirs(target, exist_ok=True)
     counts = {"files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0, "bytes": 0}
     firsts, stand_ins = _detached_hardlinks(repo, manifest, subpath)
-    ctx = multiprocessing.get_context("fork")
+    spec = repo.worker_spec()
+    ctx = worker_context(spec is not None)
     pending = []
     batch: list[tuple[str, Record]] = []
     batch_bytes = 0
@@ -279,7 +286,7 @@ def restore_tree(
         max_workers=max(1, workers),
         mp_context=ctx,
         initializer=_init_restore_worker,
-        initargs=(repo,),
+        initargs=(spec or repo,),
     ) as pool:
 
         def flush() -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import multiprocessing
 import os
 import shutil
 import tarfile
@@ -148,6 +149,10 @@ def rich(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RichTree]:
 
     # Workers are forked from this process: patched before the backup, they inherit it.
     monkeypatch.setattr(files_mod, "_open_for_read", open_for_read)
+    # Workers normally start from a fork server and would not see the patch: fork them here.
+    monkeypatch.setattr(
+        files_mod, "worker_context", lambda _has_spec: multiprocessing.get_context("fork")
+    )
     yield tree
     if not root.is_relative_to(tmp_path):
         shutil.rmtree(root)

@@ -19,7 +19,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine, inspect, text
 
 from appliance.catalog import Catalog, PointRecord, PolicyRecord
-from appliance.catalog.catalog import MIGRATIONS_DIR
+from appliance.catalog.catalog import HEAD_REVISION, MIGRATIONS_DIR
 from appliance.catalog.models import Base
 from appliance.errors import Conflict, InvalidInput, NotFound
 
@@ -94,7 +94,9 @@ def test_open_twice_keeps_data_and_stays_at_head(catalog_url: str, clock: FakeCl
     engine = create_engine(catalog_url)
     try:
         with engine.connect() as connection:
-            assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0001"
+            assert (
+                connection.scalar(text("SELECT version_num FROM alembic_version")) == HEAD_REVISION
+            )
     finally:
         engine.dispose()
 

@@ -28,7 +28,9 @@ def fixture_repo(tmp_path):
     with open(os.path.join(FIXTURES, "store-v1.expected.json")) as f:
         expected = json.load(f)
     repo = Repository.open(
-        LocalDirectoryBackend(str(store)), str(tmp_path / "cache"), passphrase=expected["passphrase"]
+        LocalDirectoryBackend(str(store)),
+        str(tmp_path / "cache"),
+        passphrase=expected["passphrase"],
     )
     yield repo, expected
     repo.close()

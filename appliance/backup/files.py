@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import multiprocessing
 import os
 import pwd
 import stat
@@ -44,6 +43,7 @@ from appliance.errors import BackupCancelled, SourceError
 from appliance.store import format as fmt
 from appliance.store.packs import IndexEntry
 from appliance.store.repository import INDEX_FILE_ENTRIES, BlobWriter, Repository
+from appliance.workers import die_with_parent, worker_context
 
 BATCH_BYTES = 32 * 1024 * 1024
 BATCH_FILES = 256
@@ -85,18 +85,22 @@ class Warnings:
 
 _worker: BlobWriter | None = None
 _chunker: pyfastcdc.FastCDC | None = None
-_barrier: Any = None
 
 
-def _init_worker(repo: Repository, barrier: Any) -> None:
-    global _worker, _chunker, _barrier
+def _init_worker(repo_or_spec: Any) -> None:
+    die_with_parent()
+    global _worker, _chunker
+    repo = (
+        repo_or_spec
+        if isinstance(repo_or_spec, Repository)
+        else Repository.from_worker_spec(repo_or_spec)
+    )
     _worker = repo.writer()
     _chunker = pyfastcdc.FastCDC(
         avg_size=repo.config.file_chunk_avg,
         min_size=repo.config.file_chunk_min,
         max_size=repo.config.file_chunk_max,
     )
-    _barrier = barrier
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -255,19 +259,20 @@ def _prefetch(paths: list[str]) -> None:
             os.close(fd)
 
 
-def _read_batch(paths: list[str]) -> tuple[list[dict[str, Any]], list[IndexEntry], int]:
+def _read_batch(paths: list[str]) -> tuple[list[dict[str, Any]], list[IndexEntry], int, int]:
     assert _worker is not None
     before = _worker.new_bytes
     _prefetch(paths)
     results = [_read_file(path) for path in paths]
-    return results, _worker.take_completed(), _worker.new_bytes - before
+    return results, _worker.take_completed(), _worker.new_bytes - before, os.getpid()
 
 
-def _flush_worker(_: int) -> tuple[list[IndexEntry], int]:
+def _flush_worker(_: int) -> tuple[list[IndexEntry], int, int]:
     assert _worker is not None
-    # Every worker must take exactly one flush task: the barrier holds each until all have one.
-    _barrier.wait(timeout=600)
-    return _worker.flush(), _worker.packs_written
+    entries = _worker.flush()
+    # Linger a moment so that an idle sibling, not this worker again, takes the next flush task.
+    time.sleep(0.02)
+    return entries, _worker.packs_written, os.getpid()
 
 
 # --- main side ---------------------------------------------------------------------------------------
@@ -391,7 +396,7 @@ def _unchanged(prev: Record | None, st: os.stat_result) -> bool:
 
 @dataclass
 class _Batch:
-    future: Future[tuple[list[dict[str, Any]], list[IndexEntry], int]]
+    future: Future[tuple[list[dict[str, Any]], list[IndexEntry], int, int]]
     records: list[Record]
 
 
@@ -416,12 +421,16 @@ def backup_tree(
     hardlinks: dict[tuple[int, int], str] = {}
     pending_entries: list[IndexEntry] = []
 
-    ctx = multiprocessing.get_context("fork")
+    spec = repo.worker_spec()
+    ctx = worker_context(spec is not None)
     workers = max(1, workers)
-    barrier = ctx.Barrier(workers)
     executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(repo, barrier)
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(spec or repo,),
     )
+    unflushed: set[int] = set()
     queue: deque[Record] = deque()
     inflight: deque[_Batch] = deque()
     batch_paths: list[str] = []
@@ -459,7 +468,8 @@ def backup_tree(
             progress(info)
 
     def finish_batch(batch: _Batch) -> None:
-        results, entries, new_bytes = batch.future.result()
+        results, entries, new_bytes, pid = batch.future.result()
+        unflushed.add(pid)
         commit_entries(entries)
         stats.new_bytes += new_bytes
         for record, result in zip(batch.records, results, strict=True):
@@ -579,9 +589,15 @@ def backup_tree(
             finish_batch(inflight.popleft())
             drain()
         drain()
-        for entries, packs in executor.map(_flush_worker, range(workers)):
-            commit_entries(entries)
-            stats.packs += packs
+        # Each worker that wrote must flush its open pack. Which worker takes a task is not up to
+        # us, so send flush tasks until every one of them has answered (a second flush of the
+        # same worker is a harmless no-op).
+        while unflushed:
+            for entries, packs, pid in executor.map(_flush_worker, range(len(unflushed))):
+                commit_entries(entries)
+                if pid in unflushed:
+                    unflushed.discard(pid)
+                    stats.packs += packs
         tree_ids = tree.finish()
         commit_entries(main_writer.flush(), force=True)
         stats.packs += main_writer.packs_written

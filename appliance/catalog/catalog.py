@@ -58,19 +58,25 @@ from appliance.catalog.models import (
     AssetRow,
     AuditRow,
     CopyRow,
+    FailoverSessionRow,
     JobLogRow,
     JobRow,
     MediaRow,
     PointRow,
     PolicyRow,
     PoolRow,
+    ScheduleStateRow,
+    SessionRow,
+    SettingRow,
     StoreRow,
     TokenRow,
     UserRow,
 )
 from appliance.catalog.records import (
+    ACTIVE_FAILOVER_STATES,
     ASSET_KINDS,
     COPY_STATES,
+    FAILOVER_STATES,
     JOB_STATES,
     JOB_TRANSITIONS,
     LOG_LEVELS,
@@ -83,12 +89,14 @@ from appliance.catalog.records import (
     AssetRecord,
     AuditRecord,
     CopyRecord,
+    FailoverSessionRecord,
     JobLogRecord,
     JobRecord,
     MediaRecord,
     PointRecord,
     PolicyRecord,
     PoolRecord,
+    SessionRecord,
     StoreRecord,
     TokenRecord,
     UserRecord,
@@ -226,7 +234,7 @@ def _create_engine(url: str) -> Engine:
 #: The newest migration revision. Opening a catalog already at this revision skips Alembic (whose
 #: import alone costs about half a second of every CLI command); a test keeps it equal to the
 #: head of the migration scripts.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def _schema_is_current(engine: Engine) -> bool:
@@ -283,6 +291,11 @@ class Catalog:
             engine.dispose()
             raise
         return cls(engine, clock or _system_clock)
+
+    @property
+    def url(self) -> str:
+        """The URL this catalog was opened with (password included: it opens it again)."""
+        return self._engine.url.render_as_string(hide_password=False)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -352,6 +365,54 @@ class Catalog:
         elif row.kind != kind:
             raise Conflict(f"asset {name} is a {row.kind} asset, not {kind}", asset=name)
         return row
+
+    def add_asset(
+        self, name: str, kind: str, source: str, description: str | None = None
+    ) -> AssetRecord:
+        """A new asset; an existing one of that name is a :class:`Conflict`."""
+        _check_name(name, "asset name")
+        _check_choice(kind, ASSET_KINDS, "asset kind")
+        conflict = f"asset {name} already exists"
+        with self._session(write=True, conflict=conflict) as session:
+            if session.get(AssetRow, name, with_for_update=True) is not None:
+                raise Conflict(conflict, asset=name)
+            row = AssetRow(
+                name=name, kind=kind, source=source, created_at=self._now(), description=description
+            )
+            session.add(row)
+            return row.to_record()
+
+    def update_asset(self, name: str, source: str, description: str | None) -> AssetRecord:
+        """Replace the asset's source and description (its kind never changes)."""
+        with self._session(write=True) as session:
+            row = session.get(AssetRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"asset {name} is not in the catalog", asset=name)
+            row.source = source
+            row.description = description
+            return row.to_record()
+
+    def delete_asset(self, name: str) -> None:
+        """Forget an asset that has no recovery points and no policies left (else Conflict)."""
+        with self._session(write=True) as session:
+            row = session.get(AssetRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"asset {name} is not in the catalog", asset=name)
+            points = session.scalar(
+                select(func.count()).select_from(PointRow).where(PointRow.asset == name)
+            )
+            policies = session.scalar(
+                select(func.count()).select_from(PolicyRow).where(PolicyRow.asset == name)
+            )
+            if points or policies:
+                raise Conflict(
+                    f"asset {name} still has {points} recovery point(s) and {policies} "
+                    "policy(ies); delete or prune them first",
+                    asset=name,
+                    points=points,
+                    policies=policies,
+                )
+            session.delete(row)
 
     def get_asset(self, name: str) -> AssetRecord:
         with self._session(write=False) as session:
@@ -632,22 +693,31 @@ class Catalog:
         if resource is not None:
             _check_name(resource, "job resource")
         with self._session(write=True) as session:
-            row = JobRow(
-                id=uuid.uuid4().hex,
-                kind=kind,
-                state="queued",
-                params=dict(params),
-                progress={},
-                result=None,
-                error=None,
-                created_at=self._now(),
-                started_at=None,
-                finished_at=None,
-                resource=resource,
-                log_seq=0,
-            )
+            row = self._new_job_row(kind, params, resource)
             session.add(row)
             return row.to_record()
+
+    def _new_job_row(self, kind: str, params: dict[str, Any], resource: str | None) -> JobRow:
+        return JobRow(
+            id=uuid.uuid4().hex,
+            kind=kind,
+            state="queued",
+            params=dict(params),
+            progress={},
+            result=None,
+            error=None,
+            created_at=self._now(),
+            started_at=None,
+            finished_at=None,
+            resource=resource,
+            log_seq=0,
+        )
+
+    def count_jobs(self) -> dict[str, int]:
+        """How many jobs are in each state (states without jobs are left out)."""
+        with self._session(write=False) as session:
+            rows = session.execute(select(JobRow.state, func.count()).group_by(JobRow.state))
+            return {state: int(count) for state, count in rows}
 
     def update_job(
         self,
@@ -804,7 +874,105 @@ class Catalog:
 
     def delete_policy(self, name: str) -> None:
         with self._session(write=True) as session:
-            session.delete(self._policy_row(session, name))
+            row = self._policy_row(session, name, lock=True)
+            session.execute(delete(ScheduleStateRow).where(ScheduleStateRow.policy == name))
+            session.delete(row)
+
+    # --- schedule state ------------------------------------------------------------------------
+
+    def schedule_state(self, policy: str | None = None) -> dict[str, dict[str, datetime]]:
+        """When each schedule entry last fired: ``{policy: {entry key: time}}``."""
+        query = select(ScheduleStateRow)
+        if policy is not None:
+            query = query.where(ScheduleStateRow.policy == policy)
+        out: dict[str, dict[str, datetime]] = {}
+        with self._session(write=False) as session:
+            for row in session.scalars(query):
+                out.setdefault(row.policy, {})[row.entry] = row.last_fired_at
+        return out
+
+    def reset_schedule_state(self, policy: str, entries: list[str], at: datetime) -> None:
+        """Keep the state of ``entries``, start the new ones at ``at`` and forget the others.
+
+        Called when a policy is created or its schedule changed: a new entry's first slot is the
+        first one after ``at`` (a schedule never fires for the time before it existed).
+        """
+        at = _utc(at, "schedule time")
+        for entry in entries:
+            _check_name(entry, "schedule entry")
+        with self._session(write=True) as session:
+            self._policy_row(session, policy, lock=True)
+            rows = {
+                row.entry: row
+                for row in session.scalars(
+                    select(ScheduleStateRow).where(ScheduleStateRow.policy == policy)
+                )
+            }
+            for key, row in rows.items():
+                if key not in entries:
+                    session.delete(row)
+            for key in entries:
+                if key not in rows:
+                    session.add(ScheduleStateRow(policy=policy, entry=key, last_fired_at=at))
+
+    def fire_schedule(
+        self,
+        policy: str,
+        fired: dict[str, datetime],
+        *,
+        job_kind: str | None = None,
+        job_params: dict[str, Any] | None = None,
+        job_resource: str | None = None,
+        log: list[tuple[str, str]] | None = None,
+    ) -> JobRecord | None:
+        """Record that entries of ``policy`` fired, and create their job, in ONE transaction.
+
+        Both or neither: a crash can neither leave a job whose slot would fire again after the
+        restart (a double run) nor a slot marked fired without its job (a silent skip). ``log``
+        lines (level, message) go to the new job's log.
+        """
+        fired = {key: _utc(at, "schedule time") for key, at in fired.items()}
+        for key in fired:
+            _check_name(key, "schedule entry")
+        if job_kind is not None:
+            _check_name(job_kind, "job kind")
+        for level, _message in log or []:
+            _check_choice(level, LOG_LEVELS, "log level")
+        with self._session(write=True) as session:
+            self._policy_row(session, policy, lock=True)
+            for key, at in fired.items():
+                state = session.get(ScheduleStateRow, (policy, key), with_for_update=True)
+                if state is None:
+                    session.add(ScheduleStateRow(policy=policy, entry=key, last_fired_at=at))
+                else:
+                    state.last_fired_at = at
+            if job_kind is None:
+                return None
+            job = self._new_job_row(job_kind, job_params or {}, job_resource)
+            session.add(job)
+            session.flush()
+            for level, message in log or []:
+                self._append_log_line(session, job.id, level, message)
+            return job.to_record()
+
+    # --- settings ------------------------------------------------------------------------------
+
+    def get_settings(self, key: str) -> dict[str, Any]:
+        """The settings document stored under ``key`` (empty if none was stored)."""
+        with self._session(write=False) as session:
+            row = session.get(SettingRow, key)
+            return {} if row is None else dict(row.value)
+
+    def put_settings(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        _check_name(key, "settings key")
+        with self._session(write=True) as session:
+            row = session.get(SettingRow, key, with_for_update=True)
+            if row is None:
+                row = SettingRow(key=key, value=dict(value))
+                session.add(row)
+            else:
+                row.value = dict(value)
+            return dict(row.value)
 
     @staticmethod
     def _check_policy(policy: PolicyRecord) -> None:
@@ -924,6 +1092,120 @@ class Catalog:
                 row.to_record() for row in session.scalars(select(UserRow).order_by(UserRow.name))
             ]
 
+    def add_first_admin(self, name: str, password_hash: str) -> UserRecord:
+        """Create an admin only while no admin exists (first-run set-up); else Conflict.
+
+        Check and insert share one write transaction, so two set-up requests racing each other
+        cannot both create an admin.
+        """
+        _check_name(name, "user name")
+        _check_name(password_hash, "password hash")
+        with self._session(write=True, conflict="an admin already exists") as session:
+            if self._admin_count(session):
+                raise Conflict("an admin already exists; sign in instead")
+            if session.get(UserRow, name) is not None:
+                raise Conflict(f"user {name} already exists", user=name)
+            row = UserRow(
+                name=name, role="admin", password_hash=password_hash, created_at=self._now()
+            )
+            session.add(row)
+            return row.to_record()
+
+    def update_user(
+        self, name: str, *, role: str | None = None, password_hash: str | None = None
+    ) -> UserRecord:
+        """Change a user's role and/or password hash. Demoting the last admin is a Conflict."""
+        if role is not None:
+            _check_choice(role, USER_ROLES, "role")
+        if password_hash is not None:
+            _check_name(password_hash, "password hash")
+        with self._session(write=True) as session:
+            row = self._user_row(session, name, lock=True)
+            if role is not None and role != row.role:
+                if row.role == "admin" and self._admin_count(session) <= 1:
+                    raise Conflict(f"{name} is the last admin; make another admin first")
+                row.role = role
+            if password_hash is not None:
+                row.password_hash = password_hash
+            return row.to_record()
+
+    def delete_user(self, name: str) -> None:
+        """Delete a user with their API tokens and sessions. The last admin stays (Conflict)."""
+        with self._session(write=True) as session:
+            row = self._user_row(session, name, lock=True)
+            if row.role == "admin" and self._admin_count(session) <= 1:
+                raise Conflict(f"{name} is the last admin; make another admin first")
+            session.execute(delete(TokenRow).where(TokenRow.user == name))
+            session.execute(delete(SessionRow).where(SessionRow.user == name))
+            session.delete(row)
+
+    @staticmethod
+    def _user_row(session: Session, name: str, *, lock: bool = False) -> UserRow:
+        row = session.get(UserRow, name, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"user {name} does not exist", user=name)
+        return row
+
+    @staticmethod
+    def _admin_count(session: Session) -> int:
+        # Locking the admin rows serialises concurrent demotions on PostgreSQL.
+        rows = session.scalars(
+            select(UserRow.name).where(UserRow.role == "admin").with_for_update()
+        )
+        return len(list(rows))
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def add_session(
+        self, hashed: str, user: str, csrf_hashed: str, expires_at: datetime
+    ) -> SessionRecord:
+        """Record a browser session by the hash of its cookie value."""
+        _check_name(hashed, "session hash")
+        _check_name(csrf_hashed, "CSRF token hash")
+        expires_at = _utc(expires_at, "session expiry")
+        with self._session(write=True, conflict="this session is already recorded") as session:
+            self._user_row(session, user)
+            now = self._now()
+            row = SessionRow(
+                hashed=hashed,
+                user=user,
+                csrf_hashed=csrf_hashed,
+                created_at=now,
+                expires_at=expires_at,
+                last_seen_at=now,
+            )
+            session.add(row)
+            return row.to_record()
+
+    def get_session(self, hashed: str) -> SessionRecord:
+        """The unexpired session with this hash; :class:`NotFound` otherwise."""
+        with self._session(write=False) as session:
+            row = session.get(SessionRow, hashed)
+            if row is None or row.expires_at <= self._now():
+                raise NotFound("no active session matches")
+            return row.to_record()
+
+    def touch_session(self, hashed: str, expires_at: datetime) -> None:
+        """Note activity on a session and move its expiry (a sliding session lifetime)."""
+        expires_at = _utc(expires_at, "session expiry")
+        with self._session(write=True) as session:
+            row = session.get(SessionRow, hashed, with_for_update=True)
+            if row is None:
+                raise NotFound("no active session matches")
+            row.last_seen_at = self._now()
+            row.expires_at = expires_at
+
+    def delete_session(self, hashed: str) -> None:
+        """End a session (signing out); ending an unknown session is a no-op."""
+        with self._session(write=True) as session:
+            session.execute(delete(SessionRow).where(SessionRow.hashed == hashed))
+
+    def purge_sessions(self) -> int:
+        """Delete expired sessions; returns how many."""
+        with self._session(write=True) as session:
+            result = session.execute(delete(SessionRow).where(SessionRow.expires_at <= self._now()))
+            return int(getattr(result, "rowcount", 0) or 0)
+
     def add_token(self, user: str, hashed: str, scopes: list[str]) -> TokenRecord:
         """Record an API token of ``user`` by its hash (the token itself is never stored)."""
         _check_name(hashed, "token hash")
@@ -993,3 +1275,95 @@ class Catalog:
         query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
         with self._session(write=False) as session:
             return [row.to_record() for row in session.scalars(query)]
+
+    # --- failover sessions -----------------------------------------------------------------------
+
+    def add_failover_session(
+        self,
+        asset: str,
+        point_id: str,
+        details: dict[str, Any],
+        *,
+        state: str = "starting",
+        session_id: str | None = None,
+    ) -> FailoverSessionRecord:
+        """Record a new failover session of ``asset``.
+
+        An asset with a session in an active state (``ACTIVE_FAILOVER_STATES``) is a
+        :class:`Conflict`: a VM runs at most once. An unknown asset is :class:`NotFound`.
+        """
+        _check_name(asset, "asset name")
+        _check_name(point_id, "recovery point ID")
+        _check_choice(state, FAILOVER_STATES, "failover state")
+        session_id = session_id or uuid.uuid4().hex[:12]
+        conflict = f"failover session {session_id} already exists"
+        with self._session(write=True, conflict=conflict) as session:
+            self._asset_must_exist(session, asset)
+            active = session.scalars(
+                select(FailoverSessionRow)
+                .where(
+                    FailoverSessionRow.asset == asset,
+                    FailoverSessionRow.state.in_(sorted(ACTIVE_FAILOVER_STATES)),
+                )
+                .with_for_update()
+            ).first()
+            if active is not None:
+                raise Conflict(
+                    f"VM {asset} is already failed over (session {active.id}, {active.state}); "
+                    "stop that session first",
+                    asset=asset,
+                    session=active.id,
+                )
+            row = FailoverSessionRow(
+                id=session_id,
+                asset=asset,
+                point_id=point_id,
+                state=state,
+                started_at=self._now(),
+                details=dict(details),
+            )
+            session.add(row)
+            return row.to_record()
+
+    def update_failover_session(
+        self,
+        session_id: str,
+        *,
+        state: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> FailoverSessionRecord:
+        """Set the state and merge ``details`` into the recorded ones (keys given replace)."""
+        if state is not None:
+            _check_choice(state, FAILOVER_STATES, "failover state")
+        with self._session(write=True) as session:
+            row = session.get(FailoverSessionRow, session_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"failover session {session_id} does not exist", session=session_id)
+            if state is not None:
+                row.state = state
+            if details:
+                row.details = {**row.details, **details}
+            return row.to_record()
+
+    def get_failover_session(self, session_id: str) -> FailoverSessionRecord:
+        with self._session(write=False) as session:
+            row = session.get(FailoverSessionRow, session_id)
+            if row is None:
+                raise NotFound(f"failover session {session_id} does not exist", session=session_id)
+            return row.to_record()
+
+    def list_failover_sessions(
+        self, asset: str | None = None, states: frozenset[str] | None = None, limit: int = 100
+    ) -> list[FailoverSessionRecord]:
+        """Sessions, newest first; of one asset and/or in some states."""
+        if limit < 1:
+            raise InvalidInput("limit must be at least 1")
+        query = select(FailoverSessionRow).order_by(
+            FailoverSessionRow.started_at.desc(), FailoverSessionRow.id
+        )
+        if asset is not None:
+            query = query.where(FailoverSessionRow.asset == asset)
+        if states is not None:
+            query = query.where(FailoverSessionRow.state.in_(sorted(states)))
+        with self._session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query.limit(limit))]

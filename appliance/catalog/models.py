@@ -48,12 +48,14 @@ from appliance.catalog.records import (
     AssetRecord,
     AuditRecord,
     CopyRecord,
+    FailoverSessionRecord,
     JobLogRecord,
     JobRecord,
     MediaRecord,
     PointRecord,
     PolicyRecord,
     PoolRecord,
+    SessionRecord,
     StoreRecord,
     TokenRecord,
     UserRecord,
@@ -365,6 +367,57 @@ class TokenRow(Base):
         )
 
 
+class SessionRow(Base):
+    """A browser session, keyed by the SHA-256 of its cookie value (revision 0002)."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index(None, "expires_at"),)
+
+    hashed: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    user: Mapped[str] = mapped_column(
+        "user_name", String(NAME), ForeignKey("users.name", ondelete="CASCADE"), index=True
+    )
+    csrf_hashed: Mapped[str] = mapped_column(String(NAME))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def to_record(self) -> SessionRecord:
+        return SessionRecord(
+            hashed=self.hashed,
+            user=self.user,
+            csrf_hashed=self.csrf_hashed,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            last_seen_at=self.last_seen_at,
+        )
+
+
+class ScheduleStateRow(Base):
+    """When each schedule entry of a policy last fired (revision 0002).
+
+    ``entry`` is the entry's key (its cron expression and mode), so reordering a policy's entries
+    keeps their history and changing one starts it afresh.
+    """
+
+    __tablename__ = "schedule_state"
+
+    policy: Mapped[str] = mapped_column(
+        String(NAME), ForeignKey("policies.name", ondelete="CASCADE"), primary_key=True
+    )
+    entry: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    last_fired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SettingRow(Base):
+    """One JSON document of appliance settings under a key (revision 0002)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class AuditRow(Base):
     __tablename__ = "audit_log"
     __table_args__ = (Index(None, "at"),)
@@ -389,7 +442,7 @@ class AuditRow(Base):
 
 
 class FailoverSessionRow(Base):
-    """A failover of an asset to one of its points (model only; the failover code owns its use)."""
+    """A failover of an asset to one of its points (``image.failover`` owns its use)."""
 
     __tablename__ = "failover_sessions"
 
@@ -399,3 +452,13 @@ class FailoverSessionRow(Base):
     state: Mapped[str] = mapped_column(String(STATE))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    def to_record(self) -> FailoverSessionRecord:
+        return FailoverSessionRecord(
+            id=self.id,
+            asset=self.asset,
+            point_id=self.point_id,
+            state=self.state,
+            started_at=self.started_at,
+            details=dict(self.details),
+        )

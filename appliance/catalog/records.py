@@ -32,6 +32,12 @@ COPY_STATES = frozenset({"present", "copying", "deleted"})
 MEDIA_KINDS = frozenset({"usb", "tape"})
 USER_ROLES = frozenset({"admin", "operator", "viewer"})
 LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
+#: States of a failover session (``image.failover`` owns the state machine).
+FAILOVER_STATES = frozenset(
+    {"starting", "booting", "running", "migrating", "stopping", "stopped", "failed"}
+)
+#: A session in one of these states holds its VM: a second failover of the asset is a Conflict.
+ACTIVE_FAILOVER_STATES = frozenset({"starting", "booting", "running", "migrating", "stopping"})
 
 JOB_STATES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "interrupted"})
 #: A job in one of these states is over for good; nothing moves it again.
@@ -198,6 +204,18 @@ class TokenRecord:
 
 
 @dataclass(frozen=True)
+class SessionRecord:
+    """A signed-in browser session. Only hashes of its cookie and CSRF token are stored."""
+
+    hashed: str
+    user: str
+    csrf_hashed: str
+    created_at: datetime
+    expires_at: datetime
+    last_seen_at: datetime
+
+
+@dataclass(frozen=True)
 class AuditRecord:
     """One audited change: who (``actor``) did what (``action``) to what (``target``)."""
 
@@ -206,4 +224,20 @@ class AuditRecord:
     actor: str
     action: str
     target: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FailoverSessionRecord:
+    """A failover (or a scheduled boot test) of a VM asset to one of its recovery points.
+
+    ``details`` holds what the failover code records: purpose, network, proofs, the measured RTO,
+    screenshot and log paths, the error of a failed session, migration and failback results.
+    """
+
+    id: str
+    asset: str
+    point_id: str
+    state: str
+    started_at: datetime
     details: dict[str, Any]

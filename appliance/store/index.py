@@ -134,12 +134,10 @@ class IndexCache:
             batch = ids[start : start + 500]
             marks = ",".join("?" * len(batch))
             rows = db.execute(
-                "SELECT c.id, c.type, c.pack, p.kind, c.offset, c.length FROM chunks c "
-                f"JOIN packs p ON p.name = c.pack WHERE c.id IN ({marks})",
-                batch,
-            )
+                f"SELECT id, type, pack, offset, length FROM chunks WHERE id IN ({marks})", batch
+            ).fetchall()
             for r in rows:
-                found[r[0]] = IndexEntry(r[0], r[1], r[2], r[3], r[4], r[5])
+                found[r[0]] = IndexEntry(r[0], r[1], r[2], self._pack_kind(r[2]), r[3], r[4])
         return found
 
     def contains(self, blob_id: bytes) -> bool:

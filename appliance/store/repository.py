@@ -417,6 +417,24 @@ class Repository:
     def delete_manifest(self, point_id: str) -> None:
         self.backend.delete(f"manifests/{point_id}")
 
+    # --- worker processes ---------------------------------------------------------------------
+
+    def worker_spec(self) -> tuple[str, StoreConfig, bytes, str] | None:
+        """What a worker process needs to open this repository itself, or None when the
+        backend cannot be reopened in another process (then workers must be forked)."""
+        from appliance.store.backend import LocalDirectoryBackend
+
+        if not isinstance(self.backend, LocalDirectoryBackend):
+            return None
+        return (self.backend.root, self.config, self.key.material, self.cache_dir)
+
+    @classmethod
+    def from_worker_spec(cls, spec: tuple[str, StoreConfig, bytes, str]) -> Repository:
+        from appliance.store.backend import LocalDirectoryBackend
+
+        root, config, material, cache_dir = spec
+        return cls(LocalDirectoryBackend(root), config, MasterKey(material), cache_dir)
+
     def close(self) -> None:
         self.index.close()
         close = getattr(self.backend, "close", None)

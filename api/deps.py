@@ -1,0 +1,129 @@
+"""Dependencies of the routers: the service, the caller, and role checks.
+
+Authentication, in order:
+
+1. ``Authorization: Bearer <token>``: an API token (for scripts and peers). Not a cookie, so a
+   browser never sends it by itself and no CSRF check is needed.
+2. The session cookie set by ``POST /api/login``. Every state-changing request (anything but
+   GET/HEAD/OPTIONS) must also carry the ``X-CSRF-Token`` header, equal to the ``appliance_csrf``
+   cookie (double submit) and to the token recorded with the session: another site can make a
+   browser send the cookies, but cannot read them to copy one into a header.
+
+A route declares the least role it needs with ``Viewer``, ``Operator`` or ``Admin``; only
+``/api/health``, ``/api/setup`` and ``/api/login`` take no principal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.errors import AuthenticationRequired, CsrfFailed, PermissionDenied
+from api.security import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SESSION_COOKIE,
+    Principal,
+    digest,
+    lower_role,
+    role_allows,
+    same_secret,
+)
+from api.service import Service
+from appliance.catalog import Catalog
+from appliance.errors import NotFound
+
+#: A session's expiry moves forward at most this often (not a catalog write per request).
+TOUCH_INTERVAL = timedelta(seconds=60)
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_catalog(service: ServiceDep) -> Catalog:
+    return service.app.catalog
+
+
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+
+
+def _from_token(service: Service, value: str) -> Principal:
+    catalog = service.app.catalog
+    try:
+        token = catalog.find_active_token(digest(value))
+        user = catalog.get_user(token.user)
+    except NotFound:
+        raise AuthenticationRequired("the API token is unknown or revoked") from None
+    scope = token.scopes[0] if token.scopes else "viewer"
+    return Principal(user.name, lower_role(user.role, scope), "token", token_id=token.id)
+
+
+def _from_session(service: Service, request: Request, value: str) -> Principal:
+    catalog = service.app.catalog
+    hashed = digest(value)
+    try:
+        session = catalog.get_session(hashed)
+        user = catalog.get_user(session.user)
+    except NotFound:
+        raise AuthenticationRequired("your session has ended; sign in again") from None
+    if request.method not in SAFE_METHODS:
+        header = request.headers.get(CSRF_HEADER, "")
+        cookie = request.cookies.get(CSRF_COOKIE, "")
+        if not (
+            header
+            and same_secret(header, cookie)
+            and same_secret(digest(header), session.csrf_hashed)
+        ):
+            raise CsrfFailed()
+    now = datetime.now(UTC)
+    if now - session.last_seen_at >= TOUCH_INTERVAL:
+        try:
+            catalog.touch_session(hashed, now + timedelta(seconds=service.settings.session_ttl))
+        except NotFound:
+            raise AuthenticationRequired("your session has ended; sign in again") from None
+    return Principal(user.name, user.role, "session", session_hash=hashed)
+
+
+def authenticate(request: Request, service: ServiceDep) -> Principal:
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise AuthenticationRequired("use Authorization: Bearer <API token>")
+        return _from_token(service, value.strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        return _from_session(service, request, cookie)
+    raise AuthenticationRequired()
+
+
+def _requiring(role: str) -> Callable[[Principal], Principal]:
+    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if not role_allows(principal.role, role):
+            raise PermissionDenied(
+                f"this needs the {role} role; you are signed in as {principal.role}",
+                needed=role,
+                role=principal.role,
+            )
+        return principal
+
+    check.__name__ = f"require_{role}"
+    return check
+
+
+Viewer = Annotated[Principal, Depends(_requiring("viewer"))]
+Operator = Annotated[Principal, Depends(_requiring("operator"))]
+Admin = Annotated[Principal, Depends(_requiring("admin"))]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

@@ -1,0 +1,1 @@
+"""The API's routers, one module per resource; their URL paths mirror the module names."""

@@ -1,0 +1,182 @@
+"""Jobs: list, detail, log, cancel, retry, and live updates as server-sent events.
+
+The event streams poll the catalog (every :data:`POLL_SECONDS`), where job state lives, and take
+running jobs' progress from the runner, which has it fresher. Events:
+
+- ``job``: the job (JobPublic JSON) whenever its state or progress changed;
+- ``log``: one log line (JobLogLine JSON; the SSE ``id`` is its ``seq``, so a reconnecting
+  client's ``Last-Event-ID`` resumes the log where it stopped);
+- ``end``: the job stopped (succeeded, failed, cancelled, interrupted); the stream closes.
+
+A comment line is sent every 15 s so proxies keep the connection open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import CatalogDep, Operator, ServiceDep, Viewer
+from api.schemas import JobLogLine, JobPublic
+from api.views import job_public, log_line
+from appliance.catalog.records import STOPPED_JOB_STATES
+
+router = APIRouter(tags=["jobs"])
+
+POLL_SECONDS = 0.5
+HEARTBEAT_SECONDS = 15.0
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "event stream"}
+}
+
+
+def _event(kind: str, data: str, event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {data}\n\n"
+
+
+@router.get("/jobs", response_model=list[JobPublic])
+def list_jobs(
+    principal: Viewer,
+    service: ServiceDep,
+    state: JobState | None = None,
+    kind: Annotated[str | None, Query(max_length=255)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[JobPublic]:
+    """Jobs, newest first (``limit`` applies before the ``kind`` filter)."""
+    jobs = service.app.catalog.list_jobs(state=state, limit=limit)
+    return [job_public(j, service.runner) for j in jobs if kind is None or j.kind == kind]
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> JobPublic:
+    return job_public(service.app.catalog.get_job(job_id), service.runner)
+
+
+@router.get("/jobs/{job_id}/log", response_model=list[JobLogLine])
+def job_log(
+    job_id: str,
+    principal: Viewer,
+    catalog: CatalogDep,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+) -> list[JobLogLine]:
+    """The job's log lines after ``after_seq`` (poll with the last seq seen)."""
+    return [log_line(line) for line in catalog.job_log(job_id, after_seq)]
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, principal: Operator, service: ServiceDep) -> JobPublic:
+    """Cancel a queued or running job (a running one stops at its next check)."""
+    job = service.jobs.cancel(job_id)
+    service.app.catalog.audit(principal.name, "job.cancel", job_id, principal.audit_details)
+    return job_public(job, service.runner)
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def retry_job(
+    job_id: str, principal: Operator, service: ServiceDep, response: Response
+) -> JobPublic:
+    """Resume an interrupted job, or run a failed/cancelled one again as a new job."""
+    job = service.jobs.retry(job_id)
+    service.app.catalog.audit(
+        principal.name, "job.retry", job_id, {"job": job.id, **principal.audit_details}
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job, service.runner)
+
+
+def _stream(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses=SSE_RESPONSE)
+async def job_events(
+    job_id: str,
+    principal: Viewer,
+    service: ServiceDep,
+    request: Request,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+    max_seconds: Annotated[float, Query(gt=0, le=86400)] = 3600.0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Live state, progress and log lines of one job (server-sent events) until it stops."""
+    catalog = service.app.catalog
+    await to_thread.run_sync(catalog.get_job, job_id)  # 404 before the stream starts
+    if last_event_id and last_event_id.isdigit():
+        after_seq = max(after_seq, int(last_event_id))
+    runner = service.runner
+
+    async def events() -> AsyncIterator[str]:
+        seq = after_seq
+        last = ""
+        deadline = time.monotonic() + max_seconds
+        beat = time.monotonic()
+        while True:
+            job = await to_thread.run_sync(catalog.get_job, job_id)
+            data = job_public(job, runner).model_dump_json()
+            if data != last:
+                last = data
+                yield _event("job", data)
+            for line in await to_thread.run_sync(catalog.job_log, job_id, seq):
+                seq = line.seq
+                yield _event("log", log_line(line).model_dump_json(), line.seq)
+            if job.state in STOPPED_JOB_STATES:
+                yield _event("end", json.dumps({"id": job.id, "state": job.state}))
+                return
+            now = time.monotonic()
+            if now > deadline or await request.is_disconnected():
+                return
+            if now - beat >= HEARTBEAT_SECONDS:
+                beat = now
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(POLL_SECONDS)
+
+    return _stream(events())
+
+
+@router.get("/events", response_class=StreamingResponse, responses=SSE_RESPONSE)
+async def all_events(
+    principal: Viewer,
+    service: ServiceDep,
+    request: Request,
+    max_seconds: Annotated[float, Query(gt=0, le=86400)] = 3600.0,
+) -> StreamingResponse:
+    """Every change of any recent job (``job`` events, server-sent), for the jobs page and the
+    dashboard. The first event per job comes when it changes after the client connected."""
+    catalog = service.app.catalog
+    runner = service.runner
+
+    async def events() -> AsyncIterator[str]:
+        yield ": connected\n\n"
+        seen: dict[str, str] | None = None
+        deadline = time.monotonic() + max_seconds
+        beat = time.monotonic()
+        while True:
+            jobs = await to_thread.run_sync(lambda: catalog.list_jobs(limit=50))
+            current = {j.id: job_public(j, runner).model_dump_json() for j in jobs}
+            if seen is not None:
+                for job_id, data in current.items():
+                    if seen.get(job_id) != data:
+                        yield _event("job", data)
+            seen = current
+            now = time.monotonic()
+            if now > deadline or await request.is_disconnected():
+                return
+            if now - beat >= HEARTBEAT_SECONDS:
+                beat = now
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(POLL_SECONDS)
+
+    return _stream(events())

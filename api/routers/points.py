@@ -1,0 +1,245 @@
+"""Recovery points: list, detail, file browser, downloads, restore, verify and delete.
+
+Downloads are restores: they need the operator role and are audited like restore jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
+from api.schemas import (
+    DirectoryListing,
+    DiskPublic,
+    FileEntry,
+    JobPublic,
+    ManifestSummary,
+    PointDetail,
+    PointPublic,
+    RestoreCreate,
+)
+from api.streams import (
+    display,
+    file_bytes,
+    find_record,
+    list_directory,
+    normalise,
+    primed,
+    produced,
+    record_mtime,
+    write_zip,
+)
+from api.views import copies_public, job_public, point_public
+from appliance.errors import InvalidInput
+
+router = APIRouter(tags=["points"])
+
+
+@router.get("/points", response_model=list[PointPublic])
+def list_points(
+    principal: Viewer,
+    catalog: CatalogDep,
+    asset: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> list[PointPublic]:
+    """Points, newest first."""
+    points = catalog.list_points(asset=asset)
+    return [point_public(p) for p in reversed(points[-limit:])]
+
+
+def _summary(manifest: dict[str, Any]) -> ManifestSummary:
+    disks = [
+        DiskPublic(name=str(d.get("name")), size=int(d.get("size", 0)), source=d.get("source"))
+        for d in manifest.get("disks", []) or []
+    ]
+    return ManifestSummary(
+        host=manifest.get("host"),
+        source=str(manifest.get("source", "")),
+        stats=dict(manifest.get("stats", {}) or {}),
+        warnings=list(manifest.get("warnings", []) or [])[:100],
+        disks=disks,
+        vm=manifest.get("vm"),
+    )
+
+
+@router.get("/points/{point_id}", response_model=PointDetail)
+def get_point(point_id: str, principal: Viewer, service: ServiceDep) -> PointDetail:
+    app = service.app
+    point = app.point(point_id)
+    manifest = app.repo.get_manifest(point.id)
+    return PointDetail(
+        **point_public(point).model_dump(),
+        copies=copies_public(app.catalog, point.id),
+        manifest=_summary(manifest),
+    )
+
+
+def _files_manifest(service: ServiceDep, point_id: str) -> tuple[str, dict[str, Any]]:
+    app = service.app
+    point = app.point(point_id)
+    if point.kind != "files":
+        raise InvalidInput("only file points have files to browse; restore a VM point instead")
+    return point.id, app.repo.get_manifest(point.id)
+
+
+@router.get("/points/{point_id}/files", response_model=DirectoryListing)
+def browse(
+    point_id: str,
+    principal: Viewer,
+    service: ServiceDep,
+    path: Annotated[str, Query(max_length=4096)] = "",
+    after: Annotated[str | None, Query(max_length=4096)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> DirectoryListing:
+    """One page of a folder of the point (``path`` relative, "" for the top)."""
+    pid, manifest = _files_manifest(service, point_id)
+    folder = normalise(path)
+    records, next_after = list_directory(
+        service.app.repo, manifest, folder, after=after, limit=limit
+    )
+    entries = [
+        FileEntry(
+            name=display(str(r["path"]).rsplit("/", 1)[-1]),
+            path=display(str(r["path"])),
+            type=str(r.get("type")),
+            size=int(r.get("size", 0)),
+            mode=int(r.get("mode", 0)),
+            mtime=record_mtime(r),
+            target=display(str(r["target"])) if r.get("target") is not None else None,
+        )
+        for r in records
+    ]
+    return DirectoryListing(
+        point=pid,
+        path=display(folder),
+        entries=entries,
+        next_after=display(next_after) if next_after else None,
+    )
+
+
+def _attachment(name: str) -> str:
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_") or "download"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
+
+
+@router.get(
+    "/points/{point_id}/download",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/x-tar": {}}}},
+)
+def download(
+    point_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    path: Annotated[str, Query(max_length=4096)] = "",
+    format: Literal["auto", "tar", "zip"] = "auto",
+) -> StreamingResponse:
+    """Download a file (``auto``: its bytes) or a folder (``auto``/``tar``: a tar stream,
+    ``zip``: a zip archive). Audited."""
+    app = service.app
+    pid, manifest = _files_manifest(service, point_id)
+    target = normalise(path)
+    record = find_record(app.repo, manifest, target) if target else {"type": "dir", "path": ""}
+    kind = record.get("type")
+    base = display(target.rsplit("/", 1)[-1]) if target else f"{manifest['asset']}-{pid}"
+    if kind == "symlink":
+        raise InvalidInput("this is a symbolic link; download its folder instead")
+    if format == "auto" and kind == "file":
+        media, filename = "application/octet-stream", base
+        body = primed(file_bytes(app.repo, record))
+        headers = {"Content-Length": str(int(record.get("size", 0)))}
+    elif format == "zip":
+        media, filename = "application/zip", base + ".zip"
+        body = primed(produced(lambda out: write_zip(app.repo, manifest, target, out)))
+        headers = {}
+    else:
+        media, filename = "application/x-tar", base + ".tar"
+        body = primed(produced(lambda out: app.restore_tar(pid, out, subpath=target or None)))
+        headers = {}
+    app.catalog.audit(
+        principal.name,
+        "point.download",
+        pid,
+        {"path": display(target), "format": format, **principal.audit_details},
+    )
+    headers["Content-Disposition"] = _attachment(filename)
+    return StreamingResponse(body, media_type=media, headers=headers)
+
+
+def _check_restore_target(service: ServiceDep, target: str) -> None:
+    data_dir = os.path.realpath(service.settings.data_dir)
+    real = os.path.realpath(target)
+    if real == data_dir or real.startswith(data_dir + "/") or data_dir.startswith(real + "/"):
+        raise InvalidInput("a restore target must not contain or lie inside the data directory")
+    if real == "/":
+        raise InvalidInput("refusing to restore over /; choose a folder")
+
+
+@router.post(
+    "/points/{point_id}/restore", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def restore(
+    point_id: str,
+    body: RestoreCreate,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+) -> JobPublic:
+    """Restore the point (or one path / disk of it) to a folder on the appliance, as a job."""
+    app = service.app
+    point = app.point(point_id)
+    _check_restore_target(service, body.target)
+    params: dict[str, Any] = {"point": point.id, "target": body.target, "format": body.format}
+    if body.path:
+        if point.kind != "files":
+            raise InvalidInput("'path' selects within a files point; use 'disk' for a VM point")
+        params["path"] = normalise(body.path)
+    if body.disk:
+        if point.kind != "image":
+            raise InvalidInput("'disk' selects a disk of a VM point")
+        params["disk"] = body.disk
+    job = service.jobs.submit("restore", params)
+    app.catalog.audit(
+        principal.name,
+        "point.restore",
+        point.id,
+        {**params, "job": job.id, **principal.audit_details},
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.post(
+    "/points/{point_id}/verify", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def verify(
+    point_id: str, principal: Operator, service: ServiceDep, response: Response
+) -> JobPublic:
+    """Re-read and check every chunk of the point, as a job."""
+    point = service.app.point(point_id)
+    job = service.jobs.submit("verify", {"point": point.id})
+    service.app.catalog.audit(
+        principal.name, "point.verify", point.id, {"job": job.id, **principal.audit_details}
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.delete("/points/{point_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_point(point_id: str, principal: Admin, service: ServiceDep) -> Response:
+    """Delete the point (its manifest and catalog entry; GC frees its data later).
+    409 while a backup, restore or maintenance job holds the store."""
+    app = service.app
+    point = app.point(point_id)
+    with app.locks.exclusive():
+        app.repo.delete_manifest(point.id)
+        app.catalog.delete_point(point.id)
+    app.catalog.audit(
+        principal.name, "point.delete", point.id, {"asset": point.asset, **principal.audit_details}
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

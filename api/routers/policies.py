@@ -1,0 +1,153 @@
+"""Protection policies: schedule (several cron entries), mode, retention and RPO of an asset."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Response, status
+
+from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
+from api.schemas import (
+    BackupCreate,
+    JobPublic,
+    PolicyCreate,
+    PolicyPublic,
+    PolicyUpdate,
+    ScheduleEntryPublic,
+)
+from api.service import Service
+from api.views import job_public
+from appliance.catalog.records import PolicyRecord
+from appliance.policies import POLICY_JOB_KIND
+from appliance.schedule import next_slot, parse_schedule
+
+router = APIRouter(tags=["policies"])
+
+
+def policy_public(
+    service: Service, policy: PolicyRecord, state: dict[str, datetime] | None = None
+) -> PolicyPublic:
+    if state is None:
+        state = service.app.catalog.schedule_state(policy.name).get(policy.name, {})
+    schedule = parse_schedule(policy.schedule)
+    now = service.now()
+    tz = service.scheduler.tz if service.scheduler is not None else UTC
+    entries = []
+    for entry in schedule.entries:
+        last = state.get(entry.key)
+        entries.append(
+            ScheduleEntryPublic(
+                cron=entry.cron,
+                mode=entry.mode,
+                last_fired_at=last,
+                next_at=next_slot(entry, max(now, last) if last else now, tz),
+            )
+        )
+    return PolicyPublic(
+        name=policy.name,
+        asset=policy.asset,
+        schedule=schedule.document(),
+        mode=policy.mode,
+        retention={k: int(v) for k, v in policy.retention.items()},
+        rpo_seconds=policy.rpo_seconds,
+        entries=entries,
+    )
+
+
+def _record(name: str, body: PolicyUpdate) -> PolicyRecord:
+    schedule = body.schedule.model_dump()
+    parse_schedule(schedule)  # rules the model cannot express (no entry listed twice)
+    return PolicyRecord(
+        name=name,
+        asset=body.asset,
+        schedule=schedule,
+        mode=body.mode,
+        retention=body.retention.rules(),
+        rpo_seconds=body.rpo_seconds,
+    )
+
+
+def _entry_keys(policy: PolicyRecord) -> list[str]:
+    return [entry.key for entry in parse_schedule(policy.schedule).entries]
+
+
+@router.get("/policies", response_model=list[PolicyPublic])
+def list_policies(
+    principal: Viewer, service: ServiceDep, asset: str | None = None
+) -> list[PolicyPublic]:
+    catalog = service.app.catalog
+    states = catalog.schedule_state()
+    return [policy_public(service, p, states.get(p.name, {})) for p in catalog.list_policies(asset)]
+
+
+@router.post("/policies", response_model=PolicyPublic, status_code=status.HTTP_201_CREATED)
+def create_policy(body: PolicyCreate, principal: Admin, service: ServiceDep) -> PolicyPublic:
+    catalog = service.app.catalog
+    policy = catalog.add_policy(_record(body.name, body))
+    # The schedule starts now: a new entry never fires for a slot before it existed.
+    catalog.reset_schedule_state(policy.name, _entry_keys(policy), service.now())
+    catalog.audit(
+        principal.name,
+        "policy.create",
+        policy.name,
+        {"asset": policy.asset, "schedule": policy.schedule, **principal.audit_details},
+    )
+    return policy_public(service, policy)
+
+
+@router.get("/policies/{name}", response_model=PolicyPublic)
+def get_policy(name: str, principal: Viewer, service: ServiceDep) -> PolicyPublic:
+    return policy_public(service, service.app.catalog.get_policy(name))
+
+
+@router.put("/policies/{name}", response_model=PolicyPublic)
+def update_policy(
+    name: str, body: PolicyUpdate, principal: Admin, service: ServiceDep
+) -> PolicyPublic:
+    catalog = service.app.catalog
+    policy = catalog.update_policy(_record(name, body))
+    catalog.reset_schedule_state(policy.name, _entry_keys(policy), service.now())
+    catalog.audit(
+        principal.name,
+        "policy.update",
+        name,
+        {"asset": policy.asset, "schedule": policy.schedule, **principal.audit_details},
+    )
+    return policy_public(service, policy)
+
+
+@router.delete("/policies/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_policy(name: str, principal: Admin, catalog: CatalogDep) -> Response:
+    catalog.delete_policy(name)
+    catalog.audit(principal.name, "policy.delete", name, principal.audit_details)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/policies/{name}/run", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def run_policy(
+    name: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: BackupCreate | None = None,
+) -> JobPublic:
+    """Run the policy now: a backup job (the policy's mode unless one is given), followed by a
+    prune job with the policy's retention when the backup succeeds."""
+    catalog = service.app.catalog
+    policy = catalog.get_policy(name)
+    mode = (body.mode if body else None) or policy.mode
+    job = service.jobs.submit(
+        POLICY_JOB_KIND,
+        {
+            "policy": policy.name,
+            "asset": policy.asset,
+            "mode": mode,
+            "trigger": "manual",
+            "apply_retention": True,
+        },
+    )
+    catalog.audit(
+        principal.name, "policy.run", name, {"job": job.id, "mode": mode, **principal.audit_details}
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job)

@@ -1,0 +1,248 @@
+"""Read-mostly views of the whole appliance: dashboard, pools, settings, audit log, metrics.
+
+The dashboard and ``/metrics`` take their numbers from :mod:`appliance.protection` (RPO status,
+growth trend) with the service's clock, so tests pin "now".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+
+from api.deps import Admin, CatalogDep, ServiceDep, Viewer
+from api.schemas import (
+    AssetStatus,
+    AuditPublic,
+    CapacityPublic,
+    CapacitySample,
+    DashboardPublic,
+    JobCounts,
+    PoolPublic,
+    SettingsPublic,
+    SettingsUpdate,
+)
+from api.service import Service
+from api.views import copies_public
+from appliance.catalog.records import JobRecord, PointRecord
+from appliance.protection import (
+    filesystem_usage,
+    growth,
+    last_good_point,
+    rpo_status,
+    rpo_target,
+)
+
+router = APIRouter(tags=["status"])
+metrics_router = APIRouter(tags=["status"])
+
+GROWTH_DAYS = 30
+
+
+def _capacity(service: Service, points: list[PointRecord], now: datetime) -> CapacityPublic:
+    usage = filesystem_usage(service.app.data_dir.store_path)
+    trend = growth(points, now, GROWTH_DAYS)
+    return CapacityPublic(
+        total_bytes=usage.total_bytes,
+        free_bytes=usage.free_bytes,
+        used_bytes=usage.used_bytes,
+        store_bytes=service.store_bytes(),
+        growth_bytes_per_day=round(trend.bytes_per_day, 1),
+        days_until_full=trend.days_until_full(usage.free_bytes),
+        series=[CapacitySample(day=day, bytes=total) for day, total in trend.series],
+    )
+
+
+@router.get("/dashboard", response_model=DashboardPublic)
+def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
+    """Per asset: last good point, its age, RPO target and status, copies and sizes; the pool's
+    capacity with a 30-day growth trend; job counts."""
+    catalog = service.app.catalog
+    now = service.now()
+    points = catalog.list_points()
+    by_asset: dict[str, list[PointRecord]] = defaultdict(list)
+    for point in points:
+        by_asset[point.asset].append(point)
+    policies = defaultdict(list)
+    for policy in catalog.list_policies():
+        policies[policy.asset].append(policy)
+    assets = []
+    for asset in catalog.list_assets():
+        mine = by_asset.get(asset.name, [])
+        last = last_good_point(mine)
+        target = rpo_target(policies[asset.name])
+        assets.append(
+            AssetStatus(
+                asset=asset.name,
+                kind=asset.kind,
+                policies=[p.name for p in policies[asset.name]],
+                points=len(mine),
+                last_point_id=last.id if last else None,
+                last_point_at=last.created_at if last else None,
+                age_seconds=(now - last.created_at).total_seconds() if last else None,
+                rpo_seconds=target,
+                rpo_status=rpo_status(last, target, now),  # type: ignore[arg-type]
+                copies=copies_public(catalog, last.id) if last else [],
+                logical_bytes=last.logical_bytes if last else 0,
+                stored_bytes=sum(p.stored_bytes for p in mine),
+            )
+        )
+    counts = catalog.count_jobs()
+    return DashboardPublic(
+        generated_at=now,
+        appliance_name=str(service.settings_document()["appliance_name"]),
+        assets=assets,
+        capacity=_capacity(service, points, now),
+        jobs=JobCounts(
+            queued=counts.get("queued", 0),
+            running=counts.get("running", 0),
+            failed=counts.get("failed", 0),
+            interrupted=counts.get("interrupted", 0),
+        ),
+    )
+
+
+@router.get("/pools", response_model=list[PoolPublic])
+def pools(principal: Viewer, service: ServiceDep) -> list[PoolPublic]:
+    """Disk pools with capacity (statvfs), the store's size and the growth trend."""
+    app = service.app
+    now = service.now()
+    out = []
+    for pool in app.catalog.list_pools():
+        points = app.catalog.list_points(store_id=pool.store_id)
+        try:
+            usage = filesystem_usage(pool.path)
+        except OSError:
+            continue  # a pool whose disk is gone is listed by the hardware views, not here
+        trend = growth(points, now, GROWTH_DAYS)
+        out.append(
+            PoolPublic(
+                name=pool.name,
+                path=pool.path,
+                store_id=pool.store_id,
+                total_bytes=usage.total_bytes,
+                free_bytes=usage.free_bytes,
+                used_bytes=usage.used_bytes,
+                store_bytes=service.store_bytes() if pool.store_id == app.repo.store_id else 0,
+                points=len(points),
+                growth_bytes_per_day=round(trend.bytes_per_day, 1),
+                days_until_full=trend.days_until_full(usage.free_bytes),
+            )
+        )
+    return out
+
+
+@router.get("/settings", response_model=SettingsPublic)
+def get_settings(principal: Viewer, service: ServiceDep) -> SettingsPublic:
+    return SettingsPublic(**service.settings_document())
+
+
+@router.put("/settings", response_model=SettingsPublic)
+def put_settings(body: SettingsUpdate, principal: Admin, service: ServiceDep) -> SettingsPublic:
+    document = service.apply_settings(body.model_dump())
+    service.app.catalog.audit(
+        principal.name,
+        "settings.update",
+        "appliance",
+        {**body.model_dump(), **principal.audit_details},
+    )
+    return SettingsPublic(**document)
+
+
+@router.get("/audit", response_model=list[AuditPublic])
+def audit_log(
+    principal: Admin,
+    catalog: CatalogDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
+) -> list[AuditPublic]:
+    """The newest audit entries, newest first."""
+    return [
+        AuditPublic(
+            id=a.id, at=a.at, actor=a.actor, action=a.action, target=a.target, details=a.details
+        )
+        for a in catalog.list_audit(limit)
+    ]
+
+
+# --- Prometheus ---------------------------------------------------------------------------------------
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+DURATION_BUCKETS = (1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600)
+
+
+def _durations(jobs: list[JobRecord]) -> list[str]:
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for job in jobs:
+        if job.started_at and job.finished_at and job.state == "succeeded":
+            by_kind[job.kind].append((job.finished_at - job.started_at).total_seconds())
+    lines = [
+        "# HELP appliance_job_duration_seconds Run time of recent succeeded jobs.",
+        "# TYPE appliance_job_duration_seconds histogram",
+    ]
+    for kind, values in sorted(by_kind.items()):
+        for bound in DURATION_BUCKETS:
+            count = sum(1 for v in values if v <= bound)
+            lines.append(
+                f'appliance_job_duration_seconds_bucket{{kind="{_label(kind)}",le="{bound}"}} {count}'
+            )
+        lines.append(
+            f'appliance_job_duration_seconds_bucket{{kind="{_label(kind)}",le="+Inf"}} {len(values)}'
+        )
+        lines.append(
+            f'appliance_job_duration_seconds_sum{{kind="{_label(kind)}"}} {sum(values):.3f}'
+        )
+        lines.append(f'appliance_job_duration_seconds_count{{kind="{_label(kind)}"}} {len(values)}')
+    return lines
+
+
+@metrics_router.get("/metrics", response_class=PlainTextResponse)
+def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
+    """Prometheus text format: jobs by state, bytes backed up, job durations, pool usage and
+    the age of each asset's newest point. Needs a token or session like every other route."""
+    app = service.app
+    catalog = app.catalog
+    now = service.now()
+    lines = ["# HELP appliance_jobs Jobs by state.", "# TYPE appliance_jobs gauge"]
+    counts = catalog.count_jobs()
+    for state in ("queued", "running", "succeeded", "failed", "cancelled", "interrupted"):
+        lines.append(f'appliance_jobs{{state="{state}"}} {counts.get(state, 0)}')
+    points = catalog.list_points()
+    lines += [
+        "# HELP appliance_backup_logical_bytes_total Bytes read by backups (sum over points).",
+        "# TYPE appliance_backup_logical_bytes_total counter",
+        f"appliance_backup_logical_bytes_total {sum(p.logical_bytes for p in points)}",
+        "# HELP appliance_backup_stored_bytes_total Bytes backups added to the store.",
+        "# TYPE appliance_backup_stored_bytes_total counter",
+        f"appliance_backup_stored_bytes_total {sum(p.stored_bytes for p in points)}",
+        "# HELP appliance_points Recovery points in the catalog.",
+        "# TYPE appliance_points gauge",
+        f"appliance_points {len(points)}",
+    ]
+    lines += _durations(catalog.list_jobs(limit=1000))
+    usage = filesystem_usage(app.data_dir.store_path)
+    lines += [
+        "# HELP appliance_pool_bytes Pool filesystem size, used and free bytes.",
+        "# TYPE appliance_pool_bytes gauge",
+        f'appliance_pool_bytes{{pool="default",kind="total"}} {usage.total_bytes}',
+        f'appliance_pool_bytes{{pool="default",kind="used"}} {usage.used_bytes}',
+        f'appliance_pool_bytes{{pool="default",kind="free"}} {usage.free_bytes}',
+        f'appliance_pool_bytes{{pool="default",kind="store"}} {service.store_bytes()}',
+        "# HELP appliance_newest_point_age_seconds Age of each asset's newest good point.",
+        "# TYPE appliance_newest_point_age_seconds gauge",
+    ]
+    by_asset: dict[str, list[PointRecord]] = defaultdict(list)
+    for point in points:
+        by_asset[point.asset].append(point)
+    for asset, mine in sorted(by_asset.items()):
+        last = last_good_point(mine)
+        if last is not None:
+            age = max(0.0, (now - last.created_at) / timedelta(seconds=1))
+            lines.append(f'appliance_newest_point_age_seconds{{asset="{_label(asset)}"}} {age:.0f}')
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,0 +1,434 @@
+"""Request (``XCreate``/``XUpdate``) and response (``XPublic``) schemas of the JSON API.
+
+Requests and responses are separate models: a response never echoes a field only a request may
+set (a password), and a request never lets a client set a field only the appliance decides (a
+creation time). Names of assets, policies and users are restricted to a safe alphabet because
+they appear in URLs, lock file names and logs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from appliance.errors import InvalidInput
+from appliance.schedule import check_cron
+
+Role = Literal["viewer", "operator", "admin"]
+Mode = Literal["full", "incremental", "differential"]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+AbsolutePath = Annotated[
+    str, StringConstraints(pattern=r"^/[^\x00]*$", min_length=1, max_length=4096)
+]
+Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorPublic(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+# --- accounts ------------------------------------------------------------------------------------
+
+
+class SetupPublic(BaseModel):
+    admin_exists: bool
+    #: True when this client must present the set-up code (not a loopback client).
+    setup_code_required: bool
+
+
+class SetupCreate(Request):
+    name: Name
+    password: Password
+    setup_code: str | None = Field(default=None, max_length=64)
+
+
+class LoginCreate(Request):
+    name: str = Field(min_length=1, max_length=255)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class MePublic(BaseModel):
+    name: str
+    role: Role
+    via: Literal["session", "token"]
+
+
+class SessionPublic(MePublic):
+    #: Send it back in the X-CSRF-Token header of every state-changing request.
+    csrf_token: str
+    expires_at: datetime
+
+
+class PasswordChange(Request):
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: Password
+
+
+class UserCreate(Request):
+    name: Name
+    role: Role = "viewer"
+    password: Password
+
+
+class UserUpdate(Request):
+    role: Role | None = None
+    password: Password | None = None
+
+
+class UserPublic(BaseModel):
+    name: str
+    role: Role
+    created_at: datetime
+
+
+class TokenCreate(Request):
+    #: Whose token (default: the caller).
+    user: Name | None = None
+    #: The token's role, at most its user's (default: the user's role).
+    role: Role | None = None
+
+
+class TokenPublic(BaseModel):
+    id: str
+    user: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class TokenCreated(TokenPublic):
+    #: Shown once; only its hash is kept.
+    token: str
+
+
+class RecoveryKeyPublic(BaseModel):
+    store_id: str
+    recovery_key: str
+
+
+# --- assets and policies ---------------------------------------------------------------------------
+
+
+class AssetCreate(Request):
+    name: Name
+    kind: Literal["files", "vm"]
+    #: The folder to protect (``files``).
+    path: AbsolutePath | None = None
+    #: The VM's disk images (``vm``).
+    disks: list[AbsolutePath] = Field(default_factory=list, max_length=64)
+    #: The VM's definition (JSON, TOML or libvirt XML), read at each backup (``vm``).
+    vm_spec: AbsolutePath | None = None
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class AssetUpdate(Request):
+    path: AbsolutePath | None = None
+    disks: list[AbsolutePath] | None = Field(default=None, max_length=64)
+    vm_spec: AbsolutePath | None = None
+    description: str | None = Field(default=None, max_length=2000)
+
+
+class AssetPublic(BaseModel):
+    name: str
+    kind: str
+    path: str | None
+    disks: list[str]
+    vm_spec: str | None
+    description: str | None
+    created_at: datetime
+    policies: list[str]
+
+
+class BackupCreate(Request):
+    #: Default: incremental for an asset, the policy's mode for a policy.
+    mode: Mode | None = None
+
+
+class ScheduleEntryModel(Request):
+    cron: str = Field(min_length=1, max_length=200, examples=["0 * * * *"])
+    mode: Mode = "incremental"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        try:
+            return check_cron(value)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+
+
+class ScheduleModel(Request):
+    entries: list[ScheduleEntryModel] = Field(default_factory=list, max_length=50)
+    catch_up: Literal["once", "skip"] = "once"
+
+
+class RetentionModel(Request):
+    keep_last: int = Field(default=0, ge=0, le=100_000)
+    keep_hourly: int = Field(default=0, ge=0, le=100_000)
+    keep_daily: int = Field(default=0, ge=0, le=100_000)
+    keep_weekly: int = Field(default=0, ge=0, le=100_000)
+    keep_monthly: int = Field(default=0, ge=0, le=100_000)
+    keep_yearly: int = Field(default=0, ge=0, le=100_000)
+
+    def rules(self) -> dict[str, int]:
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
+class PolicyUpdate(Request):
+    asset: Name
+    schedule: ScheduleModel = Field(default_factory=ScheduleModel)
+    mode: Mode = "incremental"
+    retention: RetentionModel = Field(default_factory=RetentionModel)
+    #: Recovery point objective: the newest good point must be at most this old (0: none).
+    rpo_seconds: int = Field(default=0, ge=0, le=10 * 365 * 86400)
+
+
+class PolicyCreate(PolicyUpdate):
+    name: Name
+
+
+class ScheduleEntryPublic(BaseModel):
+    cron: str
+    mode: str
+    last_fired_at: datetime | None
+    next_at: datetime | None
+
+
+class PolicyPublic(BaseModel):
+    name: str
+    asset: str
+    schedule: dict[str, Any]
+    mode: str
+    retention: dict[str, int]
+    rpo_seconds: int
+    entries: list[ScheduleEntryPublic]
+
+
+# --- points ----------------------------------------------------------------------------------------------
+
+
+class PointPublic(BaseModel):
+    id: str
+    asset: str
+    kind: str
+    mode: str
+    created_at: datetime
+    parent_id: str | None
+    base_full_id: str | None
+    source: str
+    logical_bytes: int
+    stored_bytes: int
+    file_count: int
+    warning_count: int
+    status: str
+    verified_at: datetime | None
+    verify_status: str | None
+
+
+class CopyPublic(BaseModel):
+    store_id: str
+    location_kind: str
+    location: str
+    state: str
+    added_at: datetime
+
+
+class DiskPublic(BaseModel):
+    name: str
+    size: int
+    source: str | None = None
+
+
+class ManifestSummary(BaseModel):
+    host: str | None
+    source: str
+    stats: dict[str, Any]
+    warnings: list[dict[str, Any]]
+    disks: list[DiskPublic]
+    vm: dict[str, Any] | None
+
+
+class PointDetail(PointPublic):
+    copies: list[CopyPublic]
+    manifest: ManifestSummary
+
+
+class FileEntry(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: datetime
+    #: A symbolic link's target, or the first name of a hard-linked file.
+    target: str | None = None
+
+
+class DirectoryListing(BaseModel):
+    point: str
+    path: str
+    entries: list[FileEntry]
+    #: Pass as ``after`` to get the next page; None on the last page.
+    next_after: str | None
+
+
+class RestoreCreate(Request):
+    #: A directory (files) or image path/directory (VM disks) on the appliance.
+    target: AbsolutePath
+    #: Restore only this file or folder of a files point.
+    path: str | None = Field(default=None, max_length=4096)
+    #: Restore only this disk of an image point.
+    disk: str | None = Field(default=None, max_length=255)
+    format: Literal["raw", "qcow2", "vmdk", "vhdx", "vdi"] = "raw"
+
+
+class VerifyCreate(Request):
+    #: Budget of this verify run in bytes; coverage is remembered between runs. None: all.
+    max_bytes: int | None = Field(default=None, ge=1)
+
+
+class RetentionRequest(Request):
+    asset: Name
+    rules: RetentionModel
+
+
+class RetentionPointPublic(BaseModel):
+    id: str
+    created_at: datetime
+    reasons: list[str] = []
+
+
+class RetentionPreview(BaseModel):
+    asset: str
+    keep: list[RetentionPointPublic]
+    remove: list[RetentionPointPublic]
+
+
+class GcCreate(Request):
+    #: Unreferenced data younger than this is left alone (a backup may still be writing it).
+    grace_seconds: float = Field(default=3600.0, ge=0, le=30 * 86400)
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: str
+    description: str
+    state: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    resource: str | None
+
+
+class JobLogLine(BaseModel):
+    seq: int
+    at: datetime
+    level: str
+    message: str
+
+
+# --- pools, settings, audit, dashboard -------------------------------------------------------------------------
+
+
+class PoolPublic(BaseModel):
+    name: str
+    path: str
+    store_id: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    store_bytes: int
+    points: int
+    growth_bytes_per_day: float
+    days_until_full: float | None
+
+
+class SettingsUpdate(Request):
+    appliance_name: str = Field(default="Backup appliance", min_length=1, max_length=100)
+    #: Time zone of the policies' cron schedules (an IANA name such as Europe/Berlin).
+    timezone: str = Field(default="UTC", min_length=1, max_length=64)
+    scheduler_paused: bool = False
+    gc_grace_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
+    verify_max_bytes: int | None = Field(default=None, ge=1)
+
+
+class SettingsPublic(BaseModel):
+    appliance_name: str
+    timezone: str
+    scheduler_paused: bool
+    gc_grace_seconds: int
+    verify_max_bytes: int | None
+
+
+class AuditPublic(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
+class AssetStatus(BaseModel):
+    asset: str
+    kind: str
+    policies: list[str]
+    points: int
+    last_point_id: str | None
+    last_point_at: datetime | None
+    age_seconds: float | None
+    rpo_seconds: int | None
+    rpo_status: Literal["met", "missed", "none"]
+    copies: list[CopyPublic]
+    logical_bytes: int
+    stored_bytes: int
+
+
+class CapacitySample(BaseModel):
+    day: datetime
+    bytes: int
+
+
+class CapacityPublic(BaseModel):
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    store_bytes: int
+    growth_bytes_per_day: float
+    days_until_full: float | None
+    series: list[CapacitySample]
+
+
+class JobCounts(BaseModel):
+    queued: int
+    running: int
+    failed: int
+    interrupted: int
+
+
+class DashboardPublic(BaseModel):
+    generated_at: datetime
+    appliance_name: str
+    assets: list[AssetStatus]
+    capacity: CapacityPublic
+    jobs: JobCounts

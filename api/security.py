@@ -1,0 +1,152 @@
+"""Passwords, secrets, roles and login throttling of the service.
+
+- Passwords are hashed with argon2id (argon2-cffi's RFC 9106 low-memory profile: 64 MiB, 3
+  passes). ``APPLIANCE_TEST_WEAK_KDF=1`` (the variable the store's key wrapping honours) makes
+  hashing cheap for tests; production never sets it.
+- Session cookies, CSRF tokens and API tokens are 32 random bytes. Only their SHA-256 is stored:
+  they are random and long, so a slow hash adds nothing, and a leaked catalog does not sign
+  anyone in.
+- Roles are ordered: viewer < operator < admin. An API token carries a role no higher than its
+  user's; the effective role is the lower of the two, so demoting a user demotes their tokens.
+- Login throttling is per (user, client address): after ``free_failures`` failures each further
+  attempt waits 2^(n - free) seconds (capped at 15 minutes) and is answered 429 meanwhile,
+  before the password is even checked. A success clears the count. Throttling another client
+  never locks the real admin out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from api.errors import LoginThrottled
+
+ROLES = ("viewer", "operator", "admin")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+TOKEN_PREFIX = "apl_"
+SESSION_COOKIE = "appliance_session"
+CSRF_COOKIE = "appliance_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _hasher() -> PasswordHasher:
+    if os.environ.get("APPLIANCE_TEST_WEAK_KDF") == "1":
+        return PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    return PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    return _hasher().hash(password)
+
+
+_DUMMY: list[str] = []
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """True if ``password`` matches; an unknown user (None) costs the same time as a known one."""
+    hasher = _hasher()
+    if password_hash is None:
+        if not _DUMMY:
+            _DUMMY.append(hasher.hash(secrets.token_urlsafe(16)))
+        password_hash = _DUMMY[0]
+        password = ""
+    try:
+        return hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_api_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def same_secret(a: str, b: str) -> bool:
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape")
+    )
+
+
+def lower_role(a: str, b: str) -> str:
+    return a if ROLE_RANK.get(a, -1) <= ROLE_RANK.get(b, -1) else b
+
+
+def role_allows(role: str, needed: str) -> bool:
+    return ROLE_RANK.get(role, -1) >= ROLE_RANK[needed]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who makes a request, and how they proved it."""
+
+    name: str
+    role: str
+    via: str  # "session" or "token"
+    session_hash: str | None = None
+    token_id: str | None = None
+
+    @property
+    def audit_details(self) -> dict[str, str]:
+        if self.token_id is not None:
+            return {"via": f"token {self.token_id[:8]}"}
+        return {"via": self.via}
+
+
+class LoginThrottle:
+    MAX_DELAY = 900.0
+
+    def __init__(self, free_failures: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free_failures = free_failures
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> (failures, time of the last failure)
+        self._failures: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def _delay(self, failures: int) -> float:
+        over = failures - self.free_failures
+        return 0.0 if over < 0 else min(self.MAX_DELAY, 2.0**over)
+
+    def check(self, user: str, client: str) -> None:
+        """Raise :class:`LoginThrottled` while this user+client must wait."""
+        if self.free_failures <= 0:
+            return
+        with self._lock:
+            failures, last = self._failures.get((user, client), (0, 0.0))
+            wait = last + self._delay(failures) - self._clock() if failures else 0.0
+        if wait > 0:
+            raise LoginThrottled(
+                f"too many failed sign-ins for {user}; try again in {int(wait + 0.999)} s",
+                retry_after=round(wait, 1),
+            )
+
+    def failure(self, user: str, client: str) -> None:
+        if self.free_failures <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            failures, _ = self._failures.get((user, client), (0, 0.0))
+            self._failures[(user, client)] = (failures + 1, now)
+            if len(self._failures) > 10_000:  # forget old entries; bounds memory under attack
+                horizon = now - 2 * self.MAX_DELAY
+                self._failures = {k: v for k, v in self._failures.items() if v[1] > horizon}
+
+    def success(self, user: str, client: str) -> None:
+        with self._lock:
+            self._failures.pop((user, client), None)

@@ -1,0 +1,49 @@
+"""Run the service under uvicorn: TLS with a generated certificate, graceful shutdown.
+
+uvicorn turns SIGTERM and SIGINT into a graceful shutdown: it stops accepting connections,
+gives open requests :data:`GRACEFUL_SECONDS` to finish (event streams are cut after that), then
+runs the app's lifespan shutdown, which interrupts running jobs so that they resume on the next
+start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from api.app import create_app
+from api.settings import Settings
+from api.tls import ensure_certificate
+
+GRACEFUL_SECONDS = 5
+
+log = logging.getLogger("appliance.service")
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ssl: dict[str, str] = {}
+    if settings.tls:
+        if ensure_certificate(settings.cert_path, settings.key_path, settings.host):
+            log.warning("generated a self-signed TLS certificate: %s", settings.cert_path)
+        ssl = {"ssl_certfile": str(settings.cert_path), "ssl_keyfile": str(settings.key_path)}
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.effective_port,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        server_header=False,
+        proxy_headers=False,  # no proxy in front: the client address must not be spoofable
+        log_config=None,  # keep the logging configured above
+        **ssl,  # type: ignore[arg-type]
+    )
+    server = uvicorn.Server(config)
+    scheme = "https" if settings.tls else "http"
+    log.info("serving on %s://%s:%s/", scheme, settings.host, settings.effective_port)
+    server.run()
+    # uvicorn exits non-zero itself when start-up fails; a clean stop is 0.
+    return 0 if server.started else 3

@@ -1,0 +1,231 @@
+"""The running service: the appliance, its job runner and scheduler, as one object per app.
+
+``create_app`` builds a :class:`Service` from settings and starts it in the app's lifespan;
+routers reach it through the ``ServiceDep`` dependency. Start-up:
+
+1. The data directory is created (0700). On first start the store is created with the
+   configured passphrase; when none is configured a random one is generated and kept in
+   ``<data>/secrets/passphrase`` (0600), and the log says where the recovery key can be read.
+2. The job runner starts: jobs a crash left ``running`` become ``interrupted``, and those safe
+   to repeat (backups, verify, ...) are queued again and resume.
+3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
+   service was down.
+4. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``;
+   a first-run request from anywhere but loopback must present it.
+
+Shutdown reverses it: the scheduler stops, running jobs are interrupted (they resume on the next
+start) and the appliance closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from api.security import LoginThrottle
+from api.settings import Settings
+from appliance.engine import Appliance, DataDir, utcnow
+from appliance.errors import Conflict, InvalidInput, PassphraseRequired
+from appliance.jobs import JobRunner
+from appliance.policies import register_policy_jobs
+from appliance.protection import directory_bytes
+from appliance.schedule import Scheduler, timezone_named
+
+log = logging.getLogger("appliance.service")
+
+Clock = Callable[[], datetime]
+SETTINGS_KEY = "appliance"
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "appliance_name": "Backup appliance",
+    "timezone": "UTC",
+    "scheduler_paused": False,
+    "gc_grace_seconds": 3600,
+    "verify_max_bytes": None,
+}
+#: How long a measured store size is reused (walking a big store on every request is wasteful).
+STORE_SIZE_TTL = 30.0
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (text + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Service:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or utcnow
+        self.appliance: Appliance | None = None
+        self.runner: JobRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.setup_code: str | None = None
+        self.throttle = LoginThrottle(settings.login_throttle)
+        self._store_size: tuple[float, int] | None = None
+        self._store_size_lock = threading.Lock()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _passphrase(self) -> tuple[str, bool]:
+        """(passphrase, generated now)."""
+        s = self.settings
+        if s.passphrase is not None and s.passphrase.get_secret_value():
+            return s.passphrase.get_secret_value(), False
+        for path in (s.passphrase_file, s.generated_passphrase_path):
+            if path is not None and path.exists():
+                try:
+                    return path.read_text(encoding="utf-8").rstrip("\n"), False
+                except OSError as exc:
+                    raise InvalidInput(f"cannot read passphrase file {path}: {exc}") from exc
+        if s.passphrase_file is not None:
+            raise InvalidInput(f"passphrase file {s.passphrase_file} does not exist")
+        if _store_config(s).exists():
+            raise PassphraseRequired(
+                "the store exists but no passphrase is configured: set APPLIANCE_PASSPHRASE "
+                "or APPLIANCE_PASSPHRASE_FILE"
+            )
+        passphrase = secrets.token_urlsafe(32)
+        _write_secret(s.generated_passphrase_path, passphrase)
+        return passphrase, True
+
+    def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        passphrase, generated = self._passphrase()
+        if _store_config(s).exists():
+            app = Appliance.open(
+                str(s.data_dir), passphrase=passphrase, clock=self.clock, catalog_url=s.catalog_url
+            )
+        else:
+            app, _recovery = Appliance.init(
+                str(s.data_dir), passphrase, clock=self.clock, catalog_url=s.catalog_url
+            )
+            passphrase_file = s.passphrase_file or (
+                s.generated_passphrase_path if generated else None
+            )
+            log.warning(
+                "created a new store in %s%s. Print its recovery key now and keep it apart from "
+                "the appliance: admin page (recovery key), or `appliance --data-dir %s "
+                "--passphrase-file %s key export --paper`",
+                app.data_dir.store_path,
+                f"; its passphrase was generated into {passphrase_file}" if generated else "",
+                s.data_dir,
+                passphrase_file or "<file holding the passphrase>",
+            )
+        self.appliance = app
+        try:
+            self._ensure_default_pool()
+            register_policy_jobs()
+            # isolate: backups and restores fork workers, unsafe in this many-threaded process.
+            self.runner = JobRunner(app, max_parallel=s.max_parallel_jobs, isolate=True)
+            requeued = self.runner.start()
+            if requeued:
+                log.warning("resuming %d interrupted job(s): %s", len(requeued), requeued)
+            doc = self.settings_document()
+            self.scheduler = Scheduler(
+                app,
+                self.runner,
+                interval=s.scheduler_interval,
+                clock=self.clock,
+                tz=timezone_named(str(doc["timezone"])),
+            )
+            self.scheduler.paused = bool(doc["scheduler_paused"])
+            if s.scheduler_enabled:
+                self.scheduler.start()
+            app.catalog.purge_sessions()
+            self._prepare_setup_code()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.runner is not None:
+            self.runner.shutdown()
+        if self.appliance is not None:
+            self.appliance.close()
+            self.appliance = None
+
+    def _ensure_default_pool(self) -> None:
+        app = self.app
+        if not any(p.name == "default" for p in app.catalog.list_pools()):
+            with contextlib.suppress(Conflict):  # another process added it meanwhile
+                app.catalog.add_pool("default", app.data_dir.store_path, app.repo.store_id)
+
+    def _prepare_setup_code(self) -> None:
+        if self.admin_exists():
+            self.setup_code = None
+            return
+        self.setup_code = secrets.token_hex(4)
+        path = self.settings.secrets_dir / "setup-code"
+        path.unlink(missing_ok=True)
+        _write_secret(path, self.setup_code)
+        log.warning(
+            "no admin account yet: open the admin page to create one (set-up code for "
+            "clients other than this machine: %s, also in %s), or run `appliance admin create`",
+            self.setup_code,
+            path,
+        )
+
+    def setup_done(self) -> None:
+        self.setup_code = None
+        (self.settings.secrets_dir / "setup-code").unlink(missing_ok=True)
+
+    # --- accessors ------------------------------------------------------------------------------
+
+    @property
+    def app(self) -> Appliance:
+        if self.appliance is None:
+            raise RuntimeError("the service is not running")
+        return self.appliance
+
+    @property
+    def jobs(self) -> JobRunner:
+        if self.runner is None:
+            raise RuntimeError("the service is not running")
+        return self.runner
+
+    def admin_exists(self) -> bool:
+        return any(u.role == "admin" for u in self.app.catalog.list_users())
+
+    def settings_document(self) -> dict[str, Any]:
+        stored = self.app.catalog.get_settings(SETTINGS_KEY)
+        return {**DEFAULT_SETTINGS, **{k: v for k, v in stored.items() if k in DEFAULT_SETTINGS}}
+
+    def apply_settings(self, document: dict[str, Any]) -> dict[str, Any]:
+        tz = timezone_named(str(document["timezone"]))
+        stored = self.app.catalog.put_settings(SETTINGS_KEY, document)
+        if self.scheduler is not None:
+            self.scheduler.tz = tz
+            self.scheduler.paused = bool(document["scheduler_paused"])
+        return {**DEFAULT_SETTINGS, **stored}
+
+    def store_bytes(self) -> int:
+        """Bytes the default pool's store occupies (measured at most every 30 s)."""
+        with self._store_size_lock:
+            now = time.monotonic()
+            if self._store_size is None or now - self._store_size[0] > STORE_SIZE_TTL:
+                self._store_size = (now, directory_bytes(self.app.data_dir.store_path))
+            return self._store_size[1]
+
+    def now(self) -> datetime:
+        return self.clock().astimezone(UTC)
+
+
+def _store_config(settings: Settings) -> Path:
+    """The store's config object: present once the store was created."""
+    return Path(DataDir(str(settings.data_dir.absolute())).store_path) / "config"

@@ -1,0 +1,236 @@
+// The admin page: decides between first-run, sign-in and the app, draws the layout (sidebar and
+// header) and routes "#/..." addresses to the screens in views/.
+
+import { api, humanError, whenSessionEnds } from "./api.js";
+import { clear, h, icon, replace } from "./dom.js";
+import { ROLE_NAMES } from "./format.js";
+import { bannerSlot } from "./ui.js";
+import { renderFirstRun, renderLogin } from "./views/auth.js";
+import dashboard from "./views/dashboard.js";
+import assets from "./views/assets.js";
+import points from "./views/points.js";
+import browse from "./views/browse.js";
+import { jobDetail, jobList } from "./views/jobs.js";
+import pools from "./views/pools.js";
+import users from "./views/users.js";
+import audit from "./views/audit.js";
+import settingsView from "./views/settings.js";
+
+const RANK = { viewer: 0, operator: 1, admin: 2 };
+
+const NAV = [
+  { href: "#/", label: "Dashboard", iconName: "dashboard", match: /^\/$/ },
+  { href: "#/assets", label: "Assets & policies", iconName: "assets", match: /^\/assets/ },
+  { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
+  { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
+  { href: "#/pools", label: "Pools", iconName: "pools", match: /^\/pools/ },
+  { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
+  { href: "#/audit", label: "Audit log", iconName: "audit", match: /^\/audit/, role: "admin" },
+  { href: "#/settings", label: "Settings", iconName: "settings", match: /^\/settings/, role: "admin" },
+];
+
+const ROUTES = [
+  [/^\/$/, dashboard, "Dashboard"],
+  [/^\/assets$/, assets, "Assets & policies"],
+  [/^\/points$/, points, "Recovery points"],
+  [/^\/points\/([^/]+)$/, browse, "Browse a point"],
+  [/^\/jobs$/, jobList, "Jobs"],
+  [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
+  [/^\/pools$/, pools, "Pools"],
+  [/^\/users$/, users, "Users & tokens", "admin"],
+  [/^\/audit$/, audit, "Audit log", "admin"],
+  [/^\/settings$/, settingsView, "Settings", "admin"],
+];
+
+const app = document.getElementById("app");
+const state = { session: null, applianceName: "Backup appliance", version: "", disposers: [], shell: null, generation: 0 };
+
+export function can(role) {
+  return Boolean(state.session) && RANK[state.session.role] >= RANK[role];
+}
+
+function parseHash() {
+  const raw = location.hash.replace(/^#/, "") || "/";
+  const [path, search = ""] = raw.split("?");
+  return { path: path || "/", query: new URLSearchParams(search) };
+}
+
+export function navigate(href) {
+  if (location.hash === href) route();
+  else location.hash = href;
+}
+
+function dispose() {
+  state.generation += 1;
+  for (const fn of state.disposers.splice(0)) {
+    try {
+      fn();
+    } catch {
+      // a screen's clean-up must never break the next screen
+    }
+  }
+}
+
+// --- the layout --------------------------------------------------------------------------------------
+
+function buildShell() {
+  const { session } = state;
+  const nav = h(
+    "nav",
+    { class: "nav", "aria-label": "Main" },
+    h(
+      "ul",
+      NAV.filter((item) => !item.role || can(item.role)).map((item) =>
+        h("li", h("a", { href: item.href, class: "nav-link", dataset: { match: item.match.source } }, icon(item.iconName), h("span", { text: item.label }))),
+      ),
+    ),
+  );
+  const signOut = h("button", { type: "button", class: "btn btn-ghost signout", onClick: logout }, icon("logout"), h("span", { text: "Sign out" }));
+  const main = h("main", { class: "main", id: "main", tabindex: "-1" });
+  const shell = h(
+    "div",
+    { class: "shell" },
+    h("a", { href: "#main", class: "skip", text: "Skip to content" }),
+    h(
+      "aside",
+      { class: "sidebar" },
+      h("a", { href: "#/", class: "brand", "aria-label": "Dashboard" }, h("span", { class: "brand-mark" }, icon("shield")), h("span", { class: "brand-text" }, h("strong", { text: "Appliance" }), h("small", { text: "Backup & recovery" }))),
+      nav,
+      h("p", { class: "sidebar-foot", text: state.version ? `Version ${state.version}` : "" }),
+    ),
+    h(
+      "header",
+      { class: "topbar" },
+      h("div", { class: "topbar-title" }, h("span", { class: "appliance-name", text: state.applianceName })),
+      h(
+        "div",
+        { class: "user", "aria-label": "Signed in user" },
+        h("span", { class: "avatar", "aria-hidden": "true", text: session.name.charAt(0).toUpperCase() }),
+        h("span", { class: "user-text" }, h("strong", { class: "user-name", text: session.name }), h("small", { class: "user-role", text: ROLE_NAMES[session.role] || session.role })),
+        signOut,
+      ),
+    ),
+    main,
+  );
+  state.shell = { el: shell, main, nav };
+  replace(app, shell);
+}
+
+function markNav(path) {
+  if (!state.shell) return;
+  for (const link of state.shell.nav.querySelectorAll(".nav-link")) {
+    const active = new RegExp(link.dataset.match).test(path);
+    link.classList.toggle("active", active);
+    if (active) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+}
+
+async function route() {
+  if (!state.session) return;
+  if (!state.shell) buildShell();
+  dispose();
+  const generation = state.generation;
+  const { path, query } = parseHash();
+  markNav(path);
+  const main = state.shell.main;
+  const banner = bannerSlot();
+  const content = h("div", { class: "content" });
+  replace(main, banner.el, content);
+  const found = ROUTES.map(([re, render, title, role]) => ({ m: re.exec(path), render, title, role })).find((r) => r.m);
+  if (!found) {
+    content.appendChild(h("div", { class: "empty" }, h("p", { class: "empty-title", text: "This page does not exist" }), h("a", { href: "#/", class: "btn", text: "Go to the dashboard" })));
+    return;
+  }
+  document.title = `${found.title} · ${state.applianceName}`;
+  if (found.role && !can(found.role)) {
+    banner.show("error", "Not allowed for your role", `This screen is for the ${found.role} role; you are signed in as ${state.session.role}.`);
+    return;
+  }
+  const view = {
+    el: content,
+    banner,
+    params: found.m.slice(1).map(decodeURIComponent),
+    query,
+    session: state.session,
+    can,
+    navigate,
+    // a screen left while it was still loading cleans up at once
+    onDispose: (fn) => (generation === state.generation ? state.disposers.push(fn) : fn()),
+    setTitle: (title) => {
+      document.title = `${title} · ${state.applianceName}`;
+    },
+  };
+  try {
+    await found.render(view);
+  } catch (err) {
+    banner.error(err);
+  }
+  window.scrollTo(0, 0);
+}
+
+// --- signing in and out ----------------------------------------------------------------------------
+
+async function loadContext() {
+  const [settings, health] = await Promise.allSettled([api.get("/api/settings"), api.get("/api/health")]);
+  if (settings.status === "fulfilled") state.applianceName = settings.value.appliance_name;
+  if (health.status === "fulfilled") state.version = health.value.version;
+}
+
+async function signedIn(session) {
+  state.session = { name: session.name, role: session.role, via: session.via };
+  state.shell = null;
+  await loadContext();
+  route();
+}
+
+async function logout() {
+  try {
+    await api.post("/api/logout", undefined, { quietAuth: true });
+  } catch {
+    // signed out already: show the sign-in screen all the same
+  }
+  showLogin({ kind: "info", title: "You have signed out.", text: "" });
+}
+
+function showLogin(notice = null) {
+  dispose();
+  state.session = null;
+  state.shell = null;
+  document.title = `Sign in · ${state.applianceName}`;
+  renderLogin(app, { notice, onSignedIn: signedIn });
+}
+
+whenSessionEnds(() => {
+  if (state.session) showLogin({ kind: "info", title: "Your session has ended.", text: "Sign in again to continue." });
+});
+
+async function boot() {
+  try {
+    const setup = await api.get("/api/setup");
+    if (!setup.admin_exists) {
+      document.title = `Welcome · ${state.applianceName}`;
+      renderFirstRun(app, { codeRequired: setup.setup_code_required, onSignedIn: signedIn });
+      return;
+    }
+    let me;
+    try {
+      me = await api.get("/api/me", { quietAuth: true });
+    } catch (err) {
+      if (err.status === 401) {
+        showLogin();
+        return;
+      }
+      throw err;
+    }
+    await signedIn(me);
+  } catch (err) {
+    const { title, text } = humanError(err);
+    clear(app);
+    const retry = h("button", { type: "button", class: "btn btn-primary", text: "Try again", onClick: () => boot() });
+    app.appendChild(h("div", { class: "auth" }, h("div", { class: "auth-card", role: "alert" }, h("h1", { text: title }), h("p", { text }), retry)));
+  }
+}
+
+window.addEventListener("hashchange", route);
+boot();

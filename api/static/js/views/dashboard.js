@@ -1,0 +1,165 @@
+// Dashboard: how well each asset is protected, and how fast the pool fills.
+
+import { api } from "../api.js";
+import { capacityChart, usableBytes } from "../chart.js";
+import { h, replace } from "../dom.js";
+import { LOCATION_NAMES, ago, bytes, count, dateTime, duration, percent, period } from "../format.js";
+import { button, card, emptyState, loading, pageHeader, pill, table, toast } from "../ui.js";
+
+const REFRESH_SECONDS = 30;
+
+function rpoCell(a) {
+  if (a.rpo_status === "met") {
+    return h("div", { class: "stack" }, pill("RPO met", "good"), h("span", { class: "muted small", text: `Target ${period(a.rpo_seconds)}; newest point ${duration(a.age_seconds)} old` }));
+  }
+  if (a.rpo_status === "missed") {
+    const why = a.last_point_id ? `Newest point is ${duration(a.age_seconds)} old; target ${period(a.rpo_seconds)}` : `No good point yet; target ${period(a.rpo_seconds)}`;
+    return h("div", { class: "stack" }, pill("RPO missed", "bad"), h("span", { class: "muted small", text: why }));
+  }
+  return h("div", { class: "stack" }, pill("No RPO target", "neutral"), h("span", { class: "muted small", text: "Set one in a policy" }));
+}
+
+function copiesCell(a) {
+  if (!a.copies.length) return h("span", { class: "muted", text: "—" });
+  return h(
+    "div",
+    { class: "stack" },
+    h("span", { text: count(a.copies.length, "copy", "copies") }),
+    a.copies.map((c) => h("span", { class: "muted small truncate", title: c.location, text: `${LOCATION_NAMES[c.location_kind] || c.location_kind}${c.state !== "present" ? ` (${c.state})` : ""}: ${c.location}` })),
+  );
+}
+
+function lastPointCell(a, canRun, onBackup) {
+  if (!a.last_point_id) {
+    return h(
+      "div",
+      { class: "stack" },
+      h("span", { class: "muted", text: "No recovery points yet — run a backup" }),
+      canRun ? button("Back up now", { iconName: "play", kind: "small", onClick: (e) => onBackup(a, e.currentTarget) }) : null,
+    );
+  }
+  return h(
+    "div",
+    { class: "stack" },
+    h("a", { href: `#/points/${encodeURIComponent(a.last_point_id)}`, text: dateTime(a.last_point_at) }),
+    h("span", { class: "muted small", text: `${ago(a.age_seconds)} · ${count(a.points, "point")} in all` }),
+  );
+}
+
+function stat(label, value, note, tone = "", href = null) {
+  const body = [h("span", { class: "stat-label", text: label }), h("span", { class: "stat-value", text: value }), note ? h("span", { class: "stat-note", text: note }) : null];
+  return href ? h("a", { class: ["stat", tone && `stat-${tone}`], href }, body) : h("div", { class: ["stat", tone && `stat-${tone}`] }, body);
+}
+
+function capacityCard(c, now) {
+  const total = usableBytes(c);
+  const other = Math.max(0, c.used_bytes - c.store_bytes);
+  const bar = h(
+    "div",
+    { class: "stacked", role: "img", "aria-label": `Backup store ${bytes(c.store_bytes)}, other data ${bytes(other)}, free ${bytes(c.free_bytes)}` },
+    h("span", { class: "seg seg-store", style: { width: `${Math.max(c.store_bytes ? 0.6 : 0, (100 * c.store_bytes) / total)}%` } }),
+    h("span", { class: "seg seg-other", style: { width: `${(100 * other) / total}%` } }),
+  );
+  let trend;
+  const full = c.days_until_full;
+  const perDay = bytes(c.growth_bytes_per_day);
+  if (full !== null && full !== undefined && full <= 3650) {
+    trend = `Growing about ${perDay} a day: full in ~${Math.max(1, Math.round(full))} days`;
+  } else if (c.growth_bytes_per_day > 0) {
+    trend = `Growing about ${perDay} a day: more than 10 years of space left at this rate`;
+  } else {
+    trend = "No growth in the last 30 days";
+  }
+  return card(
+    "Capacity",
+    { subtitle: "The default pool's disk, last 30 days and the trend ahead", className: "capacity-card" },
+    h(
+      "div",
+      { class: "capacity" },
+      h("div", { class: "chart-box" }, capacityChart(c, now)),
+      h(
+        "div",
+        { class: "capacity-side" },
+        h("p", { class: "capacity-big" }, h("strong", { text: percent(c.used_bytes / total) }), h("span", { class: "muted", text: " used" })),
+        bar,
+        h(
+          "ul",
+          { class: "legend" },
+          h("li", h("span", { class: "swatch swatch-store" }), `Backup store ${bytes(c.store_bytes)}`),
+          h("li", h("span", { class: "swatch swatch-other" }), `Other data ${bytes(other)}`),
+          h("li", h("span", { class: "swatch swatch-free" }), `Free ${bytes(c.free_bytes)} of ${bytes(total)} usable`),
+        ),
+        h("p", { class: full !== null && full !== undefined && full < 30 ? "trend trend-bad" : "trend", text: trend }),
+      ),
+    ),
+  );
+}
+
+export default async function dashboard(view) {
+  const body = h("div", loading());
+  const refresh = button("Refresh", { iconName: "refresh", kind: "ghost", onClick: () => load() });
+  replace(view.el, pageHeader("Dashboard", "How well each asset is protected, and how fast the pool fills.", refresh), body);
+
+  async function backupNow(asset, btn) {
+    btn.disabled = true;
+    try {
+      const job = await api.post(`/api/assets/${encodeURIComponent(asset.asset)}/backup`, {});
+      toast(`Backup of ${asset.asset} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+    } catch (err) {
+      view.banner.error(err);
+    }
+    btn.disabled = false;
+  }
+
+  async function load() {
+    let d;
+    try {
+      d = await api.get("/api/dashboard");
+    } catch (err) {
+      view.banner.error(err);
+      replace(body);
+      return;
+    }
+    const now = new Date(d.generated_at);
+    const withTarget = d.assets.filter((a) => a.rpo_status !== "none");
+    const met = withTarget.filter((a) => a.rpo_status === "met").length;
+    const pointsTotal = d.assets.reduce((n, a) => n + a.points, 0);
+    const attention = d.jobs.failed + d.jobs.interrupted;
+    const stats = h(
+      "div",
+      { class: "stats" },
+      stat(
+        "RPO targets",
+        withTarget.length ? `${met} of ${withTarget.length} met` : "None set",
+        withTarget.length ? (met === withTarget.length ? "All assets within target" : `${withTarget.length - met} missed`) : "Give a policy an RPO",
+        withTarget.length && met < withTarget.length ? "bad" : withTarget.length ? "good" : "",
+      ),
+      stat("Assets", String(d.assets.length), `${count(pointsTotal, "recovery point")}`, "", "#/assets"),
+      stat("Jobs", d.jobs.running ? `${d.jobs.running} running` : "Idle", d.jobs.queued ? `${d.jobs.queued} queued` : "Nothing queued", d.jobs.running ? "info" : "", "#/jobs"),
+      stat("Needs attention", attention ? count(attention, "job") : "Nothing", attention ? `${d.jobs.failed} failed, ${d.jobs.interrupted} interrupted` : "No failed jobs", attention ? "bad" : "good", "#/jobs?state=failed"),
+    );
+    const canRun = view.can("operator");
+    const assetsCard = card(
+      "Protection by asset",
+      { subtitle: `As of ${dateTime(d.generated_at)}` },
+      d.assets.length
+        ? table(
+            [
+              { label: "Asset", className: "col-asset", cell: (a) => h("div", { class: "stack" }, h("strong", { text: a.asset }), h("span", { class: "muted small", text: `${a.kind === "vm" ? "Virtual machine" : "Folder"}${a.policies.length ? ` · ${a.policies.join(", ")}` : " · no policy"}` })) },
+              { label: "Last good point", cell: (a) => lastPointCell(a, canRun, backupNow) },
+              { label: "RPO", cell: rpoCell },
+              { label: "Copies", cell: copiesCell },
+              { label: "Size", cell: (a) => h("div", { class: "stack" }, h("span", { text: a.last_point_id ? bytes(a.logical_bytes) : "—" }), h("span", { class: "muted small", text: `${bytes(a.stored_bytes)} stored` })), className: "num hide-md" },
+            ],
+            d.assets,
+            { caption: "Protection status of each asset", rowAttrs: (a) => ({ dataset: { asset: a.asset } }) },
+          )
+        : emptyState("assets", "Nothing is protected yet", "Add a folder or a virtual machine, give it a policy, and its backups show up here.", view.can("admin") ? button("Add an asset", { iconName: "plus", kind: "primary", href: "#/assets" }) : null),
+    );
+    replace(body, stats, assetsCard, capacityCard(d.capacity, now));
+  }
+
+  await load();
+  const timer = setInterval(load, REFRESH_SECONDS * 1000);
+  view.onDispose(() => clearInterval(timer));
+}

@@ -1,0 +1,112 @@
+"""Protection policies at work: what backing up an asset means, and the ``policy_backup`` job.
+
+An asset's ``source`` in the catalog is the path of a file tree (``files`` assets) or, for a
+``vm`` asset, a JSON object ``{"disks": [paths...], "vm_spec": path or null}`` (the VM definition
+file is read at each backup, so a changed definition is recorded with the next point).
+
+``policy_backup`` is the job the scheduler and "run now" submit for a policy: it backs up the
+policy's asset with the mode it was given (else the policy's own) and, when it succeeded and the
+policy has retention rules, queues a ``prune`` job for the asset with those rules. The prune is
+a separate job because it needs the store exclusively, which a backup (holding it shared, like
+every other backup running beside it) cannot take.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.catalog.records import AssetRecord
+from appliance.engine import Appliance
+from appliance.errors import InvalidInput
+from appliance.jobs import JOB_KINDS, JobContext, JobKind, register_job_kind
+from appliance.retention import RetentionRules
+
+POLICY_JOB_KIND = "policy_backup"
+RETENTION_KEYS = tuple(
+    f"keep_{p}" for p in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+)
+
+
+def vm_source(disks: list[str], vm_spec: str | None) -> str:
+    """The catalog ``source`` text of a VM asset."""
+    return json.dumps({"disks": list(disks), "vm_spec": vm_spec}, sort_keys=True)
+
+
+def parse_vm_source(source: str) -> tuple[list[str], str | None]:
+    """(disk paths, VM definition path or None) of a VM asset's ``source``."""
+    try:
+        document = json.loads(source)
+    except ValueError:
+        document = None
+    if isinstance(document, list):  # the bare disk list of assets made by `catalog rebuild`
+        document = {"disks": document}
+    if not isinstance(document, dict) or not isinstance(document.get("disks"), list):
+        # A point recorded by the CLI names its disks separated by spaces.
+        return source.split(), None
+    spec = document.get("vm_spec")
+    return [str(d) for d in document["disks"]], (str(spec) if spec else None)
+
+
+def backup_job_for(asset: AssetRecord, mode: str) -> tuple[str, dict[str, Any]]:
+    """The job kind and parameters that back up ``asset`` once."""
+    if asset.kind == "files":
+        if not asset.source:
+            raise InvalidInput(f"asset {asset.name} has no source path")
+        return "backup_files", {"source": asset.source, "asset": asset.name, "mode": mode}
+    disks, spec = parse_vm_source(asset.source)
+    if not disks:
+        raise InvalidInput(f"asset {asset.name} names no disk image")
+    params: dict[str, Any] = {"disks": disks, "asset": asset.name, "mode": mode}
+    if spec:
+        params["vm"] = spec
+    return "backup_image", params
+
+
+def retention_rules(document: dict[str, Any]) -> RetentionRules:
+    """A policy's retention document ``{"keep_daily": 7, ...}`` as rules (validated)."""
+    unknown = set(document) - set(RETENTION_KEYS)
+    if unknown:
+        raise InvalidInput(f"unknown retention rule(s): {', '.join(sorted(unknown))}")
+    values: dict[str, int] = {}
+    for key, value in document.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"retention rule {key} must be a whole number >= 0")
+        values[key] = value
+    return RetentionRules(**values)
+
+
+def _policy_backup(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    policy = app.catalog.get_policy(p["policy"])
+    asset = app.catalog.get_asset(p["asset"])
+    mode = p.get("mode") or policy.mode
+    kind, params = backup_job_for(asset, mode)
+    result = dict(JOB_KINDS[kind].work(app, params, ctx))
+    rules = retention_rules(policy.retention)
+    if p.get("apply_retention", True) and not rules.empty():
+        prune = ctx.submit(
+            "prune",
+            {"asset": asset.name, "rules": dict(policy.retention), "policy": policy.name},
+        )
+        ctx.log("info", f"retention of policy {policy.name}: prune job {prune.id} queued")
+        result["prune_job"] = prune.id
+    return result
+
+
+def _policy_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    return [(f"asset:{p['asset']}", True), ("store", False)]
+
+
+def register_policy_jobs() -> None:
+    """Make ``policy_backup`` known to the job runner (before it starts: it re-queues
+    interrupted jobs only of kinds it knows)."""
+    register_job_kind(
+        POLICY_JOB_KIND,
+        JobKind(
+            _policy_backup,
+            _policy_resources,
+            True,
+            lambda p: f"backup of {p['asset']} by policy {p['policy']}",
+            isolated=True,
+        ),
+    )

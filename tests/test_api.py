@@ -1,0 +1,1143 @@
+"""The service's JSON API against a live uvicorn on 127.0.0.1: every route, every role.
+
+One server (and data directory) serves the whole module; tests use names of their own so that
+their order does not matter. Jobs that must stay running for a while (cancel, event streams)
+use a test job kind registered in-process, so their timing never depends on disk speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from api_support import (
+    ADMIN,
+    PASSWORDS,
+    LiveServer,
+    bootstrap_accounts,
+    live_server,
+    login,
+    service_settings,
+    sse_events,
+    wait_job,
+)
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from api.errors import STATUS_BY_KIND, install_error_handlers
+from appliance.errors import (
+    ApplianceError,
+    BackupCancelled,
+    Conflict,
+    InvalidInput,
+    LockHeld,
+    NotFound,
+    StoreFull,
+    WrongPassphrase,
+)
+from appliance.jobs import JobKind, register_job_kind
+
+MISSING_POINT = "ffffffffffffffff"
+LOGIN_FREE_FAILURES = 3
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+
+def _sleeper(app: Any, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """A job that runs until cancelled (or ``steps`` ticks), reporting progress and logging."""
+    steps = int(p.get("steps", 2000))
+    for i in range(steps):
+        if ctx.cancel.is_set():
+            raise BackupCancelled("the test job was cancelled")
+        ctx.progress({"bytes_done": i, "bytes_total": steps})
+        if i % 4 == 0:
+            ctx.log("info", f"tick {i}")
+        time.sleep(0.05)
+    return {"steps": steps}
+
+
+register_job_kind(
+    "test_sleep",
+    JobKind(_sleeper, lambda p: [(f"test:{p.get('lane', 'a')}", False)], False, lambda p: "sleep"),
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("service")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
+        for name in list(os.environ):
+            if name.startswith("APPLIANCE_") and name != "APPLIANCE_TEST_WEAK_KDF":
+                mp.delenv(name)
+        settings = service_settings(
+            root / "data", login_throttle=LOGIN_FREE_FAILURES, max_parallel_jobs=3
+        )
+        with live_server(settings) as live:
+            bootstrap_accounts(live)
+            yield live
+
+
+@pytest.fixture(scope="module")
+def admin(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.as_role("admin") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def operator(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.as_role("operator") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def viewer(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.as_role("viewer") as client:
+        yield client
+
+
+def _write_tree(root: Path) -> None:
+    (root / "docs").mkdir(parents=True)
+    (root / "many").mkdir()
+    (root / "top.txt").write_text("hello from the top\n")
+    (root / "docs" / "readme.md").write_text("# readme\n" * 100)
+    (root / "docs" / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 123))
+    (root / "docs" / "empty").write_bytes(b"")
+    os.symlink("readme.md", root / "docs" / "link")
+    os.link(root / "top.txt", root / "docs" / "hard.txt")
+    for i in range(25):
+        (root / "many" / f"f{i:02d}").write_text(f"file {i}\n")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """path -> digest / link target / 'dir' of every entry under ``root``."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(root))
+            if full.is_symlink():
+                out[rel] = "-> " + os.readlink(full)
+            elif full.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = _digest(full)
+    return out
+
+
+@pytest.fixture(scope="module")
+def files_point(
+    server: LiveServer,
+    admin: httpx.Client,
+    operator: httpx.Client,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """A backed-up tree: {"source": Path, "asset": name, "point": id}."""
+    source = tmp_path_factory.mktemp("tree") / "src"
+    _write_tree(source)
+    r = admin.post("/api/assets", json={"name": "tree", "kind": "files", "path": str(source)})
+    assert r.status_code == 201, r.text
+    r = operator.post("/api/assets/tree/backup", json={"mode": "full"})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/api/jobs/{r.json()['id']}"
+    job = wait_job(operator, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    return {"source": source, "asset": "tree", "point": job["result"]["point"]}
+
+
+# --- the role matrix ----------------------------------------------------------------------------------------
+
+# (method, path template, least role or None for public, JSON body). Bodies are valid but name
+# things that do not exist where possible, so an allowed call changes nothing.
+ROUTES: list[tuple[str, str, str | None, Any]] = [
+    ("GET", "/api/health", None, None),
+    ("GET", "/api/setup", None, None),
+    ("POST", "/api/setup", None, {"name": "second", "password": "password-123"}),
+    ("POST", "/api/login", None, {"name": "nobody", "password": "x"}),
+    ("POST", "/api/logout", "viewer", None),
+    ("GET", "/api/me", "viewer", None),
+    ("POST", "/api/me/password", "viewer", {"current_password": "wrong", "new_password": "p" * 9}),
+    ("GET", "/api/assets", "viewer", None),
+    ("POST", "/api/assets", "admin", {"name": "m", "kind": "files", "path": "/nonexistent-dir"}),
+    ("GET", "/api/assets/{name}", "viewer", None),
+    ("PUT", "/api/assets/{name}", "admin", {}),
+    ("DELETE", "/api/assets/{name}", "admin", None),
+    ("POST", "/api/assets/{name}/backup", "operator", {}),
+    ("GET", "/api/policies", "viewer", None),
+    ("POST", "/api/policies", "admin", {"name": "m", "asset": "missing"}),
+    ("GET", "/api/policies/{name}", "viewer", None),
+    ("PUT", "/api/policies/{name}", "admin", {"asset": "missing"}),
+    ("DELETE", "/api/policies/{name}", "admin", None),
+    ("POST", "/api/policies/{name}/run", "operator", {}),
+    ("GET", "/api/points", "viewer", None),
+    ("GET", "/api/points/{point_id}", "viewer", None),
+    ("GET", "/api/points/{point_id}/files", "viewer", None),
+    ("GET", "/api/points/{point_id}/download", "operator", None),
+    ("POST", "/api/points/{point_id}/restore", "operator", {"target": "/tmp/matrix-restore"}),
+    ("POST", "/api/points/{point_id}/verify", "operator", None),
+    ("DELETE", "/api/points/{point_id}", "admin", None),
+    ("POST", "/api/verify", "operator", {"max_bytes": 1}),
+    ("POST", "/api/retention/preview", "viewer", {"asset": "missing", "rules": {"keep_last": 1}}),
+    ("POST", "/api/retention/prune", "admin", {"asset": "missing", "rules": {"keep_last": 1}}),
+    ("POST", "/api/gc", "admin", {"grace_seconds": 86400}),
+    ("POST", "/api/catalog/rebuild", "admin", None),
+    ("GET", "/api/recovery-key", "admin", None),
+    ("GET", "/api/jobs", "viewer", None),
+    ("GET", "/api/jobs/{job_id}", "viewer", None),
+    ("GET", "/api/jobs/{job_id}/log", "viewer", None),
+    ("POST", "/api/jobs/{job_id}/cancel", "operator", None),
+    ("POST", "/api/jobs/{job_id}/retry", "operator", None),
+    ("GET", "/api/jobs/{job_id}/events", "viewer", None),
+    ("GET", "/api/events", "viewer", None),
+    ("GET", "/api/dashboard", "viewer", None),
+    ("GET", "/api/pools", "viewer", None),
+    ("GET", "/api/settings", "viewer", None),
+    ("PUT", "/api/settings", "admin", {}),
+    ("GET", "/api/audit", "admin", None),
+    ("GET", "/api/users", "admin", None),
+    ("POST", "/api/users", "admin", {"name": "admin", "password": "password-123"}),
+    ("GET", "/api/users/{name}", "admin", None),
+    ("PATCH", "/api/users/{name}", "admin", {}),
+    ("DELETE", "/api/users/{name}", "admin", None),
+    ("GET", "/api/tokens", "admin", None),
+    ("POST", "/api/tokens", "admin", {"user": "missing"}),
+    ("DELETE", "/api/tokens/{token_id}", "admin", None),
+    ("GET", "/metrics", "viewer", None),
+    ("GET", "/api/openapi.json", "viewer", None),
+]
+FILL = {"name": "missing", "point_id": MISSING_POINT, "job_id": "missing", "token_id": "missing"}
+QUERY = {"/api/events": {"max_seconds": 0.2}}
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    if "json" not in response.headers.get("content-type", "") or not response.content:
+        return None
+    body = response.json()
+    return body.get("code") if isinstance(body, dict) else None
+
+
+def _call(client: httpx.Client, method: str, template: str, body: Any) -> httpx.Response:
+    path = template.format(**FILL)
+    return client.request(method, path, json=body, params=QUERY.get(template))
+
+
+def test_role_matrix_covers_every_route(server: LiveServer) -> None:
+    routes = {
+        (method.upper(), path)
+        for path, operations in server.app.openapi()["paths"].items()
+        for method in operations
+    }
+    routes.add(("GET", "/api/openapi.json"))  # served outside the schema it serves
+    assert routes == {(method, path) for method, path, _, _ in ROUTES}
+
+
+@pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
+def test_role_matrix(server: LiveServer, role: str) -> None:
+    rank = {"viewer": 0, "operator": 1, "admin": 2}
+    failures = []
+    with server.as_role(role) as client:
+        for method, template, needed, body in ROUTES:
+            response = _call(client, method, template, body)
+            code = _error_code(response)
+            allowed = needed is None or rank[role] >= rank[needed]
+            if allowed:
+                ok = response.status_code < 500 and code not in ("forbidden", "unauthenticated")
+            else:
+                ok = response.status_code == 403 and code == "forbidden"
+            if not ok:
+                failures.append((method, template, response.status_code, response.text[:200]))
+    assert failures == []
+
+
+def test_unauthenticated_is_401_everywhere_but_health_setup_login(server: LiveServer) -> None:
+    with server.client() as client:
+        for method, template, needed, body in ROUTES:
+            response = _call(client, method, template, body)
+            if needed is None:
+                assert response.status_code != 401 or template == "/api/login", template
+            else:
+                assert response.status_code == 401, (method, template, response.text)
+                assert response.json()["code"] == "unauthenticated"
+        assert client.get("/api/health").json()["status"] == "ok"
+        assert client.get("/api/setup").json() == {
+            "admin_exists": True,
+            "setup_code_required": False,
+        }
+
+
+def test_static_shell_is_public_but_holds_no_data(server: LiveServer) -> None:
+    with server.client() as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert page.headers["x-frame-options"] == "DENY"
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        assert client.get("/no-such-page").json()["code"] == "not_found"
+
+
+def test_openapi_schema_is_served_to_signed_in_callers(viewer: httpx.Client) -> None:
+    schema = viewer.get("/api/openapi.json").json()
+    assert "/api/points/{point_id}/files" in schema["paths"]
+    assert "AssetCreate" in schema["components"]["schemas"]
+    assert "AssetPublic" in schema["components"]["schemas"]
+
+
+# --- sessions, CSRF, tokens, throttling -----------------------------------------------------------------
+
+
+def test_setup_is_refused_once_an_admin_exists(server: LiveServer) -> None:
+    with server.client() as client:
+        r = client.post("/api/setup", json={"name": "intruder", "password": "password-123"})
+    assert r.status_code == 409 and r.json()["code"] == "conflict"
+
+
+def test_login_sets_hardened_cookies_and_logout_ends_the_session(server: LiveServer) -> None:
+    with server.client() as client:
+        r = client.post("/api/login", json={"name": "viewer", "password": PASSWORDS["viewer"]})
+        assert r.status_code == 200
+        cookies = r.headers.get_list("set-cookie")
+        session = next(c for c in cookies if c.startswith("appliance_session="))
+        csrf = next(c for c in cookies if c.startswith("appliance_csrf="))
+        assert "HttpOnly" in session and "SameSite=strict" in session
+        assert "HttpOnly" not in csrf and "SameSite=strict" in csrf
+        assert "Secure" not in session  # plain HTTP on loopback; TLS adds Secure (test below)
+        assert client.get("/api/me").json() == {
+            "name": "viewer",
+            "role": "viewer",
+            "via": "session",
+        }
+        token = r.json()["csrf_token"]
+        assert client.post("/api/logout", headers={"X-CSRF-Token": token}).status_code == 204
+        stale = httpx.Client(
+            base_url=server.url, cookies={"appliance_session": r.cookies["appliance_session"]}
+        )
+        with stale:
+            assert stale.get("/api/me").status_code == 401
+
+
+def test_session_cookie_is_secure_with_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api_support import weak_kdf_env
+
+    from api.app import create_app
+
+    weak_kdf_env(monkeypatch)
+    settings = service_settings(tmp_path / "data", tls=True)
+    with TestClient(create_app(settings), base_url="https://testserver") as client:
+        code = (tmp_path / "data" / "secrets" / "setup-code").read_text().strip()
+        created = client.post(
+            "/api/setup", json={"name": "root", "password": "password-123", "setup_code": code}
+        )
+        assert created.status_code == 201, created.text
+        r = client.post("/api/login", json={"name": "root", "password": "password-123"})
+        assert all("Secure" in c for c in r.headers.get_list("set-cookie"))
+
+
+def test_cookie_writes_need_the_csrf_header(server: LiveServer, tmp_path: Path) -> None:
+    with server.client() as client:
+        token = login(client, *ADMIN)
+        body = {"name": "csrf-asset", "kind": "files", "path": str(tmp_path)}
+        missing = client.post("/api/assets", json=body)
+        assert missing.status_code == 403 and missing.json()["code"] == "csrf_failed"
+        wrong = client.post("/api/assets", json=body, headers={"X-CSRF-Token": "forged"})
+        assert wrong.status_code == 403 and wrong.json()["code"] == "csrf_failed"
+        # A header copied from another session's cookie does not match this session.
+        with server.client() as other:
+            other_token = login(other, "viewer", PASSWORDS["viewer"])
+        client.cookies.set("appliance_csrf", other_token)
+        crossed = client.post("/api/assets", json=body, headers={"X-CSRF-Token": other_token})
+        assert crossed.status_code == 403
+        client.cookies.set("appliance_csrf", token)
+        ok = client.post("/api/assets", json=body, headers={"X-CSRF-Token": token})
+        assert ok.status_code == 201, ok.text
+        assert client.get("/api/assets/csrf-asset").status_code == 200  # reads need no header
+        gone = client.delete("/api/assets/csrf-asset", headers={"X-CSRF-Token": token})
+        assert gone.status_code == 204
+
+
+def test_tokens_are_scoped_hashed_and_revocable(server: LiveServer, admin: httpx.Client) -> None:
+    r = admin.post("/api/tokens", json={"user": "operator", "role": "viewer"})
+    assert r.status_code == 201
+    created = r.json()
+    assert created["role"] == "viewer" and created["token"].startswith("apl_")
+    listed = {t["id"]: t for t in admin.get("/api/tokens", params={"user": "operator"}).json()}
+    assert created["id"] in listed and "token" not in listed[created["id"]]
+    catalog = server.service.app.catalog
+    stored = next(t for t in catalog.list_tokens("operator") if t.id == created["id"])
+    assert stored.hashed == hashlib.sha256(created["token"].encode()).hexdigest()
+    headers = {"Authorization": f"Bearer {created['token']}"}
+    with server.client(headers=headers) as client:
+        assert client.get("/api/me").json()["role"] == "viewer"
+        assert client.post("/api/verify", json={}).status_code == 403  # scoped below operator
+        revoked = admin.delete(f"/api/tokens/{created['id']}")
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+        after = client.get("/api/me")
+        assert after.status_code == 401 and after.json()["code"] == "unauthenticated"
+    too_high = admin.post("/api/tokens", json={"user": "viewer", "role": "admin"})
+    assert too_high.status_code == 400
+    with server.client(headers={"Authorization": "Basic abc"}) as client:
+        assert client.get("/api/me").status_code == 401
+
+
+def test_demoting_a_user_demotes_their_tokens(server: LiveServer, admin: httpx.Client) -> None:
+    assert (
+        admin.post(
+            "/api/users", json={"name": "shifty", "role": "operator", "password": "password-123"}
+        ).status_code
+        == 201
+    )
+    token = admin.post("/api/tokens", json={"user": "shifty"}).json()["token"]
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as client:
+        assert client.get("/api/me").json()["role"] == "operator"
+        assert admin.patch("/api/users/shifty", json={"role": "viewer"}).json()["role"] == "viewer"
+        assert client.get("/api/me").json()["role"] == "viewer"
+        assert admin.delete("/api/users/shifty").status_code == 204
+        assert client.get("/api/me").status_code == 401
+
+
+def test_login_throttling(server: LiveServer, admin: httpx.Client) -> None:
+    assert (
+        admin.post(
+            "/api/users", json={"name": "victim", "role": "viewer", "password": "right-password"}
+        ).status_code
+        == 201
+    )
+    with server.client() as client:
+        for _ in range(LOGIN_FREE_FAILURES):
+            r = client.post("/api/login", json={"name": "victim", "password": "wrong"})
+            assert r.status_code == 401 and r.json()["code"] == "invalid_credentials"
+        r = client.post("/api/login", json={"name": "victim", "password": "wrong"})
+        assert r.status_code == 429 and r.json()["code"] == "login_throttled"
+        assert int(r.headers["retry-after"]) >= 1
+        # Even the right password waits: the throttle answers before the password is checked.
+        r = client.post("/api/login", json={"name": "victim", "password": "right-password"})
+        assert r.status_code == 429
+        # Another user on the same client is not affected.
+        assert (
+            client.post(
+                "/api/login", json={"name": "viewer", "password": PASSWORDS["viewer"]}
+            ).status_code
+            == 200
+        )
+        time.sleep(float(r.headers["retry-after"]) + 0.1)
+        r = client.post("/api/login", json={"name": "victim", "password": "right-password"})
+        assert r.status_code == 200, r.text
+    failed = [a for a in admin.get("/api/audit").json() if a["action"] == "login.failed"]
+    assert any(a["actor"] == "victim" for a in failed)
+
+
+def test_change_own_password(server: LiveServer, admin: httpx.Client) -> None:
+    admin.post(
+        "/api/users", json={"name": "pw-user", "role": "viewer", "password": "first-password"}
+    )
+    with server.client() as client:
+        token = login(client, "pw-user", "first-password")
+        wrong = client.post(
+            "/api/me/password",
+            json={"current_password": "nope", "new_password": "second-password"},
+            headers={"X-CSRF-Token": token},
+        )
+        assert wrong.status_code == 401
+        r = client.post(
+            "/api/me/password",
+            json={"current_password": "first-password", "new_password": "second-password"},
+            headers={"X-CSRF-Token": token},
+        )
+        assert r.status_code == 204
+    with server.client() as client:
+        login(client, "pw-user", "second-password")
+
+
+# --- users ----------------------------------------------------------------------------------------------------
+
+
+def test_users_crud_and_last_admin_protection(admin: httpx.Client) -> None:
+    r = admin.post(
+        "/api/users", json={"name": "alice", "role": "viewer", "password": "password-123"}
+    )
+    assert r.status_code == 201 and r.json()["role"] == "viewer"
+    assert "password" not in r.json() and "password_hash" not in r.json()
+    assert (
+        admin.post("/api/users", json={"name": "alice", "password": "password-123"}).json()["code"]
+        == "conflict"
+    )
+    assert admin.get("/api/users/alice").json()["name"] == "alice"
+    assert admin.patch("/api/users/alice", json={"role": "operator"}).json()["role"] == "operator"
+    assert "alice" in {u["name"] for u in admin.get("/api/users").json()}
+    assert admin.delete("/api/users/alice").status_code == 204
+    assert admin.get("/api/users/alice").status_code == 404
+    demote = admin.patch(f"/api/users/{ADMIN[0]}", json={"role": "viewer"})
+    assert demote.status_code == 409
+    assert admin.delete(f"/api/users/{ADMIN[0]}").status_code == 409
+    short = admin.post("/api/users", json={"name": "bob", "password": "short"})
+    assert short.status_code == 422 and short.json()["code"] == "validation_error"
+
+
+# --- error mapping ------------------------------------------------------------------------------------------
+
+
+def test_error_bodies_carry_stable_codes(admin: httpx.Client, tmp_path: Path) -> None:
+    missing = admin.get("/api/assets/nope")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "code": "not_found",
+        "message": "asset nope is not in the catalog",
+        "details": {"asset": "nope"},
+    }
+    bad_path = admin.post("/api/assets", json={"name": "e1", "kind": "files", "path": "/nope/x"})
+    assert bad_path.status_code == 400 and bad_path.json()["code"] == "invalid_input"
+    malformed = admin.post("/api/assets", json={"name": "bad name!", "kind": "files"})
+    assert malformed.status_code == 422
+    body = malformed.json()
+    assert body["code"] == "validation_error" and body["details"]["errors"][0]["loc"][-1] == "name"
+    not_json = admin.post("/api/assets", content=b"{", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 422 and not_json.json()["code"] == "validation_error"
+    assert (
+        admin.post(
+            "/api/assets", json={"name": "e2", "kind": "files", "path": str(tmp_path)}
+        ).status_code
+        == 201
+    )
+    dup = admin.post("/api/assets", json={"name": "e2", "kind": "files", "path": str(tmp_path)})
+    assert dup.status_code == 409 and dup.json()["code"] == "conflict"
+    assert admin.delete("/api/assets/e2").status_code == 204
+    method = admin.put("/api/points")
+    assert method.status_code == 405 and method.json()["code"] == "method_not_allowed"
+    prefix = admin.get("/api/points/ab")
+    assert prefix.status_code == 400 and prefix.json()["code"] == "invalid_input"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (NotFound(), 404),
+        (InvalidInput(), 400),
+        (Conflict(), 409),
+        (LockHeld(), 409),
+        (WrongPassphrase(), 401),
+        (StoreFull(), 507),
+        (ApplianceError(), 500),
+    ],
+)
+def test_domain_errors_map_to_statuses_in_one_place(error: ApplianceError, status: int) -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise error
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/boom")
+    assert r.status_code == status == STATUS_BY_KIND[error.kind]
+    assert r.json() == {"code": error.code, "message": error.message, "details": {}}
+
+
+def test_unexpected_errors_become_a_generic_500() -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/bug")
+    def bug() -> None:
+        raise RuntimeError("secret internals")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/bug")
+    assert r.status_code == 500 and r.json()["code"] == "internal_error"
+    assert "secret" not in r.text
+
+
+# --- assets, policies ---------------------------------------------------------------------------------------
+
+
+def test_assets_crud(admin: httpx.Client, viewer: httpx.Client, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    r = admin.post(
+        "/api/assets",
+        json={"name": "crud", "kind": "files", "path": str(tmp_path / "a"), "description": "d"},
+    )
+    assert r.status_code == 201
+    assert r.json()["path"] == str(tmp_path / "a") and r.json()["policies"] == []
+    assert viewer.get("/api/assets/crud").json()["description"] == "d"
+    updated = admin.put("/api/assets/crud", json={"path": str(tmp_path / "b")})
+    assert updated.status_code == 200 and updated.json()["path"] == str(tmp_path / "b")
+    assert "crud" in [a["name"] for a in viewer.get("/api/assets").json()]
+    inside = admin.put("/api/assets/crud", json={"path": str(admin_data_dir(admin))})
+    assert inside.status_code == 400
+    wrong_kind = admin.post(
+        "/api/assets", json={"name": "crud2", "kind": "vm", "path": str(tmp_path)}
+    )
+    assert wrong_kind.status_code == 400
+    assert admin.delete("/api/assets/crud").status_code == 204
+    assert admin.get("/api/assets/crud").status_code == 404
+
+
+def admin_data_dir(client: httpx.Client) -> Path:
+    pools = client.get("/api/pools").json()
+    return Path(pools[0]["path"]).parents[2]
+
+
+def test_policies_crud_with_several_schedule_entries(admin: httpx.Client, tmp_path: Path) -> None:
+    admin.post("/api/assets", json={"name": "pol-asset", "kind": "files", "path": str(tmp_path)})
+    body = {
+        "name": "hourly-weekly",
+        "asset": "pol-asset",
+        "schedule": {
+            "entries": [
+                {"cron": "0 * * * *", "mode": "incremental"},
+                {"cron": "0  3 * * 0", "mode": "full"},
+            ],
+            "catch_up": "once",
+        },
+        "mode": "incremental",
+        "retention": {"keep_daily": 7, "keep_weekly": 4},
+        "rpo_seconds": 7200,
+    }
+    r = admin.post("/api/policies", json=body)
+    assert r.status_code == 201, r.text
+    policy = r.json()
+    assert policy["schedule"]["entries"][1]["cron"] == "0 3 * * 0"  # normalised
+    assert policy["retention"] == {"keep_daily": 7, "keep_weekly": 4}
+    assert [e["next_at"] is not None for e in policy["entries"]] == [True, True]
+    assert all(e["last_fired_at"] is not None for e in policy["entries"])
+    assert admin.get("/api/assets/pol-asset").json()["policies"] == ["hourly-weekly"]
+    bad = {**body, "name": "bad", "schedule": {"entries": [{"cron": "61 * * * *"}]}}
+    r = admin.post("/api/policies", json=bad)
+    assert r.status_code == 422 and "cron" in r.json()["message"]
+    twice = {**body, "name": "twice", "schedule": {"entries": [{"cron": "0 * * * *"}] * 2}}
+    assert admin.post("/api/policies", json=twice).status_code == 400
+    assert admin.get("/api/policies/twice").status_code == 404
+    never = {**body, "name": "never", "schedule": {"entries": [{"cron": "0 0 31 2 *"}]}}
+    assert admin.post("/api/policies", json=never).status_code == 422
+    update = {k: v for k, v in body.items() if k != "name"}
+    update["rpo_seconds"] = 60
+    r = admin.put("/api/policies/hourly-weekly", json=update)
+    assert r.status_code == 200 and r.json()["rpo_seconds"] == 60
+    assert [
+        p["name"] for p in admin.get("/api/policies", params={"asset": "pol-asset"}).json()
+    ] == ["hourly-weekly"]
+    assert admin.delete("/api/assets/pol-asset").status_code == 409  # still has a policy
+    assert admin.delete("/api/policies/hourly-weekly").status_code == 204
+    assert admin.delete("/api/assets/pol-asset").status_code == 204
+
+
+def test_policy_run_backs_up_then_prunes_by_its_retention(
+    server: LiveServer, admin: httpx.Client, operator: httpx.Client, tmp_path: Path
+) -> None:
+    (tmp_path / "f.txt").write_text("v1")
+    admin.post("/api/assets", json={"name": "ret-asset", "kind": "files", "path": str(tmp_path)})
+    admin.post(
+        "/api/policies",
+        json={"name": "keep-two", "asset": "ret-asset", "retention": {"keep_last": 2}},
+    )
+    for i in range(3):
+        (tmp_path / "f.txt").write_text(f"v{i + 2}")
+        r = operator.post("/api/policies/keep-two/run", json={})
+        assert r.status_code == 202
+        job = wait_job(operator, r.json()["id"])
+        assert job["state"] == "succeeded" and job["kind"] == "policy_backup"
+        prune = wait_job(operator, job["result"]["prune_job"])
+        assert prune["state"] == "succeeded"
+    points = operator.get("/api/points", params={"asset": "ret-asset"}).json()
+    assert len(points) == 2
+
+
+# --- points: browse, download, restore -------------------------------------------------------------------
+
+
+def test_point_list_and_detail(viewer: httpx.Client, files_point: dict[str, Any]) -> None:
+    points = viewer.get("/api/points", params={"asset": "tree"}).json()
+    assert [p["id"] for p in points] == [files_point["point"]]
+    detail = viewer.get(f"/api/points/{files_point['point']}").json()
+    assert detail["id"] == files_point["point"] and detail["kind"] == "files"
+    assert detail["manifest"]["source"] == str(files_point["source"])
+    assert detail["manifest"]["stats"]["files"] >= 25
+    assert detail["copies"][0]["location_kind"] == "pool"
+    assert detail["copies"][0]["state"] == "present"
+
+
+def test_browse_directories_with_pages(viewer: httpx.Client, files_point: dict[str, Any]) -> None:
+    pid = files_point["point"]
+    top = viewer.get(f"/api/points/{pid}/files").json()
+    assert [(e["name"], e["type"]) for e in top["entries"]] == [
+        ("docs", "dir"),
+        ("many", "dir"),
+        ("top.txt", "file"),
+    ]
+    docs = viewer.get(f"/api/points/{pid}/files", params={"path": "docs"}).json()
+    by_name = {e["name"]: e for e in docs["entries"]}
+    assert set(by_name) == {"big.bin", "empty", "hard.txt", "link", "readme.md"}
+    assert by_name["big.bin"]["size"] == 5 * 1024 * 1024 + 123
+    assert by_name["link"]["type"] == "symlink" and by_name["link"]["target"] == "readme.md"
+    assert by_name["hard.txt"]["type"] == "file"  # the first name of the pair (walk order)
+    top_txt = top["entries"][2]
+    assert top_txt["type"] == "file" and top_txt["target"] == "docs/hard.txt"
+    assert top_txt["size"] == (files_point["source"] / "top.txt").stat().st_size
+    names: list[str] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"path": "/many/", "limit": 10}
+        if after:
+            params["after"] = after
+        page = viewer.get(f"/api/points/{pid}/files", params=params).json()
+        names += [e["name"] for e in page["entries"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert names == [f"f{i:02d}" for i in range(25)]
+    missing = viewer.get(f"/api/points/{pid}/files", params={"path": "nope"})
+    assert missing.status_code == 404
+    not_dir = viewer.get(f"/api/points/{pid}/files", params={"path": "top.txt"})
+    assert not_dir.status_code == 400
+    escape = viewer.get(f"/api/points/{pid}/files", params={"path": "../etc"})
+    assert escape.status_code == 400 and escape.json()["code"] == "unsafe_restore_path"
+
+
+def test_download_a_file_streams_its_exact_bytes(
+    server: LiveServer, operator: httpx.Client, viewer: httpx.Client, files_point: dict[str, Any]
+) -> None:
+    pid, source = files_point["point"], files_point["source"]
+    with operator.stream(
+        "GET", f"/api/points/{pid}/download", params={"path": "docs/big.bin"}
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-length"] == str((source / "docs" / "big.bin").stat().st_size)
+        assert 'filename="big.bin"' in r.headers["content-disposition"]
+        data = b"".join(r.iter_bytes())
+    assert data == (source / "docs" / "big.bin").read_bytes()
+    hard = operator.get(f"/api/points/{pid}/download", params={"path": "docs/hard.txt"})
+    assert hard.content == (source / "top.txt").read_bytes()
+    empty = operator.get(f"/api/points/{pid}/download", params={"path": "docs/empty"})
+    assert empty.status_code == 200 and empty.content == b""
+    assert viewer.get(f"/api/points/{pid}/download", params={"path": "top.txt"}).status_code == 403
+    link = operator.get(f"/api/points/{pid}/download", params={"path": "docs/link"})
+    assert link.status_code == 400
+    audit = server.service.app.catalog.list_audit(50)
+    assert any(
+        a.action == "point.download"
+        and a.actor == "operator"
+        and a.details["path"] == "docs/big.bin"
+        for a in audit
+    )
+
+
+def test_download_a_folder_as_tar(
+    operator: httpx.Client, files_point: dict[str, Any], tmp_path: Path
+) -> None:
+    pid, source = files_point["point"], files_point["source"]
+    r = operator.get(f"/api/points/{pid}/download", params={"path": "docs"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path, filter="tar")
+    assert _snapshot(tmp_path / "docs") == _snapshot(source / "docs")
+    whole = operator.get(f"/api/points/{pid}/download", params={"format": "tar"})
+    with tarfile.open(fileobj=io.BytesIO(whole.content)) as tar:
+        assert "many/f24" in tar.getnames()
+
+
+def test_download_a_folder_as_zip(operator: httpx.Client, files_point: dict[str, Any]) -> None:
+    pid, source = files_point["point"], files_point["source"]
+    r = operator.get(f"/api/points/{pid}/download", params={"path": "docs", "format": "zip"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+        assert archive.testzip() is None
+        names = set(archive.namelist())
+        assert names == {
+            "docs/",
+            "docs/big.bin",
+            "docs/empty",
+            "docs/hard.txt",
+            "docs/link",
+            "docs/readme.md",
+        }
+        for name in ("big.bin", "readme.md", "empty"):
+            assert archive.read(f"docs/{name}") == (source / "docs" / name).read_bytes()
+        assert archive.read("docs/hard.txt") == (source / "top.txt").read_bytes()
+        link = archive.getinfo("docs/link")
+        assert stat.S_ISLNK(link.external_attr >> 16) and archive.read(link) == b"readme.md"
+
+
+def test_restore_job_restores_byte_exact(
+    server: LiveServer, operator: httpx.Client, files_point: dict[str, Any], tmp_path: Path
+) -> None:
+    pid, source = files_point["point"], files_point["source"]
+    target = tmp_path / "restored"
+    r = operator.post(f"/api/points/{pid}/restore", json={"target": str(target)})
+    assert r.status_code == 202
+    job = wait_job(operator, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert _snapshot(target) == _snapshot(source)
+    assert os.stat(target / "docs" / "hard.txt").st_ino == os.stat(target / "top.txt").st_ino
+    one = operator.post(
+        f"/api/points/{pid}/restore",
+        json={"target": str(tmp_path / "one"), "path": "docs/readme.md"},
+    )
+    assert wait_job(operator, one.json()["id"])["state"] == "succeeded"
+    assert (tmp_path / "one" / "readme.md").read_bytes() == (
+        source / "docs" / "readme.md"
+    ).read_bytes()
+    into_data = operator.post(
+        f"/api/points/{pid}/restore", json={"target": str(server.settings.data_dir / "x")}
+    )
+    assert into_data.status_code == 400
+    relative = operator.post(f"/api/points/{pid}/restore", json={"target": "relative/path"})
+    assert relative.status_code == 422
+    audit = server.service.app.catalog.list_audit(100)
+    assert any(a.action == "point.restore" and a.actor == "operator" for a in audit)
+
+
+def test_vm_asset_backup_and_disk_restore(
+    admin: httpx.Client, operator: httpx.Client, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+        f.seek(1024 * 1024)
+        f.write(os.urandom(256 * 1024))
+    spec = tmp_path / "vm.json"
+    spec.write_text(json.dumps({"name": "web", "vcpus": 2, "memory_mib": 1024}))
+    r = admin.post(
+        "/api/assets",
+        json={"name": "web", "kind": "vm", "disks": [str(disk)], "vm_spec": str(spec)},
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["disks"] == [str(disk)] and r.json()["vm_spec"] == str(spec)
+    job = wait_job(operator, operator.post("/api/assets/web/backup", json={}).json()["id"])
+    assert job["state"] == "succeeded", job
+    point = operator.get(f"/api/points/{job['result']['point']}").json()
+    assert point["kind"] == "image" and point["manifest"]["disks"][0]["size"] == 4 * 1024 * 1024
+    assert point["manifest"]["vm"]["vcpus"] == 2
+    assert operator.get(f"/api/points/{point['id']}/files").status_code == 400
+    out = tmp_path / "restored.img"
+    r = operator.post(f"/api/points/{point['id']}/restore", json={"target": str(out)})
+    assert wait_job(operator, r.json()["id"])["state"] == "succeeded"
+    assert out.read_bytes() == disk.read_bytes()
+
+
+# --- maintenance ------------------------------------------------------------------------------------------------
+
+
+def test_verify_jobs_mark_points(operator: httpx.Client, files_point: dict[str, Any]) -> None:
+    pid = files_point["point"]
+    job = wait_job(operator, operator.post(f"/api/points/{pid}/verify").json()["id"])
+    assert job["state"] == "succeeded" and job["result"]["ok"] is True
+    assert operator.get(f"/api/points/{pid}").json()["verify_status"] == "ok"
+    store = wait_job(operator, operator.post("/api/verify", json={}).json()["id"])
+    assert store["state"] == "succeeded"
+
+
+def test_retention_preview_then_prune_then_gc(
+    admin: httpx.Client, operator: httpx.Client, viewer: httpx.Client, tmp_path: Path
+) -> None:
+    (tmp_path / "x").write_text("1")
+    admin.post("/api/assets", json={"name": "prunable", "kind": "files", "path": str(tmp_path)})
+    ids = []
+    for i in range(3):
+        (tmp_path / "x").write_text(str(i) * 1000)
+        job = wait_job(operator, operator.post("/api/assets/prunable/backup", json={}).json()["id"])
+        ids.append(job["result"]["point"])
+    rules = {"asset": "prunable", "rules": {"keep_last": 1}}
+    preview = viewer.post("/api/retention/preview", json=rules).json()
+    assert [p["id"] for p in preview["keep"]] == [ids[-1]]
+    assert preview["keep"][0]["reasons"] == ["last"]
+    assert sorted(p["id"] for p in preview["remove"]) == sorted(ids[:2])
+    assert len(viewer.get("/api/points", params={"asset": "prunable"}).json()) == 3  # dry run
+    empty = viewer.post("/api/retention/preview", json={"asset": "prunable", "rules": {}})
+    assert empty.status_code == 400
+    assert operator.post("/api/retention/prune", json=rules).status_code == 403
+    job = wait_job(admin, admin.post("/api/retention/prune", json=rules).json()["id"])
+    assert job["state"] == "succeeded" and sorted(job["result"]["remove"]) == sorted(ids[:2])
+    assert [p["id"] for p in viewer.get("/api/points", params={"asset": "prunable"}).json()] == [
+        ids[-1]
+    ]
+    gc = wait_job(admin, admin.post("/api/gc", json={"grace_seconds": 0}).json()["id"])
+    assert gc["state"] == "succeeded", gc
+
+
+def test_delete_point_and_rebuild_catalog(
+    admin: httpx.Client, operator: httpx.Client, tmp_path: Path
+) -> None:
+    (tmp_path / "y").write_text("y")
+    admin.post("/api/assets", json={"name": "deletable", "kind": "files", "path": str(tmp_path)})
+    job = wait_job(operator, operator.post("/api/assets/deletable/backup", json={}).json()["id"])
+    pid = job["result"]["point"]
+    assert operator.delete(f"/api/points/{pid}").status_code == 403
+    assert admin.delete(f"/api/points/{pid}").status_code == 204
+    assert admin.get(f"/api/points/{pid}").status_code == 404
+    rebuild = wait_job(admin, admin.post("/api/catalog/rebuild").json()["id"])
+    assert rebuild["state"] == "succeeded" and rebuild["result"]["damaged"] == 0
+
+
+def test_recovery_key_is_admin_only_and_audited(
+    server: LiveServer, admin: httpx.Client, operator: httpx.Client
+) -> None:
+    assert operator.get("/api/recovery-key").status_code == 403
+    key = admin.get("/api/recovery-key").json()
+    assert key["store_id"] == server.service.app.repo.store_id and len(key["recovery_key"]) > 20
+    assert server.service.app.catalog.list_audit(5)[0].action == "key.export"
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+
+
+def _sleep_job(server: LiveServer, **params: Any) -> str:
+    return str(server.service.jobs.submit("test_sleep", params).id)
+
+
+def _wait_state(
+    client: httpx.Client, job_id: str, state: str, timeout: float = 30
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] == state:
+            return dict(job)
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_job_lifecycle_cancel_and_retry(
+    server: LiveServer, operator: httpx.Client, viewer: httpx.Client
+) -> None:
+    job_id = _sleep_job(server, lane="lifecycle")
+    running = _wait_state(viewer, job_id, "running")
+    assert running["description"] == "sleep" and running["started_at"] is not None
+    time.sleep(0.3)
+    live = viewer.get(f"/api/jobs/{job_id}").json()
+    assert live["progress"]["bytes_total"] == 2000 and live["progress"]["bytes_done"] > 0
+    assert viewer.post(f"/api/jobs/{job_id}/cancel").status_code == 403
+    assert operator.post(f"/api/jobs/{job_id}/cancel").status_code == 200
+    cancelled = _wait_state(viewer, job_id, "cancelled")
+    assert cancelled["finished_at"] is not None
+    log = viewer.get(f"/api/jobs/{job_id}/log").json()
+    assert log[0]["seq"] == 1 and log[-1]["message"] == "cancelled"
+    tail = viewer.get(f"/api/jobs/{job_id}/log", params={"after_seq": log[-2]["seq"]}).json()
+    assert [line["seq"] for line in tail] == [log[-1]["seq"]]
+    retried = operator.post(f"/api/jobs/{job_id}/retry")
+    assert retried.status_code == 202 and retried.json()["id"] != job_id
+    assert retried.headers["location"] == f"/api/jobs/{retried.json()['id']}"
+    _wait_state(viewer, retried.json()["id"], "running")
+    operator.post(f"/api/jobs/{retried.json()['id']}/cancel")
+    _wait_state(viewer, retried.json()["id"], "cancelled")
+    listed = viewer.get("/api/jobs", params={"kind": "test_sleep", "state": "cancelled"}).json()
+    assert {job_id, retried.json()["id"]} <= {j["id"] for j in listed}
+
+
+def test_queued_job_shows_why_it_waits_and_cancels_before_running(
+    server: LiveServer, operator: httpx.Client, viewer: httpx.Client
+) -> None:
+    first = _sleep_job(server, lane="busy", steps=200)
+    _wait_state(viewer, first, "running")
+    # The server runs at most three jobs at once: the fourth waits for a slot.
+    others = [_sleep_job(server, lane=f"slot{i}", steps=200) for i in range(3)]
+    waiting = others[-1]
+    job = _wait_state(viewer, waiting, "queued")
+    deadline = time.monotonic() + 10
+    while "waiting" not in job["progress"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = viewer.get(f"/api/jobs/{waiting}").json()
+    assert job["state"] == "queued" and "free job slot" in job["progress"]["waiting"]
+    assert operator.post(f"/api/jobs/{waiting}/cancel").json()["state"] == "cancelled"
+    for job_id in [first, *others[:-1]]:
+        operator.post(f"/api/jobs/{job_id}/cancel")
+        _wait_state(viewer, job_id, "cancelled")
+
+
+def test_job_event_stream(server: LiveServer, operator: httpx.Client) -> None:
+    job_id = _sleep_job(server, lane="sse")
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with (
+        server.as_role("viewer") as client,
+        client.stream("GET", f"/api/jobs/{job_id}/events") as r,
+    ):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for kind, data in sse_events(r):
+            seen.append((kind, json.loads(data)))
+            logs = [d for k, d in seen if k == "log"]
+            if len(logs) == 3:
+                operator.post(f"/api/jobs/{job_id}/cancel")
+            if kind == "end":
+                break
+    kinds = [k for k, _ in seen]
+    assert kinds[0] == "job" and kinds[-1] == "end"
+    assert seen[-1][1] == {"id": job_id, "state": "cancelled"}
+    assert any(k == "job" and d["state"] == "running" for k, d in seen)
+    progress = [d["progress"].get("bytes_done", 0) for k, d in seen if k == "job"]
+    assert max(progress) > 0
+    seqs = [d["seq"] for k, d in seen if k == "log"]
+    assert seqs == list(range(1, len(seqs) + 1))
+    # Resuming after the last seen log line replays nothing already seen.
+    with (
+        server.as_role("viewer") as client,
+        client.stream(
+            "GET", f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": str(seqs[-1])}
+        ) as r,
+    ):
+        rest = [k for k, _ in sse_events(r)]
+    assert rest == ["job", "end"]
+    missing = operator.get("/api/jobs/nope/events")
+    assert missing.status_code == 404
+
+
+def test_global_event_stream_reports_job_changes(
+    server: LiveServer, operator: httpx.Client
+) -> None:
+    events: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with (
+            server.as_role("viewer") as client,
+            client.stream("GET", "/api/events", params={"max_seconds": 20}) as r,
+        ):
+            for kind, data in sse_events_with_ready(r, ready):
+                if kind == "job":
+                    events.append(json.loads(data))
+                    if any(e["state"] == "cancelled" for e in events if e["kind"] == "test_sleep"):
+                        return
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    assert ready.wait(10)
+    time.sleep(0.6)  # one poll: the stream's baseline is taken before the job exists
+    job_id = _sleep_job(server, lane="global")
+    deadline = time.monotonic() + 10
+    while not any(e["id"] == job_id and e["state"] == "running" for e in list(events)):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.05)
+    operator.post(f"/api/jobs/{job_id}/cancel")
+    listener.join(30)
+    states = [e["state"] for e in events if e["id"] == job_id]
+    assert "cancelled" in states and states[0] in ("queued", "running")
+
+
+def sse_events_with_ready(r: httpx.Response, ready: threading.Event) -> Iterator[tuple[str, str]]:
+    ready.set()
+    yield from sse_events(r)
+
+
+# --- dashboard, pools, settings, audit, metrics ------------------------------------------------------------------
+
+
+def test_dashboard_rpo_status_follows_the_clock(
+    server: LiveServer,
+    admin: httpx.Client,
+    operator: httpx.Client,
+    viewer: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "z").write_text("z")
+    admin.post("/api/assets", json={"name": "rpo-asset", "kind": "files", "path": str(tmp_path)})
+    admin.post("/api/assets", json={"name": "rpo-none", "kind": "files", "path": str(tmp_path)})
+    admin.post(
+        "/api/policies", json={"name": "rpo-policy", "asset": "rpo-asset", "rpo_seconds": 3600}
+    )
+
+    def status_of(name: str) -> dict[str, Any]:
+        board = viewer.get("/api/dashboard").json()
+        return dict(next(a for a in board["assets"] if a["asset"] == name))
+
+    before = status_of("rpo-asset")
+    assert before["rpo_status"] == "missed" and before["last_point_id"] is None
+    assert status_of("rpo-none")["rpo_status"] == "none"
+    job = wait_job(operator, operator.post("/api/policies/rpo-policy/run", json={}).json()["id"])
+    try:
+        server.clock.offset = timedelta(minutes=30)
+        met = status_of("rpo-asset")
+        assert met["rpo_status"] == "met" and met["rpo_seconds"] == 3600
+        assert met["last_point_id"] == job["result"]["point"]
+        assert 1790 <= met["age_seconds"] <= 1900
+        assert met["copies"][0]["location_kind"] == "pool" and met["points"] == 1
+        assert met["logical_bytes"] == 1 and met["stored_bytes"] > 0
+        server.clock.offset = timedelta(hours=2)
+        assert status_of("rpo-asset")["rpo_status"] == "missed"
+    finally:
+        server.clock.offset = timedelta(0)
+    board = viewer.get("/api/dashboard").json()
+    capacity = board["capacity"]
+    assert capacity["total_bytes"] > capacity["free_bytes"] > 0
+    assert len(capacity["series"]) == 30 and capacity["series"][-1]["bytes"] > 0
+    assert capacity["growth_bytes_per_day"] > 0 and capacity["store_bytes"] > 0
+    assert set(board["jobs"]) == {"queued", "running", "failed", "interrupted"}
+
+
+def test_pools(viewer: httpx.Client, files_point: dict[str, Any]) -> None:
+    pools = viewer.get("/api/pools").json()
+    assert [p["name"] for p in pools] == ["default"]
+    pool = pools[0]
+    assert pool["total_bytes"] >= pool["used_bytes"] > 0 and pool["free_bytes"] > 0
+    assert pool["points"] >= 1 and pool["store_bytes"] > 0
+
+
+def test_settings_document(server: LiveServer, admin: httpx.Client, viewer: httpx.Client) -> None:
+    assert viewer.get("/api/settings").json()["timezone"] == "UTC"
+    assert viewer.put("/api/settings", json={}).status_code == 403
+    bad = admin.put("/api/settings", json={"timezone": "Mars/Olympus_Mons"})
+    assert bad.status_code == 400
+    r = admin.put(
+        "/api/settings",
+        json={
+            "appliance_name": "Office NAS",
+            "timezone": "Europe/Berlin",
+            "scheduler_paused": True,
+        },
+    )
+    assert r.status_code == 200 and r.json()["appliance_name"] == "Office NAS"
+    scheduler = server.service.scheduler
+    assert str(scheduler.tz) == "Europe/Berlin" and scheduler.paused
+    assert viewer.get("/api/dashboard").json()["appliance_name"] == "Office NAS"
+    admin.put("/api/settings", json={})
+    assert viewer.get("/api/settings").json()["appliance_name"] == "Backup appliance"
+    assert not scheduler.paused
+
+
+def test_audit_log_records_changes_with_their_actor(admin: httpx.Client, tmp_path: Path) -> None:
+    admin.post("/api/assets", json={"name": "audited", "kind": "files", "path": str(tmp_path)})
+    admin.put("/api/assets/audited", json={"description": "changed"})
+    admin.delete("/api/assets/audited")
+    entries = admin.get("/api/audit", params={"limit": 20}).json()
+    mine = [(e["action"], e["actor"]) for e in entries if e["target"] == "audited"]
+    assert mine[:3] == [
+        ("asset.delete", "admin"),
+        ("asset.update", "admin"),
+        ("asset.create", "admin"),
+    ]
+    assert entries[0]["details"]["via"].startswith("token ")
+
+
+def test_metrics_in_prometheus_format(server: LiveServer, files_point: dict[str, Any]) -> None:
+    with server.client() as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
+    with server.as_role("viewer") as client:
+        r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for needle in (
+        'appliance_jobs{state="succeeded"}',
+        "appliance_backup_logical_bytes_total ",
+        'appliance_pool_bytes{pool="default",kind="free"}',
+        'appliance_newest_point_age_seconds{asset="tree"}',
+        "appliance_job_duration_seconds_bucket{",
+    ):
+        assert needle in text, needle
+    succeeded = next(
+        line for line in text.splitlines() if line.startswith('appliance_jobs{state="succeeded"}')
+    )
+    assert int(succeeded.split()[-1]) >= 1

@@ -1,0 +1,547 @@
+"""The web admin page in a real browser (Playwright driving Debian's Chromium, headless).
+
+A real uvicorn serves the app on 127.0.0.1 (plain HTTP on loopback) over a temporary data
+directory. The tests click through the page as a person would and assert on the words it shows:
+first run, sign-in, an asset and a policy, a backup whose progress reaches 100 % on the jobs
+screen, browsing its point and downloading a file whose bytes match the source, the dashboard,
+live progress with cancel and retry, users and tokens, the audit log and pools.
+
+Screenshots go to a temporary folder; with ``APPLIANCE_WEB_SCREENSHOTS=docs/screenshots`` they
+are copied there too (that is how the ones in docs/web.md were made).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from api_support import ADMIN, LiveServer, live_server, login, service_settings, wait_job
+from web_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    LAPTOP,
+    PageWatch,
+    Screenshots,
+    expect,
+    require_playwright,
+    sign_in,
+)
+
+from appliance.errors import BackupCancelled
+from appliance.jobs import JobKind, register_job_kind
+
+ASSET = "docs"
+POLICY = "nightly"
+EXPECT_TIMEOUT_MS = 15_000
+
+
+# --- a job the tests can watch: it runs for a while, reporting progress ------------------------------
+
+
+def _slow_transfer(app: Any, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    steps = int(p.get("steps", 100))
+    step_bytes = 4_000_000
+    for i in range(steps):
+        if ctx.cancel.is_set():
+            raise BackupCancelled("cancelled")
+        ctx.progress(
+            {"files": i + 1, "bytes_done": (i + 1) * step_bytes, "bytes_total": steps * step_bytes}
+        )
+        if i % 20 == 0:
+            ctx.log("info", f"copied part {i + 1} of {steps}")
+        time.sleep(float(p.get("pause", 0.05)))
+    return {"steps": steps}
+
+
+register_job_kind(
+    "web_test_transfer",
+    JobKind(
+        _slow_transfer,
+        lambda p: [(f"web-test:{p.get('lane', 'a')}", True)],
+        False,
+        lambda p: f"test transfer {p.get('lane', 'a')}",
+    ),
+)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    playwright_factory = require_playwright()
+    with playwright_factory() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def weak_kdf() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
+        for name in list(os.environ):
+            if name.startswith("APPLIANCE_") and name not in (
+                "APPLIANCE_TEST_WEAK_KDF",
+                "APPLIANCE_WEB_SCREENSHOTS",
+            ):
+                mp.delenv(name)
+        yield
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, weak_kdf: None) -> Iterator[LiveServer]:
+    """One appliance for the module; the first admin is created by the first-run test or, when
+    that test does not run first, by :func:`admin_api`."""
+    settings = service_settings(tmp_path_factory.mktemp("web") / "data")
+    with live_server(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Screenshots:
+    return Screenshots(tmp_path_factory.mktemp("screenshots"))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the tests protect: a few files, one of them binary, in nested folders."""
+    root = tmp_path_factory.mktemp("source")
+    (root / "reports" / "2024").mkdir(parents=True)
+    (root / "hello.txt").write_text("hello from the appliance\n")
+    (root / "reports" / "summary.md").write_text("# Summary\n" + "All systems nominal.\n" * 50)
+    (root / "reports" / "2024" / "q4.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    return root
+
+
+def _ensure_admin(server: LiveServer) -> None:
+    with server.client() as c:
+        if not c.get("/api/setup").json()["admin_exists"]:
+            r = c.post("/api/setup", json={"name": ADMIN[0], "password": ADMIN[1]})
+            assert r.status_code == 201, r.text
+
+
+@pytest.fixture
+def admin_api(server: LiveServer) -> Iterator[httpx.Client]:
+    """An API client signed in as the admin (with the CSRF header set)."""
+    _ensure_admin(server)
+    with server.client() as c:
+        c.headers["X-CSRF-Token"] = login(c, *ADMIN)
+        yield c
+
+
+@pytest.fixture
+def backed_up(admin_api: httpx.Client, source: Path) -> str:
+    """The asset with a policy (RPO one day) and at least one point, made through the API when
+    the page tests before did not make them. Returns the newest point's id."""
+    c = admin_api
+    if c.get(f"/api/assets/{ASSET}").status_code == 404:
+        r = c.post("/api/assets", json={"name": ASSET, "kind": "files", "path": str(source)})
+        assert r.status_code == 201, r.text
+    if c.get(f"/api/policies/{POLICY}").status_code == 404:
+        body = {"name": POLICY, "asset": ASSET, "rpo_seconds": 86400}
+        r = c.post("/api/policies", json=body)
+        assert r.status_code == 201, r.text
+    points = c.get("/api/points", params={"asset": ASSET}).json()
+    if not points:
+        job = c.post(f"/api/assets/{ASSET}/backup", json={}).json()
+        assert wait_job(c, job["id"])["state"] == "succeeded"
+        points = c.get("/api/points", params={"asset": ASSET}).json()
+    return str(points[0]["id"])
+
+
+@pytest.fixture
+def page(browser: Any, server: LiveServer) -> Iterator[Any]:
+    context = browser.new_context(viewport=LAPTOP, accept_downloads=True, locale="en-GB")
+    page = context.new_page()
+    watch = PageWatch(page, server.url)
+    yield page
+    context.close()
+    watch.check()
+
+
+@pytest.fixture
+def admin_page(page: Any, server: LiveServer) -> Any:
+    """The page signed in as the admin. The session comes from the API (the sign-in form is
+    tested by itself), which saves every test a round of typing."""
+    _ensure_admin(server)
+    with server.client() as c:
+        login(c, *ADMIN)
+        cookies = [
+            {"name": name, "value": value, "url": server.url} for name, value in c.cookies.items()
+        ]
+    page.context.add_cookies(cookies)
+    page.goto(server.url + "/")
+    expect(page.locator(".user-name")).to_have_text(ADMIN[0])
+    return page
+
+
+def nav(page: Any, label: str) -> None:
+    page.get_by_role("navigation", name="Main").get_by_role("link", name=label).click()
+    expect(page.get_by_role("heading", level=1)).to_be_visible()
+
+
+# --- the tests -------------------------------------------------------------------------------------------
+
+
+def test_first_run_sign_in_and_out(
+    browser: Any, tmp_path: Path, weak_kdf: None, shots: Screenshots
+):
+    """A fresh appliance asks for the admin password; then sign-in, a wrong password in words,
+    and sign-out."""
+    with live_server(service_settings(tmp_path / "data")) as fresh:
+        context = browser.new_context(viewport=LAPTOP)
+        page = context.new_page()
+        watch = PageWatch(page, fresh.url)
+        page.goto(fresh.url + "/")
+        expect(page.get_by_role("heading", name="Welcome to your backup appliance")).to_be_visible()
+        expect(page.get_by_text("No administrator exists yet")).to_be_visible()
+        shots.take(page, "first-run")
+
+        page.get_by_label("Administrator name").fill(ADMIN[0])
+        page.get_by_label("Password", exact=True).fill(ADMIN[1])
+        page.get_by_label("Repeat the password").fill("something else")
+        page.get_by_role("button", name="Create administrator").click()
+        expect(page.get_by_role("alert")).to_contain_text("The passwords differ")
+
+        page.get_by_label("Repeat the password").fill(ADMIN[1])
+        page.get_by_role("button", name="Create administrator").click()
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+        expect(page.locator(".user-name")).to_have_text(ADMIN[0])
+        expect(page.locator(".user-role")).to_have_text("Administrator")
+        expect(page.get_by_text("Nothing is protected yet")).to_be_visible()
+
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        expect(page.get_by_text("You have signed out.")).to_be_visible()
+
+        page.get_by_label("User name").fill(ADMIN[0])
+        page.get_by_label("Password").fill("not-the-password")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_contain_text("The user name or password is wrong.")
+        shots.take(page, "sign-in-error")
+
+        page.get_by_label("Password").fill(ADMIN[1])
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+        # a session that ends (cookies gone) sends the page back to sign-in, in words
+        context.clear_cookies()
+        nav(page, "Jobs")
+        expect(page.get_by_text("Your session has ended.")).to_be_visible()
+        context.close()
+        watch.check()
+
+
+def test_asset_policy_and_backup_to_100_percent(
+    admin_page: Any, server: LiveServer, source: Path, admin_api: httpx.Client, shots: Screenshots
+):
+    """Create the asset and its policy on the page, back it up, watch the job reach 100 %."""
+    page = admin_page
+    if admin_api.get(f"/api/assets/{ASSET}").status_code == 200:
+        pytest.fail("the asset exists already: this test must run on a fresh appliance")
+    nav(page, "Assets & policies")
+    expect(page.get_by_text("No assets yet")).to_be_visible()
+
+    page.get_by_role("button", name="Add asset").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name").fill("bad name!")
+    dialog.get_by_label("Folder", exact=True).fill(str(source))
+    dialog.get_by_role("button", name="Add asset").click()
+    expect(dialog.get_by_role("alert")).to_contain_text(
+        "Name may use only letters, digits, dots, dashes and underscores"
+    )
+    dialog.get_by_label("Name").fill(ASSET)
+    dialog.get_by_label("Folder", exact=True).fill(str(source / "missing"))
+    dialog.get_by_role("button", name="Add asset").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("is not a folder on the appliance")
+    dialog.get_by_label("Folder", exact=True).fill(str(source))
+    dialog.get_by_role("button", name="Add asset").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
+    row = page.locator(f"tr[data-asset={ASSET}]")
+    expect(row).to_contain_text(str(source))
+    expect(row).to_contain_text("No policy")
+
+    page.get_by_role("button", name="Add policy").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name").fill(POLICY)
+    expect(dialog.get_by_text("Every day at 02:00").last).to_be_visible()
+    dialog.get_by_label("RPO target").fill("1")
+    dialog.get_by_label("RPO unit").select_option("86400")
+    dialog.get_by_label("Daily").fill("14")
+    shots.take(page, "policy-dialog")
+    dialog.get_by_role("button", name="Add policy").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
+    policy = page.locator(f"tr[data-policy={POLICY}]")
+    expect(policy).to_contain_text("Every day at 02:00 · Incremental")
+    expect(policy).to_contain_text("Keep 14 daily, 4 weekly")
+    expect(policy).to_contain_text("1 day")
+    expect(row).to_contain_text(POLICY)
+    shots.take(page, "assets", tablet=True)
+
+    page.get_by_role("button", name=f"Back up {ASSET} now").click()
+    expect(page.locator(".toast").filter(has_text=f"Backup of {ASSET} started.")).to_be_visible()
+    nav(page, "Jobs")
+    job = page.locator("tr[data-job]").filter(has_text=f"Backup of {ASSET}").first
+    expect(job).to_be_visible()
+    expect(job.locator(".jp-pct")).to_have_text("100%")
+    expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    expect(job).to_contain_text("Succeeded")
+    expect(job).to_contain_text("3 files")
+
+    job.get_by_role("link", name=re.compile("Backup of")).click()
+    expect(page.get_by_role("heading", name=f"Backup of {ASSET}")).to_be_visible()
+    expect(page.locator(".big-pct")).to_have_text("100%")
+    expect(page.get_by_text("Made recovery point")).to_be_visible()
+    expect(page.locator(".log")).to_contain_text("finished")
+    shots.take(page, "job-done")
+
+
+def test_browse_point_and_download(
+    admin_page: Any, server: LiveServer, source: Path, backed_up: str, shots: Screenshots
+):
+    """Browse the point's folders (breadcrumbs), download a file whose bytes match the source,
+    and a folder as zip."""
+    page = admin_page
+    nav(page, "Recovery points")
+    page.get_by_label("Asset").select_option(ASSET)
+    row = page.locator(f"tr[data-point='{backed_up}']")
+    expect(row).to_contain_text(ASSET)
+    expect(row).to_contain_text("3 files")
+    shots.take(page, "points", tablet=True)
+
+    row.get_by_role("link", name=re.compile("^Browse")).click()
+    expect(page.get_by_role("heading", name=f"Browse: {ASSET}")).to_be_visible()
+    expect(page.locator("tr[data-entry='hello.txt']")).to_be_visible()
+    page.get_by_role("link", name="reports", exact=True).click()
+    expect(page.locator("tr[data-entry='summary.md']")).to_be_visible()
+    page.get_by_role("link", name="2024", exact=True).click()
+    crumbs = page.get_by_role("navigation", name="Breadcrumb")
+    expect(crumbs.get_by_role("link", name="Recovery points")).to_be_visible()
+    expect(crumbs.get_by_role("link", name=ASSET, exact=True)).to_be_visible()
+    expect(crumbs.locator("[aria-current=page]")).to_have_text("2024")
+    entry = page.locator("tr[data-entry='q4.bin']")
+    expect(entry).to_contain_text("3.15 MB")
+
+    with page.expect_download() as info:
+        entry.get_by_role("link", name="Download q4.bin").click()
+    download = info.value
+    assert download.suggested_filename == "q4.bin"
+    assert (
+        Path(download.path()).read_bytes() == (source / "reports" / "2024" / "q4.bin").read_bytes()
+    )
+
+    crumbs.get_by_role("link", name="reports").click()
+    expect(crumbs.locator("[aria-current=page]")).to_have_text("reports")
+    expect(page.locator("tr[data-entry='2024'][data-type=dir]")).to_be_visible()
+    shots.take(page, "browse", tablet=True)
+    with page.expect_download() as info:
+        page.get_by_role("link", name="Download as .zip").click()
+    with zipfile.ZipFile(io.BytesIO(Path(info.value.path()).read_bytes())) as archive:
+        names = set(archive.namelist())
+        assert "reports/summary.md" in names, names
+        assert (
+            archive.read("reports/summary.md") == (source / "reports" / "summary.md").read_bytes()
+        )
+
+    # restore the folder to a path on the appliance, as a job
+    target = source.parent / "restored"
+    page.get_by_role("button", name="Restore…").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_label("Only this file or folder (optional)")).to_have_value("reports")
+    dialog.get_by_label("Restore to").fill(str(target))
+    shots.take(page, "restore-dialog")
+    dialog.get_by_role("button", name="Start restore").click()
+    expect(page.locator(".toast").filter(has_text="Restore to")).to_be_visible()
+    page.locator(".toast").filter(has_text="Restore to").get_by_role(
+        "link", name="Watch progress"
+    ).click()
+    expect(page.get_by_role("heading", name=re.compile("^Restore of"))).to_be_visible()
+    expect(page.locator(".page-head .pill")).to_have_text("Succeeded")
+    restored = target / "reports" / "summary.md"
+    assert restored.read_bytes() == (source / "reports" / "summary.md").read_bytes()
+
+
+def test_dashboard_shows_the_new_point(admin_page: Any, backed_up: str, shots: Screenshots):
+    """The asset's row: last good point with its age, RPO met, the copy and where it lives;
+    the capacity card with its chart."""
+    page = admin_page
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+    row = page.locator(f"tr[data-asset={ASSET}]")
+    expect(row).to_be_visible()
+    expect(page.get_by_role("columnheader", name="Last good point")).to_be_visible()
+    expect(row.get_by_role("link", name=re.compile(r"\d{4}, \d\d:\d\d"))).to_be_visible()
+    expect(row).to_contain_text(re.compile(r"just now|minutes? ago"))
+    expect(row).to_contain_text("RPO met")
+    expect(row).to_contain_text("Target 1 day")
+    expect(row).to_contain_text("1 copy")
+    expect(row).to_contain_text("disk pool")
+    expect(page.get_by_text("1 of 1 met")).to_be_visible()
+    capacity = page.get_by_role("region", name="Capacity")
+    expect(capacity.get_by_role("img", name=re.compile("^Used .* of"))).to_be_visible()
+    expect(capacity).to_contain_text("used")
+    shots.take(page, "dashboard", tablet=True)
+
+
+def test_live_progress_waiting_cancel_and_retry(
+    admin_page: Any, server: LiveServer, shots: Screenshots
+):
+    """The jobs screen follows running jobs over server-sent events: the percentage grows
+    without a reload; a job queued behind another says why it waits; cancel and retry."""
+    page = admin_page
+    nav(page, "Jobs")
+    expect(page.locator(".live")).to_contain_text("Live")
+    jobs = server.service.jobs
+    first = jobs.submit("web_test_transfer", {"lane": "a", "steps": 400, "pause": 0.05})
+    second = jobs.submit("web_test_transfer", {"lane": "a", "steps": 4, "pause": 0.01})
+    row1 = page.locator(f"tr[data-job='{first.id}']")
+    row2 = page.locator(f"tr[data-job='{second.id}']")
+    expect(row1).to_contain_text("Running")
+    expect(row2).to_contain_text("Waiting for job")
+    expect(row2).to_contain_text("is busy")
+
+    def percent() -> int:
+        text = row1.locator(".jp-pct").inner_text().strip()
+        return int(text.rstrip("%") or 0)
+
+    start = percent()
+    deadline = time.monotonic() + 10
+    while percent() < start + 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert percent() >= start + 3, f"progress did not move live: {start}% -> {percent()}%"
+    expect(row1).to_contain_text(re.compile(r"MB of [\d.]+ GB"))
+    expect(row1).to_contain_text("left")
+    shots.take(page, "jobs-live", tablet=True)
+
+    # the job's own screen follows it too: figures and log lines arrive as they happen
+    row1.get_by_role("link", name=re.compile("^Details")).click()
+    expect(page.get_by_role("heading", name="Test transfer a")).to_be_visible()
+    expect(page.locator(".dl-grid")).to_contain_text("Time left")
+    expect(page.locator(".log")).to_contain_text("copied part 21 of 400")
+    shots.take(page, "job-live")
+    page.go_back()
+    expect(row1).to_contain_text("Running")
+
+    row1.get_by_role("button", name=re.compile("^Cancel")).click()
+    expect(row1).to_contain_text("Cancelled")
+    expect(row2).to_contain_text("Succeeded")
+    expect(row2.locator(".jp-pct")).to_have_text("100%")
+
+    row1.get_by_role("button", name=re.compile("^Retry")).click()
+    expect(page.locator(".toast").filter(has_text="started again")).to_be_visible()
+    retried = page.locator("tr[data-job]").filter(has_text="test transfer a").first
+    expect(retried).to_contain_text("Running")
+    retried.get_by_role("button", name=re.compile("^Cancel")).click()
+    expect(retried).to_contain_text("Cancelled")
+
+    page.get_by_role("tab", name="Cancelled").click()
+    expect(page.locator("tr[data-job]")).to_have_count(2)
+    page.get_by_role("tab", name="Failed").click()
+    expect(page.get_by_text("No failed jobs")).to_be_visible()
+
+
+def test_users_tokens_audit_and_pools(admin_page: Any, server: LiveServer, shots: Screenshots):
+    """Create a user with a role; create an API token (shown once, works), revoke it; the audit
+    log and the pools screen in words."""
+    page = admin_page
+    nav(page, "Users & tokens")
+    page.get_by_role("button", name="Add user").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("User name").fill("olivia")
+    dialog.get_by_label("Role").select_option("operator")
+    dialog.get_by_label("Password").fill("short")
+    dialog.get_by_role("button", name="Add user").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("Password must be at least 8 characters")
+    dialog.get_by_label("Password").fill("olivia-password-1")
+    dialog.get_by_role("button", name="Add user").click()
+    user = page.locator("tr[data-user=olivia]")
+    expect(user.get_by_label("Role of olivia")).to_have_value("operator")
+
+    page.get_by_role("button", name="Create token").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("For user").select_option("olivia")
+    dialog.get_by_label("Role of the token").select_option("viewer")
+    dialog.get_by_role("button", name="Create token").click()
+    reveal = page.get_by_role("dialog").filter(has_text="Your new API token")
+    expect(reveal).to_contain_text("this is the only time it is shown")
+    token = reveal.get_by_label(re.compile("^API token for olivia")).input_value()
+    assert token.startswith("apl_")
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.get("/api/me").json() == {"name": "olivia", "role": "viewer", "via": "token"}
+    shots.take(page, "token-once")
+    reveal.get_by_role("button", name="Done").click()
+    token_row = page.locator("tr[data-token]").filter(has_text="olivia")
+    expect(token_row).to_contain_text("Active")
+    expect(token_row).to_contain_text("Viewer")
+    shots.take(page, "users", tablet=True)
+
+    token_row.get_by_role("button", name=re.compile("^Revoke")).click()
+    page.get_by_role("dialog").get_by_role("button", name="Revoke token").click()
+    expect(token_row).to_contain_text("Revoked")
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.get("/api/me").status_code == 401
+
+    nav(page, "Audit log")
+    table = page.get_by_role("table", name="Audit log")
+    expect(table).to_contain_text("Revoked an API token")
+    expect(table).to_contain_text("Created an API token")
+    expect(table).to_contain_text("Added a user")
+    page.get_by_label("Filter the audit log").fill("olivia")
+    expect(table.locator("tbody tr").first).to_contain_text("olivia")
+    shots.take(page, "audit")
+
+    nav(page, "Pools")
+    pool = page.locator(".pool").first
+    expect(pool.get_by_role("heading", name="default")).to_be_visible()
+    expect(pool).to_contain_text("used of")
+    expect(pool).to_contain_text("Backup store")
+    shots.take(page, "pools")
+
+
+def test_settings_maintenance_and_recovery_key(admin_page: Any, shots: Screenshots):
+    """Rename the appliance (the header follows), start a store verification, and show the
+    recovery key (which the audit log records)."""
+    page = admin_page
+    nav(page, "Settings")
+    page.get_by_label("Appliance name").fill("Branch office backup")
+    page.get_by_role("button", name="Save settings").click()
+    expect(page.locator(".appliance-name")).to_have_text("Branch office backup")
+    page.get_by_label("Time zone of the schedules").fill("Mars/Olympus")
+    page.get_by_role("button", name="Save settings").click()
+    expect(page.get_by_role("alert")).to_contain_text("Mars/Olympus")
+    page.get_by_label("Time zone of the schedules").fill("UTC")
+    shots.take(page, "settings")
+
+    page.get_by_role("button", name="Verify now").click()
+    expect(page.locator(".toast").filter(has_text="Store verification started.")).to_be_visible()
+    page.get_by_role("button", name="Show the recovery key").click()
+    expect(page.get_by_label("The store's recovery key")).to_contain_text(re.compile(r"\w{4}"))
+    nav(page, "Audit log")
+    expect(page.get_by_role("table", name="Audit log")).to_contain_text("Viewed the recovery key")
+
+
+def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Client):
+    """A viewer sees no admin screens and no buttons that would be refused."""
+    r = admin_api.post(
+        "/api/users", json={"name": "vera", "role": "viewer", "password": "vera-password-1"}
+    )
+    assert r.status_code in (201, 409), r.text
+    sign_in(page, server.url, "vera", "vera-password-1")
+    expect(page.locator(".user-role")).to_have_text("Viewer")
+    menu = page.get_by_role("navigation", name="Main")
+    expect(menu.get_by_role("link")).to_have_count(5)
+    expect(menu).not_to_contain_text("Users & tokens")
+    nav(page, "Assets & policies")
+    expect(page.get_by_role("button", name="Add asset")).to_have_count(0)
+    expect(page.get_by_role("button", name=re.compile("Back up .* now"))).to_have_count(0)
+    page.goto(server.url + "/#/users")
+    expect(page.get_by_role("alert")).to_contain_text("Not allowed for your role")
