@@ -69,7 +69,7 @@ def test_fixture_image_point_restores(fixture_repo, tmp_path):
 
 
 def test_fixture_pack_headers_and_index_rebuild(fixture_repo):
-    repo, expected = fixture_repo
+    repo, _expected = fixture_repo
     packs = [i.name for p in ("data/", "meta/") for i in repo.backend.list(p)]
     assert packs
     for name in packs:
