@@ -20,7 +20,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Viewer
 from api.errors import install_error_handlers
-from api.routers import assets, auth, jobs, maintenance, points, policies, status, users
+from api.routers import (
+    assets,
+    auth,
+    failover,
+    jobs,
+    maintenance,
+    points,
+    policies,
+    status,
+    users,
+)
 from api.schemas import ErrorPublic
 from api.service import Clock, Service
 from api.settings import Settings
@@ -103,7 +113,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (auth, assets, policies, points, maintenance, jobs, status, users):
+    for module in (auth, assets, failover, policies, points, maintenance, jobs, status, users):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)
 

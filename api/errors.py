@@ -32,6 +32,14 @@ STATUS_BY_KIND: dict[str, int] = {
     "internal": 500,
 }
 
+#: Codes whose status differs from their kind's: a failover that QEMU could not boot or whose
+#: boot could not be proven is the VM's failure, not the appliance's (502, like a bad upstream).
+#: ``point_not_local`` and ``insufficient_memory`` are kind ``conflict`` already (409).
+STATUS_BY_CODE: dict[str, int] = {
+    "failover_failed": 502,
+    "boot_proof_failed": 502,
+}
+
 CODE_BY_STATUS: dict[int, str] = {
     400: "bad_request",
     401: "unauthenticated",
@@ -88,7 +96,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 def _appliance_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApplianceError)
-    status = STATUS_BY_KIND.get(exc.kind, 500)
+    status = STATUS_BY_CODE.get(exc.code) or STATUS_BY_KIND.get(exc.kind, 500)
     if status >= 500:
         log.error("%s %s failed: [%s] %s", request.method, request.url.path, exc.code, exc)
     headers = {}

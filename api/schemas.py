@@ -432,3 +432,75 @@ class DashboardPublic(BaseModel):
     assets: list[AssetStatus]
     capacity: CapacityPublic
     jobs: JobCounts
+
+
+# --- failover ---------------------------------------------------------------------------------------------------
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class PortForward(Request):
+    #: 0: the appliance picks a free port.
+    host: Port = 0
+    guest: Annotated[int, Field(ge=1, le=65535)]
+
+
+class FailoverNetwork(Request):
+    #: isolated: user-mode networking, only the forwarded TCP ports reach the guest (test boots);
+    #: bridged: the VM joins a host bridge (a real failover).
+    mode: Literal["isolated", "bridged"] = "isolated"
+    port_forwards: list[PortForward] = Field(default_factory=list, max_length=32)
+    bridge: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+
+
+class FailoverCreate(Request):
+    #: The recovery point to boot; default: the newest verified VM image point.
+    point: str | None = Field(default=None, max_length=64)
+    #: Default: the asset's configured network, else isolated without forwards.
+    network: FailoverNetwork | None = None
+
+
+class BootTestCreate(Request):
+    point: str | None = Field(default=None, max_length=64)
+
+
+class FailoverStop(Request):
+    #: Also delete the session's overlays (its changes are lost).
+    discard: bool = False
+
+
+class FailoverMigrate(Request):
+    #: Where the local disks go (default: the session's directory).
+    target_dir: AbsolutePath | None = None
+
+
+class FailbackCreate(Request):
+    #: Record the overlay's changes as a new recovery point.
+    new_point: bool = True
+    #: "original" (the disk images the point came from) or a new image file's path.
+    write_to: Annotated[str, StringConstraints(pattern=r"^(original|/[^\x00]*)$")] | None = None
+    format: Literal["raw", "qcow2"] = "raw"
+
+
+class FailoverSessionPublic(BaseModel):
+    id: str
+    asset: str
+    point_id: str
+    state: str
+    purpose: str
+    started_at: datetime
+    #: Seconds from the click to the boot proof (None until proven).
+    rto_seconds: float | None
+    accel: str | None
+    #: "backup" while the disks come from the store's export, "local" after a migration.
+    storage: str
+    #: Host port of each forwarded guest port of an isolated failover: ``{"80": 40123}``.
+    ports: dict[str, int]
+    error: str | None
+    live: bool
+    details: dict[str, Any]
+
+
+class FailoverDetail(FailoverSessionPublic):
+    #: The tail of the guest's serial console.
+    serial_log: str

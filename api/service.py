@@ -8,13 +8,16 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
    ``<data>/secrets/passphrase`` (0600), and the log says where the recovery key can be read.
 2. The job runner starts: jobs a crash left ``running`` become ``interrupted``, and those safe
    to repeat (backups, verify, ...) are queued again and resume.
+   The failover manager starts (``image.failover``): sessions a previous process left active
+   are reconciled, and the failover job kinds are bound to it.
 3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
    service was down.
 4. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``;
    a first-run request from anywhere but loopback must present it.
 
 Shutdown reverses it: the scheduler stops, running jobs are interrupted (they resume on the next
-start) and the appliance closes.
+start), VMs still running from a backup export are stopped (migrated ones run on) and the
+appliance closes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from appliance.jobs import JobRunner
 from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
+from image.failover import FailoverManager, register_failover_jobs
 
 log = logging.getLogger("appliance.service")
 
@@ -72,6 +76,7 @@ class Service:
         self.appliance: Appliance | None = None
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
+        self.failover: FailoverManager | None = None
         self.setup_code: str | None = None
         self.throttle = LoginThrottle(settings.login_throttle)
         self._store_size: tuple[float, int] | None = None
@@ -131,6 +136,9 @@ class Service:
             register_policy_jobs()
             # isolate: backups and restores fork workers, unsafe in this many-threaded process.
             self.runner = JobRunner(app, max_parallel=s.max_parallel_jobs, isolate=True)
+            # Failover sessions: reconcile VMs a previous process left, bind the job kinds.
+            self.failover = FailoverManager(app)
+            register_failover_jobs(self.failover)
             requeued = self.runner.start()
             if requeued:
                 log.warning("resuming %d interrupted job(s): %s", len(requeued), requeued)
@@ -156,6 +164,10 @@ class Service:
             self.scheduler.stop()
         if self.runner is not None:
             self.runner.shutdown()
+        if self.failover is not None:
+            # VMs still running from the backup export are stopped; migrated ones run on.
+            self.failover.shutdown()
+            self.failover = None
         if self.appliance is not None:
             self.appliance.close()
             self.appliance = None
@@ -198,6 +210,12 @@ class Service:
         if self.runner is None:
             raise RuntimeError("the service is not running")
         return self.runner
+
+    @property
+    def failovers(self) -> FailoverManager:
+        if self.failover is None:
+            raise RuntimeError("the service is not running")
+        return self.failover
 
     def admin_exists(self) -> bool:
         return any(u.role == "admin" for u in self.app.catalog.list_users())

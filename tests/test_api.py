@@ -181,6 +181,14 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("PUT", "/api/assets/{name}", "admin", {}),
     ("DELETE", "/api/assets/{name}", "admin", None),
     ("POST", "/api/assets/{name}/backup", "operator", {}),
+    ("POST", "/api/assets/{name}/failover", "operator", {}),
+    ("POST", "/api/assets/{name}/boot-test", "operator", {}),
+    ("GET", "/api/failover", "viewer", None),
+    ("GET", "/api/failover/{session_id}", "viewer", None),
+    ("GET", "/api/failover/{session_id}/screenshot", "viewer", None),
+    ("POST", "/api/failover/{session_id}/stop", "operator", {}),
+    ("POST", "/api/failover/{session_id}/migrate", "operator", {}),
+    ("POST", "/api/failover/{session_id}/failback", "operator", {}),
     ("GET", "/api/policies", "viewer", None),
     ("POST", "/api/policies", "admin", {"name": "m", "asset": "missing"}),
     ("GET", "/api/policies/{name}", "viewer", None),
@@ -223,7 +231,13 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("GET", "/metrics", "viewer", None),
     ("GET", "/api/openapi.json", "viewer", None),
 ]
-FILL = {"name": "missing", "point_id": MISSING_POINT, "job_id": "missing", "token_id": "missing"}
+FILL = {
+    "name": "missing",
+    "point_id": MISSING_POINT,
+    "job_id": "missing",
+    "token_id": "missing",
+    "session_id": "missing",
+}
 QUERY = {"/api/events": {"max_seconds": 0.2}}
 
 

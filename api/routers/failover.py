@@ -1,0 +1,247 @@
+"""Failover: boot a protected VM straight from a recovery point, watch it, stop, move, fail back.
+
+Starting, stopping, migrating and failing back are jobs (``image.failover`` job kinds); these
+routes check what they can at once (the asset is a VM with an image point, the session exists) so
+the page can say what is wrong before a job is queued, then answer 202 with the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response, status
+from fastapi.responses import FileResponse
+
+from api.deps import Operator, ServiceDep, Viewer
+from api.schemas import (
+    BootTestCreate,
+    FailbackCreate,
+    FailoverCreate,
+    FailoverDetail,
+    FailoverMigrate,
+    FailoverSessionPublic,
+    FailoverStop,
+    JobPublic,
+)
+from api.security import Principal
+from api.service import Service
+from api.views import job_public
+from appliance.errors import InvalidInput, NotFound
+
+router = APIRouter(tags=["failover"])
+
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "the console screenshot"}
+}
+
+
+def session_public(info: dict[str, Any]) -> FailoverSessionPublic:
+    details = dict(info.get("details") or {})
+    return FailoverSessionPublic(
+        id=info["id"],
+        asset=info["asset"],
+        point_id=info["point_id"],
+        state=info["state"],
+        purpose=str(details.get("purpose") or "failover"),
+        started_at=info["started_at"],
+        rto_seconds=details.get("rto_seconds"),
+        accel=details.get("accel"),
+        storage=str(details.get("storage") or "backup"),
+        ports={str(k): int(v) for k, v in (details.get("ports") or {}).items()},
+        error=details.get("error"),
+        live=bool(info.get("live", False)),
+        details=details,
+    )
+
+
+def _check_vm_point(service: Service, name: str, point: str | None) -> None:
+    """A clear 4xx before a job is queued: the asset is a VM with a VM image point."""
+    catalog = service.app.catalog
+    asset = catalog.get_asset(name)
+    if asset.kind != "vm":
+        raise InvalidInput(
+            f"{name} is a folder asset; only virtual machines can be failed over", asset=name
+        )
+    if point:
+        record = catalog.get_point(point)
+        if record.asset != name:
+            raise InvalidInput(f"point {record.id} belongs to {record.asset}, not {name}")
+        if record.kind != "image":
+            raise InvalidInput(f"point {record.id} is not a VM image point")
+    elif not any(p.kind == "image" for p in catalog.list_points(asset=name)):
+        raise NotFound(
+            f"{name} has no VM image recovery point to fail over to; back it up first", asset=name
+        )
+
+
+def _submit(
+    service: Service,
+    principal: Principal,
+    response: Response,
+    kind: str,
+    params: dict[str, Any],
+    action: str,
+    target: str,
+) -> JobPublic:
+    job = service.jobs.submit(kind, params)
+    service.app.catalog.audit(
+        principal.name,
+        action,
+        target,
+        {
+            "job": job.id,
+            **{k: v for k, v in params.items() if k != "proof"},
+            **principal.audit_details,
+        },
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.post(
+    "/assets/{name}/failover", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def fail_over(
+    name: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: FailoverCreate | None = None,
+) -> JobPublic:
+    """Boot the VM from a recovery point (default: the newest verified one) and prove the boot."""
+    body = body or FailoverCreate()
+    _check_vm_point(service, name, body.point)
+    params: dict[str, Any] = {"asset": name}
+    if body.point:
+        params["point"] = body.point
+    if body.network is not None:
+        params["network"] = {
+            "mode": body.network.mode,
+            "port_forwards": [[f.host, f.guest] for f in body.network.port_forwards],
+            **({"bridge": body.network.bridge} if body.network.bridge else {}),
+        }
+    else:
+        configured = service.failovers.asset_settings(name).get("network")
+        if configured:
+            params["network"] = configured
+    return _submit(service, principal, response, "failover_start", params, "asset.failover", name)
+
+
+@router.post(
+    "/assets/{name}/boot-test", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def boot_test(
+    name: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: BootTestCreate | None = None,
+) -> JobPublic:
+    """Boot a point isolated, record its RTO and screenshot, then shut it down and discard it."""
+    point = body.point if body else None
+    _check_vm_point(service, name, point)
+    params: dict[str, Any] = {"asset": name, **({"point": point} if point else {})}
+    return _submit(service, principal, response, "boot_test", params, "asset.boot_test", name)
+
+
+@router.get("/failover", response_model=list[FailoverSessionPublic])
+def list_failovers(
+    principal: Viewer, service: ServiceDep, asset: str | None = None
+) -> list[FailoverSessionPublic]:
+    """Failover sessions and boot tests, newest first."""
+    manager = service.failovers
+    return [session_public(manager.get(s["id"])) for s in manager.list(asset)]
+
+
+@router.get("/failover/{session_id}", response_model=FailoverDetail)
+def get_failover(session_id: str, principal: Viewer, service: ServiceDep) -> FailoverDetail:
+    """One session, with the tail of the guest's serial console."""
+    manager = service.failovers
+    public = session_public(manager.get(session_id))
+    return FailoverDetail(**public.model_dump(), serial_log=manager.serial_log(session_id))
+
+
+@router.get(
+    "/failover/{session_id}/screenshot", response_class=FileResponse, responses=PNG_RESPONSE
+)
+def failover_screenshot(session_id: str, principal: Viewer, service: ServiceDep) -> FileResponse:
+    """The console: fresh while the VM runs, else the last one kept (404 if there is none)."""
+    path = service.failovers.screenshot(session_id)
+    if path is None:
+        raise NotFound(f"failover session {session_id} has no screenshot yet", session=session_id)
+    return FileResponse(path, media_type="image/png")
+
+
+def _session_job(
+    service: Service,
+    principal: Principal,
+    response: Response,
+    session_id: str,
+    kind: str,
+    params: dict[str, Any],
+    action: str,
+) -> JobPublic:
+    service.app.catalog.get_failover_session(session_id)  # 404 before a job is queued
+    return _submit(
+        service, principal, response, kind, {"session": session_id, **params}, action, session_id
+    )
+
+
+@router.post(
+    "/failover/{session_id}/stop", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def stop_failover(
+    session_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: FailoverStop | None = None,
+) -> JobPublic:
+    """Power the VM down (ACPI, then quit, then kill); ``discard`` also deletes its overlays."""
+    params = {"discard": True} if body and body.discard else {}
+    return _session_job(
+        service, principal, response, session_id, "failover_stop", params, "failover.stop"
+    )
+
+
+@router.post(
+    "/failover/{session_id}/migrate",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def migrate_failover(
+    session_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: FailoverMigrate | None = None,
+) -> JobPublic:
+    """Move the running VM's disks off the backup onto local storage (it keeps running)."""
+    params = {"target_dir": body.target_dir} if body and body.target_dir else {}
+    return _session_job(
+        service, principal, response, session_id, "failover_migrate", params, "failover.migrate"
+    )
+
+
+@router.post(
+    "/failover/{session_id}/failback",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def failback_failover(
+    session_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    body: FailbackCreate | None = None,
+) -> JobPublic:
+    """Keep what changed during the failover: a new point, and/or written back to a disk."""
+    body = body or FailbackCreate()
+    if not body.new_point and not body.write_to:
+        raise InvalidInput("a failback makes a new point, writes the disks back, or both")
+    params: dict[str, Any] = {"new_point": body.new_point, "format": body.format}
+    if body.write_to:
+        params["write_to"] = body.write_to
+    return _session_job(
+        service, principal, response, session_id, "failover_failback", params, "failover.failback"
+    )
