@@ -260,6 +260,8 @@ export default async function assetsView(view) {
         "div",
         { class: "row-actions" },
         canRun ? button("Back up now", { iconName: "play", kind: "small", "aria-label": `Back up ${a.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/backup`, `Backup of ${a.name}`) }) : null,
+        canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: boot it from its newest backup on this appliance`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/failover`, `Failover of ${a.name}`) }) : null,
+        canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot the newest point of ${a.name}`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/boot-test`, `Boot test of ${a.name}`) }) : null,
         button("Points", { kind: "small", href: `#/points?asset=${enc(a.name)}`, "aria-label": `Recovery points of ${a.name}` }),
         isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load) }, icon("edit")) : null,
         isAdmin
