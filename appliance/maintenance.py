@@ -235,6 +235,26 @@ def verify_point(repo: Repository, point_id: str) -> VerifyReport:
     return report
 
 
+def consolidate_index(repo: Repository) -> int:
+    """Write the cache's entries as new index files, then delete the old ones; returns how many
+    were written. Crash-safe: until the old files go, old and new both describe live packs."""
+    old_index_files = [info.name for info in repo.backend.list("index/")]
+    written: list[str] = []
+    chunk: list[IndexEntry] = []
+    for entry in repo.index.all_entries():
+        chunk.append(entry)
+        if len(chunk) >= INDEX_FILE_ENTRIES:
+            written.append(repo.commit_index(chunk) or "")
+            chunk = []
+    if chunk:
+        written.append(repo.commit_index(chunk) or "")
+    for name in old_index_files:
+        if name not in written:
+            repo.backend.delete(name)
+            repo.index.forget_index_file(name)
+    return len([w for w in written if w])
+
+
 @dataclass
 class GcReport:
     points: int = 0
@@ -337,22 +357,8 @@ def collect_garbage(
     gone = {pack for pack, _kind in delete + repack}
     index.remove_packs(gone)
     index.add(None, new_entries)
-    old_index_files = [info.name for info in repo.backend.list("index/")]
-    written: list[str] = []
-    chunk: list[IndexEntry] = []
-    for entry in index.all_entries():
-        chunk.append(entry)
-        if len(chunk) >= INDEX_FILE_ENTRIES:
-            written.append(repo.commit_index(chunk) or "")
-            chunk = []
-    if chunk:
-        written.append(repo.commit_index(chunk) or "")
-    report.index_files = len([w for w in written if w])
-    # 3. Old index files, then 4. the freed packs.
-    for name in old_index_files:
-        if name not in written:
-            repo.backend.delete(name)
-            index.forget_index_file(name)
+    # 3. Consolidated index files replace the old ones, then 4. the freed packs go.
+    report.index_files = consolidate_index(repo)
     rewritten = {entry.pack for entry in new_entries}
     for pack, kind in delete + repack:
         # Repacking identical live content yields the same pack name: that pack is the new one.
@@ -404,20 +410,7 @@ def repair_store(repo: Repository) -> RepairReport:
     if damaged_locations:
         repo.index.remove_blobs(damaged_locations)
         report.blobs_dropped = len(damaged_locations)
-        old_index_files = [info.name for info in repo.backend.list("index/")]
-        written: list[str] = []
-        chunk: list[IndexEntry] = []
-        for entry in repo.index.all_entries():
-            chunk.append(entry)
-            if len(chunk) >= INDEX_FILE_ENTRIES:
-                written.append(repo.commit_index(chunk) or "")
-                chunk = []
-        if chunk:
-            written.append(repo.commit_index(chunk) or "")
-        for name in old_index_files:
-            if name not in written:
-                repo.backend.delete(name)
-                repo.index.forget_index_file(name)
+        consolidate_index(repo)
         repo.sync_index()
     for point_id in repo.manifest_ids():
         reasons = _check_point_references(repo, point_id, damaged_ids, check_missing=True)
