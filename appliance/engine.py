@@ -32,7 +32,6 @@ from appliance.errors import (
     InvalidInput,
     NotFound,
     ObjectMissing,
-    StoreExists,
 )
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
@@ -109,8 +108,6 @@ class Appliance:
         data_dir = DataDir(os.path.abspath(path))
         os.makedirs(data_dir.store_path, exist_ok=True)
         backend = LocalDirectoryBackend(data_dir.store_path)
-        if any(True for _ in backend.list("config")):
-            raise StoreExists(f"{data_dir.path} already holds a store")
         repo = Repository.init(backend, passphrase, data_dir.cache_path, **store_config)
         catalog = Catalog.open(catalog_url or data_dir.catalog_url)
         return cls(data_dir, repo, catalog, clock), repo.key.recovery_key()

@@ -393,8 +393,9 @@ def repair_store(repo: Repository) -> RepairReport:
     then checks every pack and drops the damaged blobs from the index. Without this step a new
     backup would deduplicate against a lost blob and inherit the damage; after it, the next
     backup of the source stores that data afresh. Points that needed the damaged blobs are
-    reported: they stay damaged (the data is gone) unless another copy exists. The caller holds
-    the exclusive store lock.
+    reported: they stay damaged until a later backup stores the same data again (same chunk
+    IDs, so they become whole again) or a copy is brought back. The caller holds the exclusive
+    store lock.
     """
     report = RepairReport()
     report.packs_scanned, report.blobs_indexed = repo.rebuild_index()
