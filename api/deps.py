@@ -15,10 +15,11 @@ A route declares the least role it needs with ``Viewer``, ``Operator`` or ``Admi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+from anyio import to_thread
 from fastapi import Depends, Request
 
 from api.errors import AuthenticationRequired, CsrfFailed, PermissionDenied
@@ -41,7 +42,11 @@ from appliance.errors import NotFound
 TOUCH_INTERVAL = timedelta(seconds=60)
 
 
-def get_service(request: Request) -> Service:
+# Dependencies that do not touch the catalog are ``async``: FastAPI runs a plain ``def``
+# dependency in a worker thread, and that hop costs more than the work itself.
+
+
+async def get_service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
@@ -49,7 +54,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_catalog(service: ServiceDep) -> Catalog:
+async def get_catalog(service: ServiceDep) -> Catalog:
     return service.app.catalog
 
 
@@ -93,7 +98,7 @@ def _from_session(service: Service, request: Request, value: str) -> Principal:
     return Principal(user.name, user.role, "session", session_hash=hashed)
 
 
-def authenticate(request: Request, service: ServiceDep) -> Principal:
+def _check_credentials(service: Service, request: Request) -> Principal:
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
@@ -106,8 +111,31 @@ def authenticate(request: Request, service: ServiceDep) -> Principal:
     raise AuthenticationRequired()
 
 
-def _requiring(role: str) -> Callable[[Principal], Principal]:
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+async def authenticate(request: Request, service: ServiceDep) -> AsyncIterator[Principal]:
+    """The caller, from a token or a session cookie.
+
+    Reads (GET, HEAD) trust a credential checked in the last ``AUTH_TTL`` seconds: polling
+    clients would otherwise cost two catalog queries per request. Anything else is checked in
+    full (CSRF included) and, once it has run, empties that cache and the cached answers
+    (:meth:`Service.changed`): a revoked token, a deleted user or a signed-out session is
+    refused by the very next request, and a cancelled job shows as such at once.
+    """
+    safe = request.method in SAFE_METHODS
+    key = (request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE))
+    principal = service.auth_cache.get(key) if safe else None
+    if principal is None:
+        principal = await to_thread.run_sync(_check_credentials, service, request)
+        if safe:
+            service.auth_cache.put(key, principal)
+    try:
+        yield principal
+    finally:
+        if not safe:
+            service.changed()
+
+
+def _requiring(role: str) -> Callable[[Principal], Awaitable[Principal]]:
+    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if not role_allows(principal.role, role):
             raise PermissionDenied(
                 f"this needs the {role} role; you are signed in as {principal.role}",

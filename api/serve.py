@@ -35,6 +35,9 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.effective_port,
         lifespan="on",
+        loop="uvloop",
+        http="httptools",
+        access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         server_header=False,
         proxy_headers=False,  # no proxy in front: the client address must not be spoofable

@@ -33,7 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from api.security import LoginThrottle
+from api.cache import TtlCache
+from api.security import LoginThrottle, Principal
 from api.settings import Settings
 from appliance.engine import Appliance, DataDir, utcnow
 from appliance.errors import Conflict, InvalidInput, PassphraseRequired
@@ -56,6 +57,15 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 #: How long a measured store size is reused (walking a big store on every request is wasteful).
 STORE_SIZE_TTL = 30.0
+#: How long a checked token or session cookie is trusted without asking the catalog again. Any
+#: change made through the service clears it at once; a change made from outside the process
+#: (the CLI) shows within this time.
+AUTH_TTL = 2.0
+#: How long the answer to ``GET /api/jobs/{id}`` is reused: the runner writes progress twice a
+#: second, so a fresher answer could not show more.
+JOB_ANSWER_TTL = 0.5
+#: How long the answer to a points list is reused; new points appear within this time.
+POINTS_ANSWER_TTL = 1.0
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -79,8 +89,20 @@ class Service:
         self.failover: FailoverManager | None = None
         self.setup_code: str | None = None
         self.throttle = LoginThrottle(settings.login_throttle)
+        self.auth_cache: TtlCache[Principal] = TtlCache(AUTH_TTL)
+        self.job_answers: TtlCache[bytes] = TtlCache(JOB_ANSWER_TTL)
+        self.points_answers: TtlCache[bytes] = TtlCache(POINTS_ANSWER_TTL, max_entries=256)
+        #: The newest 50 jobs as JSON by id, which every ``/api/events`` stream compares.
+        self.recent_jobs: TtlCache[dict[str, str]] = TtlCache(JOB_ANSWER_TTL, max_entries=1)
         self._store_size: tuple[float, int] | None = None
         self._store_size_lock = threading.Lock()
+
+    def changed(self) -> None:
+        """Forget cached credentials and answers: a request that may have changed them ran."""
+        self.auth_cache.clear()
+        self.job_answers.clear()
+        self.points_answers.clear()
+        self.recent_jobs.clear()
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import CatalogDep, Operator, ServiceDep, Viewer
 from api.schemas import JobLogLine, JobPublic
+from api.service import Service
 from api.views import job_public, log_line
 from appliance.catalog.records import STOPPED_JOB_STATES
 
@@ -56,9 +57,20 @@ def list_jobs(
     return [job_public(j, service.runner) for j in jobs if kind is None or j.kind == kind]
 
 
+def _job_answer(service: Service, job_id: str) -> bytes:
+    job = service.app.catalog.get_job(job_id)
+    return job_public(job, service.runner).model_dump_json().encode()
+
+
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> JobPublic:
-    return job_public(service.app.catalog.get_job(job_id), service.runner)
+async def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> Response:
+    """One job. The page polls this: the answer is shared by all callers for up to
+    ``JOB_ANSWER_TTL`` seconds (see ``api.cache``)."""
+    body = service.job_answers.get(job_id)
+    if body is None:
+        body = await to_thread.run_sync(_job_answer, service, job_id)
+        service.job_answers.put(job_id, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/jobs/{job_id}/log", response_model=list[JobLogLine])
@@ -164,8 +176,11 @@ async def all_events(
         deadline = time.monotonic() + max_seconds
         beat = time.monotonic()
         while True:
-            jobs = await to_thread.run_sync(lambda: catalog.list_jobs(limit=50))
-            current = {j.id: job_public(j, runner).model_dump_json() for j in jobs}
+            current = service.recent_jobs.get(None)
+            if current is None:  # one query and serialisation a tick, whatever the listeners
+                jobs = await to_thread.run_sync(lambda: catalog.list_jobs(limit=50))
+                current = {j.id: job_public(j, runner).model_dump_json() for j in jobs}
+                service.recent_jobs.put(None, current)
             if seen is not None:
                 for job_id, data in current.items():
                     if seen.get(job_id) != data:

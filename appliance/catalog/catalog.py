@@ -208,10 +208,10 @@ def _enable_wal(cursor: sqlite3.Cursor) -> None:
 
 
 def _begin_sqlite_transaction(connection: Connection) -> None:
-    if connection.get_execution_options().get(WRITE_OPTION):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        connection.exec_driver_sql("BEGIN")
+    # Straight to the driver: SQLAlchemy's statement machinery costs more than the BEGIN, and
+    # every catalog read starts one.
+    begin = "BEGIN IMMEDIATE" if connection.get_execution_options().get(WRITE_OPTION) else "BEGIN"
+    connection.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
 
 
 def _create_engine(url: str) -> Engine:
@@ -225,7 +225,10 @@ def _create_engine(url: str) -> Engine:
         directory = Path(database).absolute().parent
         if not directory.is_dir():
             raise NotFound(f"catalog directory {directory} does not exist", path=str(directory))
-    engine = create_engine(parsed, json_serializer=_json_dumps)
+    # A connection per worker thread of the service (40) stays open: connections beyond the
+    # pool are closed when returned, and opening one (pragmas, WAL check) costs more than a query.
+    pool: dict[str, int] = {} if in_memory else {"pool_size": 40, "max_overflow": 40}
+    engine = create_engine(parsed, json_serializer=_json_dumps, **pool)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
