@@ -97,6 +97,11 @@ class Service:
         self._store_size: tuple[float, int] | None = None
         self._store_size_lock = threading.Lock()
 
+    @property
+    def jobs_finished(self) -> int:
+        """How many jobs have ended in this process (a key part of cached answers)."""
+        return self.runner.finished_count if self.runner is not None else 0
+
     def changed(self) -> None:
         """Forget cached credentials and answers: a request that may have changed them ran."""
         self.auth_cache.clear()

@@ -239,6 +239,13 @@ class JobRunner:
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
         self._waiting_reason: dict[str, str] = {}
+        self._finished = 0
+
+    @property
+    def finished_count(self) -> int:
+        """Grows whenever a job ends: answers cached by a reader (the service's
+        job and points lists) are keyed on it, so an ending job shows at once."""
+        return self._finished
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -399,6 +406,15 @@ class JobRunner:
             self._waiting_reason[job.id] = reason
             self.catalog.update_job(job.id, progress={"waiting": reason})
 
+    def _record_end(self, job_id: str, **fields: Any) -> None:
+        # Counted before and after the write: a reader that caches what it read between the
+        # two does so under a count that is already out of date when the write is visible.
+        with self._lock:
+            self._finished += 1
+        self.catalog.update_job(job_id, **fields)
+        with self._lock:
+            self._finished += 1
+
     def _run(
         self, job: JobRecord, spec: JobKind, ctx: JobContext, resources: list[tuple[str, bool]]
     ) -> None:
@@ -407,11 +423,11 @@ class JobRunner:
                 result = run_isolated(self.app, spec.work, dict(job.params), ctx)
             else:
                 result = spec.work(self.app, dict(job.params), ctx)
-            self.catalog.update_job(job.id, state="succeeded", result=result, progress=ctx.latest)
+            self._record_end(job.id, state="succeeded", result=result, progress=ctx.latest)
             self.catalog.append_job_log(job.id, "info", "finished")
         except BackupCancelled:
             state = "interrupted" if ctx.interrupted else "cancelled"
-            self.catalog.update_job(job.id, state=state, progress=ctx.latest)
+            self._record_end(job.id, state=state, progress=ctx.latest)
             self.catalog.append_job_log(
                 job.id,
                 "warning",
@@ -420,12 +436,10 @@ class JobRunner:
                 else "cancelled",
             )
         except ApplianceError as exc:
-            self.catalog.update_job(
-                job.id, state="failed", error=exc.to_dict(), progress=ctx.latest
-            )
+            self._record_end(job.id, state="failed", error=exc.to_dict(), progress=ctx.latest)
             self.catalog.append_job_log(job.id, "error", exc.message)
         except Exception as exc:  # a bug must fail the job, not kill the dispatcher
-            self.catalog.update_job(
+            self._record_end(
                 job.id,
                 state="failed",
                 error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},

@@ -32,12 +32,13 @@ from appliance.jobs import JobKind, register_job_kind
 
 
 def _ticker(app: Any, p: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    for i in range(4000):
+    steps = int(p.get("steps", 4000))
+    for i in range(steps):
         if ctx.cancel.is_set():
             raise BackupCancelled("cancelled by the test")
-        ctx.progress({"bytes_done": i, "bytes_total": 4000})
+        ctx.progress({"bytes_done": i, "bytes_total": steps})
         time.sleep(0.02)
-    return {}
+    return {"ticks": steps}
 
 
 register_job_kind(
@@ -164,6 +165,18 @@ def test_job_answers_are_shared_briefly_and_a_cancel_shows_at_once(server: LiveS
         while operator.get(f"/api/jobs/{job.id}").json()["state"] != "cancelled":
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_a_job_that_ends_shows_as_ended_at_once(server: LiveServer) -> None:
+    job = server.service.jobs.submit("test_cache_ticker", {"steps": 25})
+    with server.as_role("viewer") as viewer:
+        seen = viewer.get(f"/api/jobs/{job.id}").json()["state"]
+        assert seen in ("queued", "running")  # cached for the next half second...
+        ended = server.service.jobs.wait(job.id, timeout=30)
+        assert ended.state == "succeeded"
+        # ...yet the answer right after the end is the end, not the cached "running".
+        body = viewer.get(f"/api/jobs/{job.id}").json()
+        assert body["state"] == "succeeded" and body["result"] == {"ticks": 25}
 
 
 def test_an_unknown_job_is_still_a_404_with_its_code(server: LiveServer) -> None:

@@ -66,10 +66,11 @@ def _job_answer(service: Service, job_id: str) -> bytes:
 async def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> Response:
     """One job. The page polls this: the answer is shared by all callers for up to
     ``JOB_ANSWER_TTL`` seconds (see ``api.cache``)."""
-    body = service.job_answers.get(job_id)
+    key = (job_id, service.jobs_finished)  # a job ending shows at once
+    body = service.job_answers.get(key)
     if body is None:
         body = await to_thread.run_sync(_job_answer, service, job_id)
-        service.job_answers.put(job_id, body)
+        service.job_answers.put(key, body)
     return Response(body, media_type="application/json")
 
 
@@ -176,11 +177,12 @@ async def all_events(
         deadline = time.monotonic() + max_seconds
         beat = time.monotonic()
         while True:
-            current = service.recent_jobs.get(None)
+            key = service.jobs_finished
+            current = service.recent_jobs.get(key)
             if current is None:  # one query and serialisation a tick, whatever the listeners
                 jobs = await to_thread.run_sync(lambda: catalog.list_jobs(limit=50))
                 current = {j.id: job_public(j, runner).model_dump_json() for j in jobs}
-                service.recent_jobs.put(None, current)
+                service.recent_jobs.put(key, current)
             if seen is not None:
                 for job_id, data in current.items():
                     if seen.get(job_id) != data:
