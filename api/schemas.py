@@ -159,7 +159,8 @@ class BackupCreate(Request):
 
 class ScheduleEntryModel(Request):
     cron: str = Field(min_length=1, max_length=200, examples=["0 * * * *"])
-    mode: Mode = "incremental"
+    #: A backup mode, or ``boot_test``: test-boot the VM's newest point (VM assets only).
+    mode: Literal["full", "incremental", "differential", "boot_test"] = "incremental"
 
     @field_validator("cron")
     @classmethod
@@ -220,6 +221,27 @@ class PolicyPublic(BaseModel):
 # --- points ----------------------------------------------------------------------------------------------
 
 
+class BootTestPublic(BaseModel):
+    """A boot test's outcome: the newest of a point, or of a VM asset on the dashboard."""
+
+    #: ``never``: the VM was never test-booted (dashboard only).
+    state: Literal["proven", "failed", "never"]
+    #: The failover session of the test (``GET /api/failover/{session}``).
+    session: str | None = None
+    point_id: str | None = None
+    #: When the boot was proven, or when the test failed.
+    at: datetime | None = None
+    #: Seconds from the request to the boot proof.
+    rto_seconds: float | None = None
+    #: In words, which check did not pass (or what else stopped the boot).
+    failed_check: str | None = None
+    error: str | None = None
+    #: ``/api/failover/{session}/screenshot`` when a screenshot was kept.
+    screenshot_url: str | None = None
+    #: The page's screen of the session: ``#/failover/{session}``.
+    link: str | None = None
+
+
 class PointPublic(BaseModel):
     id: str
     asset: str
@@ -236,6 +258,8 @@ class PointPublic(BaseModel):
     status: str
     verified_at: datetime | None
     verify_status: str | None
+    #: The newest boot test of this point (VM image points that were test-booted).
+    boot_proof: BootTestPublic | None = None
 
 
 class CopyPublic(BaseModel):
@@ -402,6 +426,24 @@ class AssetStatus(BaseModel):
     copies: list[CopyPublic]
     logical_bytes: int
     stored_bytes: int
+    #: VM assets: the newest boot test, proven or failed (state ``never`` if none); else None.
+    last_boot_test: BootTestPublic | None = None
+    #: VM assets: the newest proven boot (None if none was ever proven).
+    last_proven_boot: BootTestPublic | None = None
+
+
+class AlertPublic(BaseModel):
+    """Something that needs a person: a failed boot test, a missed RPO."""
+
+    severity: Literal["critical", "warning"]
+    #: A stable kind: ``boot_test_failed``, ``rpo_missed``.
+    kind: str
+    asset: str
+    message: str
+    #: When it happened (the failed test; the newest point, or None when there is none).
+    at: datetime | None
+    #: Where the page shows more: ``#/failover/{session}`` or ``#/assets``.
+    link: str
 
 
 class CapacitySample(BaseModel):
@@ -432,6 +474,8 @@ class DashboardPublic(BaseModel):
     assets: list[AssetStatus]
     capacity: CapacityPublic
     jobs: JobCounts
+    #: Most severe first.
+    alerts: list[AlertPublic] = Field(default_factory=list)
 
 
 # --- failover ---------------------------------------------------------------------------------------------------
@@ -480,6 +524,42 @@ class FailbackCreate(Request):
     #: "original" (the disk images the point came from) or a new image file's path.
     write_to: Annotated[str, StringConstraints(pattern=r"^(original|/[^\x00]*)$")] | None = None
     format: Literal["raw", "qcow2"] = "raw"
+
+
+class FailoverProof(Request):
+    """What proves a failover's boot; every check given must pass (none: the screen stopped
+    changing for 5 s)."""
+
+    #: A regular expression the serial console must print.
+    serial: str | None = Field(default=None, max_length=500)
+    #: A guest TCP port that must accept a connection.
+    tcp: Annotated[int, Field(ge=1, le=65535)] | None = None
+    #: A guest HTTP port whose ``http_path`` must answer 2xx (and contain ``http_expect``).
+    http_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    http_path: str = Field(default="/", max_length=500, pattern=r"^/")
+    http_expect: str | None = Field(default=None, max_length=500)
+    #: The QEMU guest agent must answer a ping.
+    agent: bool = False
+    #: The console screenshot must stop changing for this many seconds.
+    screen_stable: float | None = Field(default=None, gt=0, le=600)
+    timeout: float = Field(default=180.0, gt=0, le=3600)
+    #: The guest's LAN address for TCP/HTTP checks of a bridged failover.
+    address: str | None = Field(default=None, max_length=255)
+
+
+class FailoverSettingsUpdate(Request):
+    """An asset's failover settings; a part left out keeps its stored value."""
+
+    proof: FailoverProof | None = None
+    network: FailoverNetwork | None = None
+
+
+class FailoverSettingsPublic(BaseModel):
+    asset: str
+    #: The stored boot proof (empty: the generic "screen stopped changing" check).
+    proof: dict[str, Any]
+    #: The stored network (empty: isolated, without port forwards).
+    network: dict[str, Any]
 
 
 class FailoverSessionPublic(BaseModel):

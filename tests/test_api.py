@@ -38,6 +38,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from api.errors import STATUS_BY_KIND, install_error_handlers
+from api.service import JOB_ANSWER_TTL
 from appliance.errors import (
     ApplianceError,
     BackupCancelled,
@@ -183,9 +184,12 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("POST", "/api/assets/{name}/backup", "operator", {}),
     ("POST", "/api/assets/{name}/failover", "operator", {}),
     ("POST", "/api/assets/{name}/boot-test", "operator", {}),
+    ("GET", "/api/assets/{name}/failover-settings", "viewer", None),
+    ("PUT", "/api/assets/{name}/failover-settings", "admin", {}),
     ("GET", "/api/failover", "viewer", None),
     ("GET", "/api/failover/{session_id}", "viewer", None),
     ("GET", "/api/failover/{session_id}/screenshot", "viewer", None),
+    ("GET", "/api/failover/{session_id}/serial", "viewer", None),
     ("POST", "/api/failover/{session_id}/stop", "operator", {}),
     ("POST", "/api/failover/{session_id}/migrate", "operator", {}),
     ("POST", "/api/failover/{session_id}/failback", "operator", {}),
@@ -933,7 +937,7 @@ def test_job_lifecycle_cancel_and_retry(
     job_id = _sleep_job(server, lane="lifecycle")
     running = _wait_state(viewer, job_id, "running")
     assert running["description"] == "sleep" and running["started_at"] is not None
-    time.sleep(0.3)
+    time.sleep(JOB_ANSWER_TTL + 0.3)  # answers are shared for up to that long
     live = viewer.get(f"/api/jobs/{job_id}").json()
     assert live["progress"]["bytes_total"] == 2000 and live["progress"]["bytes_done"] > 0
     assert viewer.post(f"/api/jobs/{job_id}/cancel").status_code == 403

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import FileResponse, PlainTextResponse
 
-from api.deps import Operator, ServiceDep, Viewer
+from api.deps import Admin, Operator, ServiceDep, Viewer
 from api.schemas import (
     BootTestCreate,
     FailbackCreate,
     FailoverCreate,
     FailoverDetail,
     FailoverMigrate,
+    FailoverNetwork,
     FailoverSessionPublic,
+    FailoverSettingsPublic,
+    FailoverSettingsUpdate,
     FailoverStop,
     JobPublic,
 )
@@ -32,6 +35,9 @@ router = APIRouter(tags=["failover"])
 
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "the console screenshot"}
+}
+TEXT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {}}, "description": "the tail of the serial console"}
 }
 
 
@@ -52,6 +58,15 @@ def session_public(info: dict[str, Any]) -> FailoverSessionPublic:
         live=bool(info.get("live", False)),
         details=details,
     )
+
+
+def network_params(network: FailoverNetwork) -> dict[str, Any]:
+    """The request's network in the form the failover manager stores and takes."""
+    return {
+        "mode": network.mode,
+        "port_forwards": [[f.host, f.guest] for f in network.port_forwards],
+        **({"bridge": network.bridge} if network.bridge else {}),
+    }
 
 
 def _check_vm_point(service: Service, name: str, point: str | None) -> None:
@@ -115,11 +130,7 @@ def fail_over(
     if body.point:
         params["point"] = body.point
     if body.network is not None:
-        params["network"] = {
-            "mode": body.network.mode,
-            "port_forwards": [[f.host, f.guest] for f in body.network.port_forwards],
-            **({"bridge": body.network.bridge} if body.network.bridge else {}),
-        }
+        params["network"] = network_params(body.network)
     else:
         configured = service.failovers.asset_settings(name).get("network")
         if configured:
@@ -142,6 +153,43 @@ def boot_test(
     _check_vm_point(service, name, point)
     params: dict[str, Any] = {"asset": name, **({"point": point} if point else {})}
     return _submit(service, principal, response, "boot_test", params, "asset.boot_test", name)
+
+
+def _settings_public(name: str, stored: dict[str, Any]) -> FailoverSettingsPublic:
+    return FailoverSettingsPublic(
+        asset=name,
+        proof=dict(stored.get("proof") or {}),
+        network=dict(stored.get("network") or {}),
+    )
+
+
+@router.get("/assets/{name}/failover-settings", response_model=FailoverSettingsPublic)
+def get_failover_settings(
+    name: str, principal: Viewer, service: ServiceDep
+) -> FailoverSettingsPublic:
+    """How the asset's failovers prove their boot, and their network."""
+    service.app.catalog.get_asset(name)  # 404 for an unknown asset
+    return _settings_public(name, service.failovers.asset_settings(name))
+
+
+@router.put("/assets/{name}/failover-settings", response_model=FailoverSettingsPublic)
+def put_failover_settings(
+    name: str, body: FailoverSettingsUpdate, principal: Admin, service: ServiceDep
+) -> FailoverSettingsPublic:
+    """Set the boot proof and/or network of the asset's failovers (a part left out is kept)."""
+    asset = service.app.catalog.get_asset(name)
+    if asset.kind != "vm":
+        raise InvalidInput(f"{name} is a folder asset; only virtual machines fail over", asset=name)
+    proof = body.proof.model_dump() if body.proof is not None else None
+    network = network_params(body.network) if body.network is not None else None
+    stored = service.failovers.set_asset_settings(name, proof=proof, network=network)
+    service.app.catalog.audit(
+        principal.name,
+        "asset.failover_settings",
+        name,
+        {"proof": proof, "network": network, **principal.audit_details},
+    )
+    return _settings_public(name, stored)
 
 
 @router.get("/failover", response_model=list[FailoverSessionPublic])
@@ -170,6 +218,21 @@ def failover_screenshot(session_id: str, principal: Viewer, service: ServiceDep)
     if path is None:
         raise NotFound(f"failover session {session_id} has no screenshot yet", session=session_id)
     return FileResponse(path, media_type="image/png")
+
+
+@router.get(
+    "/failover/{session_id}/serial", response_class=PlainTextResponse, responses=TEXT_RESPONSE
+)
+def failover_serial(
+    session_id: str,
+    principal: Viewer,
+    service: ServiceDep,
+    max_bytes: int = Query(default=65536, ge=1, le=1 << 20),
+) -> PlainTextResponse:
+    """The tail of the guest's serial console (empty until QEMU has written to it)."""
+    manager = service.failovers
+    service.app.catalog.get_failover_session(session_id)  # 404 for an unknown session
+    return PlainTextResponse(manager.serial_log(session_id, max_bytes=max_bytes))
 
 
 def _session_job(

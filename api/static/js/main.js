@@ -11,6 +11,7 @@ import assets from "./views/assets.js";
 import points from "./views/points.js";
 import browse from "./views/browse.js";
 import { jobDetail, jobList } from "./views/jobs.js";
+import { failoverList, failoverSession } from "./views/failover.js";
 import pools from "./views/pools.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
@@ -22,6 +23,7 @@ const NAV = [
   { href: "#/", label: "Dashboard", iconName: "dashboard", match: /^\/$/ },
   { href: "#/assets", label: "Assets & policies", iconName: "assets", match: /^\/assets/ },
   { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
+  { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
   { href: "#/pools", label: "Pools", iconName: "pools", match: /^\/pools/ },
   { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
@@ -34,6 +36,8 @@ const ROUTES = [
   [/^\/assets$/, assets, "Assets & policies"],
   [/^\/points$/, points, "Recovery points"],
   [/^\/points\/([^/]+)$/, browse, "Browse a point"],
+  [/^\/failover$/, failoverList, "Failover"],
+  [/^\/failover\/([^/]+)$/, failoverSession, "Failover session"],
   [/^\/jobs$/, jobList, "Jobs"],
   [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
   [/^\/pools$/, pools, "Pools"],

@@ -118,11 +118,17 @@ function assetDialog(existing, done) {
 
 // --- policy dialog -----------------------------------------------------------------------------------
 
+// A schedule entry whose mode is "boot_test" test-boots the VM's newest point (VM assets only).
+const BOOT_TEST_TEXT = "Boot test of the newest point";
+
 function entryRow(entry, onRemove) {
   const cron = h("input", { type: "text", name: "cron", value: entry.cron, class: "mono", "aria-label": "When (cron expression)", required: true, spellcheck: "false" });
   const presetValue = PRESETS.some(([v]) => v === entry.cron) ? entry.cron : "";
   const preset = select("preset", PRESETS, presetValue, { "aria-label": "When" });
-  const mode = select("entry_mode", MODES.map(([v]) => [v, MODE_NAMES[v]]), entry.mode, { "aria-label": "Backup mode of this run" });
+  const mode =
+    entry.mode === "boot_test"
+      ? h("span", { class: "entry-boot-test" }, h("input", { type: "hidden", name: "entry_mode", value: "boot_test" }), pill(BOOT_TEST_TEXT, "info"))
+      : select("entry_mode", MODES.map(([v]) => [v, MODE_NAMES[v]]), entry.mode, { "aria-label": "Backup mode of this run" });
   const words = h("p", { class: "help", text: describeCron(entry.cron) });
   preset.addEventListener("change", () => {
     if (preset.value) cron.value = preset.value;
@@ -152,6 +158,14 @@ function policyDialog(existing, assets, done, presetAsset = null) {
   const removeRow = (row) => row.remove();
   for (const e of schedule.entries) entries.appendChild(entryRow(e, removeRow));
   const addEntry = button("Add a run", { iconName: "plus", kind: "small", onClick: () => entries.appendChild(entryRow({ cron: "0 3 * * 0", mode: "full" }, removeRow)) });
+  const assetSelect = select("asset", assets.map((a) => [a.name, `${a.name} (${kindText(a.kind).toLowerCase()})`]), existing?.asset || presetAsset || (assets[0] && assets[0].name));
+  const isVm = () => assets.some((a) => a.name === assetSelect.value && a.kind === "vm");
+  const addBootTest = button("Add a boot test", { iconName: "plus", kind: "small", title: "Test-boot the VM's newest point on this schedule: its boot is proven, its RTO measured and a screenshot kept", onClick: () => entries.appendChild(entryRow({ cron: "0 5 * * *", mode: "boot_test" }, removeRow)) });
+  const showBootTest = () => {
+    addBootTest.hidden = !isVm();
+  };
+  assetSelect.addEventListener("change", showBootTest);
+  showBootTest();
   formDialog({
     title: editing ? `Edit policy ${existing.name}` : "Add a protection policy",
     description: editing ? null : "A policy backs up one asset on a schedule, keeps the points its retention says, and watches the RPO target.",
@@ -163,15 +177,15 @@ function policyDialog(existing, assets, done, presetAsset = null) {
         "div",
         { class: "grid-2" },
         field({ label: "Name", name: "name", value: existing?.name || "", readonly: editing, required: true, placeholder: "nightly", help: editing ? null : "Letters, digits, dots, dashes and underscores." }),
-        field({ label: "Asset", control: select("asset", assets.map((a) => [a.name, `${a.name} (${kindText(a.kind).toLowerCase()})`]), existing?.asset || presetAsset || (assets[0] && assets[0].name)) }),
+        field({ label: "Asset", control: assetSelect }),
       ),
       h(
         "fieldset",
         { class: "field" },
         h("legend", { class: "label", text: "Schedule" }),
-        h("p", { class: "help", text: "When backups run (in the appliance's time zone). Several runs can mix modes, e.g. incrementals every hour and a full every Sunday." }),
+        h("p", { class: "help", text: "When backups run (in the appliance's time zone). Several runs can mix modes, e.g. incrementals every hour and a full every Sunday. For a virtual machine, a boot test proves on a schedule that its newest point boots." }),
         entries,
-        addEntry,
+        h("div", { class: "input-row" }, addEntry, addBootTest),
       ),
       h(
         "div",
@@ -245,6 +259,14 @@ export default async function assetsView(view) {
     if (job) toast(`${what} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
   }
 
+  // A failover or boot test: the failover screen follows the job and opens its session.
+  async function startFailover(btn, path, what) {
+    const job = await busy(btn, view.banner, () => api.post(path, {}));
+    if (!job) return;
+    toast(`${what} started.`, { link: { href: `#/jobs/${job.id}`, text: "Open the job" } });
+    view.navigate(`#/failover?job=${enc(job.id)}`);
+  }
+
   async function load() {
     let assets;
     let policies;
@@ -260,8 +282,8 @@ export default async function assetsView(view) {
         "div",
         { class: "row-actions" },
         canRun ? button("Back up now", { iconName: "play", kind: "small", "aria-label": `Back up ${a.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/backup`, `Backup of ${a.name}`) }) : null,
-        canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: boot it from its newest backup on this appliance`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/failover`, `Failover of ${a.name}`) }) : null,
-        canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot the newest point of ${a.name}`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/boot-test`, `Boot test of ${a.name}`) }) : null,
+        canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: boot it from its newest backup on this appliance`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/failover`, `Failover of ${a.name}`) }) : null,
+        canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot the newest point of ${a.name}`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/boot-test`, `Boot test of ${a.name}`) }) : null,
         button("Points", { kind: "small", href: `#/points?asset=${enc(a.name)}`, "aria-label": `Recovery points of ${a.name}` }),
         isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load) }, icon("edit")) : null,
         isAdmin
@@ -341,7 +363,7 @@ export default async function assetsView(view) {
         ? h(
             "ul",
             { class: "plain" },
-            p.entries.map((e) => h("li", h("span", { text: `${describeCron(e.cron)} · ${MODE_NAMES[e.mode] || e.mode}` }), e.next_at ? h("span", { class: "muted small block", text: `Next: ${dateTime(e.next_at)}` }) : null)),
+            p.entries.map((e) => h("li", h("span", { text: `${describeCron(e.cron)} · ${e.mode === "boot_test" ? BOOT_TEST_TEXT : MODE_NAMES[e.mode] || e.mode}` }), e.next_at ? h("span", { class: "muted small block", text: `Next: ${dateTime(e.next_at)}` }) : null)),
           )
         : h("span", { class: "muted", text: "Manual only" });
     const addPolicy = isAdmin && assets.length ? button("Add policy", { iconName: "plus", onClick: () => policyDialog(null, assets, load) }) : null;

@@ -273,6 +273,12 @@ const PARAM_LABELS = {
   max_bytes: "Budget",
   grace: "Grace period",
   rules: "Rules",
+  session: "Failover session",
+  network: "Network",
+  new_point: "New recovery point",
+  write_to: "Write the disks to",
+  discard: "Delete its changes",
+  target_dir: "Local folder",
 };
 
 function valueText(key, value) {
@@ -311,7 +317,23 @@ const RESULT_LABELS = {
 };
 const RESULT_ORDER = ["mode", "files", "dirs", "bytes_total", "new_bytes", "files_reused", "warnings", "removed", "kept", "prune_job"];
 
+const FAILOVER_KINDS = new Set(["failover_start", "boot_test", "failover_stop", "failover_migrate", "failover_failback"]);
+
+/** A failover job's result: the session it ran, the RTO, the point it booted or made. */
+function failoverResult(job) {
+  const r = job.result || {};
+  const parts = [];
+  if (r.session) parts.push(h("p", h("a", { href: `#/failover/${enc(r.session)}`, class: "strong", text: "Open the failover session" }), h("span", { class: "muted", text: ` (${shortId(r.session)})` })));
+  if (r.rto_seconds !== undefined && r.rto_seconds !== null) parts.push(h("p", { text: `Booted and proven ${Number(r.rto_seconds).toFixed(1)} s after the click.` }));
+  if (r.point && job.kind === "failover_failback") parts.push(h("p", "Made recovery point ", h("a", { href: `#/points/${enc(r.point)}`, class: "mono", text: shortId(r.point) }), "."));
+  else if (r.point) parts.push(h("p", "Booted recovery point ", h("a", { href: `#/points/${enc(r.point)}`, class: "mono", text: shortId(r.point) }), "."));
+  for (const target of r.written || []) parts.push(h("p", { text: `Wrote the disk to ${target}.` }));
+  if (r.local_disks) parts.push(h("p", { text: `Runs on local disk: ${Object.values(r.local_disks).join(", ")}.` }));
+  return parts.length ? parts : h("p", { class: "muted", text: "Done." });
+}
+
 function resultBlock(job) {
+  if (FAILOVER_KINDS.has(job.kind)) return failoverResult(job);
   const r = job.result || {};
   const parts = [];
   if (r.point) {
@@ -424,6 +446,9 @@ export async function jobDetail(view) {
     if (job.state === "queued") status = h("p", { class: "waiting", text: waitingText(p) });
     else if (job.state === "interrupted") status = h("p", { class: "warn-text", text: "The service stopped while this job ran. Resume it to continue where it stopped." });
     else if (job.state === "cancelled") status = h("p", { class: "muted", text: "Cancelled." });
+    else if (job.state === "running" && (job.kind === "failover_start" || job.kind === "boot_test")) {
+      status = h("p", h("a", { href: `#/failover?job=${enc(job.id)}`, text: "Follow the boot on the failover screen" }), " (its console and serial log).");
+    }
     drawBar();
     replace(statusBox, status);
     replace(statsBox, stats.length ? h("dl", { class: "dl dl-grid" }, stats.map(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })])) : null);
