@@ -3,12 +3,16 @@
 A policy's schedule is a JSON document::
 
     {"entries": [{"cron": "0 * * * *", "mode": "incremental"},
-                 {"cron": "0 3 * * 0", "mode": "full"}],
+                 {"cron": "0 3 * * 0", "mode": "full"},
+                 {"cron": "0 5 * * *", "mode": "boot_test"}],
      "catch_up": "once"}
 
 Each entry is a five-field cron expression (minute hour day-of-month month day-of-week, read by
-croniter in the scheduler's time zone, UTC by default) with the backup mode it runs. An entry is
-known by its *key* (mode and cron expression), so reordering entries keeps their history.
+croniter in the scheduler's time zone, UTC by default) with what it runs: a backup mode, or
+``boot_test`` (scheduled boot verification of a VM asset: an isolated test boot of its newest
+point, see ``image.failover``). An entry is known by its *key* (mode and cron expression), so
+reordering entries keeps their history. Boot tests are a mode rather than a separate field
+because everything else about an entry (its key, its state, the catch-up rule) is the same.
 
 State: the catalog records, per policy and entry, the last slot that entry fired for
 (``schedule_state``). Advancing that state and creating the job happen in one transaction
@@ -25,16 +29,25 @@ tested with explicit timestamps. The rules:
   log says how many slots were missed; with ``"skip"`` it runs only if its newest slot is on
   time (no older than :data:`ON_TIME`), and the skip is recorded in the audit log. Either way
   the count of missed slots is stated.
-- Several entries of one policy due in the same tick make ONE job, of the strongest mode among
-  them (full > differential > incremental): the weekly full at 03:00 on Sunday replaces that
-  hour's incremental.
+- Several backup entries of one policy due in the same tick make ONE job, of the strongest mode
+  among them (full > differential > incremental): the weekly full at 03:00 on Sunday replaces
+  that hour's incremental.
+- Boot-test entries make their own ``boot_test`` job, independently of the backup entries: a
+  backup and a boot test due in the same tick both run (the backup's job is created first; the
+  job kinds' resources decide whether they overlap). Several boot-test entries due together
+  make one boot test.
 - An entry without state (a policy created while the scheduler was not looking) starts at
   ``now``: a schedule never fires for time before it existed.
 
 The :class:`Scheduler` thread ticks every ``interval`` seconds (and once at start, which is when
-catch-up happens), and submits ``policy_backup`` jobs (:mod:`appliance.policies`) through the
-job runner's catalog. A policy whose previous scheduled run is still queued gets no second
-queued run: the slot is recorded as fired and the queued job's log says it covers it.
+catch-up happens), and submits ``policy_backup`` jobs (:mod:`appliance.policies`) and
+``boot_test`` jobs ``{asset, policy, trigger: "schedule"}`` through the job runner's catalog. A
+policy whose previous scheduled run of the same action is still queued gets no second queued
+run: the slot is recorded as fired and the queued job's log says it covers it. The backup part
+and the boot-test part of a tick are two transactions: a crash between them leaves the boot
+test's slot unfired, so it runs (as a catch-up) after the restart. When the ``boot_test`` job
+kind is not registered (an engine used without the failover manager), a due boot test is
+recorded as fired and the audit log says why it did not run.
 """
 
 from __future__ import annotations
@@ -59,6 +72,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 MODES = ("full", "incremental", "differential")
+#: The entry mode of a scheduled boot test, and the job kind it submits.
+BOOT_TEST = "boot_test"
+ENTRY_MODES = (*MODES, BOOT_TEST)
 CATCH_UP_RULES = ("once", "skip")
 #: A slot run less than this after its time counts as on time, not as a catch-up.
 ON_TIME = timedelta(minutes=5)
@@ -76,6 +92,10 @@ class ScheduleEntry:
     @property
     def key(self) -> str:
         return f"{self.mode} {self.cron}"
+
+    @property
+    def is_boot_test(self) -> bool:
+        return self.mode == BOOT_TEST
 
 
 @dataclass(frozen=True)
@@ -132,13 +152,27 @@ def parse_schedule(document: object) -> Schedule:
         if not isinstance(raw, Mapping) or set(raw) - {"cron", "mode"}:
             raise InvalidInput("a schedule entry is an object {'cron': ..., 'mode': ...}")
         mode = raw.get("mode", "incremental")
-        if mode not in MODES:
-            raise InvalidInput(f"schedule mode must be one of {', '.join(MODES)}")
+        if mode not in ENTRY_MODES:
+            raise InvalidInput(f"schedule mode must be one of {', '.join(ENTRY_MODES)}")
         entry = ScheduleEntry(check_cron(raw.get("cron")), mode)
         if any(e.key == entry.key for e in entries):
             raise InvalidInput(f"schedule entry {entry.key!r} is listed twice")
         entries.append(entry)
     return Schedule(tuple(entries), catch_up)
+
+
+def check_schedule_for_asset(schedule: Schedule, asset: str, asset_kind: str) -> None:
+    """Refuse boot-test entries on an asset that is not a VM (only a VM can be test-booted)."""
+    if asset_kind == "vm":
+        return
+    for index, entry in enumerate(schedule.entries):
+        if entry.is_boot_test:
+            raise InvalidInput(
+                f"schedule entry '{entry.cron}' is a boot test, but {asset} is a folder asset; "
+                "only virtual machines can be test-booted",
+                entry=index,
+                asset=asset,
+            )
 
 
 def timezone_named(name: str) -> tzinfo:
@@ -169,8 +203,9 @@ class DueEntry:
 
     def describe(self) -> str:
         count = f"at least {self.missed}" if self.occurrences >= MAX_COUNTED else str(self.missed)
+        what = "boot test" if self.entry.is_boot_test else self.entry.mode
         return (
-            f"entry '{self.entry.cron}' ({self.entry.mode}): slot {self.slot.isoformat()}, "
+            f"entry '{self.entry.cron}' ({what}): slot {self.slot.isoformat()}, "
             f"{count} missed slot(s)"
         )
 
@@ -180,31 +215,65 @@ class ScheduleDecision:
     policy: str
     #: The new last-fired time of every entry whose state moves (due or initialised).
     fired: dict[str, datetime]
-    #: Mode of the one job to run now; None: nothing runs.
+    #: Mode of the one backup job to run now; None: no backup runs.
     run_mode: str | None
     due: tuple[DueEntry, ...]
     #: Due entries not run because of ``"catch_up": "skip"``.
     skipped: tuple[DueEntry, ...]
     catch_up: str = "once"
+    #: Keys of the policy's boot-test entries (their state moves with the boot-test job).
+    boot_test_keys: frozenset[str] = frozenset()
+
+    @property
+    def backup_due(self) -> tuple[DueEntry, ...]:
+        return tuple(d for d in self.due if not d.entry.is_boot_test)
+
+    @property
+    def boot_test_due(self) -> tuple[DueEntry, ...]:
+        return tuple(d for d in self.due if d.entry.is_boot_test)
+
+    @property
+    def run_boot_test(self) -> bool:
+        """A boot test runs now (at least one boot-test entry is due and not skipped)."""
+        return any(d not in self.skipped for d in self.boot_test_due)
 
     @property
     def missed(self) -> int:
-        return sum(d.missed for d in self.due)
+        """Missed slots of the backup entries (the backup job's count)."""
+        return sum(d.missed for d in self.backup_due)
+
+    @property
+    def boot_test_missed(self) -> int:
+        return sum(d.missed for d in self.boot_test_due)
+
+    def fired_part(self, boot_test: bool) -> dict[str, datetime]:
+        """The part of :attr:`fired` that moves with the backup job, or with the boot test."""
+        return {k: v for k, v in self.fired.items() if (k in self.boot_test_keys) == boot_test}
 
     def log_lines(self) -> list[tuple[str, str]]:
-        """The job log's account of why it runs and what it caught up on."""
-        run = [d for d in self.due if d not in self.skipped]
-        lines = [("info", f"scheduled run of policy {self.policy} ({self.run_mode})")]
-        for d in run:
-            lines.append(("info", d.describe()))
-        if self.missed:
+        """The backup job's account of why it runs and what it caught up on."""
+        return self._lines(
+            self.backup_due, f"scheduled run of policy {self.policy} ({self.run_mode})"
+        )
+
+    def boot_test_log_lines(self) -> list[tuple[str, str]]:
+        """The boot-test job's account of why it runs and what it caught up on."""
+        return self._lines(self.boot_test_due, f"scheduled boot test of policy {self.policy}")
+
+    def _lines(self, due: tuple[DueEntry, ...], headline: str) -> list[tuple[str, str]]:
+        lines = [("info", headline)]
+        for d in due:
+            if d not in self.skipped:
+                lines.append(("info", d.describe()))
+        missed = sum(d.missed for d in due)
+        if missed:
             lines.append(
                 (
                     "warning",
-                    f"catch-up ({self.catch_up}): {self.missed} slot(s) were missed while the "
+                    f"catch-up ({self.catch_up}): {missed} slot(s) were missed while the "
                     "appliance was not running; they are covered by this one run"
                     if self.catch_up == "once"
-                    else f"catch-up (skip): {self.missed} missed slot(s) were skipped",
+                    else f"catch-up (skip): {missed} missed slot(s) were skipped",
                 )
             )
         return lines
@@ -258,8 +327,8 @@ def due_runs(
         fired[entry.key] = newest
         due.append(DueEntry(entry, newest, count, now - newest <= on_time))
     skipped = tuple(d for d in due if not d.on_time) if schedule.catch_up == "skip" else ()
-    run = [d for d in due if d not in skipped]
-    run_mode = max((d.entry.mode for d in run), key=lambda m: MODE_STRENGTH[m]) if run else None
+    backups = [d.entry.mode for d in due if d not in skipped and not d.entry.is_boot_test]
+    run_mode = max(backups, key=lambda m: MODE_STRENGTH[m]) if backups else None
     return ScheduleDecision(
         policy=policy.name,
         fired=fired,
@@ -267,6 +336,7 @@ def due_runs(
         due=tuple(due),
         skipped=skipped,
         catch_up=schedule.catch_up,
+        boot_test_keys=frozenset(e.key for e in schedule.entries if e.is_boot_test),
     )
 
 
@@ -333,11 +403,10 @@ class Scheduler:
             now = now or self.clock()
             catalog = self.app.catalog
             states = catalog.schedule_state()
-            queued = {
-                str(job.params.get("policy"))
-                for job in catalog.list_jobs(state="queued", limit=1000)
-                if job.kind == POLICY_JOB_KIND
-            }
+            queued: dict[str, set[str]] = {POLICY_JOB_KIND: set(), BOOT_TEST: set()}
+            for job in catalog.list_jobs(state="queued", limit=1000):
+                if job.kind in queued:
+                    queued[job.kind].add(str(job.params.get("policy")))
             created: list[str] = []
             for policy in catalog.list_policies():
                 try:
@@ -347,13 +416,24 @@ class Scheduler:
                     continue
                 if not decision.fired:
                     continue
-                try:
-                    job_id = self._fire(policy, decision, policy.name in queued)
-                except ApplianceError as exc:  # e.g. the policy was deleted meanwhile
-                    log.warning("policy %s: scheduled run not submitted: %s", policy.name, exc)
-                    continue
-                if job_id is not None:
-                    created.append(job_id)
+                if decision.skipped:
+                    catalog.audit(
+                        "scheduler",
+                        "schedule.skip",
+                        policy.name,
+                        {"skipped": [d.describe() for d in decision.skipped], "rule": "skip"},
+                    )
+                for boot_test in (False, True):
+                    kind = BOOT_TEST if boot_test else POLICY_JOB_KIND
+                    try:
+                        job_id = self._fire(
+                            policy, decision, boot_test, policy.name in queued[kind]
+                        )
+                    except ApplianceError as exc:  # e.g. the policy was deleted meanwhile
+                        log.warning("policy %s: scheduled run not submitted: %s", policy.name, exc)
+                        break
+                    if job_id is not None:
+                        created.append(job_id)
             if created:
                 self.runner.wake()
             return created
@@ -362,46 +442,78 @@ class Scheduler:
         self,
         policy: PolicyRecord,
         decision: ScheduleDecision,
+        boot_test: bool,
         already_queued: bool,
     ) -> str | None:
+        """Fire the backup part (``boot_test`` False) or the boot-test part of ``decision``."""
         catalog = self.app.catalog
-        if decision.skipped:
+        fired = decision.fired_part(boot_test)
+        if not fired:
+            return None
+        runs = decision.run_boot_test if boot_test else decision.run_mode is not None
+        kind = BOOT_TEST if boot_test else POLICY_JOB_KIND
+        due = decision.boot_test_due if boot_test else decision.backup_due
+        if not runs:
+            catalog.fire_schedule(policy.name, fired)
+            return None
+        if kind not in JOB_KINDS:
+            # An engine used without the failover manager: say so, and do not retry the slot
+            # every tick (it is recorded as fired, its slots named in the audit entry).
+            catalog.fire_schedule(policy.name, fired)
+            message = (
+                f"scheduled boot test of {policy.asset} (policy {policy.name}) did not run: the "
+                "boot_test job kind is not registered (this appliance runs without the failover "
+                "manager; start the service, or register_failover_jobs)"
+            )
+            log.warning(message)
             catalog.audit(
                 "scheduler",
-                "schedule.skip",
+                "schedule.boot_test_unavailable",
                 policy.name,
-                {"skipped": [d.describe() for d in decision.skipped], "rule": "skip"},
+                {"message": message, "slots": [d.describe() for d in due]},
             )
-        if decision.run_mode is None:
-            catalog.fire_schedule(policy.name, decision.fired)
             return None
         if already_queued:
-            catalog.fire_schedule(policy.name, decision.fired)
+            catalog.fire_schedule(policy.name, fired)
             for job in catalog.list_jobs(state="queued", limit=1000):
-                if job.kind == POLICY_JOB_KIND and job.params.get("policy") == policy.name:
+                if job.kind == kind and job.params.get("policy") == policy.name:
                     catalog.append_job_log(
                         job.id,
                         "info",
                         "this queued run also covers the slot(s) "
-                        + "; ".join(d.describe() for d in decision.due),
+                        + "; ".join(d.describe() for d in due),
                     )
                     break
             return None
-        params = {
-            "policy": policy.name,
-            "asset": policy.asset,
-            "mode": decision.run_mode,
-            "trigger": "schedule",
-            "missed": decision.missed,
-            "apply_retention": True,
-        }
-        resources = JOB_KINDS[POLICY_JOB_KIND].resources(params)
+        params: dict[str, Any]
+        if boot_test:
+            # No point is named: the failover manager picks it when the job starts (the newest
+            # verified image point, else the newest), so a backup that ends before the boot
+            # test starts (its job was queued first) is the one tested.
+            params = {
+                "asset": policy.asset,
+                "policy": policy.name,
+                "trigger": "schedule",
+                "missed": decision.boot_test_missed,
+            }
+            lines = decision.boot_test_log_lines()
+        else:
+            params = {
+                "policy": policy.name,
+                "asset": policy.asset,
+                "mode": decision.run_mode,
+                "trigger": "schedule",
+                "missed": decision.missed,
+                "apply_retention": True,
+            }
+            lines = decision.log_lines()
+        resources = JOB_KINDS[kind].resources(params)
         created = catalog.fire_schedule(
             policy.name,
-            decision.fired,
-            job_kind=POLICY_JOB_KIND,
+            fired,
+            job_kind=kind,
             job_params=params,
             job_resource=",".join(name for name, _ in resources),
-            log=decision.log_lines(),
+            log=lines,
         )
         return None if created is None else created.id

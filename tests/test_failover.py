@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from engine_support import PASSPHRASE, StepClock, set_engine_env
+from guest_support import PROOF, VM, guest_image_path
 
 from appliance.backup.images import read_table
 from appliance.engine import Appliance
@@ -36,13 +37,11 @@ from image.failover import (
     register_failover_jobs,
 )
 from image.qemu import choose_accelerator, load_accelerator, overlay_map_argv, run_tool
-from image.testguest import HEALTH_TEXT, MARKER, build_test_guest, copy_sparse
+from image.testguest import HEALTH_TEXT, MARKER, copy_sparse
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 ASSET = "web"
-PROOF = {"serial": MARKER, "http_port": 80, "http_expect": "OK", "timeout": 120}
-VM = {"name": "web", "memory_mib": 256, "vcpus": 1, "disks": [{"name": "web", "bus": "virtio"}]}
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +51,7 @@ def _env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def guest_image() -> str:
-    missing = [t for t in ("qemu-system-x86_64", "qemu-img", "qemu-nbd") if not shutil.which(t)]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} missing: run scripts/setup "
-            "(apt-get install -y qemu-system-x86 qemu-utils)",
-            pytrace=False,
-        )
-    return build_test_guest()
+    return guest_image_path()
 
 
 def store_digest(path: str) -> str:

@@ -1,11 +1,14 @@
-"""Schedules: the pure decision (explicit timestamps) and the scheduler thread's bookkeeping."""
+"""Schedules: the pure decision (explicit timestamps) and the scheduler thread's bookkeeping,
+for backup entries and boot-test entries."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -13,15 +16,18 @@ import pytest
 from appliance.catalog.records import PolicyRecord
 from appliance.engine import Appliance
 from appliance.errors import InvalidInput
-from appliance.jobs import JobRunner
+from appliance.jobs import JOB_KINDS, JobRunner
+from appliance.policies import vm_source
 from appliance.schedule import (
     MAX_COUNTED,
     ScheduleEntry,
     Scheduler,
+    check_schedule_for_asset,
     due_runs,
     next_slot,
     parse_schedule,
 )
+from image.failover import FailoverManager, register_failover_jobs
 
 HOURLY = ScheduleEntry("0 * * * *", "incremental")
 WEEKLY_FULL = ScheduleEntry("0 3 * * 0", "full")
@@ -296,3 +302,144 @@ def test_scheduler_thread_ticks_at_start(appliance: Appliance) -> None:
     finally:
         scheduler.stop()
     assert len(_jobs(appliance)) == 1
+
+
+# --- boot-test entries ------------------------------------------------------------------------------
+
+DAILY_BOOT_TEST = ScheduleEntry("0 5 * * *", "boot_test")
+
+
+def vm_policy(*entries: ScheduleEntry, catch_up: str = "once", name: str = "vmp") -> PolicyRecord:
+    return replace(policy(*entries, catch_up=catch_up, name=name), asset="vm1")
+
+
+def test_boot_test_entries_parse_and_round_trip_beside_backups() -> None:
+    schedule = parse_schedule(
+        {"entries": [{"cron": "0 * * * *"}, {"cron": "0  5 * * *", "mode": "boot_test"}]}
+    )
+    assert schedule.entries == (HOURLY, DAILY_BOOT_TEST)
+    assert DAILY_BOOT_TEST.is_boot_test and not HOURLY.is_boot_test
+    assert DAILY_BOOT_TEST.key == "boot_test 0 5 * * *"
+    assert parse_schedule(schedule.document()) == schedule
+    # An old document (no boot tests) is read as before.
+    assert parse_schedule({"entries": [{"cron": "0 * * * *", "mode": "incremental"}]}).entries == (
+        HOURLY,
+    )
+    with pytest.raises(InvalidInput, match="boot_test"):
+        parse_schedule({"entries": [{"cron": "0 5 * * *", "mode": "boot-test"}]})
+
+
+def test_boot_test_entries_are_for_vm_assets_only() -> None:
+    schedule = parse_schedule(
+        {"entries": [{"cron": "0 * * * *"}, {"cron": "0 5 * * *", "mode": "boot_test"}]}
+    )
+    check_schedule_for_asset(schedule, "vm1", "vm")
+    check_schedule_for_asset(parse_schedule({"entries": [{"cron": "0 * * * *"}]}), "docs", "files")
+    with pytest.raises(InvalidInput, match="docs is a folder asset") as info:
+        check_schedule_for_asset(schedule, "docs", "files")
+    assert info.value.details["entry"] == 1
+
+
+def test_a_boot_test_due_with_a_backup_runs_beside_it_not_instead() -> None:
+    p = vm_policy(HOURLY, DAILY_BOOT_TEST)
+    state = {HOURLY.key: at(4, 4), DAILY_BOOT_TEST.key: at(3, 5)}
+    decision = due_runs(p, state, at(4, 5, 0, 10))
+    # The backup keeps its own mode (a boot test is not a "stronger" backup) ...
+    assert decision.run_mode == "incremental" and decision.run_boot_test
+    assert decision.fired == {HOURLY.key: at(4, 5), DAILY_BOOT_TEST.key: at(4, 5)}
+    # ... and each part moves only its own entries' state.
+    assert decision.fired_part(boot_test=False) == {HOURLY.key: at(4, 5)}
+    assert decision.fired_part(boot_test=True) == {DAILY_BOOT_TEST.key: at(4, 5)}
+    assert decision.missed == 0 and decision.boot_test_missed == 0
+    assert decision.boot_test_log_lines()[0] == ("info", "scheduled boot test of policy vmp")
+    assert "(boot test)" in decision.boot_test_log_lines()[1][1]
+    # The next hour: only the backup.
+    later = due_runs(p, decision.fired, at(4, 6, 0, 10))
+    assert later.run_mode == "incremental" and not later.run_boot_test
+
+
+def test_a_boot_test_alone_runs_no_backup() -> None:
+    p = vm_policy(HOURLY, DAILY_BOOT_TEST)
+    decision = due_runs(p, {HOURLY.key: at(4, 5), DAILY_BOOT_TEST.key: at(3, 5)}, at(4, 5, 0, 10))
+    assert decision.run_mode is None and decision.run_boot_test
+
+
+def test_boot_tests_follow_the_catch_up_rule() -> None:
+    state = {DAILY_BOOT_TEST.key: at(1, 5)}
+    once = due_runs(vm_policy(DAILY_BOOT_TEST), state, at(4, 12))
+    assert once.run_boot_test and once.boot_test_missed == 3  # the 2nd, 3rd and 4th at 05:00
+    assert once.fired == {DAILY_BOOT_TEST.key: at(4, 5)}
+    assert any("3 slot(s) were missed" in m for _, m in once.boot_test_log_lines())
+    skip = due_runs(vm_policy(DAILY_BOOT_TEST, catch_up="skip"), state, at(4, 12))
+    assert not skip.run_boot_test and skip.skipped[0].entry == DAILY_BOOT_TEST
+    assert skip.fired == {DAILY_BOOT_TEST.key: at(4, 5)}  # skipped for good, stated
+
+
+@pytest.fixture
+def boot_tests(appliance: Appliance) -> Iterator[Appliance]:
+    """The appliance with a VM asset and the real boot_test job kind (no VM is booted: the
+    runners below never start a job)."""
+    appliance.catalog.ensure_asset("vm1", "vm", vm_source(["/nonexistent/vm1.raw"], None))
+    manager = FailoverManager(appliance, accel="tcg")
+    register_failover_jobs(manager)
+    yield appliance
+    manager.shutdown(grace=0)
+
+
+def _kinds(app: Appliance) -> list[tuple[str, dict[str, Any]]]:
+    jobs = sorted(app.catalog.list_jobs(limit=1000), key=lambda j: j.created_at)
+    return [(j.kind, j.params) for j in jobs]
+
+
+def test_scheduler_submits_a_boot_test_job_beside_the_backup(boot_tests: Appliance) -> None:
+    app = boot_tests
+    _add_policy(app, vm_policy(HOURLY, DAILY_BOOT_TEST), at(4, 4, 30))
+    scheduler = Scheduler(app, JobRunner(app, max_parallel=0))
+    created = scheduler.tick(at(4, 5, 0, 10))
+    assert len(created) == 2
+    (backup_kind, backup), (test_kind, test) = _kinds(app)
+    assert backup_kind == "policy_backup" and backup["mode"] == "incremental"
+    assert test_kind == "boot_test"
+    assert test == {"asset": "vm1", "policy": "vmp", "trigger": "schedule", "missed": 0}
+    boot_job = app.catalog.get_job(created[1])
+    assert boot_job.resource == "store"
+    log = [line.message for line in app.catalog.job_log(boot_job.id)]
+    assert log[0] == "scheduled boot test of policy vmp"
+    # A restart within the slot fires nothing again.
+    assert Scheduler(app, JobRunner(app, max_parallel=0)).tick(at(4, 5, 0, 40)) == []
+    # The next day, the boot test still queued absorbs its next slot; the backups go on.
+    app.catalog.update_job(created[0], state="running")
+    app.catalog.update_job(created[0], state="succeeded")
+    again = scheduler.tick(at(5, 5, 0, 10))
+    assert [app.catalog.get_job(j).kind for j in again] == ["policy_backup"]
+    assert [k for k, _ in _kinds(app)].count("boot_test") == 1
+    assert any("also covers" in line.message for line in app.catalog.job_log(boot_job.id))
+    assert app.catalog.schedule_state("vmp")["vmp"][DAILY_BOOT_TEST.key] == at(5, 5)
+
+
+def test_missed_boot_tests_catch_up_once_after_downtime(boot_tests: Appliance) -> None:
+    app = boot_tests
+    _add_policy(app, vm_policy(DAILY_BOOT_TEST), at(1, 6))
+    [job_id] = Scheduler(app, JobRunner(app, max_parallel=0)).tick(at(4, 9))
+    job = app.catalog.get_job(job_id)
+    assert job.kind == "boot_test" and job.params["missed"] == 3
+    log = [line.message for line in app.catalog.job_log(job_id)]
+    assert any("3 slot(s) were missed" in line for line in log), log
+
+
+def test_without_the_boot_test_kind_the_scheduler_says_so(
+    appliance: Appliance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(JOB_KINDS, "boot_test", raising=False)
+    appliance.catalog.ensure_asset("vm1", "vm", vm_source(["/nonexistent/vm1.raw"], None))
+    _add_policy(appliance, vm_policy(HOURLY, DAILY_BOOT_TEST), at(4, 4, 30))
+    scheduler = Scheduler(appliance, JobRunner(appliance, max_parallel=0))
+    created = scheduler.tick(at(4, 5, 0, 10))
+    # The backup still runs; the boot test is stated, not crashed on, and not retried.
+    assert [appliance.catalog.get_job(j).kind for j in created] == ["policy_backup"]
+    [entry] = [a for a in appliance.catalog.list_audit(10) if a.action.startswith("schedule.")]
+    assert entry.action == "schedule.boot_test_unavailable" and entry.target == "vmp"
+    assert "boot_test job kind is not registered" in entry.details["message"]
+    assert "slot 2024-03-04T05:00:00+00:00" in entry.details["slots"][0]
+    assert scheduler.tick(at(4, 5, 0, 40)) == []
+    assert len(appliance.catalog.list_audit(10)) == 1

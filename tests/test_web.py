@@ -18,6 +18,7 @@ import re
 import time
 import zipfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -538,10 +539,87 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Cl
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    expect(menu.get_by_role("link")).to_have_count(5)
+    expect(menu.get_by_role("link")).to_have_count(6)
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)
     expect(page.get_by_role("button", name=re.compile("Back up .* now"))).to_have_count(0)
     page.goto(server.url + "/#/users")
     expect(page.get_by_role("alert")).to_contain_text("Not allowed for your role")
+
+
+def test_dashboard_shows_the_last_proven_boot_and_a_failed_boot_test(
+    admin_page: Any,
+    server: LiveServer,
+    admin_api: httpx.Client,
+    backed_up: str,
+    tmp_path: Path,
+    shots: Screenshots,
+):
+    """A VM's row says when its boot was last proven and the RTO; a failed boot test raises an
+    alert at the top, in words, linking to its session. The policy form offers a boot test for
+    the VM. (Boot-test sessions are written to the catalog as the failover code records them.)"""
+    page = admin_page
+    disk = tmp_path / "vm-web.raw"
+    disk.write_bytes(b"\0" * 65536)
+    r = admin_api.post("/api/assets", json={"name": "vm-web", "kind": "vm", "disks": [str(disk)]})
+    assert r.status_code in (201, 409), r.text
+    catalog = server.service.app.catalog
+    proven = catalog.add_failover_session("vm-web", "0123456789abcdef", {"purpose": "boot_test"})
+    proven_at = server.clock() - timedelta(hours=3)
+    catalog.update_failover_session(
+        proven.id,
+        state="running",
+        details={"proven_at": proven_at.isoformat(), "rto_seconds": 11.2},
+    )
+    catalog.update_failover_session(proven.id, state="stopped")
+    page.reload()
+    row = page.locator("tr[data-asset=vm-web]")
+    expect(page.get_by_role("columnheader", name="Boot test")).to_be_visible()
+    expect(row).to_contain_text("Boot proven")
+    expect(
+        row.get_by_role("link", name="Last proven boot: 3 hours ago, RTO 11.2 s")
+    ).to_have_attribute("href", f"#/failover/{proven.id}")
+    expect(page.get_by_role("region", name="Alerts").filter(has_text="vm-web")).to_have_count(0)
+
+    failed = catalog.add_failover_session("vm-web", "0123456789abcdef", {"purpose": "boot_test"})
+    catalog.update_failover_session(
+        failed.id,
+        state="failed",
+        details={
+            "error": "boot proof failed after 120 s: serial console never printed a line "
+            "matching 'login:'",
+            "failed_at": server.clock().isoformat(),
+        },
+    )
+    page.get_by_role("button", name="Refresh").click()
+    alerts = page.get_by_role("region", name="Alerts")
+    message = (
+        "last boot test of vm-web failed: serial console never printed a line matching 'login:'"
+    )
+    link = alerts.get_by_role("link", name=message)
+    expect(link).to_be_visible()
+    expect(link).to_have_attribute("href", f"#/failover/{failed.id}")
+    expect(alerts).to_contain_text("Critical")
+    expect(row).to_contain_text("Boot test failed")
+    expect(row).to_contain_text("serial console never printed")
+    expect(row).to_contain_text("Last proven boot: 3 hours ago, RTO 11.2 s")
+    shots.take(page, "dashboard-boot-test")
+
+    # The policy form: a boot test is offered for the VM (and not for a folder).
+    nav(page, "Assets & policies")
+    page.get_by_role("button", name="Add policy").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name").fill("vm-web-verify")
+    dialog.locator("select[name=asset]").select_option("docs")
+    expect(dialog.get_by_role("button", name="Add a boot test")).to_be_hidden()
+    dialog.locator("select[name=asset]").select_option("vm-web")
+    dialog.get_by_role("button", name="Add a boot test").click()
+    expect(dialog).to_contain_text("Boot test of the newest point")
+    dialog.get_by_role("button", name="Add policy").click()
+    expect(page.locator(".toast").filter(has_text="Policy vm-web-verify added.")).to_be_visible()
+    policy = admin_api.get("/api/policies/vm-web-verify").json()
+    assert [e["mode"] for e in policy["schedule"]["entries"]] == ["incremental", "boot_test"]
+    expect(page.get_by_role("table", name="Protection policies")).to_contain_text(
+        "Boot test of the newest point"
+    )

@@ -1,6 +1,8 @@
 """Recovery points: list, detail, file browser, downloads, restore, verify and delete.
 
-Downloads are restores: they need the operator role and are audited like restore jobs.
+Downloads are restores: they need the operator role and are audited like restore jobs. A VM
+point that was test-booted carries its newest boot proof (``boot_proof``: proven or failed, when,
+the RTO, the failed check, the screenshot's URL), from the boot-test sessions in the catalog.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
+from api.routers.status import boot_test_public
 from api.schemas import (
     DirectoryListing,
     DiskPublic,
@@ -35,6 +38,9 @@ from api.streams import (
     write_zip,
 )
 from api.views import copies_public, job_public, point_public
+from appliance.boot_verification import boot_test_result
+from appliance.catalog import Catalog
+from appliance.catalog.records import FailoverSessionRecord, PointRecord
 from appliance.errors import InvalidInput
 
 router = APIRouter(tags=["points"])
@@ -47,9 +53,23 @@ def list_points(
     asset: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> list[PointPublic]:
-    """Points, newest first."""
+    """Points, newest first, each with its newest boot proof (if it was test-booted)."""
     points = catalog.list_points(asset=asset)
-    return [point_public(p) for p in reversed(points[-limit:])]
+    proofs = catalog.last_boot_tests(per="point", asset=asset)
+    return [_with_proof(p, proofs.get(p.id)) for p in reversed(points[-limit:])]
+
+
+def _with_proof(point: PointRecord, session: FailoverSessionRecord | None) -> PointPublic:
+    public = point_public(point)
+    if session is not None:
+        public.boot_proof = boot_test_public(boot_test_result(session))
+    return public
+
+
+def _proof_of(catalog: Catalog, point: PointRecord) -> FailoverSessionRecord | None:
+    if point.kind != "image":
+        return None
+    return catalog.last_boot_tests(per="point", asset=point.asset).get(point.id)
 
 
 def _summary(manifest: dict[str, Any]) -> ManifestSummary:
@@ -73,7 +93,7 @@ def get_point(point_id: str, principal: Viewer, service: ServiceDep) -> PointDet
     point = app.point(point_id)
     manifest = app.repo.get_manifest(point.id)
     return PointDetail(
-        **point_public(point).model_dump(),
+        **_with_proof(point, _proof_of(app.catalog, point)).model_dump(),
         copies=copies_public(app.catalog, point.id),
         manifest=_summary(manifest),
     )

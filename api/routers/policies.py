@@ -1,10 +1,16 @@
-"""Protection policies: schedule (several cron entries), mode, retention and RPO of an asset."""
+"""Protection policies: schedule (several cron entries), mode, retention and RPO of an asset.
+
+A schedule entry runs a backup (its mode) or, for a VM asset, a boot test (mode ``boot_test``:
+an isolated test boot of the VM's newest point). A boot-test entry on a folder asset is a 422
+naming the entry.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
 from api.schemas import (
@@ -17,9 +23,11 @@ from api.schemas import (
 )
 from api.service import Service
 from api.views import job_public
+from appliance.catalog import Catalog
 from appliance.catalog.records import PolicyRecord
+from appliance.errors import InvalidInput
 from appliance.policies import POLICY_JOB_KIND
-from appliance.schedule import next_slot, parse_schedule
+from appliance.schedule import check_schedule_for_asset, next_slot, parse_schedule
 
 router = APIRouter(tags=["policies"])
 
@@ -54,9 +62,23 @@ def policy_public(
     )
 
 
-def _record(name: str, body: PolicyUpdate) -> PolicyRecord:
+def _record(catalog: Catalog, name: str, body: PolicyUpdate) -> PolicyRecord:
     schedule = body.schedule.model_dump()
-    parse_schedule(schedule)  # rules the model cannot express (no entry listed twice)
+    parsed = parse_schedule(schedule)  # rules the model cannot express (no entry listed twice)
+    asset = catalog.get_asset(body.asset)  # 404 for an unknown asset
+    try:
+        check_schedule_for_asset(parsed, asset.name, asset.kind)
+    except InvalidInput as exc:
+        # A request the model could not check alone: answered like the model's own 422s.
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "schedule", "entries", exc.details.get("entry", 0), "mode"),
+                    "msg": exc.message,
+                    "type": "value_error",
+                }
+            ]
+        ) from None
     return PolicyRecord(
         name=name,
         asset=body.asset,
@@ -83,7 +105,7 @@ def list_policies(
 @router.post("/policies", response_model=PolicyPublic, status_code=status.HTTP_201_CREATED)
 def create_policy(body: PolicyCreate, principal: Admin, service: ServiceDep) -> PolicyPublic:
     catalog = service.app.catalog
-    policy = catalog.add_policy(_record(body.name, body))
+    policy = catalog.add_policy(_record(catalog, body.name, body))
     # The schedule starts now: a new entry never fires for a slot before it existed.
     catalog.reset_schedule_state(policy.name, _entry_keys(policy), service.now())
     catalog.audit(
@@ -105,7 +127,7 @@ def update_policy(
     name: str, body: PolicyUpdate, principal: Admin, service: ServiceDep
 ) -> PolicyPublic:
     catalog = service.app.catalog
-    policy = catalog.update_policy(_record(name, body))
+    policy = catalog.update_policy(_record(catalog, name, body))
     catalog.reset_schedule_state(policy.name, _entry_keys(policy), service.now())
     catalog.audit(
         principal.name,

@@ -1,7 +1,9 @@
 """Read-mostly views of the whole appliance: dashboard, pools, settings, audit log, metrics.
 
 The dashboard and ``/metrics`` take their numbers from :mod:`appliance.protection` (RPO status,
-growth trend) with the service's clock, so tests pin "now".
+growth trend) with the service's clock, so tests pin "now". Boot verification comes from the
+boot-test sessions in the catalog (:mod:`appliance.boot_verification`): each VM's last boot test
+and last proven boot, and the dashboard's alerts (a failed last boot test, a missed RPO).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from fastapi.responses import PlainTextResponse
 
 from api.deps import Admin, CatalogDep, ServiceDep, Viewer
 from api.schemas import (
+    AlertPublic,
     AssetStatus,
     AuditPublic,
+    BootTestPublic,
     CapacityPublic,
     CapacitySample,
     DashboardPublic,
@@ -27,7 +31,9 @@ from api.schemas import (
 )
 from api.service import Service
 from api.views import copies_public
-from appliance.catalog.records import JobRecord, PointRecord
+from appliance.boot_verification import BootTestResult, boot_test_result
+from appliance.catalog import Catalog
+from appliance.catalog.records import FailoverSessionRecord, JobRecord, PointRecord
 from appliance.protection import (
     filesystem_usage,
     growth,
@@ -40,6 +46,80 @@ router = APIRouter(tags=["status"])
 metrics_router = APIRouter(tags=["status"])
 
 GROWTH_DAYS = 30
+SEVERITY_ORDER = {"critical": 0, "warning": 1}
+
+
+def boot_test_public(result: BootTestResult) -> BootTestPublic:
+    """A decided boot test (the catalog's ``last_boot_tests`` leaves out running ones)."""
+    return BootTestPublic(
+        state="proven" if result.state == "proven" else "failed",
+        session=result.session,
+        point_id=result.point_id,
+        at=result.at,
+        rto_seconds=result.rto_seconds,
+        failed_check=result.failed_check,
+        error=result.error,
+        screenshot_url=(
+            f"/api/failover/{result.session}/screenshot" if result.has_screenshot else None
+        ),
+        link=f"#/failover/{result.session}",
+    )
+
+
+def _boot_tests(
+    last: FailoverSessionRecord | None, proven: FailoverSessionRecord | None
+) -> tuple[BootTestPublic, BootTestPublic | None]:
+    """(last boot test, or state ``never``; last proven boot or None) of one VM asset."""
+    if last is None:
+        return BootTestPublic(state="never"), None
+    return (
+        boot_test_public(boot_test_result(last)),
+        boot_test_public(boot_test_result(proven)) if proven is not None else None,
+    )
+
+
+def _period(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}".replace(".0 ", " ")
+    return f"{seconds:.0f} s"
+
+
+def dashboard_alerts(assets: list[AssetStatus]) -> list[AlertPublic]:
+    """A failed last boot test is critical (the VM may not come back); a missed RPO a warning."""
+    alerts: list[AlertPublic] = []
+    for a in assets:
+        test = a.last_boot_test
+        if test is not None and test.state == "failed":
+            alerts.append(
+                AlertPublic(
+                    severity="critical",
+                    kind="boot_test_failed",
+                    asset=a.asset,
+                    message=f"last boot test of {a.asset} failed: {test.failed_check}",
+                    at=test.at,
+                    link=test.link or "#/assets",
+                )
+            )
+        if a.rpo_status == "missed":
+            target = _period(a.rpo_seconds or 0)
+            why = (
+                f"its newest good point is {_period(a.age_seconds or 0)} old (target {target})"
+                if a.last_point_id
+                else f"it has no good recovery point yet (target {target})"
+            )
+            alerts.append(
+                AlertPublic(
+                    severity="warning",
+                    kind="rpo_missed",
+                    asset=a.asset,
+                    message=f"RPO missed for {a.asset}: {why}",
+                    at=a.last_point_at,
+                    link="#/assets",
+                )
+            )
+    alerts.sort(key=lambda al: SEVERITY_ORDER[al.severity])
+    return alerts
 
 
 def _capacity(service: Service, points: list[PointRecord], now: datetime) -> CapacityPublic:
@@ -58,8 +138,9 @@ def _capacity(service: Service, points: list[PointRecord], now: datetime) -> Cap
 
 @router.get("/dashboard", response_model=DashboardPublic)
 def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
-    """Per asset: last good point, its age, RPO target and status, copies and sizes; the pool's
-    capacity with a 30-day growth trend; job counts."""
+    """Per asset: last good point, its age, RPO target and status, copies and sizes, and for a
+    VM its last boot test and last proven boot; alerts (failed boot tests, missed RPOs); the
+    pool's capacity with a 30-day growth trend; job counts."""
     catalog = service.app.catalog
     now = service.now()
     points = catalog.list_points()
@@ -69,11 +150,18 @@ def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
     policies = defaultdict(list)
     for policy in catalog.list_policies():
         policies[policy.asset].append(policy)
+    last_tests = catalog.last_boot_tests(per="asset")
+    last_proven = catalog.last_boot_tests(per="asset", proven_only=True)
     assets = []
     for asset in catalog.list_assets():
         mine = by_asset.get(asset.name, [])
         last = last_good_point(mine)
         target = rpo_target(policies[asset.name])
+        boot_test, proven_boot = (
+            _boot_tests(last_tests.get(asset.name), last_proven.get(asset.name))
+            if asset.kind == "vm"
+            else (None, None)
+        )
         assets.append(
             AssetStatus(
                 asset=asset.name,
@@ -88,6 +176,8 @@ def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
                 copies=copies_public(catalog, last.id) if last else [],
                 logical_bytes=last.logical_bytes if last else 0,
                 stored_bytes=sum(p.stored_bytes for p in mine),
+                last_boot_test=boot_test,
+                last_proven_boot=proven_boot,
             )
         )
     counts = catalog.count_jobs()
@@ -102,6 +192,7 @@ def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
             failed=counts.get("failed", 0),
             interrupted=counts.get("interrupted", 0),
         ),
+        alerts=dashboard_alerts(assets),
     )
 
 
@@ -204,8 +295,10 @@ def _durations(jobs: list[JobRecord]) -> list[str]:
 
 @metrics_router.get("/metrics", response_class=PlainTextResponse)
 def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
-    """Prometheus text format: jobs by state, bytes backed up, job durations, pool usage and
-    the age of each asset's newest point. Needs a token or session like every other route."""
+    """Prometheus text format: jobs by state, bytes backed up, job durations, pool usage, the
+    age of each asset's newest point and each VM's boot verification (RTO of its last proven
+    boot, when that was, whether its last boot test passed). Needs a token or session like
+    every other route."""
     app = service.app
     catalog = app.catalog
     now = service.now()
@@ -245,4 +338,40 @@ def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
         if last is not None:
             age = max(0.0, (now - last.created_at) / timedelta(seconds=1))
             lines.append(f'appliance_newest_point_age_seconds{{asset="{_label(asset)}"}} {age:.0f}')
+    lines += _boot_test_metrics(catalog.last_boot_tests(per="asset"), catalog)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def _boot_test_metrics(last: dict[str, FailoverSessionRecord], catalog: Catalog) -> list[str]:
+    proven = {
+        name: boot_test_result(record)
+        for name, record in catalog.last_boot_tests(per="asset", proven_only=True).items()
+    }
+    lines = [
+        "# HELP appliance_boot_test_rto_seconds RTO measured by each VM's last proven boot test.",
+        "# TYPE appliance_boot_test_rto_seconds gauge",
+    ]
+    for name, result in sorted(proven.items()):
+        if result.rto_seconds is not None:
+            lines.append(
+                f'appliance_boot_test_rto_seconds{{asset="{_label(name)}"}} {result.rto_seconds:g}'
+            )
+    lines += [
+        "# HELP appliance_boot_test_last_success_timestamp_seconds When each VM's boot was last "
+        "proven (Unix time).",
+        "# TYPE appliance_boot_test_last_success_timestamp_seconds gauge",
+    ]
+    for name, result in sorted(proven.items()):
+        lines.append(
+            "appliance_boot_test_last_success_timestamp_seconds"
+            f'{{asset="{_label(name)}"}} {result.at.timestamp():.0f}'
+        )
+    lines += [
+        "# HELP appliance_boot_test_ok Whether each VM's last boot test proved the boot (1) or "
+        "not (0).",
+        "# TYPE appliance_boot_test_ok gauge",
+    ]
+    for name, record in sorted(last.items()):
+        ok = 1 if boot_test_result(record).state == "proven" else 0
+        lines.append(f'appliance_boot_test_ok{{asset="{_label(name)}"}} {ok}')
+    return lines

@@ -1370,3 +1370,45 @@ class Catalog:
             query = query.where(FailoverSessionRow.state.in_(sorted(states)))
         with self._session(write=False) as session:
             return [row.to_record() for row in session.scalars(query.limit(limit))]
+
+    def last_boot_tests(
+        self, *, per: str = "asset", asset: str | None = None, proven_only: bool = False
+    ) -> dict[str, FailoverSessionRecord]:
+        """The newest *decided* boot test per asset (``per="asset"``) or per point
+        (``per="point"``): ``{asset name or point ID: session}``.
+
+        A boot test is a failover session whose ``details["purpose"]`` is ``"boot_test"``. It is
+        decided once its boot was proven (``details["proven_at"]`` set) or it ended without a
+        proof (any state but the active ones); one still booting is left out, so it does not hide
+        the previous result. ``proven_only`` keeps proven ones only (the last *proven* boot).
+        One query with a window function, on SQLite and PostgreSQL alike.
+        """
+        if per not in ("asset", "point"):
+            raise InvalidInput("per must be 'asset' or 'point'")
+        column = FailoverSessionRow.asset if per == "asset" else FailoverSessionRow.point_id
+        proven = FailoverSessionRow.details["proven_at"].as_string().is_not(None)
+        decided = (
+            proven
+            if proven_only
+            else (proven | FailoverSessionRow.state.not_in(sorted(ACTIVE_FAILOVER_STATES)))
+        )
+        ranked = select(
+            FailoverSessionRow.id.label("id"),
+            func.row_number()
+            .over(
+                partition_by=column,
+                order_by=(FailoverSessionRow.started_at.desc(), FailoverSessionRow.id.desc()),
+            )
+            .label("rank"),
+        ).where(FailoverSessionRow.details["purpose"].as_string() == "boot_test", decided)
+        if asset is not None:
+            ranked = ranked.where(FailoverSessionRow.asset == asset)
+        newest = ranked.subquery()
+        query = select(FailoverSessionRow).join(newest, newest.c.id == FailoverSessionRow.id)
+        query = query.where(newest.c.rank == 1)
+        with self._session(write=False) as session:
+            out: dict[str, FailoverSessionRecord] = {}
+            for row in session.scalars(query):
+                record = row.to_record()
+                out[record.asset if per == "asset" else record.point_id] = record
+            return out

@@ -1,9 +1,10 @@
-// Dashboard: how well each asset is protected, and how fast the pool fills.
+// Dashboard: how well each asset is protected (backups, RPO, boot verification of VMs), alerts
+// that need a person, and how fast the pool fills.
 
 import { api } from "../api.js";
 import { capacityChart, usableBytes } from "../chart.js";
 import { h, replace } from "../dom.js";
-import { LOCATION_NAMES, ago, bytes, count, dateTime, duration, percent, period } from "../format.js";
+import { LOCATION_NAMES, ago, bytes, count, dateTime, duration, percent, period, secondsSince } from "../format.js";
 import { button, card, emptyState, loading, pageHeader, pill, table, toast } from "../ui.js";
 
 const REFRESH_SECONDS = 30;
@@ -43,6 +44,59 @@ function lastPointCell(a, canRun, onBackup) {
     { class: "stack" },
     h("a", { href: `#/points/${encodeURIComponent(a.last_point_id)}`, text: dateTime(a.last_point_at) }),
     h("span", { class: "muted small", text: `${ago(a.age_seconds)} · ${count(a.points, "point")} in all` }),
+  );
+}
+
+function rto(seconds) {
+  return seconds === null || seconds === undefined ? "" : `, RTO ${Number(seconds).toFixed(1)} s`;
+}
+
+// "Last proven boot: 3 hours ago, RTO 11.2 s" (or never tested / failed, with the failed check).
+function bootCell(a, now) {
+  const test = a.last_boot_test;
+  if (!test) return h("span", { class: "muted", text: "—", title: "Only virtual machines are test-booted" });
+  if (test.state === "never") {
+    return h("div", { class: "stack" }, pill("Never tested", "warn"), h("span", { class: "muted small", text: "Add a boot test to its policy, or run one from Assets" }));
+  }
+  const proven = a.last_proven_boot;
+  const provenText = proven ? `Last proven boot: ${ago(secondsSince(proven.at, now))}${rto(proven.rto_seconds)}` : "Never proven";
+  if (test.state === "failed") {
+    return h(
+      "div",
+      { class: "stack boot-cell" },
+      h("a", { href: test.link, class: "boot-failed" }, pill("Boot test failed", "bad")),
+      h("span", { class: "small error-text", text: test.failed_check || test.error || "" }),
+      h("span", { class: "muted small", text: `${ago(secondsSince(test.at, now))} · ${provenText}` }),
+    );
+  }
+  return h(
+    "div",
+    { class: "stack boot-cell" },
+    pill("Boot proven", "good"),
+    h("a", { href: test.link, class: "small", text: provenText }),
+  );
+}
+
+function alertsPanel(alerts, now) {
+  if (!alerts.length) return null;
+  const critical = alerts.filter((al) => al.severity === "critical").length;
+  return h(
+    "section",
+    { class: ["alerts", critical ? "alerts-critical" : "alerts-warning"], role: "region", "aria-label": "Alerts" },
+    h("h2", { class: "alerts-title", text: `${count(alerts.length, "alert")} need${alerts.length === 1 ? "s" : ""} attention` }),
+    h(
+      "ul",
+      { class: "alerts-list" },
+      alerts.map((al) =>
+        h(
+          "li",
+          { class: `alert alert-${al.severity}`, dataset: { kind: al.kind, asset: al.asset } },
+          pill(al.severity === "critical" ? "Critical" : "Warning", al.severity === "critical" ? "bad" : "warn"),
+          h("a", { href: al.link, class: "alert-message", text: al.message }),
+          al.at ? h("span", { class: "muted small", text: ago(secondsSince(al.at, now)) }) : null,
+        ),
+      ),
+    ),
   );
 }
 
@@ -148,7 +202,8 @@ export default async function dashboard(view) {
               { label: "Asset", className: "col-asset", cell: (a) => h("div", { class: "stack" }, h("strong", { text: a.asset }), h("span", { class: "muted small", text: `${a.kind === "vm" ? "Virtual machine" : "Folder"}${a.policies.length ? ` · ${a.policies.join(", ")}` : " · no policy"}` })) },
               { label: "Last good point", cell: (a) => lastPointCell(a, canRun, backupNow) },
               { label: "RPO", cell: rpoCell },
-              { label: "Copies", cell: copiesCell },
+              { label: "Boot test", cell: (a) => bootCell(a, now.getTime()) },
+              { label: "Copies", cell: copiesCell, className: "col-copies" },
               { label: "Size", cell: (a) => h("div", { class: "stack" }, h("span", { text: a.last_point_id ? bytes(a.logical_bytes) : "—" }), h("span", { class: "muted small", text: `${bytes(a.stored_bytes)} stored` })), className: "num hide-md" },
             ],
             d.assets,
@@ -156,7 +211,7 @@ export default async function dashboard(view) {
           )
         : emptyState("assets", "Nothing is protected yet", "Add a folder or a virtual machine, give it a policy, and its backups show up here.", view.can("admin") ? button("Add an asset", { iconName: "plus", kind: "primary", href: "#/assets" }) : null),
     );
-    replace(body, stats, assetsCard, capacityCard(d.capacity, now));
+    replace(body, alertsPanel(d.alerts || [], now.getTime()), stats, assetsCard, capacityCard(d.capacity, now));
   }
 
   await load();

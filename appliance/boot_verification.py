@@ -1,0 +1,87 @@
+"""Scheduled boot verification: what a boot test's record says, in the terms the page shows.
+
+A boot test (``image.failover``: an isolated test boot of a VM's point, proven by its configured
+checks, its RTO measured and a screenshot kept, then shut down and discarded) is recorded as a
+failover session whose ``details["purpose"]`` is ``"boot_test"``. The catalog finds the newest
+ones per asset and per point (:meth:`Catalog.last_boot_tests`); this module turns one record into
+a :class:`BootTestResult` and decides the dashboard's alerts. Pure functions, no I/O: the
+``details`` keys read here (``proven_at``, ``rto_seconds``, ``error``, ``failed_at``,
+``stopped_at``, ``screenshot``, ``failed_checks``) are the ones the failover code writes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord
+
+PURPOSE = "boot_test"
+#: How a proof timeout starts its message; the checks' own words follow the colon.
+_PROOF_FAILED = re.compile(r"^boot proof failed after [^:]*: ")
+
+
+@dataclass(frozen=True)
+class BootTestResult:
+    session: str
+    asset: str
+    point_id: str
+    #: ``proven``, ``failed`` (it ended without a proof) or ``running`` (not decided yet).
+    state: str
+    #: When it was proven, failed or stopped (the session's start while it runs).
+    at: datetime
+    rto_seconds: float | None
+    #: In words, which check did not pass (or what else stopped the boot).
+    failed_check: str | None
+    #: Names of the checks that did not pass (``serial``, ``http``, ...), when recorded.
+    failed_checks: tuple[str, ...]
+    error: str | None
+    has_screenshot: bool
+
+
+def _when(value: object, fallback: datetime) -> datetime:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return fallback
+        return parsed if parsed.tzinfo is not None else fallback
+    return fallback
+
+
+def failed_check_words(error: str | None) -> str | None:
+    """The failing checks of a proof timeout ("serial console never printed ..."), else the
+    whole error (QEMU exited, a damaged pack, ...)."""
+    if not error:
+        return None
+    return _PROOF_FAILED.sub("", error, count=1) or error
+
+
+def boot_test_result(record: FailoverSessionRecord) -> BootTestResult:
+    details = record.details
+    proven_at = details.get("proven_at")
+    error = details.get("error")
+    if proven_at:
+        state, at = "proven", _when(proven_at, record.started_at)
+    elif record.state in ACTIVE_FAILOVER_STATES:
+        state, at = "running", record.started_at
+    else:
+        state = "failed"
+        at = _when(details.get("failed_at") or details.get("stopped_at"), record.started_at)
+        if not error:
+            error = f"the boot was not proven (session {record.state})"
+    rto = details.get("rto_seconds")
+    checks = details.get("failed_checks") or []
+    return BootTestResult(
+        session=record.id,
+        asset=record.asset,
+        point_id=record.point_id,
+        state=state,
+        at=at,
+        rto_seconds=float(rto) if isinstance(rto, int | float) and state == "proven" else None,
+        failed_check=failed_check_words(str(error)) if state == "failed" else None,
+        failed_checks=tuple(str(c) for c in checks) if state == "failed" else (),
+        error=str(error) if state == "failed" and error else None,
+        has_screenshot=bool(details.get("screenshot")),
+    )

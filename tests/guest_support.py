@@ -1,0 +1,37 @@
+"""The busybox test guest for tests that boot a VM under real QEMU (TCG here).
+
+Shared by the failover tests and the scheduled boot verification tests: the guest image (built
+once and cached by content hash, :func:`image.testguest.build_test_guest`), its VM definition and
+the boot proof that fits it. Missing QEMU tools FAIL (never skip) with the install step.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+
+from image.testguest import MARKER, build_test_guest
+
+#: The guest's VM definition, as recorded with its backups.
+VM: dict[str, Any] = {
+    "name": "web",
+    "memory_mib": 256,
+    "vcpus": 1,
+    "disks": [{"name": "web", "bus": "virtio"}],
+}
+#: Its boot proof: the serial marker and the health page on guest port 80.
+PROOF: dict[str, Any] = {"serial": MARKER, "http_port": 80, "http_expect": "OK", "timeout": 120}
+
+
+def guest_image_path() -> str:
+    """The cached guest disk image (raw); fails the test when QEMU's tools are missing."""
+    missing = [t for t in ("qemu-system-x86_64", "qemu-img", "qemu-nbd") if not shutil.which(t)]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} missing: run scripts/setup "
+            "(apt-get install -y qemu-system-x86 qemu-utils)",
+            pytrace=False,
+        )
+    return build_test_guest()
