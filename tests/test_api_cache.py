@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -25,8 +26,9 @@ from api_support import (
 )
 
 from api.cache import TtlCache
-from api.service import AUTH_TTL, JOB_ANSWER_TTL
+from api.service import AUTH_TTL, JOB_ANSWER_TTL, POINTS_ANSWER_TTL
 from api.views import job_public
+from appliance.catalog.records import PointRecord
 from appliance.errors import BackupCancelled
 from appliance.jobs import JobKind, register_job_kind
 
@@ -177,6 +179,32 @@ def test_a_job_that_ends_shows_as_ended_at_once(server: LiveServer) -> None:
         # ...yet the answer right after the end is the end, not the cached "running".
         body = viewer.get(f"/api/jobs/{job.id}").json()
         assert body["state"] == "succeeded" and body["result"] == {"ticks": 25}
+
+
+def test_a_point_made_behind_the_services_back_is_listed_within_the_cache_time(
+    server: LiveServer,
+) -> None:
+    catalog = server.service.app.catalog
+    store = catalog.ensure_store("cache-test", "pool", "/srv/cache-test").store_id
+    with server.as_role("viewer") as viewer:
+        before = viewer.get("/api/points", params={"limit": 5}).json()
+        made = PointRecord(
+            id="cafe0000cafe0000",
+            asset="cache-test-asset",
+            kind="files",
+            mode="full",
+            created_at=datetime.now(UTC),
+        )
+        catalog.add_point(made, store)
+        deadline = time.monotonic() + POINTS_ANSWER_TTL + 1.0
+        while True:
+            listed = viewer.get("/api/points", params={"limit": 5}).json()
+            if listed and listed[0]["id"] == made.id:
+                break
+            assert listed == before, "a stale answer must still be the whole earlier answer"
+            assert time.monotonic() < deadline, "the new point never showed"
+            time.sleep(0.1)
+        assert listed[0]["asset"] == "cache-test-asset"
 
 
 def test_an_unknown_job_is_still_a_404_with_its_code(server: LiveServer) -> None:

@@ -309,6 +309,15 @@ def test_list_points_orders_by_time_and_filters_by_asset_and_store(
     assert catalog.list_points(asset="nobody") == []
 
 
+def test_newest_points_are_limited_in_the_query_newest_first(catalog: Catalog, pool: str) -> None:
+    for n in range(7):
+        catalog.add_point(point(f"{n:016x}", "docs" if n % 2 else "mail", minutes=n), pool)
+    assert ids(catalog.newest_points(3)) == [f"{n:016x}" for n in (6, 5, 4)]
+    assert ids(catalog.newest_points(2, asset="docs")) == [f"{n:016x}" for n in (5, 3)]
+    assert len(catalog.newest_points(100)) == 7
+    assert catalog.newest_points(5, asset="nobody") == []
+
+
 def test_latest_point_by_kind_and_mode(catalog: Catalog, pool: str) -> None:
     def latest(**filters: str) -> str | None:
         found = catalog.latest_point("docs", **filters)

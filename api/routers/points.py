@@ -11,10 +11,12 @@ import os
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
+from anyio import to_thread
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter
 
-from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
+from api.deps import Admin, Operator, ServiceDep, Viewer
 from api.routers.status import boot_test_public
 from api.schemas import (
     DirectoryListing,
@@ -46,17 +48,32 @@ from appliance.errors import InvalidInput
 router = APIRouter(tags=["points"])
 
 
+POINT_LIST: TypeAdapter[list[PointPublic]] = TypeAdapter(list[PointPublic])
+
+
+def _points_answer(catalog: Catalog, asset: str | None, limit: int) -> bytes:
+    points = catalog.newest_points(limit, asset=asset)
+    proofs = catalog.last_boot_tests(per="point", asset=asset) if points else {}
+    return POINT_LIST.dump_json([_with_proof(p, proofs.get(p.id)) for p in points])
+
+
 @router.get("/points", response_model=list[PointPublic])
-def list_points(
+async def list_points(
     principal: Viewer,
-    catalog: CatalogDep,
+    service: ServiceDep,
     asset: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> list[PointPublic]:
-    """Points, newest first, each with its newest boot proof (if it was test-booted)."""
-    points = catalog.list_points(asset=asset)
-    proofs = catalog.last_boot_tests(per="point", asset=asset)
-    return [_with_proof(p, proofs.get(p.id)) for p in reversed(points[-limit:])]
+) -> Response:
+    """Points, newest first, each with its newest boot proof (if it was test-booted).
+
+    Polled by every open page: the answer is shared for up to ``POINTS_ANSWER_TTL`` seconds,
+    and a job ending in this service (which may have made or pruned points) refreshes it."""
+    key = (asset, limit, service.jobs_finished)
+    body = service.points_answers.get(key)
+    if body is None:
+        body = await to_thread.run_sync(_points_answer, service.app.catalog, asset, limit)
+        service.points_answers.put(key, body)
+    return Response(body, media_type="application/json")
 
 
 def _with_proof(point: PointRecord, session: FailoverSessionRecord | None) -> PointPublic:

@@ -543,6 +543,15 @@ class Catalog:
         with self._session(write=False) as session:
             return [row.to_record() for row in session.scalars(query)]
 
+    def newest_points(self, limit: int, asset: str | None = None) -> list[PointRecord]:
+        """The ``limit`` newest points (of one asset, if given), newest first: one indexed
+        query, however many points the catalog holds."""
+        query = select(PointRow).order_by(PointRow.created_at.desc(), PointRow.id.desc())
+        if asset is not None:
+            query = query.where(PointRow.asset == asset)
+        with self._session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query.limit(limit))]
+
     def latest_point(
         self, asset: str, kind: str | None = None, mode: str | None = None
     ) -> PointRecord | None:
