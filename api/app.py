@@ -70,8 +70,10 @@ class SecurityHeaders:
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
                 headers += [(n, v) for n, v in SECURITY_HEADERS if n not in names]
-                if is_api and b"cache-control" not in names:
-                    headers.append((b"cache-control", b"no-store"))
+                if b"cache-control" not in names:
+                    # API answers are never stored; the page's files are revalidated (ETag) on
+                    # each load, so an updated appliance never runs yesterday's script.
+                    headers.append((b"cache-control", b"no-store" if is_api else b"no-cache"))
                 message["headers"] = headers
             await send(message)
 

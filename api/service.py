@@ -94,7 +94,7 @@ class Service:
         self.points_answers: TtlCache[bytes] = TtlCache(POINTS_ANSWER_TTL, max_entries=256)
         #: The newest 50 jobs as JSON by id, which every ``/api/events`` stream compares.
         self.recent_jobs: TtlCache[dict[str, str]] = TtlCache(JOB_ANSWER_TTL, max_entries=1)
-        self._store_size: tuple[float, int] | None = None
+        self._store_size: tuple[float, int, int] | None = None  # (when, bytes, jobs ended)
         self._store_size_lock = threading.Lock()
 
     @property
@@ -260,11 +260,16 @@ class Service:
         return {**DEFAULT_SETTINGS, **stored}
 
     def store_bytes(self) -> int:
-        """Bytes the default pool's store occupies (measured at most every 30 s)."""
+        """Bytes the default pool's store occupies (measured at most every 30 s, and again
+        once a job has ended: a backup or GC just changed it)."""
         with self._store_size_lock:
-            now = time.monotonic()
-            if self._store_size is None or now - self._store_size[0] > STORE_SIZE_TTL:
-                self._store_size = (now, directory_bytes(self.app.data_dir.store_path))
+            now, jobs = time.monotonic(), self.jobs_finished
+            if (
+                self._store_size is None
+                or now - self._store_size[0] > STORE_SIZE_TTL
+                or self._store_size[2] != jobs
+            ):
+                self._store_size = (now, directory_bytes(self.app.data_dir.store_path), jobs)
             return self._store_size[1]
 
     def now(self) -> datetime:

@@ -307,6 +307,14 @@ def test_static_shell_is_public_but_holds_no_data(server: LiveServer) -> None:
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert page.headers["x-frame-options"] == "DENY"
         assert "default-src 'self'" in page.headers["content-security-policy"]
+        # The page's files are revalidated on every load (an update shows at once); answers of
+        # the API are never stored.
+        assert page.headers["cache-control"] == "no-cache" and page.headers.get("etag")
+        script = client.get("/js/main.js")
+        assert script.headers["cache-control"] == "no-cache"
+        again = client.get("/js/main.js", headers={"If-None-Match": script.headers["etag"]})
+        assert again.status_code == 304
+        assert client.get("/api/health").headers["cache-control"] == "no-store"
         assert client.get("/no-such-page").json()["code"] == "not_found"
 
 
