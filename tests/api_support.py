@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -102,11 +103,25 @@ def service_settings(data_dir: os.PathLike[str] | str, **overrides: Any) -> Sett
     return Settings(**values)
 
 
-def weak_kdf_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def weak_kdf_env(monkeypatch: pytest.MonkeyPatch, keep: tuple[str, ...] = ()) -> None:
     monkeypatch.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
     for name in list(os.environ):
-        if name.startswith("APPLIANCE_") and name != "APPLIANCE_TEST_WEAK_KDF":
+        if name.startswith("APPLIANCE_") and name not in ("APPLIANCE_TEST_WEAK_KDF", *keep):
             monkeypatch.delenv(name)
+
+
+@contextlib.contextmanager
+def bootstrapped_server(
+    root: Path, *, keep_env: tuple[str, ...] = (), **overrides: Any
+) -> Iterator[LiveServer]:
+    """A live service on ``root/data`` with an admin, an operator and a viewer (and a token
+    each), the environment cleared of ``APPLIANCE_*`` settings but ``keep_env``; the tests'
+    modules wrap it in their module-scoped ``server`` fixture (role clients: conftest.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        weak_kdf_env(mp, keep=keep_env)
+        with live_server(service_settings(root / "data", **overrides)) as live:
+            bootstrap_accounts(live)
+            yield live
 
 
 def bootstrap_accounts(server: LiveServer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pg import PostgresUnavailable, ThrowawayPostgres
@@ -57,3 +58,26 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'catalog.db'}"
     return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+# --- the service's role clients ------------------------------------------------------------------
+# A test module that starts a service defines a module-scoped ``server`` fixture (usually with
+# ``api_support.bootstrapped_server``); these clients then talk to it with each role's token.
+
+
+@pytest.fixture(scope="module")
+def admin(server: Any) -> Iterator[Any]:
+    with server.as_role("admin") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def operator(server: Any) -> Iterator[Any]:
+    with server.as_role("operator") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def viewer(server: Any) -> Iterator[Any]:
+    with server.as_role("viewer") as client:
+        yield client

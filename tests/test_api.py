@@ -27,8 +27,7 @@ from api_support import (
     ADMIN,
     PASSWORDS,
     LiveServer,
-    bootstrap_accounts,
-    live_server,
+    bootstrapped_server,
     login,
     service_settings,
     sse_events,
@@ -79,36 +78,12 @@ register_job_kind(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("service")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        for name in list(os.environ):
-            if name.startswith("APPLIANCE_") and name != "APPLIANCE_TEST_WEAK_KDF":
-                mp.delenv(name)
-        settings = service_settings(
-            root / "data", login_throttle=LOGIN_FREE_FAILURES, max_parallel_jobs=3
-        )
-        with live_server(settings) as live:
-            bootstrap_accounts(live)
-            yield live
-
-
-@pytest.fixture(scope="module")
-def admin(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("admin") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def operator(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("operator") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def viewer(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("viewer") as client:
-        yield client
+    with bootstrapped_server(
+        tmp_path_factory.mktemp("service"),
+        login_throttle=LOGIN_FREE_FAILURES,
+        max_parallel_jobs=3,
+    ) as live:
+        yield live
 
 
 def _write_tree(root: Path) -> None:

@@ -8,7 +8,6 @@ uncached route would give.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,10 +18,8 @@ import pytest
 from api_support import (
     ADMIN,
     LiveServer,
-    bootstrap_accounts,
-    live_server,
+    bootstrapped_server,
     login,
-    service_settings,
 )
 
 from api.cache import TtlCache
@@ -52,15 +49,8 @@ register_job_kind(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        for name in list(os.environ):
-            if name.startswith("APPLIANCE_") and name != "APPLIANCE_TEST_WEAK_KDF":
-                mp.delenv(name)
-        with live_server(service_settings(root / "data")) as live:
-            bootstrap_accounts(live)
-            yield live
+    with bootstrapped_server(tmp_path_factory.mktemp("cache")) as live:
+        yield live
 
 
 def _new_token(server: LiveServer, user: str = "viewer") -> tuple[str, str]:

@@ -7,7 +7,6 @@ clear error).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,9 +14,7 @@ import httpx
 import pytest
 from api_support import (
     LiveServer,
-    bootstrap_accounts,
-    live_server,
-    service_settings,
+    bootstrapped_server,
     wait_job,
 )
 
@@ -34,33 +31,8 @@ FAILOVER_KINDS = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("failover-service")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        for name in list(os.environ):
-            if name.startswith("APPLIANCE_") and name != "APPLIANCE_TEST_WEAK_KDF":
-                mp.delenv(name)
-        with live_server(service_settings(root / "data")) as live:
-            bootstrap_accounts(live)
-            yield live
-
-
-@pytest.fixture(scope="module")
-def admin(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("admin") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def operator(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("operator") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def viewer(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("viewer") as client:
-        yield client
+    with bootstrapped_server(tmp_path_factory.mktemp("failover-service")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

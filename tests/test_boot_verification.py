@@ -19,11 +19,8 @@ import httpx
 import pytest
 from api_support import (
     LiveServer,
-    bootstrap_accounts,
-    live_server,
-    service_settings,
+    bootstrapped_server,
     wait_job,
-    weak_kdf_env,
 )
 
 from appliance.boot_verification import boot_test_result, failed_check_words
@@ -162,23 +159,8 @@ def test_a_failed_boot_test_names_the_check() -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        weak_kdf_env(mp)
-        with live_server(service_settings(tmp_path_factory.mktemp("bv") / "data")) as live:
-            bootstrap_accounts(live)
-            yield live
-
-
-@pytest.fixture(scope="module")
-def admin(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("admin") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def viewer(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("viewer") as client:
-        yield client
+    with bootstrapped_server(tmp_path_factory.mktemp("bv")) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,8 @@ from api_support import (
     ADMIN,
     PASSWORDS,
     LiveServer,
-    bootstrap_accounts,
-    live_server,
+    bootstrapped_server,
     login,
-    service_settings,
     wait_job,
 )
 from web_support import (
@@ -93,36 +91,11 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        for name in list(os.environ):
-            if name.startswith("APPLIANCE_") and name not in (
-                "APPLIANCE_TEST_WEAK_KDF",
-                SCREENSHOTS_ENV,
-                "APPLIANCE_TEST_GUEST_CACHE",
-            ):
-                mp.delenv(name)
-        with live_server(service_settings(tmp_path_factory.mktemp("web-fo") / "data")) as live:
-            bootstrap_accounts(live)
-            yield live
-
-
-@pytest.fixture(scope="module")
-def admin(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("admin") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def operator(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("operator") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def viewer(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.as_role("viewer") as client:
-        yield client
+    with bootstrapped_server(
+        tmp_path_factory.mktemp("web-fo"),
+        keep_env=(SCREENSHOTS_ENV, "APPLIANCE_TEST_GUEST_CACHE"),
+    ) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
