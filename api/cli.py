@@ -1,4 +1,4 @@
-"""``appliance serve`` and ``appliance admin ...``: the service's commands of the CLI.
+"""``appliance serve``, ``appliance admin ...`` and ``appliance demo seed``: the service's commands.
 
 The core CLI (:mod:`appliance.cli`) loads :func:`register` through the ``appliance.cli_plugins``
 entry point group, so ``appliance --help`` lists these commands while ``appliance`` never imports
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from appliance.errors import InvalidInput
@@ -97,8 +99,76 @@ def cmd_admin_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_or_create_store(settings: Any) -> Any:
+    """The appliance of ``settings``, its store created as the service's first start creates it
+    (same passphrase rules: configured, else generated into ``<data>/secrets/passphrase``)."""
+    from api.service import Service, _store_config
+    from appliance.engine import Appliance
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The service's own passphrase rules, so that `serve` afterwards opens what this created.
+    passphrase, generated = Service(settings)._passphrase()
+    if _store_config(settings).exists():
+        return Appliance.open(
+            str(settings.data_dir), passphrase=passphrase, catalog_url=settings.catalog_url
+        )
+    app, _recovery = Appliance.init(
+        str(settings.data_dir), passphrase, catalog_url=settings.catalog_url
+    )
+    where = settings.passphrase_file or (settings.generated_passphrase_path if generated else None)
+    print(
+        f"Created a new store in {app.data_dir.store_path}"
+        + (f"; its passphrase was generated into {where}" if generated else "")
+        + ". Print its recovery key and keep it apart from the appliance: admin page (recovery "
+        f"key), or `appliance --data-dir {settings.data_dir} --passphrase-file "
+        f"{where or '<file holding the passphrase>'} key export --paper`",
+        file=sys.stderr,
+    )
+    return app
+
+
+def cmd_demo_seed(args: argparse.Namespace) -> int:
+    """Give the data directory the demo VM (asset, disk, boot proof, one verified backup)."""
+    from api.settings import Settings
+    from image.demo_vm import default_disk_dir, seed_demo_vm, seed_marker_path
+
+    data_dir = os.path.abspath(args.data_dir)
+    marker = seed_marker_path(data_dir)
+    if os.path.exists(marker) and not args.force:
+        # Done before: no store to open, so every start after the first pays nothing for it.
+        with open(marker, encoding="utf-8") as f:
+            done = json.load(f)
+        if args.json:
+            print(json.dumps({**done, "created": []}))
+        else:
+            print(f"Demo VM {done.get('asset')} is set up (point {done.get('point')}).")
+        return 0
+    overrides: dict[str, Any] = {"data_dir": data_dir}
+    if args.passphrase_file:
+        overrides["passphrase_file"] = args.passphrase_file
+    settings = Settings(**overrides)
+    started = time.monotonic()
+    log = (lambda line: None) if args.json else (lambda line: print(f"demo: {line}", flush=True))
+    with _open_or_create_store(settings) as app:
+        seed = seed_demo_vm(app, args.disk_dir or default_disk_dir(data_dir), log=log)
+    result = {**seed.to_dict(), "seconds": round(time.monotonic() - started, 2)}
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(f"{marker}.tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    os.replace(f"{marker}.tmp", marker)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"Demo VM {seed.asset} is set up: point {seed.point}, disk {seed.disk}, accelerator "
+            f"{seed.accel} ({', '.join(seed.created) or 'nothing new'}; "
+            f"{result['seconds']} s). Open the page and press Fail over."
+        )
+    return 0
+
+
 def register(sub: Any) -> None:
-    """Add ``serve`` and ``admin`` to the ``appliance`` command's subparsers."""
+    """Add ``serve``, ``admin`` and ``demo`` to the ``appliance`` command's subparsers."""
     serve = sub.add_parser(
         "serve",
         help="run the service: JSON API, admin page, jobs and schedules",
@@ -129,3 +199,24 @@ def register(sub: Any) -> None:
     password = admin.add_parser("password", help="set a user's password")
     password.add_argument("--name", required=True)
     password.set_defaults(func=cmd_admin_password)
+
+    demo = sub.add_parser("demo", help="the demo VM of a new appliance").add_subparsers(
+        dest="action", required=True
+    )
+    seed = demo.add_parser(
+        "seed",
+        help="add the demo VM (asset demo-vm, a bootable test disk, boot proof, one backup)",
+        description="Give the data directory the VM asset demo-vm: the busybox test guest's "
+        "disk (beside the data directory), a VM definition, a boot proof (serial marker and HTTP "
+        "health page) and one verified full backup, so that Fail over works at once. Creates the "
+        "store if needed (as `serve` does). Done once: later runs return at once.",
+    )
+    seed.add_argument(
+        "--disk-dir", help="where the demo disk and definition go (default: <data dir>-demo-vm)"
+    )
+    seed.add_argument(
+        "--force",
+        action="store_true",
+        help="check every step again even if a seed finished before (nothing is duplicated)",
+    )
+    seed.set_defaults(func=cmd_demo_seed)
