@@ -33,6 +33,7 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -130,6 +131,9 @@ class BootProofSpec:
 class Check(Protocol):
     name: str
     passed_at: float | None
+    #: True when a poll connects into the guest (its network or agent), False when it only
+    #: reads what QEMU wrote (serial log, screen).
+    reaches_guest: bool
 
     def poll(self, now: float) -> bool:
         """Try once (quickly); True once the check has passed."""
@@ -140,9 +144,26 @@ class Check(Protocol):
         ...
 
 
+def poll_checks(checks: Sequence[Check], now: float) -> list[Check]:
+    """Poll every check once; returns those that have not passed.
+
+    Checks that reach into the guest (TCP, HTTP, agent: ``reaches_guest``) are tried only once
+    the others (serial console, screen) have passed. All must pass anyway, and a connection
+    tried while the guest is still booting costs a slirp connection in QEMU and can hold this
+    loop for its whole timeout, which then delays the proof after the guest is ready.
+    """
+    local_pending = [c for c in checks if not c.reaches_guest and not c.poll(now)]
+    pending = list(local_pending)
+    for check in checks:
+        if check.reaches_guest and (local_pending or not check.poll(now)):
+            pending.append(check)
+    return pending
+
+
 class SerialCheck:
     def __init__(self, log_path: str, pattern: str) -> None:
         self.name = "serial"
+        self.reaches_guest = False
         self.log_path = log_path
         self.pattern = re.compile(pattern)
         self.passed_at: float | None = None
@@ -178,6 +199,7 @@ class SerialCheck:
 class TcpCheck:
     def __init__(self, host: str, port: int, guest_port: int) -> None:
         self.name = "tcp"
+        self.reaches_guest = True
         self.host = host
         self.port = port
         self.guest_port = guest_port
@@ -210,6 +232,7 @@ class TcpCheck:
 class HttpCheck:
     def __init__(self, host: str, port: int, guest_port: int, path: str, expect: str | None):
         self.name = "http"
+        self.reaches_guest = True
         self.host = host
         self.port = port
         self.guest_port = guest_port
@@ -253,6 +276,7 @@ class HttpCheck:
 class AgentCheck:
     def __init__(self, socket_path: str) -> None:
         self.name = "agent"
+        self.reaches_guest = True
         self.socket_path = socket_path
         self.passed_at: float | None = None
         self.last_error = "not tried"
@@ -293,6 +317,7 @@ class ScreenStableCheck:
 
     def __init__(self, capture: Any, seconds: float, interval: float = 1.0) -> None:
         self.name = "screen_stable"
+        self.reaches_guest = False
         self.capture = capture  # () -> bytes of a PNG, or None when no screenshot could be taken
         self.seconds = seconds
         self.interval = interval

@@ -18,6 +18,8 @@ A :class:`FailoverSession` goes through these states (recorded in the catalog's
   time from the request (the job's creation: the click) to the proof. A screenshot is taken on
   success and on failure; a failed proof names the checks that failed and keeps its screenshot.
   A read error of the export (a damaged pack) fails the boot at once, naming the point.
+  The chunks a proven boot read are kept as the asset's boot profile; the next boot's exports
+  decode them ahead (:meth:`image.nbd_export.NbdExport.warm`) while QEMU starts.
 - **running**: a watcher thread notices QEMU exiting on its own (the guest powered off, or a
   crash). ``migrate`` mirrors each disk (overlay plus backing) onto a local qcow2 file with
   ``blockdev-mirror``, pivots with ``block-job-complete``, removes the NBD nodes and stops the
@@ -42,7 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -68,6 +73,7 @@ from image.boot_proof import (
     ScreenStableCheck,
     SerialCheck,
     TcpCheck,
+    poll_checks,
 )
 from image.nbd_export import NbdExport, export_image_over_nbd, missing_blobs
 from image.qemu import (
@@ -106,6 +112,8 @@ POLL_INTERVAL = 0.1
 SETTINGS_KEY = "failover"
 #: Unix socket paths are limited to 108 bytes; longer session dirs put sockets under /tmp.
 MAX_SOCKET_DIR = 90
+#: Asset names usable as file names as they are (others are hashed).
+SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -419,6 +427,11 @@ class FailoverSession:
         report({"phase": "exporting"})
         prepare_started = time.monotonic()
         self.start_exports()
+        profile = self.manager.boot_profile(self.asset)
+        for disk in self.disks:
+            assert disk.export is not None
+            # While QEMU and the firmware start, decode what the last boot of this VM read.
+            disk.export.warm(profile.get(disk.name) or [])
         for disk in self.disks:
             assert disk.export is not None
             run_tool(
@@ -501,7 +514,7 @@ class FailoverSession:
                 )
             if cancel is not None and cancel.is_set():
                 raise FailoverFailed("the failover was cancelled during the boot", session=self.id)
-            pending = [c for c in checks if not c.poll(now)]
+            pending = poll_checks(checks, now)
             if not pending:
                 break
             if now >= deadline:
@@ -516,6 +529,11 @@ class FailoverSession:
                 self.screenshot("latest")
             time.sleep(POLL_INTERVAL)
         proven = time.time()
+        self.manager.save_boot_profile(
+            self.asset,
+            self.point_id,
+            {d.name: list(d.export.source.read_order) for d in self.disks if d.export is not None},
+        )
         shot = self.screenshot("proof")
         stats = self.export_stats()
         record = self._update(
@@ -962,6 +980,46 @@ def _socket_dir(session_dir: str, session_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"appliance-failover-{session_id}")
 
 
+# --- per-asset settings (catalog settings, key "failover") --------------------------------------
+# Module functions, not only manager methods: a CLI command (the demo VM's seed) configures an
+# asset without starting a manager, which would take the manager lock a running service holds.
+
+
+def failover_settings(catalog: Any) -> dict[str, Any]:
+    get = getattr(catalog, "get_settings", None)
+    return dict(get(SETTINGS_KEY)) if get is not None else {}
+
+
+def asset_failover_settings(catalog: Any, asset: str) -> dict[str, Any]:
+    """``{"proof": {...}, "network": {...}}`` configured for ``asset`` (may be empty)."""
+    return dict((failover_settings(catalog).get("assets") or {}).get(asset) or {})
+
+
+def put_asset_failover_settings(
+    catalog: Any,
+    asset: str,
+    *,
+    proof: dict[str, Any] | None = None,
+    network: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Store the boot proof and network of an asset's failovers (validated first)."""
+    put = getattr(catalog, "put_settings", None)
+    if put is None:
+        raise InvalidInput("this catalog cannot store settings")
+    entry: dict[str, Any] = {}
+    if proof is not None:
+        entry["proof"] = BootProofSpec.from_dict(proof).to_dict()
+    if network is not None:
+        network_from_dict(network)
+        entry["network"] = dict(network)
+    settings = failover_settings(catalog)
+    assets = dict(settings.get("assets") or {})
+    assets[asset] = {**dict(assets.get(asset) or {}), **entry}
+    settings["assets"] = assets
+    put(SETTINGS_KEY, settings)
+    return dict(assets[asset])
+
+
 # --- the manager ---------------------------------------------------------------------------------
 
 
@@ -1003,12 +1061,11 @@ class FailoverManager:
     # --- settings ---
 
     def settings(self) -> dict[str, Any]:
-        get = getattr(self.app.catalog, "get_settings", None)
-        return dict(get(SETTINGS_KEY)) if get is not None else {}
+        return failover_settings(self.app.catalog)
 
     def asset_settings(self, asset: str) -> dict[str, Any]:
         """``{"proof": {...}, "network": {...}}`` configured for ``asset`` (may be empty)."""
-        return dict((self.settings().get("assets") or {}).get(asset) or {})
+        return asset_failover_settings(self.app.catalog, asset)
 
     def set_asset_settings(
         self,
@@ -1018,21 +1075,42 @@ class FailoverManager:
         network: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store the boot proof and network of an asset's failovers (validated first)."""
-        put = getattr(self.app.catalog, "put_settings", None)
-        if put is None:
-            raise InvalidInput("this catalog cannot store settings")
-        entry: dict[str, Any] = {}
-        if proof is not None:
-            entry["proof"] = BootProofSpec.from_dict(proof).to_dict()
-        if network is not None:
-            network_from_dict(network)
-            entry["network"] = dict(network)
-        settings = self.settings()
-        assets = dict(settings.get("assets") or {})
-        assets[asset] = {**dict(assets.get(asset) or {}), **entry}
-        settings["assets"] = assets
-        put(SETTINGS_KEY, settings)
-        return assets[asset]
+        return put_asset_failover_settings(self.app.catalog, asset, proof=proof, network=network)
+
+    # --- boot profiles ---
+
+    def _profile_path(self, asset: str) -> str:
+        safe = asset if SAFE_FILE_NAME.match(asset) else hashlib.sha256(asset.encode()).hexdigest()
+        return os.path.join(self.state_dir, "boot-profiles", f"{safe}.json")
+
+    def boot_profile(self, asset: str) -> dict[str, list[int]]:
+        """{disk name: chunk indices} the last proven boot of ``asset`` read, in order (or {})."""
+        try:
+            with open(self._profile_path(asset), encoding="utf-8") as f:
+                disks = json.load(f).get("disks") or {}
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(disks, dict):
+            return {}
+        return {
+            str(name): [i for i in indices if isinstance(i, int)]
+            for name, indices in disks.items()
+            if isinstance(indices, list)
+        }
+
+    def save_boot_profile(self, asset: str, point_id: str, disks: dict[str, list[int]]) -> None:
+        """Keep what a proven boot read; the next failover of ``asset`` warms its cache with it.
+        A profile that cannot be written only costs the next boot its head start."""
+        if not any(disks.values()):
+            return
+        path = self._profile_path(asset)
+        document = {"asset": asset, "point": point_id, "recorded_at": _now_iso(), "disks": disks}
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(document, f)
+            os.replace(tmp, path)
 
     def accelerator(self, *, force: bool = False) -> dict[str, str]:
         """The accelerator failovers use, and why (a canary boot decides, once per host)."""
