@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 SCALE = 0.002
 BENCHLIB = Path(__file__).resolve().parents[1] / "scripts" / "benchlib"
@@ -67,3 +71,80 @@ def test_generator_is_deterministic_and_mutation_touches_two_percent(tmp_path: P
     again = datagen.ensure(tmp_path / "a", SCALE, jobs=2, log=False)
     assert _digests(again.tree) == tree
     assert _image_blocks(again.image) == blocks
+
+
+def _failover_module() -> ModuleType:
+    if "bench_failover" in sys.modules:
+        return sys.modules["bench_failover"]
+    path = BENCHLIB.parent / "bench_failover.py"
+    spec = importlib.util.spec_from_file_location("bench_failover", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_failover"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_failover_report_ratios_and_targets() -> None:
+    fo = _failover_module()
+    mib = 1 << 20
+    small = fo.SizeResult(disk_bytes=256 * mib, data_mib=256)
+    small.local_runs, small.appliance_runs = [8.0, 10.0, 9.0], [9.0, 12.0, 9.5]
+    small.store_bytes, small.guest_bytes = [10 * mib] * 3, [11 * mib] * 3
+    small.checks, small.prepares, small.boots = [0.01] * 3, [0.02] * 3, [9.0] * 3
+    big = fo.SizeResult(disk_bytes=4096 * mib, data_mib=3072)
+    big.local_runs, big.appliance_runs = [9.0], [11.4]
+    big.store_bytes, big.guest_bytes = [10 * mib], [11 * mib]
+    big.checks, big.prepares, big.boots = [0.4], [0.05], [10.5]
+    result = fo.FailoverResult(runs=3, accel="tcg", sizes={"256": small, "4096": big})
+    assert small.ratio == 9.5 / 9.0 and small.best_ratio == 9.0 / 8.0
+    assert result.size_ratio() == 11.4 / 9.5
+    rows = fo.rows(result)
+    assert rows[0][:4] == ["256 MiB", "9.00 s (8.00)", "9.50 s (9.00)", "1.06x (1.12x)"]
+    assert rows[1][0] == "4096 MiB, 3072 MiB data"
+    assert rows[1][-1].startswith("10.0 MiB sealed (11.0 MiB of guest data, 0.3 % of the disk)")
+    verdicts = {label.split()[0]: verdict for label, _, verdict in fo.targets(result)}
+    # 256 MiB: 1.06x passes 1.2x; 4 GiB: 1.27x fails; 4 GiB vs 256 MiB: 1.20x fails 1.1x.
+    assert verdicts == {"256": "PASS", "4096": "FAIL", "4": "FAIL"}
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_bench_failover_phase_runs_and_reports(tmp_path: Path) -> None:
+    """`scripts/bench --phases failover` at its smallest: one boot of each kind, 256 MiB."""
+    markdown = tmp_path / "bench.md"
+    env = {**os.environ, "APPLIANCE_TEST_WEAK_KDF": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHLIB.parent / "bench"),
+            "--phases",
+            "failover",
+            "--failover-runs",
+            "1",
+            "--failover-sizes",
+            "256",
+            "--work",
+            str(tmp_path / "work"),
+            "--markdown",
+            str(markdown),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "== failover: local boot vs click-to-proof from the store ==" in done.stdout
+    md = markdown.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 256 MiB |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    local, appliance = float(cells[1].split()[0]), float(cells[2].split()[0])
+    assert 0 < local < 180 and 0 < appliance < 180
+    # One run: median and best are the same run (the table rounds, hence the tolerance).
+    ratio, best = (float(x.strip("()x")) for x in cells[3].split())
+    assert ratio == best and abs(ratio - appliance / local) < 0.02
+    assert "MiB sealed" in cells[-1] and not cells[-1].startswith("0.0 MiB")
+    assert "load average" in md
+    # The work dir holds no leftover disk or store.
+    assert not (tmp_path / "work" / "failover").exists()
