@@ -101,30 +101,13 @@ def cmd_admin_password(args: argparse.Namespace) -> int:
 
 def _open_or_create_store(settings: Any) -> Any:
     """The appliance of ``settings``, its store created as the service's first start creates it
-    (same passphrase rules: configured, else generated into ``<data>/secrets/passphrase``)."""
-    from api.service import Service, _store_config
-    from appliance.engine import Appliance
+    (same passphrase rules), so that `serve` afterwards opens what this created."""
+    from api.service import open_appliance
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # The service's own passphrase rules, so that `serve` afterwards opens what this created.
-    passphrase, generated = Service(settings)._passphrase()
-    if _store_config(settings).exists():
-        return Appliance.open(
-            str(settings.data_dir), passphrase=passphrase, catalog_url=settings.catalog_url
-        )
-    app, _recovery = Appliance.init(
-        str(settings.data_dir), passphrase, catalog_url=settings.catalog_url
-    )
-    where = settings.passphrase_file or (settings.generated_passphrase_path if generated else None)
-    print(
-        f"Created a new store in {app.data_dir.store_path}"
-        + (f"; its passphrase was generated into {where}" if generated else "")
-        + ". Print its recovery key and keep it apart from the appliance: admin page (recovery "
-        f"key), or `appliance --data-dir {settings.data_dir} --passphrase-file "
-        f"{where or '<file holding the passphrase>'} key export --paper`",
-        file=sys.stderr,
-    )
-    return app
+    def announce(fmt: str, *args: object) -> None:
+        print((fmt % args).capitalize(), file=sys.stderr)
+
+    return open_appliance(settings, announce=announce)
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:

@@ -111,52 +111,9 @@ class Service:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def _passphrase(self) -> tuple[str, bool]:
-        """(passphrase, generated now)."""
-        s = self.settings
-        if s.passphrase is not None and s.passphrase.get_secret_value():
-            return s.passphrase.get_secret_value(), False
-        for path in (s.passphrase_file, s.generated_passphrase_path):
-            if path is not None and path.exists():
-                try:
-                    return path.read_text(encoding="utf-8").rstrip("\n"), False
-                except OSError as exc:
-                    raise InvalidInput(f"cannot read passphrase file {path}: {exc}") from exc
-        if s.passphrase_file is not None:
-            raise InvalidInput(f"passphrase file {s.passphrase_file} does not exist")
-        if _store_config(s).exists():
-            raise PassphraseRequired(
-                "the store exists but no passphrase is configured: set APPLIANCE_PASSPHRASE "
-                "or APPLIANCE_PASSPHRASE_FILE"
-            )
-        passphrase = secrets.token_urlsafe(32)
-        _write_secret(s.generated_passphrase_path, passphrase)
-        return passphrase, True
-
     def start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        passphrase, generated = self._passphrase()
-        if _store_config(s).exists():
-            app = Appliance.open(
-                str(s.data_dir), passphrase=passphrase, clock=self.clock, catalog_url=s.catalog_url
-            )
-        else:
-            app, _recovery = Appliance.init(
-                str(s.data_dir), passphrase, clock=self.clock, catalog_url=s.catalog_url
-            )
-            passphrase_file = s.passphrase_file or (
-                s.generated_passphrase_path if generated else None
-            )
-            log.warning(
-                "created a new store in %s%s. Print its recovery key now and keep it apart from "
-                "the appliance: admin page (recovery key), or `appliance --data-dir %s "
-                "--passphrase-file %s key export --paper`",
-                app.data_dir.store_path,
-                f"; its passphrase was generated into {passphrase_file}" if generated else "",
-                s.data_dir,
-                passphrase_file or "<file holding the passphrase>",
-            )
+        app = open_appliance(s, self.clock, announce=log.warning)
         self.appliance = app
         try:
             self._ensure_default_pool()
@@ -274,6 +231,58 @@ class Service:
 
     def now(self) -> datetime:
         return self.clock().astimezone(UTC)
+
+
+def _passphrase(s: Settings) -> tuple[str, bool]:
+    """(passphrase, generated now)."""
+    if s.passphrase is not None and s.passphrase.get_secret_value():
+        return s.passphrase.get_secret_value(), False
+    for path in (s.passphrase_file, s.generated_passphrase_path):
+        if path is not None and path.exists():
+            try:
+                return path.read_text(encoding="utf-8").rstrip("\n"), False
+            except OSError as exc:
+                raise InvalidInput(f"cannot read passphrase file {path}: {exc}") from exc
+    if s.passphrase_file is not None:
+        raise InvalidInput(f"passphrase file {s.passphrase_file} does not exist")
+    if _store_config(s).exists():
+        raise PassphraseRequired(
+            "the store exists but no passphrase is configured: set APPLIANCE_PASSPHRASE "
+            "or APPLIANCE_PASSPHRASE_FILE"
+        )
+    passphrase = secrets.token_urlsafe(32)
+    _write_secret(s.generated_passphrase_path, passphrase)
+    return passphrase, True
+
+
+def open_appliance(
+    s: Settings, clock: Clock | None = None, *, announce: Callable[..., Any] = log.warning
+) -> Appliance:
+    """The appliance of ``s``, its store created on first use (the service's first start and
+    ``appliance demo seed`` alike): with the configured passphrase, else one generated into
+    ``<data>/secrets/passphrase``. A new store is announced (``announce(fmt, *args)``) with
+    where its recovery key can be printed."""
+    s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    clock = clock or utcnow
+    passphrase, generated = _passphrase(s)
+    if _store_config(s).exists():
+        return Appliance.open(
+            str(s.data_dir), passphrase=passphrase, clock=clock, catalog_url=s.catalog_url
+        )
+    app, _recovery = Appliance.init(
+        str(s.data_dir), passphrase, clock=clock, catalog_url=s.catalog_url
+    )
+    passphrase_file = s.passphrase_file or (s.generated_passphrase_path if generated else None)
+    announce(
+        "created a new store in %s%s. Print its recovery key now and keep it apart from "
+        "the appliance: admin page (recovery key), or `appliance --data-dir %s "
+        "--passphrase-file %s key export --paper`",
+        app.data_dir.store_path,
+        f"; its passphrase was generated into {passphrase_file}" if generated else "",
+        s.data_dir,
+        passphrase_file or "<file holding the passphrase>",
+    )
+    return app
 
 
 def _store_config(settings: Settings) -> Path:
