@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -53,7 +52,7 @@ class LoadResult:
     files: int = 0
     tree_mib: float = 0.0
     unloaded: list[float] = field(default_factory=list)  # seconds, before and after the load
-    loaded: float | None = None
+    loaded: list[float] = field(default_factory=list)  # seconds, the backups under load
     requests: int = 0
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
@@ -70,15 +69,25 @@ class LoadResult:
         return statistics.fmean(self.unloaded) if self.unloaded else None
 
     @property
+    def loaded_mean(self) -> float | None:
+        return statistics.fmean(self.loaded) if self.loaded else None
+
+    @property
     def slowdown(self) -> float | None:
-        base = self.unloaded_mean
-        if not base or self.loaded is None:
+        base, loaded = self.unloaded_mean, self.loaded_mean
+        if not base or loaded is None:
             return None
-        return self.loaded / base - 1
+        return loaded / base - 1
 
     @property
     def rps(self) -> float | None:
         return self.requests / self.load_seconds if self.load_seconds else None
+
+    @property
+    def server_ms_per_request(self) -> float | None:
+        if self.server_cpu is None or not self.requests:
+            return None
+        return self.server_cpu / self.requests * 1000
 
 
 def _free_port() -> int:
@@ -246,37 +255,56 @@ async def _load(
     asset: str,
     clients: int,
     interval: float,
+    runs: int,
     max_seconds: float,
     result: LoadResult,
     server_pid: int,
-) -> tuple[str, list[float]]:
-    """Connect the clients (one warm-up request each, not counted), start the backup, then
-    poll until it ends. Returns the job id and the latencies (seconds)."""
+) -> tuple[list[str], list[float]]:
+    """Connect the clients (one warm-up request each, not counted), then run ``runs`` full
+    backups back to back while every client polls the running job and the points list.
+    Returns the backups' job ids and the latencies (seconds)."""
     latencies: list[float] = []
     stop = asyncio.Event()
     address = httpx.URL(url)
     assert address.host == "127.0.0.1" and address.port is not None
     conns = [Conn(address.host, address.port, token) for _ in range(clients)]
+    job_ids: list[str] = []
     try:
         warm = await asyncio.gather(*(c.get("/api/me") for c in conns), return_exceptions=True)
         failed = [w for w in warm if not isinstance(w, tuple) or w[0] != 200]
         if failed:
             raise LoadError(f"{len(failed)} of {clients} clients failed to connect: {failed[0]}")
-        async with httpx.AsyncClient(
+        api = httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60
-        ) as api:
+        )
+
+        async def submit() -> str:
             r = await api.post(f"/api/assets/{asset}/backup", json={"mode": "full"})
-        if r.status_code != 202:
-            raise LoadError(f"backup now: {r.status_code} {r.text[:200]}")
-        job_id = str(r.json()["id"])
-        paths = (f"/api/jobs/{job_id}", "/api/points?limit=50")
+            if r.status_code != 202:
+                raise LoadError(f"backup now: {r.status_code} {r.text[:200]}")
+            job_ids.append(str(r.json()["id"]))
+            return job_ids[-1]
+
+        current = [f"/api/jobs/{await submit()}"]
+
+        async def driver() -> None:
+            # Backups one after the other, each started as soon as the previous one ended.
+            while True:
+                job = (await api.get(current[0])).json()
+                if job["state"] in DONE:
+                    if job["state"] != "succeeded":
+                        raise LoadError(f"backup job {job['id']} ended {job['state']}")
+                    if len(job_ids) >= runs:
+                        return
+                    current[0] = f"/api/jobs/{await submit()}"
+                await asyncio.sleep(0.1)
 
         async def client(n: int, c: Conn) -> None:
             i = n  # clients start on different routes, and spread over the first interval
             if interval:
                 await asyncio.sleep(interval * n / clients)
             while not stop.is_set():
-                path = paths[i % 2]
+                path = current[0] if i % 2 == 0 else "/api/points?limit=50"
                 i += 1
                 started = time.perf_counter()
                 try:
@@ -286,16 +314,7 @@ async def _load(
                         result.errors += 1
                         if len(result.error_samples) < 5:
                             result.error_samples.append(f"{path}: {status} {body[:120]!r}")
-                        continue
-                    if path == paths[0] and json.loads(body)["state"] in DONE:
-                        stop.set()
-                except (
-                    OSError,
-                    LoadError,
-                    ValueError,
-                    TimeoutError,
-                    asyncio.IncompleteReadError,
-                ) as exc:
+                except (OSError, LoadError, TimeoutError, asyncio.IncompleteReadError) as exc:
                     latencies.append(time.perf_counter() - started)
                     result.errors += 1
                     if len(result.error_samples) < 5:
@@ -309,14 +328,17 @@ async def _load(
         server_cpu, client_cpu = _cpu_seconds(server_pid), time.process_time()
         tasks = [asyncio.create_task(client(n, c)) for n, c in enumerate(conns)]
         try:
-            await asyncio.wait_for(stop.wait(), max_seconds)
+            await asyncio.wait_for(driver(), max_seconds)
         except TimeoutError:
+            raise LoadError(f"the loaded backups did not end within {max_seconds:.0f} s") from None
+        finally:
             stop.set()
-        await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks)
+            await api.aclose()
         result.load_seconds = time.perf_counter() - started
         result.client_cpu = time.process_time() - client_cpu
         result.server_cpu = _cpu_seconds(server_pid) - server_cpu
-        return job_id, latencies
+        return job_ids, latencies
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
@@ -330,9 +352,12 @@ def run(
     tree_bytes: int,
     clients: int = 100,
     interval: float = 1.0,
+    min_seconds: float = 30.0,
     max_seconds: float = 600.0,
     log=print,
 ) -> LoadResult:
+    """Unloaded full backups until they add up to ``min_seconds`` (k of them), then k under
+    load, then k unloaded again: a short backup measured once would be mostly noise."""
     result = LoadResult(
         clients=clients, interval=interval, files=files, tree_mib=tree_bytes / (1 << 20)
     )
@@ -348,14 +373,25 @@ def run(
                 raise LoadError(f"create asset: {r.status_code} {r.text[:200]}")
             warm = _job_seconds(_wait(api, _submit(api, "tree"), max_seconds))
             log(f"api-load: warm-up full backup {warm:.1f} s (fills the store; not measured)")
-            result.unloaded.append(_job_seconds(_wait(api, _submit(api, "tree"), max_seconds)))
-            log(f"api-load: unloaded full backup {result.unloaded[-1]:.1f} s")
+            while not result.unloaded or sum(result.unloaded) < min_seconds:
+                result.unloaded.append(_job_seconds(_wait(api, _submit(api, "tree"), max_seconds)))
+            runs = len(result.unloaded)
+            log(f"api-load: {runs} unloaded full backups, {_seconds(result.unloaded)}")
             assert server.proc is not None
-            pid = server.proc.pid
-            job_id, latencies = asyncio.run(
-                _load(server.url, token, "tree", clients, interval, max_seconds, result, pid)
+            job_ids, latencies = asyncio.run(
+                _load(
+                    server.url,
+                    token,
+                    "tree",
+                    clients,
+                    interval,
+                    runs,
+                    max_seconds,
+                    result,
+                    server.proc.pid,
+                )
             )
-            result.loaded = _job_seconds(_wait(api, job_id, max_seconds))
+            result.loaded = [_job_seconds(_wait(api, j, max_seconds)) for j in job_ids]
             result.requests = len(latencies)
             if latencies:
                 ordered = sorted(latencies)
@@ -363,11 +399,12 @@ def run(
                 result.p99_ms = _percentile(ordered, 0.99) * 1000
                 result.max_ms = ordered[-1] * 1000
             log(
-                f"api-load: loaded full backup {result.loaded:.1f} s, {result.requests} requests "
-                f"from {clients} clients, {result.errors} errors"
+                f"api-load: {runs} loaded full backups, {_seconds(result.loaded)}; "
+                f"{result.requests} requests from {clients} clients, {result.errors} errors"
             )
-            result.unloaded.append(_job_seconds(_wait(api, _submit(api, "tree"), max_seconds)))
-            log(f"api-load: unloaded full backup (after) {result.unloaded[-1]:.1f} s")
+            after = [_job_seconds(_wait(api, _submit(api, "tree"), max_seconds)) for _ in job_ids]
+            result.unloaded += after
+            log(f"api-load: {runs} unloaded full backups (after), {_seconds(after)}")
     except (LoadError, httpx.HTTPError, OSError, subprocess.SubprocessError) as exc:
         result.problem = (
             f"{type(exc).__name__}: {exc}" if not isinstance(exc, LoadError) else str(exc)
@@ -377,18 +414,27 @@ def run(
     return result
 
 
+def _seconds(values: list[float]) -> str:
+    mean = statistics.fmean(values) if values else 0.0
+    return f"mean {mean:.2f} s ({', '.join(f'{v:.2f}' for v in values)})"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
 def rows(result: LoadResult) -> list[list[str]]:
     slowdown = result.slowdown
+    per_request = result.server_ms_per_request
     return [
         ["clients", f"{result.clients}, each waiting {result.interval:g} s after each answer"],
         ["backed-up tree", f"{result.files} files, {result.tree_mib:.0f} MiB (full mode)"],
-        ["backup unloaded (before, after)", ", ".join(f"{s:.1f} s" for s in result.unloaded)],
-        ["backup under load", "-" if result.loaded is None else f"{result.loaded:.1f} s"],
-        ["slowdown", "-" if slowdown is None else f"{slowdown * 100:+.1f} %"],
+        [
+            "backups unloaded (before and after)",
+            "-" if not result.unloaded else _seconds(result.unloaded),
+        ],
+        ["backups under load", "-" if not result.loaded else _seconds(result.loaded)],
+        ["slowdown (means)", "-" if slowdown is None else f"{slowdown * 100:+.1f} %"],
         ["requests", f"{result.requests} in {result.load_seconds:.1f} s"],
         ["requests/s", "-" if result.rps is None else f"{result.rps:.0f}"],
         [
@@ -402,6 +448,7 @@ def rows(result: LoadResult) -> list[list[str]]:
             if result.client_cpu is None or result.server_cpu is None
             else f"{result.client_cpu:.1f} s / {result.server_cpu:.1f} s",
         ],
+        ["server CPU per request", "-" if per_request is None else f"{per_request:.2f} ms"],
     ]
 
 
@@ -431,7 +478,9 @@ METHOD = (
     "keep-alive HTTP/1.1 connection (a minimal asyncio client, so that the load generator "
     "sharing the machine costs little CPU) with an API token looping `GET /api/jobs/{id}` and "
     "`GET /api/points?limit=50` (waiting `--api-interval` s after each answer; 0: back to "
-    "back, where latency is bound to be clients / throughput) until the job ends; all clients run in one asyncio process on "
-    "the same machine. Backup durations are the job's `finished_at - started_at`; a warm-up full "
-    "backup fills the store first, so all measured backups find their chunks present."
+    "back, where latency is bound to be clients / throughput); all clients run in one asyncio "
+    "process on the same machine. After a warm-up full backup (which fills the store, so all "
+    "measured backups find their chunks present), full backups run unloaded until they add up "
+    "to `min_seconds` (k runs), then k back to back under the load, then k unloaded again; the "
+    "slowdown compares the means. Durations are the jobs' `finished_at - started_at`."
 )
