@@ -13,11 +13,14 @@ what it makes stale (see :func:`api.deps.authenticate`).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
+
+from anyio import to_thread
 
 V = TypeVar("V")
 
@@ -33,6 +36,7 @@ class TtlCache(Generic[V]):
         self._clock = clock
         self._entries: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
         self._lock = threading.Lock()  # filled from the event loop and from worker threads
+        self._pending: dict[Hashable, asyncio.Future[V]] = {}
 
     def get(self, key: Hashable) -> V | None:
         with self._lock:
@@ -43,6 +47,34 @@ class TtlCache(Generic[V]):
                 del self._entries[key]
                 return None
             return entry[1]
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
+        """The cached value, else ``compute()`` run in a worker thread and cached.
+
+        When an entry expires, the clients polling it all miss at once; they wait for the one
+        computation under way instead of each running its own (which would make every expiry
+        cost as many catalog queries as there are clients). Call from the event loop only.
+        """
+        value = self.get(key)
+        if value is not None:
+            return value
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        # Nobody may be waiting when it fails: do not let asyncio report it as never retrieved.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending[key] = future
+        try:
+            value = await to_thread.run_sync(compute)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            del self._pending[key]
+        self.put(key, value)
+        future.set_result(value)
+        return value
 
     def put(self, key: Hashable, value: V) -> None:
         with self._lock:

@@ -121,12 +121,13 @@ async def authenticate(request: Request, service: ServiceDep) -> AsyncIterator[P
     refused by the very next request, and a cancelled job shows as such at once.
     """
     safe = request.method in SAFE_METHODS
-    key = (request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE))
-    principal = service.auth_cache.get(key) if safe else None
-    if principal is None:
+    if safe:
+        key = (request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE))
+        principal = await service.auth_cache.get_or_compute(
+            key, lambda: _check_credentials(service, request)
+        )
+    else:
         principal = await to_thread.run_sync(_check_credentials, service, request)
-        if safe:
-            service.auth_cache.put(key, principal)
     try:
         yield principal
     finally:

@@ -8,6 +8,7 @@ uncached route would give.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -82,6 +83,33 @@ def test_ttl_cache_expires_and_evicts_the_oldest() -> None:
     assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, "2", "3")
     cache.clear()
     assert len(cache) == 0
+
+
+def test_clients_missing_together_wait_for_one_computation() -> None:
+    cache: TtlCache[int] = TtlCache(10.0)
+    calls: list[int] = []
+
+    def slow() -> int:
+        calls.append(1)
+        time.sleep(0.2)
+        return len(calls)
+
+    def failing() -> int:
+        calls.append(1)
+        time.sleep(0.1)
+        raise ValueError("the catalog is unreachable")
+
+    async def main() -> tuple[list[int], list[BaseException | int]]:
+        values = await asyncio.gather(*(cache.get_or_compute("k", slow) for _ in range(20)))
+        errors = await asyncio.gather(
+            *(cache.get_or_compute("bad", failing) for _ in range(5)), return_exceptions=True
+        )
+        return list(values), list(errors)
+
+    values, errors = asyncio.run(main())
+    assert values == [1] * 20 and len(calls) == 2  # one for "k", one for "bad"
+    assert all(isinstance(e, ValueError) for e in errors)
+    assert cache.get("bad") is None  # a failure is not cached: the next caller tries again
 
 
 def test_a_token_revoked_through_the_api_is_refused_by_the_next_request(

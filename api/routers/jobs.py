@@ -67,10 +67,7 @@ async def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> Respon
     """One job. The page polls this: the answer is shared by all callers for up to
     ``JOB_ANSWER_TTL`` seconds (see ``api.cache``)."""
     key = (job_id, service.jobs_finished)  # a job ending shows at once
-    body = service.job_answers.get(key)
-    if body is None:
-        body = await to_thread.run_sync(_job_answer, service, job_id)
-        service.job_answers.put(key, body)
+    body = await service.job_answers.get_or_compute(key, lambda: _job_answer(service, job_id))
     return Response(body, media_type="application/json")
 
 
@@ -171,18 +168,17 @@ async def all_events(
     catalog = service.app.catalog
     runner = service.runner
 
+    def recent() -> dict[str, str]:
+        return {j.id: job_public(j, runner).model_dump_json() for j in catalog.list_jobs(limit=50)}
+
     async def events() -> AsyncIterator[str]:
         yield ": connected\n\n"
         seen: dict[str, str] | None = None
         deadline = time.monotonic() + max_seconds
         beat = time.monotonic()
         while True:
-            key = service.jobs_finished
-            current = service.recent_jobs.get(key)
-            if current is None:  # one query and serialisation a tick, whatever the listeners
-                jobs = await to_thread.run_sync(lambda: catalog.list_jobs(limit=50))
-                current = {j.id: job_public(j, runner).model_dump_json() for j in jobs}
-                service.recent_jobs.put(key, current)
+            # One query and serialisation a tick, however many pages listen.
+            current = await service.recent_jobs.get_or_compute(service.jobs_finished, recent)
             if seen is not None:
                 for job_id, data in current.items():
                     if seen.get(job_id) != data:

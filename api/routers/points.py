@@ -11,7 +11,6 @@ import os
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from anyio import to_thread
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
@@ -69,10 +68,10 @@ async def list_points(
     Polled by every open page: the answer is shared for up to ``POINTS_ANSWER_TTL`` seconds,
     and a job ending in this service (which may have made or pruned points) refreshes it."""
     key = (asset, limit, service.jobs_finished)
-    body = service.points_answers.get(key)
-    if body is None:
-        body = await to_thread.run_sync(_points_answer, service.app.catalog, asset, limit)
-        service.points_answers.put(key, body)
+    catalog = service.app.catalog
+    body = await service.points_answers.get_or_compute(
+        key, lambda: _points_answer(catalog, asset, limit)
+    )
     return Response(body, media_type="application/json")
 
 

@@ -415,8 +415,12 @@ def run(
 
 
 def _seconds(values: list[float]) -> str:
-    mean = statistics.fmean(values) if values else 0.0
-    return f"mean {mean:.2f} s ({', '.join(f'{v:.2f}' for v in values)})"
+    if not values:
+        return "-"
+    return (
+        f"mean {statistics.fmean(values):.2f} s, median {statistics.median(values):.2f}, "
+        f"min {min(values):.2f}, max {max(values):.2f} ({len(values)} runs)"
+    )
 
 
 def _ms(value: float | None) -> str:
