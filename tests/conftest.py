@@ -81,3 +81,12 @@ def operator(server: Any) -> Iterator[Any]:
 def viewer(server: Any) -> Iterator[Any]:
     with server.as_role("viewer") as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """The session's Chromium (Playwright), shared by every browser test module."""
+    from web_support import launched_browser
+
+    with launched_browser() as launched:
+        yield launched

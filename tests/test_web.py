@@ -26,13 +26,10 @@ import httpx
 import pytest
 from api_support import ADMIN, LiveServer, live_server, login, service_settings, wait_job
 from web_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     LAPTOP,
     PageWatch,
     Screenshots,
     expect,
-    require_playwright,
     sign_in,
 )
 
@@ -41,7 +38,6 @@ from appliance.jobs import JobKind, register_job_kind
 
 ASSET = "docs"
 POLICY = "nightly"
-EXPECT_TIMEOUT_MS = 15_000
 
 
 # --- a job the tests can watch: it runs for a while, reporting progress ------------------------------
@@ -74,16 +70,6 @@ register_job_kind(
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    playwright_factory = require_playwright()
-    with playwright_factory() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        expect.set_options(timeout=EXPECT_TIMEOUT_MS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,12 @@ from api_support import (
     wait_job,
 )
 from web_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
+    EXPECT_TIMEOUT_MS,
     LAPTOP,
     SCREENSHOTS_ENV,
     TABLET,
     PageWatch,
     expect,
-    require_playwright,
     sign_in,
 )
 
@@ -60,7 +58,6 @@ VM = {"name": "web", "memory_mib": 256, "vcpus": 1, "disks": [{"name": "web", "b
 PROOF = {"serial": MARKER, "http_port": 80, "http_expect": "OK", "timeout": 150}
 #: Generous: a TCG boot takes ~8 s on a quiet machine and several times that on a loaded one.
 BOOT_TIMEOUT_MS = 180_000
-EXPECT_TIMEOUT_MS = 20_000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,16 +74,6 @@ def guest_image() -> str:
             pytrace=False,
         )
     return build_test_guest()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    playwright_factory = require_playwright()
-    with playwright_factory() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        expect.set_options(timeout=EXPECT_TIMEOUT_MS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ silently on a machine that was set up halfway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,24 @@ def require_playwright() -> Callable[[], Any]:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}", pytrace=False)
     return sync_playwright
+
+
+#: How long ``expect`` waits by default (a loaded CI machine runs QEMU beside the browser).
+EXPECT_TIMEOUT_MS = 20_000
+
+
+@contextlib.contextmanager
+def launched_browser() -> Iterator[Any]:
+    """Headless Debian Chromium under Playwright. One per test session (conftest's ``browser``):
+    a second sync Playwright cannot start while the first one runs."""
+    playwright_factory = require_playwright()
+    with playwright_factory() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 class Screenshots:
