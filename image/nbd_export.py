@@ -327,20 +327,18 @@ def missing_blobs(repo: Repository, disks: list[dict[str, Any]]) -> dict[str, An
     packs: dict[bytes, int] = {}
     for disk in disks:
         table_ids = [bytes.fromhex(h) for h in disk["tables"]]
-        known = repo.index.lookup_many(table_ids)
-        missing_tables += [i.hex() for i in table_ids if i not in known]
-        for entry in known.values():
-            packs.setdefault(entry.pack, entry.pack_kind)
+        tables = repo.index.locate_many(table_ids)
+        absent_tables = set(tables.missing)
+        missing_tables += [i.hex() for i in table_ids if i in absent_tables]
+        packs.update(tables.packs)
         if missing_tables:
             continue
-        wanted = {i for i in read_table(repo, disk) if i != fmt.ZERO_ID}
-        found = repo.index.lookup_many(wanted)
-        for entry in found.values():
-            packs.setdefault(entry.pack, entry.pack_kind)
-        absent_ids = wanted - found.keys()
-        missing += len(absent_ids)
-        if absent_ids and not example:
-            example = min(absent_ids).hex()
+        # Presence and packs only: an index entry per chunk cost as much as the lookups.
+        data = repo.index.locate_many(i for i in read_table(repo, disk) if i != fmt.ZERO_ID)
+        packs.update(data.packs)
+        missing += len(data.missing)
+        if data.missing and not example:
+            example = data.missing[0].hex()
     absent = []
     for pack, kind in packs.items():
         try:

@@ -23,6 +23,7 @@ from engine_support import PASSPHRASE, SMALL_PACKS, set_engine_env
 from appliance.backup.images import read_table
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError
+from appliance.store import format as fmt
 from appliance.store.packs import pack_object_name
 from image import nbd_client as nbd
 from image.nbd_client import NbdClient, NbdError
@@ -297,6 +298,13 @@ def test_missing_blobs_names_what_is_not_local(backed_up, tmp_path):
         os.unlink(app.repo.backend.path(pack_object_name(entry.pack, entry.pack_kind)))
         found = missing_blobs(app.repo, disks)
         assert found["packs"] == [entry.pack.hex()]
+        # Data chunks the index forgot (a repair dropped damaged copies): counted, one named.
+        data_ids = {i for i in table if i != fmt.ZERO_ID and app.repo.index.contains(i)}
+        forgotten = sorted(data_ids)[:3]
+        app.repo.index.remove_blobs([(i, app.repo.locate(i).pack) for i in forgotten])
+        found = missing_blobs(app.repo, disks)
+        assert found["tables"] == [] and found["blobs"] == len(forgotten) == 3
+        assert found["example"] == forgotten[0].hex()
         # A point whose blobs the local index does not know (moved to a cold tier).
         app.repo.index.clear()
         found = missing_blobs(app.repo, disks)

@@ -482,6 +482,23 @@ def test_index_cache_add_lookup_remove(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_index_cache_batch_lookups_agree_with_single_lookups(tmp_path: Path) -> None:
+    cache = IndexCache(str(tmp_path / "cache" / "index.sqlite"))
+    entries = _entries(1200, packs=7)  # more IDs than one query takes
+    cache.add("index/one", entries[:1100])
+    unknown = [blake3.blake3(b"unknown %d" % i).digest() for i in range(3)]
+    asked = [e.blob_id for e in reversed(entries)] + unknown + [entries[5].blob_id]
+    found = cache.lookup_many(asked)
+    assert found == {e.blob_id: e for e in entries[:1100]}
+    located = cache.locate_many(iter(asked))  # any iterable, duplicates counted once
+    assert located.packs == {e.pack: e.pack_kind for e in entries[:1100]}
+    assert located.missing == sorted([e.blob_id for e in entries[1100:]] + unknown)
+    assert cache.lookup_many([]) == {} and cache.locate_many([]).missing == []
+    cache.remove_blobs([(entries[0].blob_id, entries[0].pack)])
+    assert cache.locate_many([entries[0].blob_id]).missing == [entries[0].blob_id]
+    cache.close()
+
+
 def test_index_cache_persists_across_instances(tmp_path: Path) -> None:
     path = str(tmp_path / "index.sqlite")
     entries = _entries(5)
