@@ -12,14 +12,25 @@ a :class:`BootTestResult` and decides the dashboard's alerts. Pure functions, no
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord
 
 PURPOSE = "boot_test"
 #: How a proof timeout starts its message; the checks' own words follow the colon.
 _PROOF_FAILED = re.compile(r"^boot proof failed after [^:]*: ")
+#: How each check (``image.boot_proof``) words its failure, for records that predate the
+#: recorded ``failed_checks`` list: each failure starts the text or follows a "; ".
+_CHECK_FAILURES = {
+    "serial": re.compile(r"(?:^|; )serial console never printed "),
+    "tcp": re.compile(r"(?:^|; )guest TCP port \d+ never answered"),
+    "http": re.compile(r"(?:^|; )https?://\S* \(guest port \d+\) never answered"),
+    "agent": re.compile(r"(?:^|; )the QEMU guest agent never answered"),
+    "screen_stable": re.compile(r"(?:^|; )the screen never stayed unchanged"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,8 @@ class BootTestResult:
     rto_seconds: float | None
     #: In words, which check did not pass (or what else stopped the boot).
     failed_check: str | None
-    #: Names of the checks that did not pass (``serial``, ``http``, ...), when recorded.
+    #: Names of the checks that did not pass (``serial``, ``http``, ...): as the failover
+    #: recorded them, else read from the message of a proof timeout; empty for other failures.
     failed_checks: tuple[str, ...]
     error: str | None
     has_screenshot: bool
@@ -58,6 +70,20 @@ def failed_check_words(error: str | None) -> str | None:
     return _PROOF_FAILED.sub("", error, count=1) or error
 
 
+def failed_check_names(details: Mapping[str, Any], error: str | None) -> tuple[str, ...]:
+    """The names of the checks that did not pass: the list the failover recorded when there is
+    one (``details["failed_checks"]``, even empty), else read back from a proof timeout's
+    message (records written before the list was); none for other failures."""
+    recorded = details.get("failed_checks")
+    if isinstance(recorded, list | tuple):
+        return tuple(str(name) for name in recorded)
+    if not error or not _PROOF_FAILED.match(error):
+        return ()
+    words = _PROOF_FAILED.sub("", error, count=1)
+    found = [(m.start(), name) for name, rx in _CHECK_FAILURES.items() if (m := rx.search(words))]
+    return tuple(name for _, name in sorted(found))
+
+
 def boot_test_result(record: FailoverSessionRecord) -> BootTestResult:
     details = record.details
     proven_at = details.get("proven_at")
@@ -72,7 +98,6 @@ def boot_test_result(record: FailoverSessionRecord) -> BootTestResult:
         if not error:
             error = f"the boot was not proven (session {record.state})"
     rto = details.get("rto_seconds")
-    checks = details.get("failed_checks") or []
     return BootTestResult(
         session=record.id,
         asset=record.asset,
@@ -81,7 +106,7 @@ def boot_test_result(record: FailoverSessionRecord) -> BootTestResult:
         at=at,
         rto_seconds=float(rto) if isinstance(rto, int | float) and state == "proven" else None,
         failed_check=failed_check_words(str(error)) if state == "failed" else None,
-        failed_checks=tuple(str(c) for c in checks) if state == "failed" else (),
+        failed_checks=failed_check_names(details, str(error)) if state == "failed" else (),
         error=str(error) if state == "failed" and error else None,
         has_screenshot=bool(details.get("screenshot")),
     )

@@ -606,7 +606,11 @@ class FailoverSession:
         for disk in self.disks:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk.overlay)
-        self._update("failed", error=message, screenshot=shot, failed_at=_now_iso())
+        failed: dict[str, Any] = {}
+        if isinstance(exc, ApplianceError) and "failed_checks" in exc.details:
+            # The names, so readers need not parse them back out of the message.
+            failed["failed_checks"] = _failed_checks(exc)
+        self._update("failed", error=message, screenshot=shot, failed_at=_now_iso(), **failed)
         self.manager._forget(self)
 
     # --- running ---
@@ -1385,6 +1389,7 @@ class FailoverManager:
                 "error": exc.message,
                 "code": exc.code,
                 "session": session_id,
+                "failed_checks": _failed_checks(exc),
                 "screenshot": self.screenshot(str(session_id)) if session_id else None,
             }
         session = self.session(record.id)
@@ -1458,6 +1463,12 @@ class FailoverManager:
             self._lock_fd = -1
 
 
+def _failed_checks(exc: ApplianceError) -> list[str]:
+    """The names of the boot-proof checks ``exc`` says did not pass (none for other errors)."""
+    checks = exc.details.get("failed_checks")
+    return [str(name) for name in checks] if isinstance(checks, list) else []
+
+
 def _record_dict(record: FailoverSessionRecord) -> dict[str, Any]:
     return {
         "id": record.id,
@@ -1477,6 +1488,20 @@ def _requested_at(app: Appliance, ctx: JobContext) -> float:
         return app.catalog.get_job(ctx.job_id).created_at.timestamp()
     except ApplianceError:
         return time.time()
+
+
+def boot_test_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    """A boot test holds its asset exclusively, as backups of it do (``asset:<name>``).
+
+    So a boot test queued with (after) a backup of the same VM waits for it and tests the point
+    it made, and a backup queued while a test boots waits for the test. Boot tests of different
+    assets share only the store and run side by side. ``failover_start`` does not take the
+    asset: the resource is held for the job (boot, proof, shutdown, discard), never for the life
+    of a failed-over VM, and a failover never waits for a backup or a boot test.
+    """
+    if not p.get("asset"):
+        raise InvalidInput("name the VM asset to boot-test")
+    return [(f"asset:{p['asset']}", True), ("store", False)]
 
 
 def register_failover_jobs(manager: FailoverManager) -> None:
@@ -1559,12 +1584,17 @@ def register_failover_jobs(manager: FailoverManager) -> None:
             ctx.log("info", f"{p['asset']} booted in {result['rto_seconds']} s")
         else:
             ctx.log("error", f"boot test of {p['asset']} failed: {result['error']}")
-            raise BootProofFailed(result["error"], session=result.get("session"))
+            raise BootProofFailed(
+                result["error"],
+                session=result.get("session"),
+                failed_checks=result.get("failed_checks") or [],
+            )
         return result
 
     def store_shared(p: dict[str, Any]) -> list[tuple[str, bool]]:
         if not p.get("asset"):
             raise InvalidInput("name the VM asset to fail over")
+        # Not the asset: a failover must not wait for a backup of the VM it recovers.
         return [("store", False)]
 
     def per_session(p: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -1598,5 +1628,5 @@ def register_failover_jobs(manager: FailoverManager) -> None:
     )
     register_job_kind(
         "boot_test",
-        JobKind(boot_test, store_shared, True, lambda p: f"boot test of {p.get('asset')}"),
+        JobKind(boot_test, boot_test_resources, True, lambda p: f"boot test of {p.get('asset')}"),
     )

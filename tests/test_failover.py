@@ -22,6 +22,7 @@ from engine_support import PASSPHRASE, StepClock, set_engine_env
 from guest_support import PROOF, VM, guest_image_path
 
 from appliance.backup.images import read_table
+from appliance.boot_verification import boot_test_result
 from appliance.engine import Appliance
 from appliance.errors import Conflict, LockHeld
 from appliance.jobs import JobRunner
@@ -263,6 +264,9 @@ def test_a_proof_that_never_passes_fails_naming_the_check_and_keeps_a_screenshot
     assert info.value.details["failed_checks"] == ["serial"]
     record = app.catalog.get_failover_session(info.value.details["session"])
     assert record.state == "failed"
+    # Recorded with the session, so its readers need not parse the message.
+    assert record.details["failed_checks"] == ["serial"]
+    assert boot_test_result(record).failed_checks == ("serial",)
     shot = record.details["screenshot"]
     assert shot and os.path.isfile(shot)
     with open(shot, "rb") as f:

@@ -402,7 +402,7 @@ def test_scheduler_submits_a_boot_test_job_beside_the_backup(boot_tests: Applian
     assert test_kind == "boot_test"
     assert test == {"asset": "vm1", "policy": "vmp", "trigger": "schedule", "missed": 0}
     boot_job = app.catalog.get_job(created[1])
-    assert boot_job.resource == "store"
+    assert boot_job.resource == "asset:vm1,store"
     log = [line.message for line in app.catalog.job_log(boot_job.id)]
     assert log[0] == "scheduled boot test of policy vmp"
     # A restart within the slot fires nothing again.
