@@ -590,6 +590,9 @@ def test_dashboard_shows_the_last_proven_boot_and_a_failed_boot_test(
     expect(row).to_contain_text("Boot test failed")
     expect(row).to_contain_text("serial console never printed")
     expect(row).to_contain_text("Last proven boot: 3 hours ago, RTO 11.2 s")
+    # The summary card agrees with the banner: something needs attention.
+    attention = page.locator(".stat").filter(has_text="Needs attention")
+    expect(attention).to_contain_text("1 alert")
     shots.take(page, "dashboard-boot-test")
 
     # The policy form: a boot test is offered for the VM (and not for a folder).

@@ -179,6 +179,7 @@ export default async function dashboard(view) {
     const met = withTarget.filter((a) => a.rpo_status === "met").length;
     const pointsTotal = d.assets.reduce((n, a) => n + a.points, 0);
     const attention = d.jobs.failed + d.jobs.interrupted;
+    const alertCount = (d.alerts || []).length;
     const stats = h(
       "div",
       { class: "stats" },
@@ -190,7 +191,9 @@ export default async function dashboard(view) {
       ),
       stat("Assets", String(d.assets.length), `${count(pointsTotal, "recovery point")}`, "", "#/assets"),
       stat("Jobs", d.jobs.running ? `${d.jobs.running} running` : "Idle", d.jobs.queued ? `${d.jobs.queued} queued` : "Nothing queued", d.jobs.running ? "info" : "", "#/jobs"),
-      stat("Needs attention", attention ? count(attention, "job") : "Nothing", attention ? `${d.jobs.failed} failed, ${d.jobs.interrupted} interrupted` : "No failed jobs", attention ? "bad" : "good", "#/jobs?state=failed"),
+      attention || !alertCount
+        ? stat("Needs attention", attention ? count(attention, "job") : "Nothing", attention ? `${d.jobs.failed} failed, ${d.jobs.interrupted} interrupted${alertCount ? ` · ${count(alertCount, "alert")}` : ""}` : "No failed jobs", attention ? "bad" : "good", "#/jobs?state=failed")
+        : stat("Needs attention", count(alertCount, "alert"), "Listed above; no failed jobs", "bad"),
     );
     const canRun = view.can("operator");
     const assetsCard = card(
