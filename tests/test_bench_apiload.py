@@ -8,29 +8,16 @@ service's answers correctly.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
-BENCHLIB = Path(__file__).resolve().parents[1] / "scripts" / "benchlib"
+from bench_support import load_benchlib
+
 CLI = Path(sys.executable).with_name("appliance")
 
 
-def _load(name: str) -> ModuleType:
-    module_name = f"benchlib_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, BENCHLIB / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-apiload = _load("apiload")
+apiload = load_benchlib("apiload")
 
 
 def test_api_load_phase_measures_a_loaded_backup(tmp_path: Path) -> None:

@@ -11,25 +11,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_support import BENCHLIB, load_benchlib
 
 SCALE = 0.002
-BENCHLIB = Path(__file__).resolve().parents[1] / "scripts" / "benchlib"
 
 
-def _load(name: str) -> ModuleType:
-    module_name = f"benchlib_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, BENCHLIB / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    # The generator's worker pool finds its functions through sys.modules.
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-datagen = _load("datagen")
+datagen = load_benchlib("datagen")
 
 
 def _digests(root: Path) -> dict[str, str]:

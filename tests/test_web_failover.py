@@ -38,6 +38,7 @@ from api_support import (
     login,
     wait_job,
 )
+from guest_support import guest_image_path
 from web_support import (
     EXPECT_TIMEOUT_MS,
     LAPTOP,
@@ -49,7 +50,7 @@ from web_support import (
 )
 
 from image.boot_proof import png_is_blank
-from image.testguest import HEALTH_TEXT, MARKER, build_test_guest, copy_sparse
+from image.testguest import HEALTH_TEXT, MARKER, copy_sparse
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -66,14 +67,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def guest_image() -> str:
-    missing = [t for t in ("qemu-system-x86_64", "qemu-img", "qemu-nbd") if not shutil.which(t)]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} missing: run scripts/setup "
-            "(apt-get install -y qemu-system-x86 qemu-utils)",
-            pytrace=False,
-        )
-    return build_test_guest()
+    return guest_image_path()
 
 
 @pytest.fixture(scope="module")

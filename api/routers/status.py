@@ -342,36 +342,34 @@ def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+def _gauge(name: str, text: str, values: dict[str, str]) -> list[str]:
+    """One Prometheus gauge with a sample per asset (``values``: asset -> formatted value)."""
+    lines = [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+    lines += [
+        f'{name}{{asset="{_label(asset)}"}} {value}' for asset, value in sorted(values.items())
+    ]
+    return lines
+
+
 def _boot_test_metrics(last: dict[str, FailoverSessionRecord], catalog: Catalog) -> list[str]:
     proven = {
         name: boot_test_result(record)
         for name, record in catalog.last_boot_tests(per="asset", proven_only=True).items()
     }
-    lines = [
-        "# HELP appliance_boot_test_rto_seconds RTO measured by each VM's last proven boot test.",
-        "# TYPE appliance_boot_test_rto_seconds gauge",
+    return [
+        *_gauge(
+            "appliance_boot_test_rto_seconds",
+            "RTO measured by each VM's last proven boot test.",
+            {n: f"{r.rto_seconds:g}" for n, r in proven.items() if r.rto_seconds is not None},
+        ),
+        *_gauge(
+            "appliance_boot_test_last_success_timestamp_seconds",
+            "When each VM's boot was last proven (Unix time).",
+            {n: f"{r.at.timestamp():.0f}" for n, r in proven.items()},
+        ),
+        *_gauge(
+            "appliance_boot_test_ok",
+            "Whether each VM's last boot test proved the boot (1) or not (0).",
+            {n: "1" if boot_test_result(r).state == "proven" else "0" for n, r in last.items()},
+        ),
     ]
-    for name, result in sorted(proven.items()):
-        if result.rto_seconds is not None:
-            lines.append(
-                f'appliance_boot_test_rto_seconds{{asset="{_label(name)}"}} {result.rto_seconds:g}'
-            )
-    lines += [
-        "# HELP appliance_boot_test_last_success_timestamp_seconds When each VM's boot was last "
-        "proven (Unix time).",
-        "# TYPE appliance_boot_test_last_success_timestamp_seconds gauge",
-    ]
-    for name, result in sorted(proven.items()):
-        lines.append(
-            "appliance_boot_test_last_success_timestamp_seconds"
-            f'{{asset="{_label(name)}"}} {result.at.timestamp():.0f}'
-        )
-    lines += [
-        "# HELP appliance_boot_test_ok Whether each VM's last boot test proved the boot (1) or "
-        "not (0).",
-        "# TYPE appliance_boot_test_ok gauge",
-    ]
-    for name, record in sorted(last.items()):
-        ok = 1 if boot_test_result(record).state == "proven" else 0
-        lines.append(f'appliance_boot_test_ok{{asset="{_label(name)}"}} {ok}')
-    return lines
