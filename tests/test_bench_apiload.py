@@ -47,6 +47,8 @@ def test_api_load_phase_measures_a_loaded_backup(tmp_path: Path) -> None:
     assert len(result.unloaded) == 2 * runs and all(s > 0 for s in result.unloaded)
     assert sum(result.unloaded[:runs]) >= 1.0
     assert result.server_cpu is not None and result.server_cpu > 0
+    assert result.server_cpu_unloaded is not None and result.server_cpu_unloaded > 0
+    assert result.server_ms_per_request_net is not None
     rows = {k: v for k, v in apiload.rows(result)}
     assert rows["errors"] == "0"
     assert {verdict for _, _, verdict in apiload.targets(result)} <= {"PASS", "FAIL"}
