@@ -406,11 +406,13 @@ class JobRunner:
             self._waiting_reason[job.id] = reason
             self.catalog.update_job(job.id, progress={"waiting": reason})
 
-    def _record_end(self, job_id: str, **fields: Any) -> None:
-        # Counted before and after the write: a reader that caches what it read between the
-        # two does so under a count that is already out of date when the write is visible.
+    def _record_end(self, job_id: str, level: str, message: str, **fields: Any) -> None:
+        # The last log line goes first: whoever sees the job ended sees its whole log. Counted
+        # before and after the write: a reader that caches what it read between the two does
+        # so under a count that is already out of date when the write is visible.
         with self._lock:
             self._finished += 1
+        self.catalog.append_job_log(job_id, level, message)
         self.catalog.update_job(job_id, **fields)
         with self._lock:
             self._finished += 1
@@ -423,28 +425,37 @@ class JobRunner:
                 result = run_isolated(self.app, spec.work, dict(job.params), ctx)
             else:
                 result = spec.work(self.app, dict(job.params), ctx)
-            self._record_end(job.id, state="succeeded", result=result, progress=ctx.latest)
-            self.catalog.append_job_log(job.id, "info", "finished")
+            self._record_end(
+                job.id, "info", "finished", state="succeeded", result=result, progress=ctx.latest
+            )
         except BackupCancelled:
             state = "interrupted" if ctx.interrupted else "cancelled"
-            self._record_end(job.id, state=state, progress=ctx.latest)
-            self.catalog.append_job_log(
+            self._record_end(
                 job.id,
                 "warning",
                 "interrupted by the service stopping; it resumes on the next start"
                 if ctx.interrupted
                 else "cancelled",
+                state=state,
+                progress=ctx.latest,
             )
         except ApplianceError as exc:
-            self._record_end(job.id, state="failed", error=exc.to_dict(), progress=ctx.latest)
-            self.catalog.append_job_log(job.id, "error", exc.message)
+            self._record_end(
+                job.id,
+                "error",
+                exc.message,
+                state="failed",
+                error=exc.to_dict(),
+                progress=ctx.latest,
+            )
         except Exception as exc:  # a bug must fail the job, not kill the dispatcher
             self._record_end(
                 job.id,
+                "error",
+                traceback.format_exc(limit=5),
                 state="failed",
                 error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
             )
-            self.catalog.append_job_log(job.id, "error", traceback.format_exc(limit=5))
         finally:
             with self._lock:
                 for name, _exclusive in resources:

@@ -625,11 +625,15 @@ def nbd_server(images: dict, tmp_path: Path) -> Iterator[str]:
     argv = qemu_nbd_argv(str(images["qcow2"]), "qcow2", sock, shared=4)
     proc = subprocess.Popen([*argv[:-1], "--persistent", argv[-1]])
     try:
+        # The socket file appears at bind(), before qemu-nbd listens: wait for a connection.
         for _ in range(2000):
-            if os.path.exists(sock):
-                break
-            assert proc.poll() is None
-            threading.Event().wait(0.005)
+            assert proc.poll() is None, "qemu-nbd exited"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(sock)
+                    break
+                except (ConnectionRefusedError, FileNotFoundError):
+                    threading.Event().wait(0.005)
         yield sock
     finally:
         proc.terminate()
