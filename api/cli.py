@@ -105,7 +105,8 @@ def _open_or_create_store(settings: Any) -> Any:
     from api.service import open_appliance
 
     def announce(fmt: str, *args: object) -> None:
-        print((fmt % args).capitalize(), file=sys.stderr)
+        text = fmt % args
+        print(text[:1].upper() + text[1:], file=sys.stderr)  # a sentence; paths keep their case
 
     return open_appliance(settings, announce=announce)
 

@@ -225,3 +225,16 @@ def write_sparse(path: Path, size: int, pieces: dict[int, bytes]) -> None:
         for offset, data in pieces.items():
             f.seek(offset)
             f.write(data)
+
+
+def store_digest(path: str) -> str:
+    """A hash of every file under ``path`` (names and bytes): equal before and after means
+    nothing in the store was written."""
+    digest = hashlib.sha256()
+    for root, _dirs, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(full.encode())
+            with open(full, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

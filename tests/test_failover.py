@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from engine_support import PASSPHRASE, StepClock, set_engine_env
+from engine_support import PASSPHRASE, StepClock, set_engine_env, store_digest
 from guest_support import PROOF, VM, guest_image_path
 
 from appliance.backup.images import read_table
@@ -53,18 +53,6 @@ def _env(monkeypatch):
 @pytest.fixture(scope="session")
 def guest_image() -> str:
     return guest_image_path()
-
-
-def store_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(full.encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def sha256(path: str) -> str:

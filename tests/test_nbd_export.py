@@ -8,7 +8,6 @@ that nothing was written to it. Needs qemu-utils: missing tools fail with the in
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 import shutil
@@ -18,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from engine_support import PASSPHRASE, SMALL_PACKS, set_engine_env
+from engine_support import PASSPHRASE, SMALL_PACKS, set_engine_env, store_digest
 
 from appliance.backup.images import read_table
 from appliance.engine import Appliance
@@ -43,18 +42,6 @@ def _qemu_utils():
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: run scripts/setup (apt-get install -y qemu-utils)")
-
-
-def store_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(full.encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

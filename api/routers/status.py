@@ -327,18 +327,19 @@ def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
         f'appliance_pool_bytes{{pool="default",kind="used"}} {usage.used_bytes}',
         f'appliance_pool_bytes{{pool="default",kind="free"}} {usage.free_bytes}',
         f'appliance_pool_bytes{{pool="default",kind="store"}} {service.store_bytes()}',
-        "# HELP appliance_newest_point_age_seconds Age of each asset's newest good point.",
-        "# TYPE appliance_newest_point_age_seconds gauge",
     ]
     by_asset: dict[str, list[PointRecord]] = defaultdict(list)
     for point in points:
         by_asset[point.asset].append(point)
-    for asset, mine in sorted(by_asset.items()):
+    ages: dict[str, str] = {}
+    for asset, mine in by_asset.items():
         last = last_good_point(mine)
         if last is not None:
-            age = max(0.0, (now - last.created_at) / timedelta(seconds=1))
-            lines.append(f'appliance_newest_point_age_seconds{{asset="{_label(asset)}"}} {age:.0f}')
-    lines += _boot_test_metrics(catalog.last_boot_tests(per="asset"), catalog)
+            ages[asset] = f"{max(0.0, (now - last.created_at) / timedelta(seconds=1)):.0f}"
+    lines += _gauge(
+        "appliance_newest_point_age_seconds", "Age of each asset's newest good point.", ages
+    )
+    lines += _boot_test_metrics(catalog)
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
@@ -351,7 +352,8 @@ def _gauge(name: str, text: str, values: dict[str, str]) -> list[str]:
     return lines
 
 
-def _boot_test_metrics(last: dict[str, FailoverSessionRecord], catalog: Catalog) -> list[str]:
+def _boot_test_metrics(catalog: Catalog) -> list[str]:
+    last = catalog.last_boot_tests(per="asset")
     proven = {
         name: boot_test_result(record)
         for name, record in catalog.last_boot_tests(per="asset", proven_only=True).items()

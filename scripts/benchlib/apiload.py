@@ -390,7 +390,6 @@ def run(
             result.server_cpu_unloaded = _cpu_seconds(server.proc.pid) - cpu_before
             runs = len(result.unloaded)
             log(f"api-load: {runs} unloaded full backups, {_seconds(result.unloaded)}")
-            assert server.proc is not None
             job_ids, latencies = asyncio.run(
                 _load(
                     server.url,
