@@ -436,7 +436,9 @@ def test_live_progress_waiting_cancel_and_retry(
     expect(page.get_by_text("No failed jobs")).to_be_visible()
 
 
-def test_users_tokens_audit_and_pools(admin_page: Any, server: LiveServer, shots: Screenshots):
+def test_users_tokens_audit_and_pools(
+    admin_page: Any, server: LiveServer, admin_api: httpx.Client, shots: Screenshots
+):
     """Create a user with a role; create an API token (shown once, works), revoke it; the audit
     log and the pools screen in words."""
     page = admin_page
@@ -476,6 +478,15 @@ def test_users_tokens_audit_and_pools(admin_page: Any, server: LiveServer, shots
     expect(token_row).to_contain_text("Revoked")
     with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
         assert c.get("/api/me").status_code == 401
+
+    # The row's trash-can button asks first, then deletes: the user is gone for the API too.
+    user.get_by_role("button", name="Delete user olivia").click()
+    confirm = page.get_by_role("dialog")
+    expect(confirm).to_contain_text("They can no longer sign in")
+    confirm.get_by_role("button", name="Delete user").click()
+    expect(page.locator(".toast").filter(has_text="User olivia deleted.")).to_be_visible()
+    expect(user).to_have_count(0)
+    assert admin_api.get("/api/users/olivia").status_code == 404
 
     nav(page, "Audit log")
     table = page.get_by_role("table", name="Audit log")

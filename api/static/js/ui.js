@@ -1,6 +1,6 @@
 // Shared pieces of the page: banners, toasts, dialogs, forms, tables, pills, progress bars.
 
-import { humanError } from "./api.js";
+import { api, humanError } from "./api.js";
 import { clear, h, icon } from "./dom.js";
 
 // --- banners (errors and notices at the top of a screen) -------------------------------------------
@@ -141,6 +141,31 @@ export function confirmDialog({ title, text, confirmLabel, action, danger = true
       },
     });
   });
+}
+
+/** A table row's trash-can button: asks first, then DELETEs `path`, says `deleted`, calls `done`. */
+export function deleteButton({ label, title, text, confirmLabel, path, deleted, done }) {
+  return h(
+    "button",
+    {
+      type: "button",
+      class: "icon-btn danger",
+      title: "Delete",
+      "aria-label": label,
+      onClick: () =>
+        confirmDialog({
+          title,
+          text,
+          confirmLabel,
+          action: async () => {
+            await api.del(path);
+            toast(deleted);
+            done();
+          },
+        }),
+    },
+    icon("trash"),
+  );
 }
 
 /** Show something once (a new API token): a read-only field with a copy button. */

@@ -3,7 +3,7 @@
 import { api, enc } from "../api.js";
 import { h, icon, replace } from "../dom.js";
 import { MODE_NAMES, dateTime, describeCron, period } from "../format.js";
-import { button, busy, card, confirmDialog, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
+import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
 
 const MODES = [
   ["incremental", "Incremental (only changes)"],
@@ -287,27 +287,7 @@ export default async function assetsView(view) {
         button("Points", { kind: "small", href: `#/points?asset=${enc(a.name)}`, "aria-label": `Recovery points of ${a.name}` }),
         isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load) }, icon("edit")) : null,
         isAdmin
-          ? h(
-              "button",
-              {
-                type: "button",
-                class: "icon-btn danger",
-                title: "Delete",
-                "aria-label": `Delete ${a.name}`,
-                onClick: () =>
-                  confirmDialog({
-                    title: `Delete asset ${a.name}?`,
-                    text: "The appliance forgets this asset. This is possible only once it has no policies and no recovery points left.",
-                    confirmLabel: "Delete asset",
-                    action: async () => {
-                      await api.del(`/api/assets/${enc(a.name)}`);
-                      toast(`Asset ${a.name} deleted.`);
-                      load();
-                    },
-                  }),
-              },
-              icon("trash"),
-            )
+          ? deleteButton({ label: `Delete ${a.name}`, title: `Delete asset ${a.name}?`, text: "The appliance forgets this asset. This is possible only once it has no policies and no recovery points left.", confirmLabel: "Delete asset", path: `/api/assets/${enc(a.name)}`, deleted: `Asset ${a.name} deleted.`, done: load })
           : null,
       );
     const assetsCard = card(
@@ -335,27 +315,7 @@ export default async function assetsView(view) {
         canRun ? button("Run now", { iconName: "play", kind: "small", "aria-label": `Run policy ${p.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/policies/${enc(p.name)}/run`, `Policy ${p.name}`) }) : null,
         isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit policy ${p.name}`, onClick: () => policyDialog(p, assets, load) }, icon("edit")) : null,
         isAdmin
-          ? h(
-              "button",
-              {
-                type: "button",
-                class: "icon-btn danger",
-                title: "Delete",
-                "aria-label": `Delete policy ${p.name}`,
-                onClick: () =>
-                  confirmDialog({
-                    title: `Delete policy ${p.name}?`,
-                    text: `Backups of ${p.asset} stop running on this schedule. Its recovery points are kept.`,
-                    confirmLabel: "Delete policy",
-                    action: async () => {
-                      await api.del(`/api/policies/${enc(p.name)}`);
-                      toast(`Policy ${p.name} deleted.`);
-                      load();
-                    },
-                  }),
-              },
-              icon("trash"),
-            )
+          ? deleteButton({ label: `Delete policy ${p.name}`, title: `Delete policy ${p.name}?`, text: `Backups of ${p.asset} stop running on this schedule. Its recovery points are kept.`, confirmLabel: "Delete policy", path: `/api/policies/${enc(p.name)}`, deleted: `Policy ${p.name} deleted.`, done: load })
           : null,
       );
     const scheduleCell = (p) =>

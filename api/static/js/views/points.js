@@ -1,9 +1,9 @@
 // Recovery points: the list per asset, and restore / verify / delete of a point.
 
 import { api, enc, q } from "../api.js";
-import { h, icon, replace } from "../dom.js";
+import { h, replace } from "../dom.js";
 import { MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
-import { button, busy, card, confirmDialog, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
+import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
 
 export function pointStatus(p) {
   if (p.status !== "complete") return pill(p.status === "partial" ? "Incomplete" : p.status, "warn");
@@ -98,27 +98,7 @@ export default async function pointsView(view) {
       canRun ? button("Restore", { iconName: "restore", kind: "small", onClick: () => restoreDialog(p) }) : null,
       canRun ? button("Verify", { iconName: "check", kind: "small", onClick: (e) => verifyPoint(p, e.currentTarget, view.banner) }) : null,
       isAdmin
-        ? h(
-            "button",
-            {
-              type: "button",
-              class: "icon-btn danger",
-              title: "Delete",
-              "aria-label": `Delete point ${shortId(p.id)}`,
-              onClick: () =>
-                confirmDialog({
-                  title: "Delete this recovery point?",
-                  text: `The point of ${p.asset} made ${dateTime(p.created_at)} is removed for good. Its space is freed by the next garbage collection.`,
-                  confirmLabel: "Delete point",
-                  action: async () => {
-                    await api.del(`/api/points/${enc(p.id)}`);
-                    toast("Recovery point deleted.");
-                    view.navigate(location.hash);
-                  },
-                }),
-            },
-            icon("trash"),
-          )
+        ? deleteButton({ label: `Delete point ${shortId(p.id)}`, title: "Delete this recovery point?", text: `The point of ${p.asset} made ${dateTime(p.created_at)} is removed for good. Its space is freed by the next garbage collection.`, confirmLabel: "Delete point", path: `/api/points/${enc(p.id)}`, deleted: "Recovery point deleted.", done: () => view.navigate(location.hash) })
         : null,
     );
 

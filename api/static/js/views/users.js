@@ -1,9 +1,9 @@
 // Users (with roles) and API tokens (shown once, revocable). Administrators only.
 
 import { api, enc, q } from "../api.js";
-import { h, icon, replace } from "../dom.js";
+import { h, replace } from "../dom.js";
 import { ROLE_NAMES, dateTime, shortId } from "../format.js";
-import { button, busy, card, confirmDialog, emptyState, field, formDialog, loading, pageHeader, pill, revealDialog, select, table, toast } from "../ui.js";
+import { button, busy, card, confirmDialog, emptyState, field, formDialog, loading, pageHeader, pill, revealDialog, select, table, toast, deleteButton } from "../ui.js";
 
 const ROLES = [
   ["viewer", "Viewer: sees everything, changes nothing"],
@@ -107,27 +107,7 @@ export default async function usersView(view) {
         { class: "row-actions" },
         button("Set password", { kind: "small", iconName: "key", onClick: () => passwordDialog(u) }),
         u.name !== view.session.name
-          ? h(
-              "button",
-              {
-                type: "button",
-                class: "icon-btn danger",
-                title: "Delete",
-                "aria-label": `Delete user ${u.name}`,
-                onClick: () =>
-                  confirmDialog({
-                    title: `Delete user ${u.name}?`,
-                    text: "They can no longer sign in, and their API tokens stop working.",
-                    confirmLabel: "Delete user",
-                    action: async () => {
-                      await api.del(`/api/users/${enc(u.name)}`);
-                      toast(`User ${u.name} deleted.`);
-                      load();
-                    },
-                  }),
-              },
-              icon("trash"),
-            )
+          ? deleteButton({ label: `Delete user ${u.name}`, title: `Delete user ${u.name}?`, text: "They can no longer sign in, and their API tokens stop working.", confirmLabel: "Delete user", path: `/api/users/${enc(u.name)}`, deleted: `User ${u.name} deleted.`, done: load })
           : h("span", { class: "muted small", text: "You" }),
       );
     const usersCard = card(
