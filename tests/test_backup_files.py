@@ -36,6 +36,7 @@ from engine_support import (
 )
 
 from appliance.backup import files as files_mod
+from appliance.backup import walk as walk_mod
 from appliance.engine import Appliance
 from appliance.errors import NotFound, SourceError
 
@@ -140,15 +141,15 @@ def build_rich_tree(root: Path) -> RichTree:
 def rich(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RichTree]:
     root = _xattr_dir(tmp_path) / f"rich-{uuid.uuid4().hex}"
     tree = build_rich_tree(root)
-    real_open = files_mod._open_for_read
+    real_open = walk_mod.open_for_read
 
-    def open_for_read(path: str) -> int:
-        if path.endswith("unreadable.txt"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_open(path)
+    def open_for_read(name: str, dir_fd: int) -> int:
+        if name == "unreadable.txt":
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real_open(name, dir_fd)
 
     # Workers are forked from this process: patched before the backup, they inherit it.
-    monkeypatch.setattr(files_mod, "_open_for_read", open_for_read)
+    monkeypatch.setattr(walk_mod, "open_for_read", open_for_read)
     # Workers normally start from a fork server and would not see the patch: fork them here.
     monkeypatch.setattr(
         files_mod, "worker_context", lambda _has_spec: multiprocessing.get_context("fork")
