@@ -10,8 +10,12 @@
   user's; the effective role is the lower of the two, so demoting a user demotes their tokens.
 - Login throttling is per (user, client address): after ``free_failures`` failures each further
   attempt waits 2^(n - free) seconds (capped at 15 minutes) and is answered 429 meanwhile,
-  before the password is even checked. A success clears the count. Throttling another client
-  never locks the real admin out.
+  before the password is even checked. A success clears the count. On top, a client address
+  has ``client_free_failures`` failures across all user names before the same delays apply to
+  every sign-in from it, so spraying passwords over many names is as slow as guessing one
+  name's. That count survives a success (one known password must not refill the budget) and is
+  forgotten after :attr:`LoginThrottle.CLIENT_MEMORY` seconds without a failure. Throttling
+  another client never locks the real admin out.
 """
 
 from __future__ import annotations
@@ -110,26 +114,59 @@ class Principal:
 
 
 class LoginThrottle:
-    MAX_DELAY = 900.0
+    """Failed sign-ins counted per (user, client) and per client; see the module docstring."""
 
-    def __init__(self, free_failures: int, clock: Callable[[], float] = time.monotonic) -> None:
+    MAX_DELAY = 900.0
+    #: Seconds without a failure after which a client's count across names is forgotten.
+    CLIENT_MEMORY = 3600.0
+
+    def __init__(
+        self,
+        free_failures: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        client_free_failures: int = 20,
+    ) -> None:
         self.free_failures = free_failures
+        self.client_free_failures = client_free_failures
         self._clock = clock
         self._lock = threading.Lock()
         # key -> (failures, time of the last failure)
         self._failures: dict[tuple[str, str], tuple[int, float]] = {}
+        self._client_failures: dict[str, tuple[int, float]] = {}
 
-    def _delay(self, failures: int) -> float:
-        over = failures - self.free_failures
-        return 0.0 if over < 0 else min(self.MAX_DELAY, 2.0**over)
+    @property
+    def _per_client(self) -> bool:
+        return self.client_free_failures > 0
+
+    def _wait(self, failures: int, last: float, free: int, now: float) -> float:
+        over = failures - free
+        if not failures or over < 0:
+            return 0.0
+        return last + min(self.MAX_DELAY, 2.0**over) - now
+
+    def _client_entry(self, client: str, now: float) -> tuple[int, float]:
+        failures, last = self._client_failures.get(client, (0, 0.0))
+        return (failures, last) if now - last <= self.CLIENT_MEMORY else (0, 0.0)
 
     def check(self, user: str, client: str) -> None:
-        """Raise :class:`LoginThrottled` while this user+client must wait."""
+        """Raise :class:`LoginThrottled` while this user+client, or this client, must wait."""
         if self.free_failures <= 0:
             return
+        now = self._clock()
         with self._lock:
             failures, last = self._failures.get((user, client), (0, 0.0))
-            wait = last + self._delay(failures) - self._clock() if failures else 0.0
+            wait = self._wait(failures, last, self.free_failures, now)
+            client_wait = 0.0
+            if self._per_client:
+                failures, last = self._client_entry(client, now)
+                client_wait = self._wait(failures, last, self.client_free_failures, now)
+        if client_wait > 0 and client_wait >= wait:
+            raise LoginThrottled(
+                "too many failed sign-ins from this address; "
+                f"try again in {int(client_wait + 0.999)} s",
+                retry_after=round(client_wait, 1),
+            )
         if wait > 0:
             raise LoginThrottled(
                 f"too many failed sign-ins for {user}; try again in {int(wait + 0.999)} s",
@@ -143,10 +180,19 @@ class LoginThrottle:
         with self._lock:
             failures, _ = self._failures.get((user, client), (0, 0.0))
             self._failures[(user, client)] = (failures + 1, now)
+            if self._per_client:
+                failures, _ = self._client_entry(client, now)
+                self._client_failures[client] = (failures + 1, now)
             if len(self._failures) > 10_000:  # forget old entries; bounds memory under attack
                 horizon = now - 2 * self.MAX_DELAY
                 self._failures = {k: v for k, v in self._failures.items() if v[1] > horizon}
+            if len(self._client_failures) > 10_000:
+                horizon = now - self.CLIENT_MEMORY
+                self._client_failures = {
+                    k: v for k, v in self._client_failures.items() if v[1] > horizon
+                }
 
     def success(self, user: str, client: str) -> None:
+        """Clears the user+client count; the client's count across names stays (see above)."""
         with self._lock:
             self._failures.pop((user, client), None)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     scheduler_interval: float = Field(default=30.0, gt=0)
     #: Failed logins allowed per user and client before delays start (0: no throttling).
     login_throttle: int = Field(default=5, ge=0)
+    #: Failed logins allowed from one client address across all user names before every sign-in
+    #: from it is delayed (0: no per-address budget).
+    login_throttle_per_client: int = Field(default=20, ge=0)
     #: One log line per HTTP request. Off by default: the page polls, and the line costs more
     #: CPU than answering a cached poll; changes and downloads are in the audit log anyway.
     access_log: bool = False

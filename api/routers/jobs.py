@@ -24,7 +24,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CatalogDep, Operator, ServiceDep, Viewer
-from api.schemas import JobLogLine, JobPublic
+from api.schemas import SQL_INT_MAX, JobLogLine, JobPublic
 from api.service import Service
 from api.views import job_public, log_line
 from appliance.catalog.records import STOPPED_JOB_STATES
@@ -33,6 +33,8 @@ router = APIRouter(tags=["jobs"])
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
+#: A log line's ``seq`` (a 64-bit integer in the catalog).
+Seq = Annotated[int, Query(ge=0, le=SQL_INT_MAX)]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "event stream"}
@@ -76,7 +78,7 @@ def job_log(
     job_id: str,
     principal: Viewer,
     catalog: CatalogDep,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Seq = 0,
 ) -> list[JobLogLine]:
     """The job's log lines after ``after_seq`` (poll with the last seq seen)."""
     return [log_line(line) for line in catalog.job_log(job_id, after_seq)]
@@ -103,6 +105,16 @@ def retry_job(
     return job_public(job, service.runner)
 
 
+def _last_seq(last_event_id: str | None) -> int | None:
+    """The ``seq`` of a reconnecting client's ``Last-Event-ID``; None unless it is one (ASCII
+    digits only: ``str.isdigit`` also accepts "²", which ``int`` refuses)."""
+    if not last_event_id or len(last_event_id) > 19 or not last_event_id.isascii():
+        return None
+    if not last_event_id.isdigit() or int(last_event_id) > SQL_INT_MAX:
+        return None
+    return int(last_event_id)
+
+
 def _stream(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
         body,
@@ -117,15 +129,16 @@ async def job_events(
     principal: Viewer,
     service: ServiceDep,
     request: Request,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Seq = 0,
     max_seconds: Annotated[float, Query(gt=0, le=86400)] = 3600.0,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Live state, progress and log lines of one job (server-sent events) until it stops."""
     catalog = service.app.catalog
     await to_thread.run_sync(catalog.get_job, job_id)  # 404 before the stream starts
-    if last_event_id and last_event_id.isdigit():
-        after_seq = max(after_seq, int(last_event_id))
+    resume = _last_seq(last_event_id)
+    if resume is not None:
+        after_seq = max(after_seq, resume)
     runner = service.runner
 
     async def events() -> AsyncIterator[str]:
