@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Viewer
 from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
 from api.routers import (
     assets,
     auth,
@@ -28,6 +29,7 @@ from api.routers import (
     maintenance,
     points,
     policies,
+    restores,
     status,
     users,
 )
@@ -47,17 +49,23 @@ SECURITY_HEADERS = [
         b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     ),
 ]
+#: Sent only over TLS (RFC 6797 has browsers ignore it on plain HTTP anyway): for a year, the
+#: browser reaches this host by HTTPS only. No ``includeSubDomains``: the appliance speaks for
+#: its own name, not for a domain's other hosts.
+HSTS_HEADER = (b"strict-transport-security", b"max-age=31536000")
 
 
 class SecurityHeaders:
-    """Adds :data:`SECURITY_HEADERS` to every response and ``no-store`` to API responses.
+    """Adds :data:`SECURITY_HEADERS` (and :data:`HSTS_HEADER` when ``tls``) to every response
+    and ``no-store`` to API responses.
 
     A plain ASGI middleware (not ``BaseHTTPMiddleware``), so streamed downloads and event
     streams pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, tls: bool = False) -> None:
         self.app = app
+        self.headers = [*SECURITY_HEADERS, HSTS_HEADER] if tls else SECURITY_HEADERS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +77,7 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 names = {name.lower() for name, _ in headers}
-                headers += [(n, v) for n, v in SECURITY_HEADERS if n not in names]
+                headers += [(n, v) for n, v in self.headers if n not in names]
                 if b"cache-control" not in names:
                     # API answers are never stored; the page's files are revalidated (ETag) on
                     # each load, so an updated appliance never runs yesterday's script.
@@ -115,7 +123,18 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
-    for module in (auth, assets, failover, policies, points, maintenance, jobs, status, users):
+    for module in (
+        auth,
+        assets,
+        failover,
+        policies,
+        points,
+        restores,
+        maintenance,
+        jobs,
+        status,
+        users,
+    ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)
 
@@ -124,5 +143,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         return app.openapi()
 
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodySizeLimit)  # inside SecurityHeaders: its 413s carry them too
+    app.add_middleware(SecurityHeaders, tls=settings.tls)
     return app

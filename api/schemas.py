@@ -24,6 +24,13 @@ AbsolutePath = Annotated[
 ]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
 
+#: Every integer a request carries (query, path or body) has a maximum: SQLite and PostgreSQL
+#: store 64-bit integers, and a larger one would fail in the database (a 500) instead of
+#: failing validation (a 422). tests/test_api_limits.py checks the OpenAPI schema for it.
+SQL_INT_MAX = 2**63 - 1
+#: The most bytes a size in a request may name (1 EiB; no store is near it).
+MAX_BYTES = 1 << 60
+
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -45,8 +52,10 @@ class HealthPublic(BaseModel):
 
 class SetupPublic(BaseModel):
     admin_exists: bool
-    #: True when this client must present the set-up code (not a loopback client).
+    #: True while no admin exists: every client, loopback included, must present the set-up code.
     setup_code_required: bool
+    #: Where root on the appliance finds the code (also printed on the console and in the log).
+    setup_code_file: str | None = None
 
 
 class SetupCreate(Request):
@@ -75,6 +84,8 @@ class SessionPublic(MePublic):
 class PasswordChange(Request):
     current_password: str = Field(min_length=1, max_length=1024)
     new_password: Password
+    #: Revoke the user's API tokens too (every other browser session ends in any case).
+    revoke_tokens: bool = True
 
 
 class UserCreate(Request):
@@ -85,13 +96,19 @@ class UserCreate(Request):
 
 class UserUpdate(Request):
     role: Role | None = None
+    #: A password reset ends every session of the user.
     password: Password | None = None
+    #: With a password reset: revoke the user's API tokens too.
+    revoke_tokens: bool = True
+    #: Disable (ends every session, revokes every token, refuses sign-in) or enable again.
+    disabled: bool | None = None
 
 
 class UserPublic(BaseModel):
     name: str
     role: Role
     created_at: datetime
+    disabled: bool = False
 
 
 class TokenCreate(Request):
@@ -310,8 +327,18 @@ class DirectoryListing(BaseModel):
 
 
 class RestoreCreate(Request):
-    #: A directory (files) or image path/directory (VM disks) on the appliance.
-    target: AbsolutePath
+    """Where a restore writes; anything outside these is refused (403, ``path_refused``).
+
+    - ``area``: ``target`` is a folder (or, for one disk, an image file) inside a restore area.
+    - ``source``: back over the asset's own registered source; ``on_conflict`` is required and
+      ``target`` must be left out.
+    - ``device``: VM points only; ``target`` is a registered restore device.
+    """
+
+    destination: Literal["area", "source", "device"] = "area"
+    target: AbsolutePath | None = None
+    #: What happens to an existing file in the way: replaced, or renamed aside (kept).
+    on_conflict: Literal["overwrite", "keep_both"] | None = None
     #: Restore only this file or folder of a files point.
     path: str | None = Field(default=None, max_length=4096)
     #: Restore only this disk of an image point.
@@ -319,9 +346,48 @@ class RestoreCreate(Request):
     format: Literal["raw", "qcow2", "vmdk", "vhdx", "vdi"] = "raw"
 
 
+class RestoreDevicePublic(BaseModel):
+    path: str
+    #: None when it may be written now; else why not (mounted, the system disk, missing, ...).
+    unavailable: str | None
+    block_device: bool
+    size: int | None
+
+
+class RestoreChoices(BaseModel):
+    """The targets a restore of this point may go to (the page's restore dialog)."""
+
+    point: str
+    kind: str
+    #: Restore areas (folders); a target must lie inside one of them.
+    areas: list[str]
+    #: The asset's own source for an in-place restore (None if it has none any more).
+    source: str | None
+    source_unavailable: str | None
+    #: Registered restore devices (VM points only).
+    devices: list[RestoreDevicePublic]
+    #: Downloads (files points): tar or zip of the point or any folder of it.
+    download: bool
+
+
+class RestoreSettings(Request):
+    """Restore areas (folders) and restore devices (block devices or image files) an admin
+    allows restores to write to. ``<data>/restores`` is always an area."""
+
+    areas: list[AbsolutePath] = Field(default_factory=list, max_length=64)
+    devices: list[AbsolutePath] = Field(default_factory=list, max_length=64)
+
+
+class RestoreSettingsPublic(BaseModel):
+    areas: list[str]
+    devices: list[RestoreDevicePublic]
+    #: The area that is always there.
+    default_area: str
+
+
 class VerifyCreate(Request):
     #: Budget of this verify run in bytes; coverage is remembered between runs. None: all.
-    max_bytes: int | None = Field(default=None, ge=1)
+    max_bytes: int | None = Field(default=None, ge=1, le=MAX_BYTES)
 
 
 class RetentionRequest(Request):
@@ -393,7 +459,7 @@ class SettingsUpdate(Request):
     timezone: str = Field(default="UTC", min_length=1, max_length=64)
     scheduler_paused: bool = False
     gc_grace_seconds: int = Field(default=3600, ge=0, le=30 * 86400)
-    verify_max_bytes: int | None = Field(default=None, ge=1)
+    verify_max_bytes: int | None = Field(default=None, ge=1, le=MAX_BYTES)
 
 
 class SettingsPublic(BaseModel):

@@ -8,6 +8,7 @@ tests call them the same way.
 Data directory layout::
 
     catalog.sqlite              the catalog (unless a PostgreSQL URL is configured)
+    restores/                   the restore area every appliance has (see path_rules.py)
     pools/default/store/        the default pool's store (self-describing; see docs/format.md)
     cache/<store id>/           local index cache and verify ledger (safe to delete)
     locks/                      flock files of running operations
@@ -18,6 +19,7 @@ Time is injected (``clock``) so that tests and policies use explicit timestamps.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,16 +34,31 @@ from appliance.errors import (
     InvalidInput,
     NotFound,
     ObjectMissing,
+    PathRefused,
+)
+from appliance.path_rules import (
+    BlockFacts,
+    Conflict,
+    RestoreKind,
+    RestoreRules,
+    RestoreTarget,
+    check_disk_source,
+    default_restore_area,
+    read_block_facts,
+    restore_target,
 )
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
+from appliance.restore_tree import keep_aside, keep_stamp
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
-from appliance.vmspec import default_spec, load_spec, normalise
+from appliance.vmspec import default_spec, load_spec, normalise, parse_vm_source
 
 Clock = Callable[[], datetime]
 ProgressCallback = Callable[[dict[str, Any]], None]
 MODES = ("full", "incremental", "differential")
+#: The catalog settings key of the restore areas and devices (``{"areas": [], "devices": []}``).
+RESTORE_SETTINGS_KEY = "restore"
 
 
 def utcnow() -> datetime:
@@ -232,11 +249,21 @@ class Appliance:
         changed_ranges: dict[str, list[tuple[int, int]]] | None = None,
         disk_format: str | None = None,
         threads: int | None = None,
+        own_disks: bool = False,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> BackupOutcome:
+        """Back up VM disk images as a point of ``asset``. The disks must pass the disk-source
+        rules (``path_rules.check_disk_source``), checked at every backup, not only when the
+        asset was registered: a file may have been swapped for a link to a system file or a
+        device since. ``own_disks``: the disks are the appliance's own (a failback's local disks
+        in its failover folder), not named by a request."""
         if not disks:
             raise InvalidInput("name at least one disk image")
+        if not own_disks:
+            facts = self.block_facts()
+            for d in disks:
+                check_disk_source(os.path.abspath(d), data_dir=self.data_dir.path, facts=facts)
         disks = [os.path.abspath(d) for d in disks]
         names = _disk_names(disks)
         # The VM definition is checked before any disk is read: a bad one must not cost a backup.
@@ -308,6 +335,83 @@ class Appliance:
     def manifest(self, point_id: str) -> dict[str, Any]:
         return self.repo.get_manifest(self.point(point_id).id)
 
+    # --- restore targets ---------------------------------------------------------------------
+
+    def block_facts(self) -> BlockFacts:
+        """The kernel's view of block devices now; the pools' devices count as in use."""
+        return read_block_facts(p.path for p in self.catalog.list_pools())
+
+    def restore_rules(self) -> RestoreRules:
+        """Where restores may write, from the settings (``restore`` key); the data directory's
+        own ``restores`` folder is always an area."""
+        stored = self.catalog.get_settings(RESTORE_SETTINGS_KEY)
+        default = default_restore_area(self.data_dir.path)
+        areas = [default, *(a for a in stored.get("areas", []) if a != default)]
+        return RestoreRules(
+            data_dir=self.data_dir.path,
+            areas=tuple(str(a) for a in areas),
+            devices=tuple(str(d) for d in stored.get("devices", [])),
+        )
+
+    def check_restore_target(
+        self,
+        point_id: str,
+        destination: RestoreKind,
+        *,
+        target: str | None = None,
+        on_conflict: Conflict | None = None,
+        disk: str | None = None,
+    ) -> RestoreTarget:
+        """Check a requested restore target against the path rules (``path_rules``); the service
+        calls it when a restore is asked for and again when its job starts."""
+        point = self.point(point_id)
+        source: str | None = None
+        if destination == "source":
+            source = self._restore_source(point, disk)
+        return restore_target(
+            destination,
+            point_kind=point.kind,
+            rules=self.restore_rules(),
+            facts=self.block_facts(),
+            target=target,
+            on_conflict=on_conflict,
+            source=source,
+        )
+
+    def _restore_source(self, point: PointRecord, disk: str | None) -> str:
+        """The asset's registered source that an in-place restore of ``point`` writes to."""
+        try:
+            asset = self.catalog.get_asset(point.asset)
+        except NotFound:
+            raise PathRefused(
+                f"asset {point.asset} is no longer registered: it has no source to restore to",
+                rule="no_source",
+                path="",
+            ) from None
+        if point.kind == "files":
+            return asset.source
+        disks = self.manifest(point.id)["disks"]
+        if disk is not None:
+            disks = [d for d in disks if d["name"] == disk]
+        if len(disks) != 1:
+            raise PathRefused(
+                "an in-place restore of a VM point writes one disk: name it with 'disk'",
+                rule="disk_missing",
+                path="",
+            )
+        registered = {os.path.realpath(p) for p in parse_vm_source(asset.source)[0]}
+        source = os.path.realpath(str(disks[0].get("source", "")))
+        if source not in registered:
+            raise PathRefused(
+                f"disk {disks[0]['name']} was backed up from {source}, which is not one of the "
+                "asset's registered disks any more",
+                rule="no_source",
+                path=source,
+            )
+        return source
+
+    # --- restores -------------------------------------------------------------------------------
+
     def restore(
         self,
         point_id: str,
@@ -316,10 +420,15 @@ class Appliance:
         subpath: str | None = None,
         disk: str | None = None,
         target_format: str = "raw",
+        on_conflict: Conflict = "overwrite",
+        block_device: bool = True,
         workers: int | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
+        """Restore a point (or a path or disk of it) to ``target``, which the caller has checked
+        (the service: :meth:`check_restore_target`). ``block_device=False`` refuses to write to
+        a block device; ``keep_both`` renames what is in the way instead of replacing it."""
         manifest = self.manifest(point_id)
         with self.locks.shared():
             if manifest["kind"] == "files":
@@ -328,6 +437,8 @@ class Appliance:
                     manifest,
                     target,
                     subpath=subpath,
+                    on_conflict=on_conflict,
+                    now=self.clock(),
                     workers=workers or default_workers(),
                     progress=progress,
                     cancel=cancel,
@@ -339,31 +450,37 @@ class Appliance:
                 if not disks:
                     raise NotFound(f"point {point_id} has no disk named {disk!r}")
             written = []
+            kept: list[str] = []
             if len(disks) == 1 and not os.path.isdir(target):
+                outputs = [(disks[0], target)]
+            else:
+                os.makedirs(target, exist_ok=True)
+                suffix = "img" if target_format == "raw" else target_format
+                outputs = [(d, os.path.join(target, f"{d['name']}.{suffix}")) for d in disks]
+            for d, out in outputs:
+                if _is_block_device(out) and not block_device:
+                    raise PathRefused(
+                        f"{out} is a block device, which only a registered restore device may be",
+                        rule="device_not_registered",
+                        path=out,
+                    )
+                if on_conflict == "keep_both" and os.path.lexists(out):
+                    kept.append(keep_aside(out, keep_stamp(self.clock())))
                 restore_disk(
                     self.repo,
-                    disks[0],
-                    target,
+                    d,
+                    out,
                     target_format=target_format,
                     progress=progress,
                     threads=workers or default_workers(),
                 )
-                written.append(target)
-            else:
-                os.makedirs(target, exist_ok=True)
-                for d in disks:
-                    suffix = "img" if target_format == "raw" else target_format
-                    out = os.path.join(target, f"{d['name']}.{suffix}")
-                    restore_disk(
-                        self.repo,
-                        d,
-                        out,
-                        target_format=target_format,
-                        progress=progress,
-                        threads=workers or default_workers(),
-                    )
-                    written.append(out)
-            return {"point": manifest["point_id"], "disks": written, "vm": manifest.get("vm")}
+                written.append(out)
+            return {
+                "point": manifest["point_id"],
+                "disks": written,
+                "kept": kept,
+                "vm": manifest.get("vm"),
+            }
 
     def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:
         manifest = self.manifest(point_id)
@@ -408,3 +525,10 @@ def _disk_names(disks: list[str]) -> list[str]:
             name = f"{base}-{n}"
         names.append(name)
     return names
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -132,6 +132,13 @@ class SourceError(ApplianceError):
     kind = "invalid"
 
 
+class PathRefused(ApplianceError):
+    """A path the request names breaks one of the appliance's path rules; it was refused."""
+
+    code = "path_refused"
+    kind = "forbidden"
+
+
 class UnsafeRestorePath(ApplianceError):
     """A manifest entry names a path outside the restore target; it was refused."""
 

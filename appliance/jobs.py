@@ -121,13 +121,24 @@ def _backup_image(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[st
 
 
 def _restore(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    ctx.log("info", f"restoring point {p['point']} to {p['target']}")
+    # The target is checked again now, not only when the restore was asked for: the settings
+    # may have changed since, or a folder on the way been swapped for a link.
+    checked = app.check_restore_target(
+        p["point"],
+        p.get("destination", "area"),
+        target=p.get("target"),
+        on_conflict=p.get("on_conflict"),
+        disk=p.get("disk"),
+    )
+    ctx.log("info", f"restoring point {p['point']} to {checked.path} ({checked.kind})")
     result = app.restore(
         p["point"],
-        p["target"],
+        checked.path,
         subpath=p.get("path"),
         disk=p.get("disk"),
         target_format=p.get("format", "raw"),
+        on_conflict=checked.on_conflict,
+        block_device=checked.block_device,
         progress=ctx.progress,
         cancel=ctx.cancel,
     )

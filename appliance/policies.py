@@ -13,7 +13,6 @@ every other backup running beside it) cannot take.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from appliance.catalog.records import AssetRecord
@@ -21,31 +20,12 @@ from appliance.engine import Appliance
 from appliance.errors import InvalidInput
 from appliance.jobs import JOB_KINDS, JobContext, JobKind, register_job_kind
 from appliance.retention import RetentionRules
+from appliance.vmspec import parse_vm_source
 
 POLICY_JOB_KIND = "policy_backup"
 RETENTION_KEYS = tuple(
     f"keep_{p}" for p in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 )
-
-
-def vm_source(disks: list[str], vm_spec: str | None) -> str:
-    """The catalog ``source`` text of a VM asset."""
-    return json.dumps({"disks": list(disks), "vm_spec": vm_spec}, sort_keys=True)
-
-
-def parse_vm_source(source: str) -> tuple[list[str], str | None]:
-    """(disk paths, VM definition path or None) of a VM asset's ``source``."""
-    try:
-        document = json.loads(source)
-    except ValueError:
-        document = None
-    if isinstance(document, list):  # the bare disk list of assets made by `catalog rebuild`
-        document = {"disks": document}
-    if not isinstance(document, dict) or not isinstance(document.get("disks"), list):
-        # A point recorded by the CLI names its disks separated by spaces.
-        return source.split(), None
-    spec = document.get("vm_spec")
-    return [str(d) for d in document["disks"]], (str(spec) if spec else None)
 
 
 def backup_job_for(asset: AssetRecord, mode: str) -> tuple[str, dict[str, Any]]:

@@ -175,3 +175,26 @@ def load_spec(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise InvalidInput("VM spec must be an object")
     return normalise(raw)
+
+
+# --- the catalog text of a VM asset -----------------------------------------------------------
+
+
+def vm_source(disks: list[str], vm_spec: str | None) -> str:
+    """The catalog ``source`` text of a VM asset."""
+    return json.dumps({"disks": list(disks), "vm_spec": vm_spec}, sort_keys=True)
+
+
+def parse_vm_source(source: str) -> tuple[list[str], str | None]:
+    """(disk paths, VM definition path or None) of a VM asset's ``source``."""
+    try:
+        document = json.loads(source)
+    except ValueError:
+        document = None
+    if isinstance(document, list):  # the bare disk list of assets made by `catalog rebuild`
+        document = {"disks": document}
+    if not isinstance(document, dict) or not isinstance(document.get("disks"), list):
+        # A point recorded by the CLI names its disks separated by spaces.
+        return source.split(), None
+    spec = document.get("vm_spec")
+    return [str(d) for d in document["disks"]], (str(spec) if spec else None)

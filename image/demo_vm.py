@@ -27,7 +27,7 @@ from typing import Any
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
 from appliance.maintenance import verify_point
-from appliance.policies import parse_vm_source, vm_source
+from appliance.vmspec import parse_vm_source, vm_source
 from image.failover import asset_failover_settings, put_asset_failover_settings
 from image.qemu import choose_accelerator
 from image.testguest import MARKER, PACKAGES, build_test_guest, copy_sparse

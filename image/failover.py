@@ -878,6 +878,7 @@ class FailoverSession:
             vm_spec=self.manifest.get("vm"),
             changed_ranges=changed,
             disk_format="qcow2",
+            own_disks=True,  # the session's overlay or local disks, in the failover folder
             progress=progress,
             cancel=cancel,
         )

@@ -179,6 +179,9 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("GET", "/api/points/{point_id}/files", "viewer", None),
     ("GET", "/api/points/{point_id}/download", "operator", None),
     ("POST", "/api/points/{point_id}/restore", "operator", {"target": "/tmp/matrix-restore"}),
+    ("GET", "/api/points/{point_id}/restore-targets", "operator", None),
+    ("GET", "/api/settings/restore", "admin", None),
+    ("PUT", "/api/settings/restore", "admin", {"areas": [], "devices": []}),
     ("POST", "/api/points/{point_id}/verify", "operator", None),
     ("DELETE", "/api/points/{point_id}", "admin", None),
     ("POST", "/api/verify", "operator", {"max_bytes": 1}),
@@ -273,6 +276,7 @@ def test_unauthenticated_is_401_everywhere_but_health_setup_login(server: LiveSe
         assert client.get("/api/setup").json() == {
             "admin_exists": True,
             "setup_code_required": False,
+            "setup_code_file": None,
         }
 
 
@@ -779,7 +783,8 @@ def test_restore_job_restores_byte_exact(
     server: LiveServer, operator: httpx.Client, files_point: dict[str, Any], tmp_path: Path
 ) -> None:
     pid, source = files_point["point"], files_point["source"]
-    target = tmp_path / "restored"
+    area = server.settings.data_dir / "restores"
+    target = area / "restored"
     r = operator.post(f"/api/points/{pid}/restore", json={"target": str(target)})
     assert r.status_code == 202
     job = wait_job(operator, r.json()["id"])
@@ -788,20 +793,25 @@ def test_restore_job_restores_byte_exact(
     assert os.stat(target / "docs" / "hard.txt").st_ino == os.stat(target / "top.txt").st_ino
     one = operator.post(
         f"/api/points/{pid}/restore",
-        json={"target": str(tmp_path / "one"), "path": "docs/readme.md"},
+        json={"target": str(area / "one"), "path": "docs/readme.md"},
     )
     assert wait_job(operator, one.json()["id"])["state"] == "succeeded"
-    assert (tmp_path / "one" / "readme.md").read_bytes() == (
-        source / "docs" / "readme.md"
-    ).read_bytes()
+    assert (area / "one" / "readme.md").read_bytes() == (source / "docs" / "readme.md").read_bytes()
     into_data = operator.post(
         f"/api/points/{pid}/restore", json={"target": str(server.settings.data_dir / "x")}
     )
-    assert into_data.status_code == 400
+    assert into_data.status_code == 403
+    assert into_data.json()["details"]["rule"] == "outside_restore_areas"
     relative = operator.post(f"/api/points/{pid}/restore", json={"target": "relative/path"})
     assert relative.status_code == 422
     audit = server.service.app.catalog.list_audit(100)
     assert any(a.action == "point.restore" and a.actor == "operator" for a in audit)
+
+
+def operator_area(client: httpx.Client) -> Path:
+    """The default restore area, as the restore choices name it."""
+    pid = client.get("/api/points", params={"limit": 1}).json()[0]["id"]
+    return Path(client.get(f"/api/points/{pid}/restore-targets").json()["areas"][0])
 
 
 def test_vm_asset_backup_and_disk_restore(
@@ -826,7 +836,7 @@ def test_vm_asset_backup_and_disk_restore(
     assert point["kind"] == "image" and point["manifest"]["disks"][0]["size"] == 4 * 1024 * 1024
     assert point["manifest"]["vm"]["vcpus"] == 2
     assert operator.get(f"/api/points/{point['id']}/files").status_code == 400
-    out = tmp_path / "restored.img"
+    out = operator_area(operator) / "restored.img"
     r = operator.post(f"/api/points/{point['id']}/restore", json={"target": str(out)})
     assert wait_job(operator, r.json()["id"])["state"] == "succeeded"
     assert out.read_bytes() == disk.read_bytes()

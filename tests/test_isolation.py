@@ -51,7 +51,8 @@ def test_isolated_backup_and_restore_behave_like_inline_ones(
     assert [p.id for p in appliance.catalog.list_points()] == [point]
     log = [line.message for line in appliance.catalog.job_log(job.id)]
     assert log[0].startswith("backing up") and log[-1] == "finished"
-    target = tmp_path / "out"
+    # A restore job writes only into a restore area (checked again when the job runs).
+    target = Path(appliance.restore_rules().areas[0]) / "out"
     restore = runner.wait(runner.submit("restore", {"point": point, "target": str(target)}).id)
     assert restore.state == "succeeded", restore
     for path in source.iterdir():

@@ -17,7 +17,6 @@ from appliance.catalog.records import PolicyRecord
 from appliance.engine import Appliance
 from appliance.errors import InvalidInput
 from appliance.jobs import JOB_KINDS, JobRunner
-from appliance.policies import vm_source
 from appliance.schedule import (
     MAX_COUNTED,
     ScheduleEntry,
@@ -27,6 +26,7 @@ from appliance.schedule import (
     next_slot,
     parse_schedule,
 )
+from appliance.vmspec import vm_source
 from image.failover import FailoverManager, register_failover_jobs
 
 HOURLY = ScheduleEntry("0 * * * *", "incremental")

@@ -12,7 +12,9 @@ from api.service import Service
 from api.views import job_public
 from appliance.catalog.records import AssetRecord
 from appliance.errors import InvalidInput
-from appliance.policies import backup_job_for, parse_vm_source, vm_source
+from appliance.path_rules import check_disk_source
+from appliance.policies import backup_job_for
+from appliance.vmspec import parse_vm_source, vm_source
 
 router = APIRouter(tags=["assets"])
 
@@ -44,7 +46,9 @@ def _inside(path: str, directory: str) -> bool:
 
 def _check_paths(service: Service, kind: str, path: str | None, disks: list[str]) -> None:
     """Sources must exist, and never lie inside the data directory (the store backing itself
-    up, or its secrets offered for download)."""
+    up, or its secrets offered for download); VM disks follow the disk-source rules of
+    ``appliance.path_rules`` (an image file or a block device, no system file, no mounted or
+    system disk)."""
     data_dir = str(service.settings.data_dir)
     if kind == "files":
         if not path or disks:
@@ -56,11 +60,9 @@ def _check_paths(service: Service, kind: str, path: str | None, disks: list[str]
         return
     if path or not disks:
         raise InvalidInput("a vm asset needs 'disks' (disk image paths) and no 'path'")
+    facts = service.app.block_facts()
     for disk in disks:
-        if not os.path.exists(disk):
-            raise InvalidInput(f"disk image {disk} does not exist", path=disk)
-        if _inside(disk, data_dir):
-            raise InvalidInput("a disk image must not lie inside the data directory")
+        check_disk_source(disk, data_dir=data_dir, facts=facts)
 
 
 def _policies_by_asset(catalog: CatalogDep) -> dict[str, list[str]]:

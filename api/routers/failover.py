@@ -30,6 +30,7 @@ from api.security import Principal
 from api.service import Service
 from api.views import job_public
 from appliance.errors import InvalidInput, NotFound
+from appliance.path_rules import check_area_path, check_image_output
 
 router = APIRouter(tags=["failover"])
 
@@ -279,8 +280,12 @@ def migrate_failover(
     response: Response,
     body: FailoverMigrate | None = None,
 ) -> JobPublic:
-    """Move the running VM's disks off the backup onto local storage (it keeps running)."""
-    params = {"target_dir": body.target_dir} if body and body.target_dir else {}
+    """Move the running VM's disks off the backup onto local storage (it keeps running). A
+    ``target_dir`` must lie inside a restore area (default: the failover's own folder)."""
+    params = {}
+    if body and body.target_dir:
+        check_area_path(body.target_dir, service.app.restore_rules())
+        params["target_dir"] = body.target_dir
     return _session_job(
         service, principal, response, session_id, "failover_migrate", params, "failover.migrate"
     )
@@ -298,12 +303,17 @@ def failback_failover(
     response: Response,
     body: FailbackCreate | None = None,
 ) -> JobPublic:
-    """Keep what changed during the failover: a new point, and/or written back to a disk."""
+    """Keep what changed during the failover: a new point, and/or written back to a disk: the
+    ``original`` images, or a new image file inside a restore area or a restore device."""
     body = body or FailbackCreate()
     if not body.new_point and not body.write_to:
         raise InvalidInput("a failback makes a new point, writes the disks back, or both")
     params: dict[str, Any] = {"new_point": body.new_point, "format": body.format}
     if body.write_to:
+        if body.write_to != "original":
+            # A new image goes into a restore area or onto a registered restore device.
+            app = service.app
+            check_image_output(body.write_to, app.restore_rules(), app.block_facts())
         params["write_to"] = body.write_to
     return _session_job(
         service, principal, response, session_id, "failover_failback", params, "failover.failback"

@@ -7,7 +7,6 @@ the RTO, the failed check, the screenshot's URL), from the boot-test sessions in
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -207,15 +206,6 @@ def download(
     return StreamingResponse(body, media_type=media, headers=headers)
 
 
-def _check_restore_target(service: ServiceDep, target: str) -> None:
-    data_dir = os.path.realpath(service.settings.data_dir)
-    real = os.path.realpath(target)
-    if real == data_dir or real.startswith(data_dir + "/") or data_dir.startswith(real + "/"):
-        raise InvalidInput("a restore target must not contain or lie inside the data directory")
-    if real == "/":
-        raise InvalidInput("refusing to restore over /; choose a folder")
-
-
 @router.post(
     "/points/{point_id}/restore", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
 )
@@ -226,25 +216,42 @@ def restore(
     service: ServiceDep,
     response: Response,
 ) -> JobPublic:
-    """Restore the point (or one path / disk of it) to a folder on the appliance, as a job."""
+    """Restore the point (or one path / disk of it) as a job: into a restore area, back over the
+    asset's own source (with an explicit ``on_conflict``), or to a registered restore device.
+    Any other target is refused (403 ``path_refused``, naming the rule); see
+    ``GET /points/{id}/restore-targets`` for the choices."""
     app = service.app
     point = app.point(point_id)
-    _check_restore_target(service, body.target)
-    params: dict[str, Any] = {"point": point.id, "target": body.target, "format": body.format}
+    if body.path and point.kind != "files":
+        raise InvalidInput("'path' selects within a files point; use 'disk' for a VM point")
+    if body.disk and point.kind != "image":
+        raise InvalidInput("'disk' selects a disk of a VM point")
+    checked = app.check_restore_target(
+        point.id,
+        body.destination,
+        target=body.target,
+        on_conflict=body.on_conflict,
+        disk=body.disk,
+    )
+    params: dict[str, Any] = {
+        "point": point.id,
+        "destination": body.destination,
+        "format": body.format,
+    }
+    if body.target is not None:
+        params["target"] = body.target
+    if body.on_conflict is not None:
+        params["on_conflict"] = body.on_conflict
     if body.path:
-        if point.kind != "files":
-            raise InvalidInput("'path' selects within a files point; use 'disk' for a VM point")
         params["path"] = normalise(body.path)
     if body.disk:
-        if point.kind != "image":
-            raise InvalidInput("'disk' selects a disk of a VM point")
         params["disk"] = body.disk
     job = service.jobs.submit("restore", params)
     app.catalog.audit(
         principal.name,
         "point.restore",
         point.id,
-        {**params, "job": job.id, **principal.audit_details},
+        {**params, "resolved": checked.path, "job": job.id, **principal.audit_details},
     )
     response.headers["Location"] = f"/api/jobs/{job.id}"
     return job_public(job)
