@@ -68,6 +68,8 @@ def _from_token(service: Service, value: str) -> Principal:
         user = catalog.get_user(token.user)
     except NotFound:
         raise AuthenticationRequired("the API token is unknown or revoked") from None
+    if user.disabled_at is not None:
+        raise AuthenticationRequired("the API token's user is disabled")
     scope = token.scopes[0] if token.scopes else "viewer"
     return Principal(user.name, lower_role(user.role, scope), "token", token_id=token.id)
 
@@ -80,6 +82,8 @@ def _from_session(service: Service, request: Request, value: str) -> Principal:
         user = catalog.get_user(session.user)
     except NotFound:
         raise AuthenticationRequired("your session has ended; sign in again") from None
+    if user.disabled_at is not None:
+        raise AuthenticationRequired("your account is disabled")
     if request.method not in SAFE_METHODS:
         header = request.headers.get(CSRF_HEADER, "")
         cookie = request.cookies.get(CSRF_COOKIE, "")

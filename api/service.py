@@ -3,7 +3,9 @@
 ``create_app`` builds a :class:`Service` from settings and starts it in the app's lifespan;
 routers reach it through the ``ServiceDep`` dependency. Start-up:
 
-1. The data directory is created (0700). On first start the store is created with the
+1. The data directory is created (0700; ``appliance serve`` runs with umask 0077), and whatever
+   in it another umask left readable to other users is tightened (files 0600, folders 0700; see
+   ``appliance.file_modes``), as is ``<data>/restores``, the default restore area. On first start the store is created with the
    configured passphrase; when none is configured a random one is generated and kept in
    ``<data>/secrets/passphrase`` (0600), and the log says where the recovery key can be read.
 2. The job runner starts: jobs a crash left ``running`` become ``interrupted``, and those safe
@@ -12,8 +14,8 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
    are reconciled, and the failover job kinds are bound to it.
 3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
    service was down.
-4. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``;
-   a first-run request from anywhere but loopback must present it.
+4. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``
+   (0600) and printed in the log; every first-run request, loopback included, must present it.
 
 Shutdown reverses it: the scheduler stops, running jobs are interrupted (they resume on the next
 start), VMs still running from a backup export are stopped (migrated ones run on) and the
@@ -38,7 +40,9 @@ from api.security import LoginThrottle, Principal
 from api.settings import Settings
 from appliance.engine import Appliance, DataDir, utcnow
 from appliance.errors import Conflict, InvalidInput, PassphraseRequired
+from appliance.file_modes import tighten_data_dir
 from appliance.jobs import JobRunner
+from appliance.path_rules import default_restore_area
 from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
@@ -88,7 +92,9 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.failover: FailoverManager | None = None
         self.setup_code: str | None = None
-        self.throttle = LoginThrottle(settings.login_throttle)
+        self.throttle = LoginThrottle(
+            settings.login_throttle, client_free_failures=settings.login_throttle_per_client
+        )
         self.auth_cache: TtlCache[Principal] = TtlCache(AUTH_TTL)
         self.job_answers: TtlCache[bytes] = TtlCache(JOB_ANSWER_TTL)
         self.points_answers: TtlCache[bytes] = TtlCache(POINTS_ANSWER_TTL, max_entries=256)
@@ -114,6 +120,13 @@ class Service:
     def start(self) -> None:
         s = self.settings
         app = open_appliance(s, self.clock, announce=log.warning)
+        tightened = tighten_data_dir(str(s.data_dir))
+        if tightened:
+            log.warning(
+                "took access for other users away from %d file(s) in %s", tightened, s.data_dir
+            )
+        restores = Path(default_restore_area(str(s.data_dir)))
+        restores.mkdir(mode=0o700, exist_ok=True)
         self.appliance = app
         try:
             self._ensure_default_pool()
@@ -167,19 +180,23 @@ class Service:
             self.setup_code = None
             return
         self.setup_code = secrets.token_hex(4)
-        path = self.settings.secrets_dir / "setup-code"
+        path = self.setup_code_path
         path.unlink(missing_ok=True)
         _write_secret(path, self.setup_code)
         log.warning(
-            "no admin account yet: open the admin page to create one (set-up code for "
-            "clients other than this machine: %s, also in %s), or run `appliance admin create`",
+            "no admin account yet: open the admin page to create one with the set-up code %s "
+            "(also in %s, readable by root only), or run `appliance admin create`",
             self.setup_code,
             path,
         )
 
+    @property
+    def setup_code_path(self) -> Path:
+        return self.settings.secrets_dir / "setup-code"
+
     def setup_done(self) -> None:
         self.setup_code = None
-        (self.settings.secrets_dir / "setup-code").unlink(missing_ok=True)
+        self.setup_code_path.unlink(missing_ok=True)
 
     # --- accessors ------------------------------------------------------------------------------
 
@@ -263,6 +280,7 @@ def open_appliance(
     ``<data>/secrets/passphrase``. A new store is announced (``announce(fmt, *args)``) with
     where its recovery key can be printed."""
     s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(s.data_dir, 0o700)
     clock = clock or utcnow
     passphrase, generated = _passphrase(s)
     if _store_config(s).exists():

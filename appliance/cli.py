@@ -26,6 +26,7 @@ from typing import Any
 
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
+from appliance.file_modes import PRIVATE_UMASK
 from appliance.maintenance import collect_garbage, repair_store, verify_point, verify_store
 from appliance.retention import RetentionRules, apply_retention
 
@@ -528,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What the appliance creates (catalog, caches, keys) is readable by root only.
+    umask = os.umask(PRIVATE_UMASK)
     try:
         result: int = args.func(args)
         return result
@@ -540,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.umask(umask)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ class LiveServer:
     def service(self) -> Any:
         return self.app.state.service
 
+    def setup_body(self, name: str, password: str) -> dict[str, str]:
+        """The first-run request, with the set-up code the service printed (every client must
+        present it, loopback included)."""
+        return setup_body(self.settings.data_dir, name, password)
+
+
+def setup_body(data_dir: Path, name: str, password: str) -> dict[str, str]:
+    """A first-run request carrying the set-up code from ``<data>/secrets/setup-code``."""
+    code = (Path(data_dir) / "secrets" / "setup-code").read_text().strip()
+    return {"name": name, "password": password, "setup_code": code}
+
 
 @contextlib.contextmanager
 def live_server(settings: Settings, clock: MovableClock | None = None) -> Iterator[LiveServer]:
@@ -127,7 +138,7 @@ def bootstrapped_server(
 def bootstrap_accounts(server: LiveServer) -> None:
     """Create the first admin, an operator and a viewer, and an API token for each."""
     with server.client() as c:
-        r = c.post("/api/setup", json={"name": ADMIN[0], "password": ADMIN[1]})
+        r = c.post("/api/setup", json=server.setup_body(*ADMIN))
         assert r.status_code == 201, r.text
         admin = c.post("/api/login", json={"name": ADMIN[0], "password": ADMIN[1]})
         csrf = admin.json()["csrf_token"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import free_port
+from api_support import free_port, setup_body
 
 from appliance.catalog import Catalog
 
@@ -52,6 +52,7 @@ class Service:
 
     def __init__(self, data_dir: Path, log: Path, *extra: str, tls: bool = False) -> None:
         self.port = free_port()
+        self.data_dir = data_dir
         scheme = "https" if tls else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         args = [CLI, "--data-dir", str(data_dir), "serve", "--port", str(self.port)]
@@ -126,7 +127,9 @@ def _bootstrap(service: Service, source: str) -> str:
     """First admin, an API token, and the asset; returns the token."""
     with _client(service) as c:
         assert (
-            c.post("/api/setup", json={"name": "admin", "password": "password-123"}).status_code
+            c.post(
+                "/api/setup", json=setup_body(service.data_dir, "admin", "password-123")
+            ).status_code
             == 201
         )
         csrf = c.post("/api/login", json={"name": "admin", "password": "password-123"}).json()[
@@ -165,6 +168,9 @@ def _wait_done(c: httpx.Client, job_id: str) -> dict[str, Any]:
 
 
 def _restored_digests(c: httpx.Client, point: str, target: Path) -> dict[str, str]:
+    """Restore ``point`` into the restore area as ``target``'s name; digests of its files."""
+    area = Path(c.get(f"/api/points/{point}/restore-targets").json()["areas"][0])
+    target = area / target.name
     r = c.post(f"/api/points/{point}/restore", json={"target": str(target)})
     assert r.status_code == 202, r.text
     assert _wait_done(c, r.json()["id"])["state"] == "succeeded"
@@ -262,7 +268,7 @@ def test_tls_with_a_generated_certificate(tmp_path: Path, services: list[Service
     assert key.stat().st_mode & 0o777 == 0o600
     with httpx.Client(base_url=service.url, verify=context) as c:
         assert c.get("/api/health").json()["status"] == "ok"
-        c.post("/api/setup", json={"name": "admin", "password": "password-123"})
+        c.post("/api/setup", json=setup_body(service.data_dir, "admin", "password-123"))
         r = c.post("/api/login", json={"name": "admin", "password": "password-123"})
         assert r.status_code == 200
         assert all("Secure" in cookie for cookie in r.headers.get_list("set-cookie"))

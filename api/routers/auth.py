@@ -28,7 +28,6 @@ from api.security import (
     same_secret,
     verify_password,
 )
-from api.settings import is_loopback
 from appliance.catalog.records import UserRecord
 from appliance.errors import NotFound
 
@@ -54,7 +53,8 @@ def setup_status(request: Request, service: ServiceDep) -> SetupPublic:
     exists = service.admin_exists()
     return SetupPublic(
         admin_exists=exists,
-        setup_code_required=not exists and not is_loopback(client_address(request)),
+        setup_code_required=not exists,
+        setup_code_file=None if exists else str(service.setup_code_path),
     )
 
 
@@ -62,14 +62,19 @@ def setup_status(request: Request, service: ServiceDep) -> SetupPublic:
 def setup(body: SetupCreate, request: Request, service: ServiceDep) -> UserPublic:
     """Create the first admin; refused (409) once any admin exists.
 
-    A client other than this machine must present the set-up code from the service's log (or
-    ``<data>/secrets/setup-code``), so nobody else on the network can claim a fresh appliance.
+    Every client, loopback included, must present the set-up code from the service's console
+    and log (or ``<data>/secrets/setup-code``, readable by root only), so neither anybody on the
+    network nor a local user of the appliance can claim a fresh appliance. Root on the box can
+    also use ``appliance admin create``.
     """
     client = client_address(request)
-    if not is_loopback(client) and service.admin_exists() is False:
+    if service.admin_exists() is False:
         code = service.setup_code
         if code is None or body.setup_code is None or not same_secret(body.setup_code, code):
-            raise PermissionDenied("give the set-up code shown in the appliance's log")
+            raise PermissionDenied(
+                "give the set-up code shown on the appliance's console and log "
+                f"(also in {service.setup_code_path})"
+            )
     user = service.app.catalog.add_first_admin(body.name, hash_password(body.password))
     service.setup_done()
     service.app.catalog.audit(user.name, "setup.admin", user.name, {"client": client})
@@ -104,6 +109,9 @@ def login(
         service.throttle.failure(body.name, client)
         catalog.audit(body.name, "login.failed", client)
         raise InvalidCredentials()
+    if user.disabled_at is not None:
+        catalog.audit(body.name, "login.disabled", client)
+        raise PermissionDenied("this account is disabled; ask an admin")
     service.throttle.success(body.name, client)
     session, csrf = new_secret(), new_secret()
     ttl = service.settings.session_ttl
@@ -139,9 +147,18 @@ def me(principal: Viewer) -> MePublic:
 
 @router.post("/me/password", status_code=status.HTTP_204_NO_CONTENT)
 def change_password(body: PasswordChange, principal: Viewer, catalog: CatalogDep) -> Response:
+    """Change your password. Every other session of yours ends (this one stays); your API
+    tokens are revoked unless ``revoke_tokens`` is false."""
     user = catalog.get_user(principal.name)
     if not verify_password(user.password_hash, body.current_password):
         raise InvalidCredentials("the current password is wrong")
     catalog.update_user(principal.name, password_hash=hash_password(body.new_password))
-    catalog.audit(principal.name, "user.password", principal.name, principal.audit_details)
+    ended = catalog.end_sessions(principal.name, keep=principal.session_hash)
+    revoked = catalog.revoke_tokens(principal.name) if body.revoke_tokens else 0
+    catalog.audit(
+        principal.name,
+        "user.password",
+        principal.name,
+        {"sessions_ended": ended, "tokens_revoked": revoked, **principal.audit_details},
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -14,7 +14,12 @@ router = APIRouter(tags=["users"])
 
 
 def _user(user: UserRecord) -> UserPublic:
-    return UserPublic(name=user.name, role=user.role, created_at=user.created_at)  # type: ignore[arg-type]
+    return UserPublic(
+        name=user.name,
+        role=user.role,  # type: ignore[arg-type]
+        created_at=user.created_at,
+        disabled=user.disabled_at is not None,
+    )
 
 
 def _token(token: TokenRecord) -> TokenPublic:
@@ -46,13 +51,26 @@ def get_user(name: str, principal: Admin, catalog: CatalogDep) -> UserPublic:
 
 @router.patch("/users/{name}", response_model=UserPublic)
 def update_user(name: str, body: UserUpdate, principal: Admin, catalog: CatalogDep) -> UserPublic:
+    """Change a user's role, reset their password (ends every session of theirs; revokes their
+    tokens unless ``revoke_tokens`` is false) or disable / enable the account (disabling ends
+    every session and revokes every token)."""
+    if body.disabled and name == principal.name:
+        raise Conflict("you cannot disable your own account; ask another admin")
     user = catalog.update_user(
         name,
         role=body.role,
         password_hash=hash_password(body.password) if body.password is not None else None,
+        disabled=body.disabled,
     )
-    changed = [field for field in ("role", "password") if getattr(body, field) is not None]
-    catalog.audit(principal.name, "user.update", name, {"changed": changed, "role": user.role})
+    details: dict[str, object] = {
+        "changed": [f for f in ("role", "password", "disabled") if getattr(body, f) is not None],
+        "role": user.role,
+    }
+    if body.password is not None:
+        details["sessions_ended"] = catalog.end_sessions(name)
+        if body.revoke_tokens:
+            details["tokens_revoked"] = catalog.revoke_tokens(name)
+    catalog.audit(principal.name, "user.update", name, details)
     return _user(user)
 
 

@@ -237,7 +237,7 @@ def _create_engine(url: str) -> Engine:
 #: The newest migration revision. Opening a catalog already at this revision skips Alembic (whose
 #: import alone costs about half a second of every CLI command); a test keeps it equal to the
 #: head of the migration scripts.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def _schema_is_current(engine: Engine) -> bool:
@@ -1124,9 +1124,16 @@ class Catalog:
             return row.to_record()
 
     def update_user(
-        self, name: str, *, role: str | None = None, password_hash: str | None = None
+        self,
+        name: str,
+        *,
+        role: str | None = None,
+        password_hash: str | None = None,
+        disabled: bool | None = None,
     ) -> UserRecord:
-        """Change a user's role and/or password hash. Demoting the last admin is a Conflict."""
+        """Change a user's role, password hash or whether the account is disabled. Demoting or
+        disabling the last enabled admin is a Conflict. Disabling ends every session of the
+        user and revokes every token in the same transaction."""
         if role is not None:
             _check_choice(role, USER_ROLES, "role")
         if password_hash is not None:
@@ -1134,18 +1141,53 @@ class Catalog:
         with self._session(write=True) as session:
             row = self._user_row(session, name, lock=True)
             if role is not None and role != row.role:
-                if row.role == "admin" and self._admin_count(session) <= 1:
+                if (
+                    row.role == "admin"
+                    and row.disabled_at is None
+                    and self._admin_count(session) <= 1
+                ):
                     raise Conflict(f"{name} is the last admin; make another admin first")
                 row.role = role
             if password_hash is not None:
                 row.password_hash = password_hash
+            if disabled is True and row.disabled_at is None:
+                if row.role == "admin" and self._admin_count(session) <= 1:
+                    raise Conflict(f"{name} is the last admin; make another admin first")
+                row.disabled_at = self._now()
+                session.execute(delete(SessionRow).where(SessionRow.user == name))
+                self._revoke_tokens(session, name)
+            elif disabled is False:
+                row.disabled_at = None
             return row.to_record()
+
+    def end_sessions(self, user: str, *, keep: str | None = None) -> int:
+        """End every session of ``user`` (but the one hashed ``keep``); returns how many."""
+        query = delete(SessionRow).where(SessionRow.user == user)
+        if keep is not None:
+            query = query.where(SessionRow.hashed != keep)
+        with self._session(write=True) as session:
+            result = session.execute(query)
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def revoke_tokens(self, user: str) -> int:
+        """Revoke every active API token of ``user``; returns how many."""
+        with self._session(write=True) as session:
+            return self._revoke_tokens(session, user)
+
+    def _revoke_tokens(self, session: Session, user: str) -> int:
+        result = session.execute(
+            update(TokenRow)
+            .where(TokenRow.user == user, TokenRow.revoked_at.is_(None))
+            .values(revoked_at=self._now())
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def delete_user(self, name: str) -> None:
         """Delete a user with their API tokens and sessions. The last admin stays (Conflict)."""
         with self._session(write=True) as session:
             row = self._user_row(session, name, lock=True)
-            if row.role == "admin" and self._admin_count(session) <= 1:
+            last = row.disabled_at is None and self._admin_count(session) <= 1
+            if row.role == "admin" and last:
                 raise Conflict(f"{name} is the last admin; make another admin first")
             session.execute(delete(TokenRow).where(TokenRow.user == name))
             session.execute(delete(SessionRow).where(SessionRow.user == name))
@@ -1162,7 +1204,9 @@ class Catalog:
     def _admin_count(session: Session) -> int:
         # Locking the admin rows serialises concurrent demotions on PostgreSQL.
         rows = session.scalars(
-            select(UserRow.name).where(UserRow.role == "admin").with_for_update()
+            select(UserRow.name)
+            .where(UserRow.role == "admin", UserRow.disabled_at.is_(None))
+            .with_for_update()
         )
         return len(list(rows))
 

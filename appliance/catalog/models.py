@@ -333,6 +333,7 @@ class UserRow(Base):
     role: Mapped[str] = mapped_column(String(STATE))
     password_hash: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     def to_record(self) -> UserRecord:
         return UserRecord(
@@ -340,6 +341,7 @@ class UserRow(Base):
             role=self.role,
             password_hash=self.password_hash,
             created_at=self.created_at,
+            disabled_at=self.disabled_at,
         )
 
 

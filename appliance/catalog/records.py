@@ -189,6 +189,8 @@ class UserRecord:
     role: str
     password_hash: str
     created_at: datetime
+    #: When an admin disabled the account (None: enabled).
+    disabled_at: datetime | None = None
 
 
 @dataclass(frozen=True)
