@@ -113,7 +113,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _ensure_admin(server: LiveServer) -> None:
     with server.client() as c:
         if not c.get("/api/setup").json()["admin_exists"]:
-            r = c.post("/api/setup", json={"name": ADMIN[0], "password": ADMIN[1]})
+            r = c.post("/api/setup", json=server.setup_body(*ADMIN))
             assert r.status_code == 201, r.text
 
 
@@ -192,6 +192,9 @@ def test_first_run_sign_in_and_out(
         page.goto(fresh.url + "/")
         expect(page.get_by_role("heading", name="Welcome to your backup appliance")).to_be_visible()
         expect(page.get_by_text("No administrator exists yet")).to_be_visible()
+        # Loopback too must give the set-up code, and the page says where it is.
+        code_file = str(tmp_path / "data" / "secrets" / "setup-code")
+        expect(page.get_by_text(code_file)).to_be_visible()
         shots.take(page, "first-run")
 
         page.get_by_label("Administrator name").fill(ADMIN[0])
@@ -201,6 +204,10 @@ def test_first_run_sign_in_and_out(
         expect(page.get_by_role("alert")).to_contain_text("The passwords differ")
 
         page.get_by_label("Repeat the password").fill(ADMIN[1])
+        page.get_by_label("Set-up code").fill("not-the-code")
+        page.get_by_role("button", name="Create administrator").click()
+        expect(page.get_by_role("alert")).to_contain_text("set-up code")
+        page.get_by_label("Set-up code").fill(fresh.service.setup_code)
         page.get_by_role("button", name="Create administrator").click()
         expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
         expect(page.locator(".user-name")).to_have_text(ADMIN[0])
@@ -340,13 +347,24 @@ def test_browse_point_and_download(
             archive.read("reports/summary.md") == (source / "reports" / "summary.md").read_bytes()
         )
 
-    # restore the folder to a path on the appliance, as a job
-    target = source.parent / "restored"
+    # restore the folder into the restore area, as a job; the dialog offers only safe targets
+    target = server.settings.data_dir / "restores" / "restored"
     page.get_by_role("button", name="Restore…").click()
     dialog = page.get_by_role("dialog")
     expect(dialog.get_by_label("Only this file or folder (optional)")).to_have_value("reports")
-    dialog.get_by_label("Restore to").fill(str(target))
+    expect(dialog.locator("input[name=destination]")).to_have_count(3)
+    expect(dialog.get_by_text("Download", exact=True)).to_be_visible()
+    expect(dialog.get_by_text("Into a restore area")).to_be_visible()
+    expect(dialog.get_by_text("Back to where it came from")).to_be_visible()
+    expect(dialog.get_by_text("Onto a restore device")).to_have_count(0)
+    # In place needs an explicit choice and a confirmation before anything is asked for.
+    dialog.get_by_text("Back to where it came from").click()
+    expect(dialog.get_by_text("Keep both", exact=True)).to_be_visible()
     shots.take(page, "restore-dialog")
+    dialog.get_by_role("button", name="Start restore").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("keep both or overwrite")
+    dialog.get_by_text("Into a restore area").click()
+    dialog.get_by_role("textbox", name="New folder").fill("restored")
     dialog.get_by_role("button", name="Start restore").click()
     expect(page.locator(".toast").filter(has_text="Restore to")).to_be_visible()
     page.locator(".toast").filter(has_text="Restore to").get_by_role(
@@ -479,6 +497,22 @@ def test_users_tokens_audit_and_pools(
     with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
         assert c.get("/api/me").status_code == 401
 
+    # Disabling signs the user out everywhere and refuses sign-in; enabling lets them back.
+    with server.client() as c:
+        c.headers["X-CSRF-Token"] = login(c, "olivia", "olivia-password-1")
+        user.get_by_role("button", name="Disable olivia").click()
+        page.get_by_role("dialog").get_by_role("button", name="Disable user").click()
+        expect(user).to_contain_text("Disabled")
+        assert c.get("/api/me").status_code == 401
+        assert (
+            c.post(
+                "/api/login", json={"name": "olivia", "password": "olivia-password-1"}
+            ).status_code
+            == 403
+        )
+    user.get_by_role("button", name="Enable olivia").click()
+    expect(user).not_to_contain_text("Disabled")
+
     # The row's trash-can button asks first, then deletes: the user is gone for the API too.
     user.get_by_role("button", name="Delete user olivia").click()
     confirm = page.get_by_role("dialog")
@@ -505,9 +539,11 @@ def test_users_tokens_audit_and_pools(
     shots.take(page, "pools")
 
 
-def test_settings_maintenance_and_recovery_key(admin_page: Any, shots: Screenshots):
-    """Rename the appliance (the header follows), start a store verification, and show the
-    recovery key (which the audit log records)."""
+def test_settings_maintenance_and_recovery_key(
+    admin_page: Any, admin_api: httpx.Client, tmp_path: Path, shots: Screenshots
+):
+    """Rename the appliance (the header follows), set where restores may go, start a store
+    verification, and show the recovery key (which the audit log records)."""
     page = admin_page
     nav(page, "Settings")
     page.get_by_label("Appliance name").fill("Branch office backup")
@@ -517,7 +553,19 @@ def test_settings_maintenance_and_recovery_key(admin_page: Any, shots: Screensho
     page.get_by_role("button", name="Save settings").click()
     expect(page.get_by_role("alert")).to_contain_text("Mars/Olympus")
     page.get_by_label("Time zone of the schedules").fill("UTC")
+
+    # Where restores may go: a system folder is refused with the rule in words; a folder is kept.
+    area = tmp_path / "restore-area"
+    area.mkdir()
+    page.get_by_label("Restore areas (one folder per line)").fill("/etc")
+    page.get_by_role("button", name="Save restore targets").click()
+    expect(page.get_by_role("alert").filter(has_text="system folder /etc")).to_be_visible()
+    page.get_by_label("Restore areas (one folder per line)").fill(str(area))
+    page.get_by_role("button", name="Save restore targets").click()
+    expect(page.locator(".toast").filter(has_text="Restore targets saved.")).to_be_visible()
+    assert str(area) in admin_api.get("/api/settings/restore").json()["areas"]
     shots.take(page, "settings")
+    assert admin_api.put("/api/settings/restore", json={}).status_code == 200
 
     page.get_by_role("button", name="Verify now").click()
     expect(page.locator(".toast").filter(has_text="Store verification started.")).to_be_visible()

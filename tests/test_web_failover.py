@@ -307,7 +307,7 @@ def test_fail_over_from_the_page(
     expect(page.locator(".fo-rto-value")).to_have_text(f"{rto:.1f} s")
 
     # Fail back: a new recovery point, and the disk written to a new image file
-    written = vm_asset["root"] / "failback.img"
+    written = server.settings.data_dir / "restores" / "failback.img"  # inside a restore area
     actions.get_by_role("button", name="Fail back").click()
     dialog = page.get_by_role("dialog", name=f"Fail back {ASSET}")
     expect(dialog.get_by_label(re.compile("Make a new recovery point"))).to_be_checked()

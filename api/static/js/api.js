@@ -231,6 +231,8 @@ export function humanError(err) {
     case "source_error":
     case "unsafe_restore_path":
       return { title: "Please check the details.", text: sentence(err.message), field: d.field || (typeof d.path === "string" ? "path" : null) };
+    case "path_refused":
+      return { title: "That place is not allowed", text: sentence(err.message), field: d.field || null };
     case "not_found":
       return { title: "Not found", text: `${sentence(err.message)} It may have been deleted; reload the page.` };
     case "conflict":

@@ -214,7 +214,7 @@ async function boot() {
     const setup = await api.get("/api/setup");
     if (!setup.admin_exists) {
       document.title = `Welcome · ${state.applianceName}`;
-      renderFirstRun(app, { codeRequired: setup.setup_code_required, onSignedIn: signedIn });
+      renderFirstRun(app, { codeRequired: setup.setup_code_required, codeFile: setup.setup_code_file, onSignedIn: signedIn });
       return;
     }
     let me;

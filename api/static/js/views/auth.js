@@ -65,7 +65,7 @@ export function renderLogin(root, { notice = null, onSignedIn }) {
   form.elements.name.focus();
 }
 
-export function renderFirstRun(root, { codeRequired, onSignedIn }) {
+export function renderFirstRun(root, { codeRequired, codeFile, onSignedIn }) {
   const banner = bannerSlot();
   const form = h(
     "form",
@@ -74,7 +74,7 @@ export function renderFirstRun(root, { codeRequired, onSignedIn }) {
     field({ label: "Password", name: "password", type: "password", autocomplete: "new-password", required: true, help: "At least 8 characters." }),
     field({ label: "Repeat the password", name: "password2", type: "password", autocomplete: "new-password", required: true }),
     codeRequired
-      ? field({ label: "Set-up code", name: "setup_code", required: true, autocomplete: "off", help: "Shown in the appliance's log and kept in <data>/secrets/setup-code. Needed because you are not on the appliance itself." })
+      ? field({ label: "Set-up code", name: "setup_code", required: true, autocomplete: "off", help: `Printed on the appliance's console and in its log when the service started, and kept in ${codeFile || "<data>/secrets/setup-code"} (readable by root only). It proves you may set up this appliance.` })
       : null,
     h("button", { type: "submit", class: "btn btn-primary btn-block", text: "Create administrator" }),
   );

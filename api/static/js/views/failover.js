@@ -503,7 +503,7 @@ export async function failoverSession(view) {
       title: `Move ${info.asset} to local disk?`,
       description: "The VM keeps running while its disks are copied from the backup to the appliance's local storage; then it switches over and no longer needs the backup store.",
       submitLabel: "Move to local disk",
-      body: field({ label: "Folder for the disks (optional)", name: "target_dir", placeholder: "the session's folder", help: "A full path on the appliance, starting with /. Empty: the appliance's failover folder." }),
+      body: field({ label: "Folder for the disks (optional)", name: "target_dir", placeholder: "the session's folder", help: "A folder inside a restore area (Settings), as a full path. Empty: the appliance's failover folder." }),
       onSubmit: (form) => {
         const dir = form.elements.target_dir.value.trim();
         return submit(`${base}/migrate`, dir ? { target_dir: dir } : {}, `Move of ${info.asset}`);
@@ -520,7 +520,7 @@ export async function failoverSession(view) {
       [
         ["none", "No", "Only the recovery point"],
         ["original", "To the original disk images", "Overwrites the images the backup was made from"],
-        ["path", "To a new image file", "A path on the appliance"],
+        ["path", "To a new image file", "Inside a restore area, or a registered restore device"],
       ].map(([value, label, help]) =>
         h("label", { class: "radio fo-radio" }, h("input", { type: "radio", name: "write", value, checked: value === "none" }), h("span", h("strong", { text: label }), h("small", { class: "muted", text: help }))),
       ),
@@ -528,7 +528,7 @@ export async function failoverSession(view) {
     const pathPart = h(
       "div",
       { class: "grid-2" },
-      field({ label: "Image file", name: "write_path", placeholder: "/var/lib/vms/web-failback.img", help: "For a VM with several disks: a folder." }),
+      field({ label: "Image file", name: "write_path", placeholder: "/var/lib/appliance/restores/web-failback.img", help: "A full path inside a restore area (or a restore device). For a VM with several disks: a folder." }),
       field({ label: "Format", control: select("format", [["raw", "Raw"], ["qcow2", "QCOW2"]], "raw") }),
     );
     const formatOnly = field({ label: "Format", control: select("format_original", [["raw", "Raw"], ["qcow2", "QCOW2"]], "raw") });

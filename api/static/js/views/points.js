@@ -1,6 +1,6 @@
 // Recovery points: the list per asset, and restore / verify / delete of a point.
 
-import { api, enc, q } from "../api.js";
+import { ApiError, api, enc, humanError, q } from "../api.js";
 import { h, replace } from "../dom.js";
 import { MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
 import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
@@ -16,25 +16,77 @@ export function pointTitle(p) {
   return `${p.asset} · ${dateTime(p.created_at)}`;
 }
 
-/** Restore a point (or one path of it, or one disk) to a folder on the appliance. */
+function radioChoice(name, value, label, help, { checked = false, disabled = false } = {}) {
+  return h(
+    "label",
+    { class: ["radio", "fo-radio", disabled ? "is-disabled" : ""], dataset: { choice: value } },
+    h("input", { type: "radio", name, value, checked, disabled }),
+    h("span", h("strong", { text: label }), help ? h("small", { class: "muted", text: help }) : null),
+  );
+}
+
+function stamp(iso) {
+  return iso.replace(/[-:]/g, "").replace("T", "-").slice(0, 13);
+}
+
+/** Restore a point (or one path / disk of it). The choices are exactly the safe targets the
+ * appliance allows: a download, a folder in a restore area, the asset's own source in place
+ * (overwrite or keep both, confirmed), or a registered restore device for VM points. */
 export async function restoreDialog(point, { path = "", onStarted = null } = {}) {
   let disks = [];
-  if (point.kind === "image") {
-    try {
-      const detail = await api.get(`/api/points/${enc(point.id)}`);
-      disks = detail.manifest.disks || [];
-    } catch {
-      disks = [];
-    }
+  let choices;
+  try {
+    choices = await api.get(`/api/points/${enc(point.id)}/restore-targets`);
+    if (point.kind === "image") disks = (await api.get(`/api/points/${enc(point.id)}`)).manifest.disks || [];
+  } catch (err) {
+    toast(humanError(err).text, { kind: "error" });
+    return;
   }
   const isFiles = point.kind === "files";
-  const target = field({
-    label: "Restore to",
-    name: "target",
-    required: true,
-    placeholder: isFiles ? "/srv/restore" : "/var/lib/vms/restored",
-    help: isFiles ? "A folder on the appliance. It is created if needed; files of the same name inside are replaced." : "A folder (or, for one disk, an image file) on the appliance.",
-  });
+  const options = [];
+  if (choices.download) options.push(radioChoice("destination", "download", "Download", "A tar or zip archive, straight to this browser."));
+  options.push(radioChoice("destination", "area", "Into a restore area", `A new folder in ${choices.areas.join(", ")}.`, { checked: true }));
+  options.push(
+    radioChoice("destination", "source", "Back to where it came from", choices.source ? `Over ${choices.source}, in place.` : choices.source_unavailable, { disabled: !choices.source }),
+  );
+  if (!isFiles) {
+    const usable = choices.devices.filter((d) => !d.unavailable);
+    options.push(radioChoice("destination", "device", "Onto a restore device", usable.length ? "A block device or image file an administrator registered." : "No usable restore device is registered (Settings).", { disabled: !usable.length }));
+  }
+  const where = h("fieldset", { class: "field" }, h("legend", { class: "label", text: "Restore to" }), options);
+
+  const folder = `${point.asset}-${stamp(point.created_at)}`;
+  const areaPart = h(
+    "div",
+    { class: "grid-2", dataset: { part: "area" } },
+    field({ label: "Restore area", control: select("area", choices.areas.map((a) => [a, a]), choices.areas[0]) }),
+    field({ label: isFiles ? "New folder" : "Folder or image file", name: "folder", value: folder, help: "Inside the restore area; created if needed." }),
+  );
+  const sourcePart = h(
+    "fieldset",
+    { class: "field", dataset: { part: "source" }, hidden: true },
+    h("legend", { class: "label", text: "What is there now" }),
+    radioChoice("on_conflict", "keep_both", "Keep both", "Files in the way are renamed (name.before-restore-<time>); nothing is lost."),
+    radioChoice("on_conflict", "overwrite", "Overwrite", "Files in the way are replaced by the point's version."),
+    h("label", { class: "fo-check" }, h("input", { type: "checkbox", name: "confirm_source" }), h("span", { text: `I understand this writes into ${choices.source || "the source"} on the live system.` })),
+  );
+  const devicePart = isFiles
+    ? null
+    : h(
+        "div",
+        { dataset: { part: "device" }, hidden: true },
+        field({
+          label: "Restore device",
+          control: select(
+            "device",
+            choices.devices.map((d) => [d.path, d.unavailable ? `${d.path} (unavailable: ${d.unavailable})` : `${d.path}${d.size ? ` (${bytes(d.size)})` : ""}`]),
+            (choices.devices.find((d) => !d.unavailable) || {}).path || "",
+          ),
+        }),
+      );
+  const downloadPart = isFiles
+    ? h("div", { class: "grid-2", dataset: { part: "download" }, hidden: true }, field({ label: "Archive", control: select("archive", [["tar", "tar"], ["zip", "zip"]], "tar") }))
+    : null;
   const what = isFiles
     ? field({ label: "Only this file or folder (optional)", name: "path", value: path, placeholder: "everything", help: "A path inside the point, e.g. docs/report.pdf. Empty: the whole point." })
     : h(
@@ -43,22 +95,49 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
         field({ label: "Disk", control: select("disk", [["", "All disks"], ...disks.map((d) => [d.name, `${d.name} (${bytes(d.size)})`])], "") }),
         field({ label: "Image format", control: select("format", [["raw", "Raw"], ["qcow2", "QCOW2"], ["vmdk", "VMDK"], ["vhdx", "VHDX"], ["vdi", "VDI"]], "raw") }),
       );
+  const parts = [areaPart, sourcePart, devicePart, downloadPart].filter(Boolean);
+  const body = h("div", what, where, parts);
+  where.addEventListener("change", () => {
+    const chosen = where.querySelector("input:checked").value;
+    for (const part of parts) part.hidden = part.dataset.part !== chosen;
+  });
   formDialog({
     title: "Restore",
-    description: `From the point of ${point.asset} made ${dateTime(point.created_at)} (${ago(secondsSince(point.created_at))}). The restore runs as a job.`,
+    description: `From the point of ${point.asset} made ${dateTime(point.created_at)} (${ago(secondsSince(point.created_at))}). A restore runs as a job.`,
     submitLabel: "Start restore",
-    body: h("div", what, target),
+    wide: true,
+    body,
     onSubmit: async (form) => {
-      const body = { target: form.elements.target.value.trim() };
-      if (isFiles) {
-        const p = form.elements.path.value.trim();
-        if (p) body.path = p;
-      } else {
-        if (form.elements.disk.value) body.disk = form.elements.disk.value;
-        body.format = form.elements.format.value;
+      const destination = where.querySelector("input:checked").value;
+      const selected = isFiles ? form.elements.path.value.trim() : "";
+      if (destination === "download") {
+        const params = new URLSearchParams({ format: form.elements.archive.value });
+        if (selected) params.set("path", selected);
+        window.location.assign(`/api/points/${enc(point.id)}/download?${params}`);
+        return;
       }
-      const job = await api.post(`/api/points/${enc(point.id)}/restore`, body);
-      toast(`Restore to ${body.target} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+      const req = { destination };
+      if (isFiles) {
+        if (selected) req.path = selected;
+      } else {
+        if (form.elements.disk.value) req.disk = form.elements.disk.value;
+        req.format = form.elements.format.value;
+      }
+      if (destination === "area") {
+        const name = form.elements.folder.value.trim().replace(/^\/+/, "");
+        if (!name || name.split("/").includes("..")) throw new ApiError(400, "invalid_input", "name a new folder inside the restore area", { field: "folder" });
+        req.target = `${form.elements.area.value.replace(/\/+$/, "")}/${name}`;
+      } else if (destination === "source") {
+        const conflict = form.querySelector("input[name=on_conflict]:checked");
+        if (!conflict) throw new ApiError(400, "invalid_input", "choose what happens to the files there now: keep both or overwrite", { field: "on_conflict" });
+        if (!form.elements.confirm_source.checked) throw new ApiError(400, "invalid_input", "confirm that the restore writes into the live source", { field: "confirm_source" });
+        req.on_conflict = conflict.value;
+      } else if (destination === "device") {
+        req.target = form.elements.device.value;
+      }
+      const job = await api.post(`/api/points/${enc(point.id)}/restore`, req);
+      const shown = req.target || choices.source;
+      toast(`Restore to ${shown} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
       if (onStarted) onStarted(job);
     },
   });

@@ -1,10 +1,10 @@
-// Settings (administrators): the appliance's name and schedule settings, store maintenance, and
-// the store's recovery key.
+// Settings (administrators): the appliance's name and schedule settings, where restores may go,
+// store maintenance, and the store's recovery key.
 
 import { api } from "../api.js";
 import { h, replace } from "../dom.js";
 import { bytes, duration } from "../format.js";
-import { bannerSlot, button, busy, card, confirmDialog, field, loading, markField, pageHeader, select, toast } from "../ui.js";
+import { bannerSlot, button, busy, card, confirmDialog, field, loading, markField, pageHeader, pill, select, toast } from "../ui.js";
 
 function settingsForm(current, view) {
   const banner = bannerSlot();
@@ -99,6 +99,64 @@ function maintenanceCard(view) {
   );
 }
 
+function lines(text) {
+  return text
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean);
+}
+
+/** Restore areas and devices: the only places besides downloads and an asset's own source that a
+ * restore may write to (the appliance runs as root). */
+function restoreCard(current) {
+  const banner = bannerSlot();
+  const extra = current.areas.filter((a) => a !== current.default_area);
+  const states = h("ul", { class: "plain small" });
+  const showStates = (devices) =>
+    replace(
+      states,
+      devices.map((d) => h("li", h("span", { class: "mono", text: d.path }), " ", d.unavailable ? pill(`Unavailable: ${d.unavailable}`, "warn") : pill(d.block_device ? `Block device${d.size ? `, ${bytes(d.size)}` : ""}` : "Image file", "good"))),
+    );
+  showStates(current.devices);
+  const form = h(
+    "form",
+    { class: "settings-form", novalidate: true },
+    banner.el,
+    h(
+      "div",
+      { class: "grid-2" },
+      field({
+        label: "Restore areas (one folder per line)",
+        control: h("textarea", { name: "areas", rows: 4, text: extra.join("\n") }),
+        help: `Restores into the appliance go to a folder inside one of these, and always may go to ${current.default_area}. Not /, a system folder or the data directory.`,
+      }),
+      field({
+        label: "Restore devices (one per line)",
+        control: h("textarea", { name: "devices", rows: 4, text: current.devices.map((d) => d.path).join("\n") }),
+        help: "Block devices or image files a VM point may be restored onto. A device that is mounted, the system disk or a pool's is refused.",
+      }),
+    ),
+    states,
+    h("div", { class: "form-foot" }, h("button", { type: "submit", class: "btn btn-primary", text: "Save restore targets" })),
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    banner.hide();
+    const submit = form.querySelector("button[type=submit]");
+    submit.disabled = true;
+    try {
+      const saved = await api.put("/api/settings/restore", { areas: lines(form.elements.areas.value), devices: lines(form.elements.devices.value) });
+      showStates(saved.devices);
+      toast("Restore targets saved.");
+    } catch (err) {
+      markField(form, banner.error(err).field);
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return card("Where restores may go", { subtitle: "The service runs as root: a restore writes only into these places, to a download, or back over an asset's own source after a confirmation." }, form);
+}
+
 function recoveryKeyCard(view) {
   const box = h("div", { class: "key-box" });
   const show = button("Show the recovery key", {
@@ -124,14 +182,16 @@ function recoveryKeyCard(view) {
 
 export default async function settingsView(view) {
   const body = h("div", loading());
-  replace(view.el, pageHeader("Settings", "The appliance's name, schedules, maintenance and recovery key."), body);
+  replace(view.el, pageHeader("Settings", "The appliance's name, schedules, where restores may go, maintenance and recovery key."), body);
   let current;
+  let restore = null;
   try {
     current = await api.get("/api/settings");
+    if (view.session.role === "admin") restore = await api.get("/api/settings/restore");
   } catch (err) {
     view.banner.error(err);
     replace(body);
     return;
   }
-  replace(body, card("General", {}, settingsForm(current, view)), maintenanceCard(view), recoveryKeyCard(view));
+  replace(body, card("General", {}, settingsForm(current, view)), restore ? restoreCard(restore) : null, maintenanceCard(view), recoveryKeyCard(view));
 }

@@ -36,14 +36,49 @@ function userDialog(done) {
 }
 
 function passwordDialog(user) {
+  const revoke = h("input", { type: "checkbox", name: "revoke_tokens", checked: true });
   formDialog({
     title: `New password for ${user.name}`,
+    description: "Every session of this user ends: they sign in again with the new password.",
     submitLabel: "Set password",
-    body: field({ label: "New password", name: "password", type: "password", required: true, autocomplete: "new-password", help: "At least 8 characters." }),
+    body: h(
+      "div",
+      field({ label: "New password", name: "password", type: "password", required: true, autocomplete: "new-password", help: "At least 8 characters." }),
+      h("label", { class: "fo-check" }, revoke, h("span", { text: "Also revoke their API tokens (scripts using them stop working)" })),
+    ),
     onSubmit: async (form) => {
-      await api.patch(`/api/users/${enc(user.name)}`, { password: form.elements.password.value });
-      toast(`Password of ${user.name} changed.`);
+      await api.patch(`/api/users/${enc(user.name)}`, { password: form.elements.password.value, revoke_tokens: revoke.checked });
+      toast(`Password of ${user.name} changed; their sessions ended.`);
     },
+  });
+}
+
+function disableButton(user, done) {
+  if (user.disabled) {
+    return button("Enable", {
+      kind: "small",
+      "aria-label": `Enable ${user.name}`,
+      onClick: async () => {
+        await api.patch(`/api/users/${enc(user.name)}`, { disabled: false });
+        toast(`${user.name} can sign in again.`);
+        done();
+      },
+    });
+  }
+  return button("Disable", {
+    kind: "small",
+    "aria-label": `Disable ${user.name}`,
+    onClick: () =>
+      confirmDialog({
+        title: `Disable ${user.name}?`,
+        text: "They are signed out everywhere, their API tokens are revoked, and they cannot sign in until an administrator enables the account again.",
+        confirmLabel: "Disable user",
+        action: async () => {
+          await api.patch(`/api/users/${enc(user.name)}`, { disabled: true });
+          toast(`${user.name} is disabled.`);
+          done();
+        },
+      }),
   });
 }
 
@@ -106,6 +141,7 @@ export default async function usersView(view) {
         "div",
         { class: "row-actions" },
         button("Set password", { kind: "small", iconName: "key", onClick: () => passwordDialog(u) }),
+        u.name !== view.session.name ? disableButton(u, load) : null,
         u.name !== view.session.name
           ? deleteButton({ label: `Delete user ${u.name}`, title: `Delete user ${u.name}?`, text: "They can no longer sign in, and their API tokens stop working.", confirmLabel: "Delete user", path: `/api/users/${enc(u.name)}`, deleted: `User ${u.name} deleted.`, done: load })
           : h("span", { class: "muted small", text: "You" }),
@@ -115,7 +151,7 @@ export default async function usersView(view) {
       { actions: [button("Add user", { iconName: "plus", kind: "primary", onClick: () => userDialog(load) })] },
       table(
         [
-          { label: "User", cell: (u) => h("strong", { text: u.name }) },
+          { label: "User", cell: (u) => h("span", h("strong", { text: u.name }), u.disabled ? [" ", pill("Disabled", "warn")] : null) },
           { label: "Role", cell: roleControl },
           { label: "Added", cell: (u) => dateTime(u.created_at), className: "hide-md" },
           { label: "Actions", cell: userActions, className: "actions" },
