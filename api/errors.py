@@ -38,6 +38,10 @@ STATUS_BY_KIND: dict[str, int] = {
 STATUS_BY_CODE: dict[str, int] = {
     "failover_failed": 502,
     "boot_proof_failed": 502,
+    # A location that is not there now (an unmounted pool, a pulled disk) or a backend that
+    # failed in a way worth retrying: the request may succeed later.
+    "location_unavailable": 503,
+    "backend_transient": 503,
 }
 
 CODE_BY_STATUS: dict[int, str] = {

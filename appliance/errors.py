@@ -151,3 +151,38 @@ class BackupCancelled(ApplianceError):
 
     code = "cancelled"
     kind = "conflict"
+
+
+# --- backends and locations --------------------------------------------------------------------
+#
+# A backend error is either transient (:class:`TransientBackendError`: retrying the same call may
+# succeed, and the retry wrapper does) or permanent (every other :class:`StoreError`: retrying
+# cannot help, so nothing retries it).
+
+
+class ObjectArchived(StoreError):
+    """The object is in cold storage; warm it up (and wait for it) before reading it."""
+
+    code = "object_archived"
+    kind = "conflict"
+
+
+class ObjectLocked(StoreError):
+    """The object is immutable until its retention date; it cannot be deleted or overwritten."""
+
+    code = "object_locked"
+    kind = "conflict"
+
+
+class LocationUnavailable(StoreError):
+    """The location is not available (missing, unmounted or holding another store); it is not empty."""
+
+    code = "location_unavailable"
+    kind = "conflict"
+
+
+class TransientBackendError(StoreError):
+    """The backend failed in a way that may pass (I/O error, timeout, throttling); it can be retried."""
+
+    code = "backend_transient"
+    kind = "internal"

@@ -1,48 +1,22 @@
-"""The backend contract (see ``appliance/store/backend.py``), one suite over every backend.
+"""What only the local-directory backend can get wrong: temporary files, atomic replacement,
+descriptors across a fork, and a root that is missing or not mounted.
 
-Each backend is exercised through the same tests; the local-directory backend has a few more for
-what only a filesystem can get wrong (temporary files, atomic replacement, descriptors across a
-fork).
+The contract every backend keeps is checked by one suite, ``tests/test_backend_conformance.py``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.errors import IntegrityError, InvalidName, ObjectMissing, StoreError, StoreFull
-from appliance.store.backend import Backend, LocalDirectoryBackend, MemoryBackend, check_name
-
-INVALID_NAMES = [
-    "",  # empty
-    "/abs/name",  # absolute
-    "a/../b",  # parent reference
-    "..",
-    "../escape",
-    "Upper",  # uppercase
-    "data/Pack",
-    "a//b",  # empty segment
-    "a/",  # trailing empty segment
-    "a b",  # space
-    ".hidden",  # segments start with a letter or digit
-    "data/ab.tmp-123456",  # reserved for temporary files
-    "x" * 513,  # too long
-]
-
-
-@pytest.fixture(params=["local", "memory"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    store: LocalDirectoryBackend | MemoryBackend
-    if request.param == "local":
-        store = LocalDirectoryBackend(str(tmp_path / "store"))
-    else:
-        store = MemoryBackend()
-    yield store
-    store.close()
+from appliance.errors import LocationUnavailable, ObjectMissing, StoreError, StoreFull
+from appliance.store.backend import LocalDirectoryBackend, open_pool_directory
+from appliance.store.identity import IDENTITY_NAME, check_identity, write_identity
 
 
 @pytest.fixture
@@ -50,119 +24,6 @@ def local(tmp_path: Path) -> Iterator[LocalDirectoryBackend]:
     store = LocalDirectoryBackend(str(tmp_path / "store"))
     yield store
     store.close()
-
-
-# --- the contract, for every backend -----------------------------------------------------------
-
-
-def test_put_get_and_ranged_get(backend: Backend) -> None:
-    data = bytes(range(256)) * 40
-    backend.put("data/ab/object", data)
-    assert backend.get("data/ab/object") == data
-    assert backend.get("data/ab/object", 100, 50) == data[100:150]
-    assert backend.get("data/ab/object", 0, len(data)) == data
-    assert backend.get("data/ab/object", len(data) - 1, 1) == data[-1:]
-    assert backend.get("data/ab/object", 10) == data[10:]
-    assert backend.get("data/ab/object", 5, 0) == b""
-    info = backend.stat("data/ab/object")
-    assert (info.name, info.size) == ("data/ab/object", len(data))
-
-
-def test_put_accepts_bytearray_and_memoryview(backend: Backend) -> None:
-    backend.put("one", bytearray(b"abc"))
-    backend.put("two", memoryview(b"0123456789")[2:5])
-    assert backend.get("one") == b"abc"
-    assert backend.get("two") == b"234"
-
-
-def test_empty_object(backend: Backend) -> None:
-    backend.put("empty", b"")
-    assert backend.get("empty") == b""
-    assert backend.stat("empty").size == 0
-
-
-def test_get_and_stat_of_missing_object(backend: Backend) -> None:
-    with pytest.raises(ObjectMissing) as info:
-        backend.get("data/xx/missing")
-    assert info.value.code == "object_missing"
-    assert info.value.details["name"] == "data/xx/missing"
-    with pytest.raises(ObjectMissing):
-        backend.get("data/xx/missing", 0, 10)
-    with pytest.raises(ObjectMissing):
-        backend.stat("data/xx/missing")
-
-
-@pytest.mark.parametrize(("offset", "length"), [(0, 11), (5, 6), (10, 1), (100, 1)])
-def test_range_past_the_end_is_damage(backend: Backend, offset: int, length: int) -> None:
-    backend.put("obj", b"0123456789")
-    with pytest.raises(IntegrityError):
-        backend.get("obj", offset, length)
-
-
-def test_delete_is_idempotent(backend: Backend) -> None:
-    backend.put("keys/k1", b"key")
-    backend.delete("keys/k1")
-    with pytest.raises(ObjectMissing):
-        backend.get("keys/k1")
-    backend.delete("keys/k1")  # again: not an error
-    backend.delete("keys/never-existed")
-    assert [i.name for i in backend.list("keys/")] == []
-
-
-def test_overwrite_replaces_content(backend: Backend) -> None:
-    backend.put("config", b"first version")
-    assert backend.get("config", 0, 5) == b"first"  # a cached descriptor must not survive
-    backend.put("config", b"second")
-    assert backend.get("config") == b"second"
-    assert backend.stat("config").size == 6
-    assert [i.name for i in backend.list()].count("config") == 1
-
-
-def test_list_yields_each_object_once(backend: Backend) -> None:
-    names = {
-        "config",
-        "keys/0011",
-        "data/00/aa",
-        "data/00/bb",
-        "data/ff/cc",
-        "meta/12/dd",
-        "index/ee",
-    }
-    for name in sorted(names):
-        backend.put(name, name.encode())
-    everything = [info.name for info in backend.list()]
-    assert sorted(everything) == sorted(names)
-    data = [info.name for info in backend.list("data/")]
-    assert sorted(data) == ["data/00/aa", "data/00/bb", "data/ff/cc"]
-    assert sorted(info.name for info in backend.list("data/00/")) == ["data/00/aa", "data/00/bb"]
-    sizes = {info.name: info.size for info in backend.list()}
-    assert sizes == {name: len(name) for name in names}
-    assert list(backend.list("nothing-here/")) == []
-
-
-@pytest.mark.parametrize("name", INVALID_NAMES)
-def test_invalid_names_are_refused(backend: Backend, name: str) -> None:
-    with pytest.raises(InvalidName):
-        check_name(name)
-    with pytest.raises(InvalidName):
-        backend.put(name, b"x")
-    with pytest.raises(InvalidName):
-        backend.get(name)
-    with pytest.raises(InvalidName):
-        backend.delete(name)
-    # Nothing was written under any spelling of the name.
-    assert list(backend.list()) == []
-
-
-@pytest.mark.parametrize("name", ["config", "keys/0a1b", "data/ab/" + "c" * 64, "a_b.c-d/e"])
-def test_valid_names_are_accepted(backend: Backend, name: str) -> None:
-    assert check_name(name) == name
-    backend.put(name, b"ok")
-    assert backend.get(name) == b"ok"
-
-
-def test_describe_names_the_location(backend: Backend) -> None:
-    assert isinstance(backend.describe(), str) and backend.describe()
 
 
 # --- local directory ------------------------------------------------------------------------------
@@ -237,7 +98,7 @@ def test_local_put_out_of_space_is_store_full(
 def test_local_put_failure_at_rename_leaves_nothing(
     local: LocalDirectoryBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_replace(src: str, dst: str) -> None:
+    def no_replace(src: str, dst: str, **_dir_fds: int) -> None:
         raise OSError(errno.EIO, "rename failed")
 
     with monkeypatch.context() as m:
@@ -301,3 +162,173 @@ def test_local_list_ignores_objects_deleted_while_listing(local: LocalDirectoryB
         local.delete("data/ab/4")  # removed before the walk reaches it (or after)
     assert len(seen) == len(set(seen))
     assert set(seen) >= {f"data/ab/{i}" for i in range(4)}
+
+
+# --- a location whose root must be there ---------------------------------------------------------
+
+
+def _try_everything(store: LocalDirectoryBackend) -> None:
+    """Every operation on an unavailable location raises LocationUnavailable (list included)."""
+    with pytest.raises(LocationUnavailable) as info:
+        store.put("data/ab/pack", b"never lands")
+    assert info.value.code == "location_unavailable"
+    with pytest.raises(LocationUnavailable):
+        store.put("config", b"never lands")
+    with pytest.raises(LocationUnavailable):
+        store.get("data/ab/pack")
+    with pytest.raises(LocationUnavailable):
+        store.get("config", 0, 1)
+    with pytest.raises(LocationUnavailable):
+        store.stat("config")
+    with pytest.raises(LocationUnavailable):
+        list(store.list())
+    with pytest.raises(LocationUnavailable):
+        list(store.list("data/"))
+    with pytest.raises(LocationUnavailable):
+        store.delete("config")
+    with pytest.raises(LocationUnavailable):
+        list(store.temporary_files(older_than=0))
+    with pytest.raises(LocationUnavailable):
+        check_identity(store, "store-a")
+
+
+def test_default_store_creates_its_missing_root(tmp_path: Path) -> None:
+    """The appliance's own pool store keeps its behaviour: empty until the first put creates it."""
+    store = LocalDirectoryBackend(str(tmp_path / "new" / "store"))
+    assert list(store.list()) == []
+    with pytest.raises(ObjectMissing):
+        store.get("config")
+    store.put("data/ab/pack", b"x")
+    assert (tmp_path / "new" / "store" / "data" / "ab" / "pack").read_bytes() == b"x"
+
+
+def test_required_root_missing_is_unavailable(tmp_path: Path) -> None:
+    store = LocalDirectoryBackend(str(tmp_path / "absent"), require_root=True)
+    _try_everything(store)
+    assert list(tmp_path.iterdir()) == []  # nothing created, not even the root
+    (tmp_path / "absent").mkdir()
+    store.put("data/ab/pack", b"now it works")
+    assert [i.name for i in store.list()] == ["data/ab/pack"]
+
+
+def test_required_root_that_is_a_file_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"not a folder")
+    store = open_pool_directory(str(tmp_path / "file"))
+    _try_everything(store)
+
+
+def test_require_mount_on_a_plain_directory_is_unavailable(tmp_path: Path) -> None:
+    plain = tmp_path / "mnt"
+    plain.mkdir()
+    store = LocalDirectoryBackend(str(plain), require_mount=True)
+    assert store.require_root
+    _try_everything(store)
+    assert list(plain.iterdir()) == []  # no stray data/ in the bare mountpoint
+
+
+def test_root_removed_after_open_is_unavailable(tmp_path: Path) -> None:
+    root = tmp_path / "pool"
+    root.mkdir()
+    store = open_pool_directory(str(root))
+    store.put("data/ab/pack", b"x")
+    assert store.get("data/ab/pack") == b"x"  # a descriptor is cached now
+    store.close()
+    (root / "data" / "ab" / "pack").unlink()
+    (root / "data" / "ab").rmdir()
+    (root / "data").rmdir()
+    root.rmdir()
+    _try_everything(store)
+    assert not root.exists()
+
+
+# --- a real disk, unmounted under the backend (root) -----------------------------------------------
+
+
+class LoopDisk:
+    """A 16 MiB ext4 filesystem on a loop device of our own, mounted at ``mountpoint``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        image = tmp_path / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(16 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        self.device = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        self.mountpoint = tmp_path / "mnt"
+        self.mountpoint.mkdir()
+        self.mounted = False
+
+    def mount(self) -> None:
+        subprocess.run(["mount", self.device, str(self.mountpoint)], check=True)
+        self.mounted = True
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", str(self.mountpoint)], check=True)
+        self.mounted = False
+
+    def remove(self) -> None:
+        """Unmount and detach this disk's own loop device; fail if something kept it busy."""
+        busy = self.mounted and subprocess.run(["umount", str(self.mountpoint)]).returncode != 0
+        if busy:  # a descriptor left open: detach lazily, the device goes once it closes
+            subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
+        subprocess.run(["losetup", "-d", self.device], check=False)
+        if busy:
+            pytest.fail(f"{self.mountpoint} was still busy at the end of the test")
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[LoopDisk]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (losetup, mount)")
+    loop = LoopDisk(tmp_path)
+    try:
+        loop.mount()
+        (loop.mountpoint / "lost+found").rmdir()  # empty, so "nothing created" is exact
+        yield loop
+    finally:
+        loop.remove()
+
+
+@pytest.mark.root
+def test_unmounted_disk_is_unavailable_never_empty(disk: LoopDisk) -> None:
+    names = ["data/aa/1", "data/bb/2", "index/cc", "keys/k", IDENTITY_NAME]
+    store = LocalDirectoryBackend(str(disk.mountpoint), require_mount=True)
+    try:
+        write_identity(store, "store-a", "usb-1")
+        for name in names[:-1]:
+            store.put(name, name.encode())
+        assert check_identity(store, "store-a") == "usb-1"
+        with pytest.raises(LocationUnavailable, match="another store"):
+            check_identity(store, "store-b")
+
+        # Unmounted in the middle of a listing: the listing fails rather than ending early.
+        listing = store.list()
+        assert next(listing).name in names
+        store.close()  # cached read descriptors would keep the filesystem busy
+        disk.unmount()
+        with pytest.raises(LocationUnavailable, match="nothing is mounted"):
+            list(listing)
+
+        _try_everything(store)
+        assert list(disk.mountpoint.iterdir()) == []  # the bare mountpoint got nothing
+
+        # Back again: everything is where it was, and nothing written while it was away.
+        disk.mount()
+        assert sorted(i.name for i in store.list()) == sorted(names)
+        assert store.get("data/bb/2") == b"data/bb/2"
+        assert check_identity(store, "store-a", "usb-1") == "usb-1"
+    finally:
+        store.close()
+
+
+@pytest.mark.root
+def test_identity_refuses_a_disk_of_another_store(disk: LoopDisk) -> None:
+    store = open_pool_directory(str(disk.mountpoint), require_mount=True)
+    try:
+        write_identity(store, "store-b", "usb-7")
+        with pytest.raises(LocationUnavailable, match=r"belongs to another store \(store-b"):
+            check_identity(store, "store-a")
+        assert check_identity(store, "store-b") == "usb-7"
+    finally:
+        store.close()

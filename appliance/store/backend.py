@@ -1,21 +1,42 @@
 """Backends: bytes under a name.
 
 A backend is the only layer that touches the medium (a pool directory, an S3 bucket, a removable
-disk). It never sees plaintext: everything above it is an encrypted envelope or a pack of them.
+disk, a tape). It never sees plaintext: everything above it is an encrypted envelope or a pack of
+them. Retries, rate limits and fault injection are wrappers (``appliance.store.wrappers``) composed
+once around a backend, never loops inside one; outer packages register their backends under the
+``appliance.backends`` entry-point group (``appliance.store.registry``).
 
-Contract (every implementation, checked by one conformance suite in ``tests/test_backend.py``):
+Contract (every implementation, checked by one conformance suite in
+``tests/test_backend_conformance.py``):
 
 * Names are validated by :func:`check_name` (slash-separated lowercase segments); a backend never
   interprets them beyond mapping ``/`` to its own hierarchy.
 * ``put`` is atomic: a reader sees either no object or the whole object, never a prefix, even if the
-  process dies mid-write. Putting an existing name replaces it (callers only do so with identical
-  content, so retries are idempotent).
-* ``get`` of a missing name raises :class:`ObjectMissing`; a range reaching past the end raises
-  :class:`IntegrityError` (a truncated object is damage, not a short read).
+  process dies mid-write. Putting an existing name replaces it; callers only do so with identical
+  content, so a put repeated with the same bytes (a retry) is idempotent. ``options``
+  (:class:`PutOptions`: storage class, retain-until) are hints a backend may honour or ignore; one
+  that cannot store a class it was asked for stores the object in its default class.
+* ``get`` of a missing name raises :class:`ObjectMissing` (never an empty result). Ranged reads:
+  ``get(name, offset)`` returns the bytes from ``offset`` to the end, and ``b""`` when ``offset`` is
+  the size; ``get(name, offset, length)`` returns exactly ``length`` bytes. An offset past the end,
+  or a range reaching past the end, raises :class:`IntegrityError` (a truncated object is damage,
+  not a short read). Offsets and lengths are never negative.
+* ``stat`` of a missing name raises :class:`ObjectMissing`.
 * ``delete`` of a missing name is not an error, so retried deletes are harmless.
-* ``list`` yields every object under a prefix exactly once, in no particular order, and never
-  yields temporary files of unfinished writes.
-* Running out of space raises :class:`StoreFull` and leaves no partial object behind.
+* ``list`` yields every object whose name starts with ``prefix`` exactly once, in no particular
+  order, and never yields temporary files of unfinished writes.
+* Errors: running out of space raises :class:`StoreFull` and leaves no partial object behind; an
+  archived (cold) object raises :class:`ObjectArchived` from ``get`` until warmed up; deleting or
+  overwriting an immutable object raises :class:`ObjectLocked`; a location that is not there
+  (missing root, unmounted disk, wrong identity) raises :class:`LocationUnavailable` from every
+  operation, ``list`` included: an unavailable location never looks like an empty one. Failures
+  that may pass by themselves raise :class:`TransientBackendError` (retryable); every other
+  :class:`StoreError` is permanent and retrying it cannot help.
+* Cold storage is two calls, as in restic: ``warm_up(names)`` asks for archived objects to be made
+  readable and reports which already are; ``wait_warm(names, timeout)`` blocks until they all are.
+  Both are no-ops for hot backends (every object is always ready).
+* ``capabilities`` says what the medium can do (:class:`BackendCapabilities`); callers choose copies
+  and plan reads from it rather than from the backend's type.
 """
 
 from __future__ import annotations
@@ -25,14 +46,24 @@ import errno
 import os
 import re
 import secrets
+import stat as stat_module
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, NoReturn, Protocol
 
-from appliance.errors import IntegrityError, InvalidName, ObjectMissing, StoreError, StoreFull
+from appliance.errors import (
+    IntegrityError,
+    InvalidName,
+    LocationUnavailable,
+    ObjectMissing,
+    StoreError,
+    StoreFull,
+    TransientBackendError,
+)
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)*$")
 _TMP_MARK = ".tmp-"
@@ -52,26 +83,151 @@ class ObjectInfo:
     mtime: float
 
 
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend's medium can do; the defaults describe a hot, random-access store."""
+
+    #: ``get`` with an offset and length costs about the range, not the whole object.
+    ranged_reads: bool = True
+    #: "expensive" when listing is billed or slow (a cold bucket, a tape): list rarely, cache it.
+    listing_cost: Literal["cheap", "expensive"] = "cheap"
+    #: Objects may be archived and need ``warm_up``/``wait_warm`` before ``get``.
+    cold_objects: bool = False
+    #: Objects can only be written and read in order (a tape); random reads are very slow.
+    sequential_only: bool = False
+    #: Objects can be locked against deletion until a retain-until date (``PutOptions``).
+    immutable_objects: bool = False
+
+
+#: The capabilities of a local disk or memory.
+HOT_RANDOM_ACCESS = BackendCapabilities()
+
+
+@dataclass(frozen=True)
+class PutOptions:
+    """Hints for ``put``; a backend may honour or ignore each (see the module contract)."""
+
+    #: A backend-specific storage class ("STANDARD", "GLACIER", ...); None: the default class.
+    storage_class: str | None = None
+    #: Keep the object immutable until this instant (object lock); None: not locked.
+    retain_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class WarmUpStatus:
+    """The answer of ``warm_up``: which objects can be read now and which are still thawing."""
+
+    ready: frozenset[str] = field(default_factory=frozenset)
+    pending: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+
 class Backend(Protocol):
     """Bytes under a name; see the module docstring for the contract."""
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """What the medium can do (constant for the life of the backend)."""
+        ...
 
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
+    ) -> None:
+        """Store ``data`` under ``name`` atomically; idempotent for the same bytes."""
+        ...
 
-    def stat(self, name: str) -> ObjectInfo: ...
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes, or a range of them; :class:`ObjectMissing` when there is none."""
+        ...
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def stat(self, name: str) -> ObjectInfo:
+        """Size and modification time; :class:`ObjectMissing` when there is no such object."""
+        ...
 
-    def delete(self, name: str) -> None: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose name starts with ``prefix``, once each, in no particular order."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove the object; a missing one is not an error. :class:`ObjectLocked` if immutable."""
+        ...
+
+    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
+        """Ask for archived objects to become readable; returns at once with what is ready."""
+        ...
+
+    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
+        """Block until every named object is readable; :class:`ObjectArchived` after ``timeout``
+        seconds if some still are not."""
+        ...
 
     def describe(self) -> str:
         """A human-readable location for messages ("pool /srv/pool/store", "bucket x")."""
         ...
 
+    def close(self) -> None:
+        """Release descriptors and connections; the backend is not used afterwards."""
+        ...
 
-def _full_disk(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+def hot_warm_up(names: Iterable[str]) -> WarmUpStatus:
+    """``warm_up`` of a backend without cold objects: everything is ready."""
+    return WarmUpStatus(ready=frozenset(check_name(n) for n in names))
+
+
+#: errno values that say the location itself went away (a yanked disk, a dead network mount).
+_GONE = frozenset(
+    getattr(errno, n)
+    for n in ("ENODEV", "ENXIO", "ENOTCONN", "ENOMEDIUM", "ESHUTDOWN")
+    if hasattr(errno, n)
+)
+#: errno values worth a retry: the same call may succeed in a moment.
+_TRANSIENT = frozenset(
+    getattr(errno, n)
+    for n in (
+        "EIO",
+        "ETIMEDOUT",
+        "EAGAIN",
+        "EINTR",
+        "EBUSY",
+        "ESTALE",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ECONNREFUSED",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "ENOBUFS",
+        "ENOMEM",
+    )
+    if hasattr(errno, n)
+)
+
+
+def store_error_from_os_error(exc: OSError, *, action: str, name: str, where: str) -> StoreError:
+    """The domain error for an ``OSError`` raised while doing ``action`` on ``name``.
+
+    ENOSPC and EDQUOT are :class:`StoreFull`; errors that say the device or mount went away are
+    :class:`LocationUnavailable`; I/O errors, timeouts and network hiccups are
+    :class:`TransientBackendError`; anything else (permissions, a read-only filesystem) is a
+    permanent :class:`StoreError`.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"no space left on {where} while writing {name}", name=name)
+    message = f"cannot {action} {name} on {where}: {exc}"
+    if exc.errno in _GONE:
+        return LocationUnavailable(message, name=name, location=where)
+    if exc.errno in _TRANSIENT:
+        return TransientBackendError(message, name=name, errno=exc.errno)
+    return StoreError(message, name=name, errno=exc.errno)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class LocalDirectoryBackend:
@@ -80,10 +236,35 @@ class LocalDirectoryBackend:
     Writes go to a temporary name in the target directory, are fsynced, renamed into place and the
     directory is fsynced, so a crash leaves either the old state or the new one. Open file
     descriptors for ranged reads are cached (packs are read many times during a restore).
+
+    Two ways to treat the root directory:
+
+    * by default (the appliance's own pool store, which ``Appliance.init`` creates), a missing root
+      is created by the first ``put`` and reads as an empty store;
+    * with ``require_root`` (a location: a pool directory, a removable disk), the root must already
+      exist, and with ``require_mount`` it must also be a mountpoint. Otherwise every operation
+      raises :class:`LocationUnavailable`, ``list`` included. ``put`` creates folders only below the
+      root, relative to a descriptor of the checked root, so an unmounted disk never gets a stray
+      ``data/`` written into its bare mountpoint (the root's descriptor also keeps a plain
+      ``umount`` from pulling the filesystem away mid-write). The mountpoint test compares the root
+      with its parent (device and inode, like ``os.path.ismount``), so a bind mount within one
+      filesystem does not count.
     """
 
-    def __init__(self, root: str, *, fsync: bool = True, fd_cache: int = 64) -> None:
+    capabilities = HOT_RANDOM_ACCESS
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        fsync: bool = True,
+        fd_cache: int = 64,
+        require_root: bool = False,
+        require_mount: bool = False,
+    ) -> None:
         self.root = os.path.abspath(root)
+        self.require_root = require_root or require_mount
+        self.require_mount = require_mount
         self._fsync = fsync
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_cache = fd_cache
@@ -96,13 +277,73 @@ class LocalDirectoryBackend:
     def path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        target = self.path(name)
-        directory = os.path.dirname(target)
-        tmp = f"{target}{_TMP_MARK}{secrets.token_hex(6)}"
+    # --- availability -----------------------------------------------------------------------------
+
+    def _unavailable(self, reason: str) -> NoReturn:
+        raise LocationUnavailable(
+            f"{self.describe()} is not available: {reason}", location=self.root, reason=reason
+        )
+
+    def _open_root(self) -> int:
+        """A descriptor of the root, checked to be available; the caller closes it."""
         try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            self._unavailable("the directory does not exist")
+        except NotADirectoryError:
+            self._unavailable("it is not a directory")
+        except OSError as exc:
+            self._unavailable(str(exc))
+        if self.require_mount:
+            try:
+                here = os.fstat(fd)
+                parent = os.stat("..", dir_fd=fd)
+            except OSError as exc:
+                os.close(fd)
+                self._unavailable(str(exc))
+            if here.st_dev == parent.st_dev and here.st_ino != parent.st_ino:
+                os.close(fd)
+                self._unavailable("nothing is mounted there")
+        return fd
+
+    def check_available(self) -> None:
+        """Raise :class:`LocationUnavailable` unless the root is there (and mounted if required).
+
+        Always passes for a backend without ``require_root``.
+        """
+        if self.require_root:
+            os.close(self._open_root())
+
+    def _failure(self, exc: OSError, action: str, name: str) -> StoreError:
+        # An error caused by the location vanishing mid-operation is reported as that.
+        self.check_available()
+        return store_error_from_os_error(exc, action=action, name=name, where=self.describe())
+
+    def _missing(self, name: str) -> ObjectMissing:
+        # A name that is not found because the disk went away is not a missing object.
+        self.check_available()
+        return ObjectMissing(f"{name} is missing from {self.describe()}", name=name)
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
+    ) -> None:
+        """See :class:`Backend`; ``options`` are ignored (one class, no object lock)."""
+        parts = check_name(name).split("/")
+        if not self.require_root:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise self._failure(exc, "write", name) from exc
+        root_fd = self._open_root()
+        dir_fd = -1
+        tmp = f"{parts[-1]}{_TMP_MARK}{secrets.token_hex(6)}"
+        try:
+            dir_fd = self._make_dirs(root_fd, parts[:-1])
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+            )
             try:
                 view = memoryview(data)
                 while view:
@@ -112,26 +353,60 @@ class LocalDirectoryBackend:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
+            os.replace(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if self._fsync:
-                self._fsync_dir(directory)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if _full_disk(exc):
-                raise StoreFull(
-                    f"no space left on {self.describe()} while writing {name}", name=name
-                ) from exc
-            raise StoreError(f"cannot write {name} to {self.describe()}: {exc}") from exc
+                os.fsync(dir_fd)
+        except BaseException as exc:
+            if dir_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+            if isinstance(exc, OSError):
+                raise self._failure(exc, "write", name) from exc
+            raise
+        finally:
+            if dir_fd >= 0 and dir_fd != root_fd:
+                os.close(dir_fd)
+            os.close(root_fd)
         self._forget_fd(name)
 
-    @staticmethod
-    def _fsync_dir(directory: str) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def _make_dirs(self, root_fd: int, segments: list[str]) -> int:
+        """A descriptor of the folder ``segments`` below the root, created as needed.
+
+        Every step is relative to the descriptor of the step above, so nothing is ever created
+        above or instead of the checked root. Returns ``root_fd`` itself for no segments.
+        """
+        current = root_fd
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            for segment in segments:
+                try:
+                    os.mkdir(segment, 0o777, dir_fd=current)  # umask applies, as with makedirs
+                    created = True
+                except FileExistsError:
+                    created = False
+                if created and self._fsync:
+                    os.fsync(current)  # the new folder's entry survives a crash
+                below = os.open(segment, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=current)
+                if current != root_fd:
+                    os.close(current)
+                current = below
+        except BaseException:
+            if current != root_fd:
+                os.close(current)
+            raise
+        return current
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        self.check_available()
+        self._forget_fd(name)
+        try:
+            os.unlink(self.path(name))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass  # no such object (a folder is not one)
+        except OSError as exc:
+            raise self._failure(exc, "delete", name) from exc
+
+    # --- reads ------------------------------------------------------------------------------------
 
     def _fd(self, name: str) -> int:
         with self._fd_lock:
@@ -144,10 +419,13 @@ class LocalDirectoryBackend:
                 return fd
             try:
                 fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise ObjectMissing(
-                    f"{name} is missing from {self.describe()}", name=name
-                ) from None
+            except (FileNotFoundError, NotADirectoryError):
+                raise self._missing(name) from None
+            except OSError as exc:
+                raise self._failure(exc, "read", name) from exc
+            if stat_module.S_ISDIR(os.fstat(fd).st_mode):  # a folder is not an object
+                os.close(fd)
+                raise self._missing(name)
             self._fds[name] = fd
             while len(self._fds) > self._fd_cache:
                 _, old = self._fds.popitem(last=False)
@@ -161,10 +439,24 @@ class LocalDirectoryBackend:
                 os.close(fd)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_name(name)
+        self.check_available()
         fd = self._fd(name)
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        data = os.pread(fd, length, offset)
+        try:
+            if length is None or length == 0:
+                size = os.fstat(fd).st_size
+                if offset > size:
+                    raise IntegrityError(
+                        f"{name} on {self.describe()} is truncated: offset {offset} is past its "
+                        f"end ({size} bytes)",
+                        name=name,
+                    )
+                if length is None:
+                    length = size - offset
+            data = os.pread(fd, length, offset)
+        except OSError as exc:
+            self._forget_fd(name)
+            raise self._failure(exc, "read", name) from exc
         if len(data) != length:
             raise IntegrityError(
                 f"{name} on {self.describe()} is truncated: wanted {length} bytes at {offset}, "
@@ -174,35 +466,62 @@ class LocalDirectoryBackend:
         return data
 
     def stat(self, name: str) -> ObjectInfo:
+        check_name(name)
+        self.check_available()
         try:
             st = os.stat(self.path(name))
-        except FileNotFoundError:
-            raise ObjectMissing(f"{name} is missing from {self.describe()}", name=name) from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._missing(name) from None
+        except OSError as exc:
+            raise self._failure(exc, "stat", name) from exc
+        if stat_module.S_ISDIR(st.st_mode):
+            raise self._missing(name)
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self.path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        if not os.path.isdir(base):
-            return
-        for dirpath, _dirnames, filenames in os.walk(base):
+        self.check_available()
+        folder = prefix.rpartition("/")[0]
+        base = self.path(folder) if folder else self.root
+        if os.path.isdir(base):
+            yield from self._walk(base, prefix)
+        # The walk reads a vanished root as empty folders: say so instead of ending quietly.
+        self.check_available()
+
+    def _walk(self, base: str, prefix: str) -> Iterator[ObjectInfo]:
+        def failed(exc: OSError) -> None:
+            if not isinstance(exc, FileNotFoundError):  # a folder removed while listing is fine
+                raise self._failure(exc, "list", prefix or "objects") from exc
+
+        for dirpath, _dirnames, filenames in os.walk(base, onerror=failed):
             rel = os.path.relpath(dirpath, self.root)
             for filename in filenames:
                 if _TMP_MARK in filename:
                     continue
                 name = filename if rel == "." else f"{rel.replace(os.sep, '/')}/{filename}"
+                if not name.startswith(prefix):
+                    continue
                 try:
                     st = os.stat(os.path.join(dirpath, filename))
                 except FileNotFoundError:
                     continue  # deleted while listing
+                except OSError as exc:
+                    raise self._failure(exc, "list", name) from exc
                 yield ObjectInfo(name, st.st_size, st.st_mtime)
 
-    def delete(self, name: str) -> None:
-        self._forget_fd(name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(name))
+    # --- cold storage: none -----------------------------------------------------------------------
+
+    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
+        return hot_warm_up(names)
+
+    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
+        for name in names:
+            check_name(name)
+
+    # --- maintenance ------------------------------------------------------------------------------
 
     def temporary_files(self, older_than: float) -> Iterator[str]:
         """Paths of leftovers of interrupted writes older than ``older_than`` (epoch seconds)."""
+        self.check_available()
         for dirpath, _dirnames, filenames in os.walk(self.root):
             for filename in filenames:
                 if _TMP_MARK in filename:
@@ -220,8 +539,19 @@ class LocalDirectoryBackend:
             self._fds.clear()
 
 
+def open_pool_directory(
+    address: str, *, require_mount: bool = False, fsync: bool = True
+) -> LocalDirectoryBackend:
+    """The ``pool_dir`` backend of the registry: a location whose root must already exist."""
+    return LocalDirectoryBackend(
+        address, fsync=fsync, require_root=True, require_mount=require_mount
+    )
+
+
 class MemoryBackend:
     """An in-process backend for tests and for staging; same contract as the others."""
+
+    capabilities = HOT_RANDOM_ACCESS
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[bytes, float]] = {}
@@ -230,7 +560,9 @@ class MemoryBackend:
     def describe(self) -> str:
         return "memory"
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
+    ) -> None:
         check_name(name)
         with self._lock:
             self._objects[name] = (bytes(data), time.time())
@@ -243,7 +575,7 @@ class MemoryBackend:
             raise ObjectMissing(f"{name} is missing from memory", name=name)
         data = item[0]
         end = len(data) if length is None else offset + length
-        if end > len(data):
+        if offset > len(data) or end > len(data):
             raise IntegrityError(f"{name} is truncated", name=name)
         return data[offset:end]
 
@@ -265,6 +597,13 @@ class MemoryBackend:
         check_name(name)
         with self._lock:
             self._objects.pop(name, None)
+
+    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
+        return hot_warm_up(names)
+
+    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
+        for name in names:
+            check_name(name)
 
     def close(self) -> None:
         pass
