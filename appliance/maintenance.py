@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.backup.images import read_table
-from appliance.backup.tree import iter_tree
 from appliance.errors import IntegrityError, ObjectMissing, StoreError, UnsupportedFormat
+from appliance.point_packs import point_blobs
 from appliance.store import format as fmt
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.crypto import Envelope
@@ -44,24 +43,6 @@ from appliance.store.packs import (
 from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-def point_references(repo: Repository, manifest: dict[str, Any]) -> Iterator[bytes]:
-    """Every blob ID a point needs (metadata blobs first, then data)."""
-    if manifest["kind"] == "files":
-        for hex_id in manifest.get("tree", []):
-            yield bytes.fromhex(hex_id)
-        for record in iter_tree(repo, manifest):
-            for hex_id, _length in record.get("chunks", ()):
-                if hex_id is not None:
-                    yield bytes.fromhex(hex_id)
-    else:
-        for disk in manifest.get("disks", []):
-            for hex_id in disk["tables"]:
-                yield bytes.fromhex(hex_id)
-            for blob_id in read_table(repo, disk):
-                if blob_id != fmt.ZERO_ID:
-                    yield blob_id
 
 
 @dataclass
@@ -177,7 +158,7 @@ def verify_store(
         # Map damage (and, on a full verify, lost references) to the points it affects.
         for point_id in repo.manifest_ids():
             report.points_checked += 1
-            reasons = _check_point_references(repo, point_id, damaged_ids, check_missing=full)
+            reasons = _check_point_blobs(repo, point_id, damaged_ids, check_missing=full)
             if reasons:
                 report.affected_points[point_id] = reasons
                 report.missing_blobs += sum(1 for r in reasons if r.startswith("missing"))
@@ -187,7 +168,7 @@ def verify_store(
     return report
 
 
-def _check_point_references(
+def _check_point_blobs(
     repo: Repository, point_id: str, damaged: set[bytes], *, check_missing: bool
 ) -> list[str]:
     reasons: list[str] = []
@@ -195,7 +176,7 @@ def _check_point_references(
         manifest = repo.get_manifest(point_id)
         missing = 0
         hit = 0
-        for blob_id in point_references(repo, manifest):
+        for blob_id in point_blobs(repo, manifest):
             if blob_id in damaged:
                 hit += 1
             elif check_missing and not repo.index.contains(blob_id):
@@ -217,7 +198,7 @@ def verify_point(repo: Repository, point_id: str) -> VerifyReport:
     problems: list[str] = []
     try:
         manifest = repo.get_manifest(point_id)
-        for blob_id in point_references(repo, manifest):
+        for blob_id in point_blobs(repo, manifest):
             try:
                 data = repo.read_blob(blob_id, envelope)
                 report.blobs_checked += 1
@@ -289,7 +270,7 @@ def collect_garbage(
     for point_id in repo.manifest_ids():
         manifest = repo.get_manifest(point_id)  # any failure aborts GC before a deletion
         batch: list[bytes] = []
-        for blob_id in point_references(repo, manifest):
+        for blob_id in point_blobs(repo, manifest):
             batch.append(blob_id)
             if len(batch) >= 50_000:
                 index.mark(batch)
@@ -414,7 +395,7 @@ def repair_store(repo: Repository) -> RepairReport:
         consolidate_index(repo)
         repo.sync_index()
     for point_id in repo.manifest_ids():
-        reasons = _check_point_references(repo, point_id, damaged_ids, check_missing=True)
+        reasons = _check_point_blobs(repo, point_id, damaged_ids, check_missing=True)
         if reasons:
             report.affected_points[point_id] = reasons
     return report

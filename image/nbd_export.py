@@ -53,6 +53,7 @@ from typing import Any
 
 from appliance.backup.images import read_table
 from appliance.errors import ApplianceError, NotFound
+from appliance.point_packs import point_packs
 from appliance.store import format as fmt
 from appliance.store.crypto import Envelope
 from appliance.store.packs import pack_object_name
@@ -317,35 +318,24 @@ def allocation_descriptors(
 def missing_blobs(repo: Repository, disks: list[dict[str, Any]]) -> dict[str, Any]:
     """What of these disks is not readable from the local store, without reading any data.
 
-    Checks that every chunk-table blob and every data blob is in the local index, and that every
-    pack they live in exists. Returns ``{"tables": [...], "blobs": n, "packs": [...],
-    "example": hex}`` with empty values when everything is present.
+    Checks that every chunk-table blob and every data blob is in the local index
+    (:func:`appliance.point_packs.point_packs`), and that every pack they live in exists.
+    Returns ``{"tables": [...], "blobs": n, "packs": [...], "example": hex}`` with empty values
+    when everything is present.
     """
-    missing_tables: list[str] = []
-    missing = 0
-    example = ""
-    packs: dict[bytes, int] = {}
-    for disk in disks:
-        table_ids = [bytes.fromhex(h) for h in disk["tables"]]
-        tables = repo.index.locate_many(table_ids)
-        absent_tables = set(tables.missing)
-        missing_tables += [i.hex() for i in table_ids if i in absent_tables]
-        packs.update(tables.packs)
-        if missing_tables:
-            continue
-        # Presence and packs only: an index entry per chunk cost as much as the lookups.
-        data = repo.index.locate_many(i for i in read_table(repo, disk) if i != fmt.ZERO_ID)
-        packs.update(data.packs)
-        missing += len(data.missing)
-        if data.missing and not example:
-            example = data.missing[0].hex()
+    needs = point_packs(repo, {"kind": "image", "disks": disks})
     absent = []
-    for pack, kind in packs.items():
+    for pack, kind in needs.packs.items():
         try:
             repo.backend.stat(pack_object_name(pack, kind))
         except ApplianceError:
             absent.append(pack.hex())
-    return {"tables": missing_tables, "blobs": missing, "packs": absent, "example": example}
+    return {
+        "tables": [i.hex() for i in needs.missing_metadata],
+        "blobs": len(needs.missing),
+        "packs": absent,
+        "example": needs.missing[0].hex() if needs.missing else "",
+    }
 
 
 # --- the protocol ------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ from appliance.errors import (
     UnsafeRestorePath,
     WrongPassphrase,
 )
-from appliance.maintenance import collect_garbage, point_references, verify_point, verify_store
+from appliance.maintenance import collect_garbage, verify_point, verify_store
+from appliance.point_packs import point_blobs
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.store import format as fmt
 from appliance.store.backend import LocalDirectoryBackend
@@ -150,7 +151,7 @@ def assert_verifies(app: Appliance) -> None:
 def blob_points(app: Appliance) -> dict[str, set[bytes]]:
     """point ID -> every blob ID it needs."""
     return {
-        pid: set(point_references(app.repo, app.repo.get_manifest(pid)))
+        pid: set(point_blobs(app.repo, app.repo.get_manifest(pid)))
         for pid in app.repo.manifest_ids()
     }
 

@@ -1,0 +1,227 @@
+"""Copying a recovery point to another location of its store, and reading from any copy.
+
+A location holds (part of) the same store: the same store id, key files and pack names, so a copy
+is the objects a point needs, byte for byte. :func:`copy_point` is dedup-aware, verified, then
+committed, in this order (a crash at any step leaves the target consistent, and a rerun resumes):
+
+1. the store's own objects (``config``, ``keys/*``), copied when the target lacks them;
+2. the packs the point needs (:func:`appliance.point_packs.point_packs`) that the target lacks:
+   each is copied whole and read back from the target, and its name (the BLAKE3 of its bytes)
+   must match, before the next one; a rerun skips packs already there;
+3. index files at the target for every pack the point needs, so the copy is self-describing
+   (``catalog rebuild`` from it alone works);
+4. the manifest, last: a point exists at the target only once everything it needs is there.
+
+:class:`FallbackBackend` reads one store through its copies in the order of
+:func:`appliance.locations.choice.order_copies`: a read that fails at one location (unavailable,
+object missing, an I/O error) is retried at the next, and the switch is reported.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.errors import (
+    BackupCancelled,
+    IntegrityError,
+    InvalidInput,
+    LocationUnavailable,
+    ObjectMissing,
+    StoreError,
+)
+from appliance.point_packs import point_packs
+from appliance.store import format as fmt
+from appliance.store.backend import (
+    HOT_RANDOM_ACCESS,
+    Backend,
+    BackendCapabilities,
+    ObjectInfo,
+    PutOptions,
+    WarmUpStatus,
+)
+from appliance.store.index import encode_index
+from appliance.store.packs import IndexEntry, pack_name_matches, pack_object_name
+from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class CopyResult:
+    point: str
+    packs_needed: int = 0
+    packs_copied: int = 0
+    bytes_copied: int = 0
+    packs_present: int = 0
+    index_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _exists(backend: Backend, name: str) -> bool:
+    try:
+        backend.stat(name)
+    except ObjectMissing:
+        return False
+    return True
+
+
+def copy_point(
+    repo: Repository,
+    point_id: str,
+    target: Backend,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    options: PutOptions | None = None,
+) -> CopyResult:
+    """Copy ``point_id`` from ``repo`` to ``target`` (see the module doc). ``options`` go with
+    the data packs (storage class, retain-until); metadata stays hot."""
+    manifest = repo.get_manifest(point_id)
+    needs = point_packs(repo, manifest)
+    if not needs.complete:
+        raise StoreError(
+            f"point {point_id} is not complete in {repo.backend.describe()}: "
+            f"{len(needs.missing_metadata) + len(needs.missing)} blob(s) missing; "
+            "copy it from another location",
+            point=point_id,
+        )
+    result = CopyResult(point_id, packs_needed=len(needs.packs))
+    for name in ["config", *(info.name for info in repo.backend.list("keys/"))]:
+        if not _exists(target, name):
+            target.put(name, repo.backend.get(name))
+    total = sum(repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items())
+    done = 0
+    for pack, kind in sorted(needs.packs.items()):
+        if cancel is not None and cancel.is_set():
+            raise BackupCancelled("the copy was cancelled")
+        name = pack_object_name(pack, kind)
+        if _exists(target, name) and pack_name_matches(pack, target.get(name)):
+            result.packs_present += 1
+        else:
+            data = repo.backend.get(name)
+            if not pack_name_matches(pack, data):
+                raise IntegrityError(
+                    f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
+                )
+            target.put(name, data, options if kind == fmt.PACK_KIND_DATA else None)
+            if not pack_name_matches(pack, target.get(name)):
+                raise IntegrityError(
+                    f"pack {pack.hex()[:16]} read back from {target.describe()} differs",
+                    pack=pack.hex(),
+                )
+            result.packs_copied += 1
+            result.bytes_copied += len(data)
+            done += len(data)
+        if progress is not None:
+            progress({"bytes_done": done, "bytes_total": total, "packs": result.packs_copied})
+    entries: list[IndexEntry] = []
+    for pack in sorted(needs.packs):
+        entries.extend(repo.index.pack_entries(pack))
+    for start in range(0, len(entries), INDEX_FILE_ENTRIES):
+        result.index_files.append(
+            _put_index(repo, target, entries[start : start + INDEX_FILE_ENTRIES])
+        )
+    manifest_name = f"manifests/{point_id}"
+    target.put(manifest_name, repo.backend.get(manifest_name))
+    return result
+
+
+def _put_index(repo: Repository, target: Backend, entries: list[IndexEntry]) -> str:
+    plaintext = encode_index(entries)
+    blob_id = repo.envelope.chunk_id(plaintext)
+    name = f"index/{blob_id.hex()}"
+    if not _exists(target, name):
+        target.put(name, repo.envelope.seal(fmt.BLOB_INDEX, blob_id, plaintext))
+    return name
+
+
+#: Failures that make a read move on to the next copy.
+FALLBACK_ERRORS = (LocationUnavailable, ObjectMissing, StoreError, OSError)
+
+
+class FallbackBackend:
+    """A read-only view of one store through several copies, best first.
+
+    Reads go to the current location; when one fails (see :data:`FALLBACK_ERRORS`), the next
+    location is tried and becomes current, and ``switched(from, to, error)`` is called so that
+    the job log can say so. Writes are refused: a read of a point never changes a copy.
+    """
+
+    def __init__(
+        self,
+        sources: list[tuple[str, Backend]],
+        switched: Callable[[str, str, Exception], None] | None = None,
+    ) -> None:
+        if not sources:
+            raise InvalidInput("no copy of this point can be read")
+        self.sources = sources
+        self.current = 0
+        self._switched = switched
+        self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        return HOT_RANDOM_ACCESS
+
+    @property
+    def label(self) -> str:
+        return self.sources[self.current][0]
+
+    def _read(self, call: Callable[[Backend], Any]) -> Any:
+        with self._lock:
+            start = self.current
+        last: Exception | None = None
+        for i in range(start, len(self.sources)):
+            label, backend = self.sources[i]
+            try:
+                value = call(backend)
+            except FALLBACK_ERRORS as exc:
+                last = exc
+                if i + 1 < len(self.sources):
+                    with self._lock:
+                        if self.current == i:
+                            self.current = i + 1
+                    if self._switched is not None:
+                        self._switched(label, self.sources[i + 1][0], exc)
+                continue
+            return value
+        assert last is not None
+        raise last
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data: bytes = self._read(lambda b: b.get(name, offset, length))
+        return data
+
+    def stat(self, name: str) -> ObjectInfo:
+        info: ObjectInfo = self._read(lambda b: b.stat(name))
+        return info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        listed: list[ObjectInfo] = self._read(lambda b: list(b.list(prefix)))
+        return iter(listed)
+
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
+    ) -> None:
+        raise InvalidInput("reading a point from its copies never writes to them")
+
+    def delete(self, name: str) -> None:
+        raise InvalidInput("reading a point from its copies never deletes from them")
+
+    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
+        return WarmUpStatus(frozenset(names), frozenset())
+
+    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
+        return None
+
+    def describe(self) -> str:
+        return " then ".join(label for label, _ in self.sources)
+
+    def close(self) -> None:
+        for _, backend in self.sources:
+            backend.close()

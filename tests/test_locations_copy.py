@@ -1,0 +1,170 @@
+"""Copies of points at two directory locations on two real loop-mounted ext4 filesystems.
+
+A point is copied (dedup-aware, verified, then committed) to both; the first is unmounted and the
+point is restored from the second through the fallback reader, which says it switched; a copy
+whose target is pulled mid-way leaves the target consistent and resumes; a location holding
+another store is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from engine_support import compare_trees, new_appliance, set_engine_env, snapshot, write_sparse
+
+from appliance.engine import Appliance
+from appliance.errors import LocationUnavailable
+from appliance.locations.copy import FallbackBackend, copy_point
+from appliance.maintenance import verify_point
+from appliance.point_packs import point_packs
+from appliance.restore import restore_disk, restore_tree
+from appliance.store.backend import LocalDirectoryBackend
+from appliance.store.identity import check_identity, write_identity
+from appliance.store.repository import Repository
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_engine_env(monkeypatch)
+
+
+@contextlib.contextmanager
+def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[str]:
+    """A fresh ext4 on a loop device of ``image``, mounted at ``where``; the device."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+        where.mkdir(exist_ok=True)
+        subprocess.run(["mount", device, str(where)], check=True)
+        try:
+            yield device
+        finally:
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[dict]:
+    app, recovery = new_appliance(tmp_path / "appliance")
+    tree = tmp_path / "tree"
+    (tree / "docs").mkdir(parents=True)
+    for i in range(30):
+        (tree / "docs" / f"f{i}.bin").write_bytes(os.urandom(40_000 + i))
+    (tree / "notes.txt").write_text("notes\n" * 500)
+    disk = tmp_path / "disk.raw"
+    write_sparse(disk, 8 << 20, {0: os.urandom(1 << 20), 6 << 20: os.urandom(200_000)})
+    files = app.backup_files(str(tree), "tree").point.id
+    image = app.backup_image([str(disk)], "vm").point.id
+    with (
+        mounted_disk(tmp_path / "a.img", tmp_path / "a"),
+        mounted_disk(tmp_path / "b.img", tmp_path / "b"),
+    ):
+        yield {
+            "app": app,
+            "recovery": recovery,
+            "tree": tree,
+            "disk": disk,
+            "files": files,
+            "image": image,
+            "a": tmp_path / "a",
+            "b": tmp_path / "b",
+        }
+    app.close()
+
+
+def _location(root: Path) -> LocalDirectoryBackend:
+    return LocalDirectoryBackend(str(root), require_mount=True)
+
+
+def _reader(site: dict, sources: list, cache: Path, switches: list) -> Repository:
+    fallback = FallbackBackend(sources, lambda a, b, exc: switches.append((a, b, exc.code)))
+    return Repository.open(fallback, str(cache), recovery_key=site["recovery"])
+
+
+def test_copy_to_two_locations_then_restore_from_the_second(site: dict, tmp_path: Path) -> None:
+    app: Appliance = site["app"]
+    a, b = _location(site["a"]), _location(site["b"])
+    store_id = app.repo.store_id
+    write_identity(a, store_id, "loc-a")
+    write_identity(b, store_id, "loc-b")
+    first = copy_point(app.repo, site["files"], a)
+    assert first.packs_copied == first.packs_needed > 0 and first.packs_present == 0
+    again = copy_point(app.repo, site["files"], a)  # a rerun moves nothing
+    assert again.packs_copied == 0 and again.packs_present == again.packs_needed
+    copy_point(app.repo, site["image"], a)
+    for point in (site["files"], site["image"]):
+        copy_point(app.repo, point, b)
+
+    # Unmount the first location: the point is restored from the second, and the switch is told.
+    subprocess.run(["umount", "-l", str(site["a"])], check=True)
+    with pytest.raises(LocationUnavailable):
+        check_identity(a, store_id, "loc-a")
+    assert check_identity(b, store_id, "loc-b") == "loc-b"
+    switches: list = []
+    repo = _reader(site, [("a", a), ("b", b)], tmp_path / "cache", switches)
+    assert switches and switches[0][:2] == ("a", "b") and switches[0][2] == "location_unavailable"
+    manifest = repo.get_manifest(site["files"])
+    out = tmp_path / "restored"
+    restore_tree(repo, manifest, str(out), workers=1)
+    compare_trees(snapshot(site["tree"]), snapshot(out))
+    restore_disk(repo, repo.get_manifest(site["image"])["disks"][0], str(tmp_path / "disk.out"))
+    assert (tmp_path / "disk.out").read_bytes() == site["disk"].read_bytes()
+    assert verify_point(repo, site["image"]).ok
+    # The second location alone is a complete, self-describing store of both points.
+    alone = Repository.open(b, str(tmp_path / "cache-b"), recovery_key=site["recovery"])
+    assert sorted(alone.manifest_ids()) == sorted([site["files"], site["image"]])
+    for point in (site["files"], site["image"]):
+        assert point_packs(alone, alone.get_manifest(point)).complete
+
+
+def test_a_location_pulled_during_a_copy_stays_consistent_and_the_copy_resumes(
+    site: dict, tmp_path: Path
+) -> None:
+    app: Appliance = site["app"]
+    target = _location(site["a"])
+    write_identity(target, app.repo.store_id, "loc-a")
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(site["a"])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    calls = []
+
+    def pull(info: dict) -> None:
+        calls.append(info)
+        if len(calls) == 1:
+            subprocess.run(["umount", "-l", str(site["a"])], check=True)
+
+    with pytest.raises(LocationUnavailable):
+        copy_point(app.repo, site["files"], target, progress=pull)
+    # Nothing was written into the bare mountpoint, and the pulled disk holds no manifest.
+    assert list(site["a"].iterdir()) == []
+    subprocess.run(["mount", device, str(site["a"])], check=True)
+    assert not (site["a"] / "manifests" / site["files"]).exists()
+    resumed = copy_point(app.repo, site["files"], _location(site["a"]))
+    assert (
+        resumed.packs_present >= 1
+        and resumed.packs_copied + resumed.packs_present == resumed.packs_needed
+    )
+    repo = Repository.open(_location(site["a"]), str(tmp_path / "c"), recovery_key=site["recovery"])
+    assert verify_point(repo, site["files"]).ok
+
+
+def test_a_location_of_another_store_is_refused(site: dict, tmp_path: Path) -> None:
+    b = _location(site["b"])
+    write_identity(b, "another-store", "loc-x")
+    with pytest.raises(LocationUnavailable):
+        check_identity(b, site["app"].repo.store_id)
