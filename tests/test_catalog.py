@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, create_engine, inspect, text
 from appliance.catalog import Catalog, PointRecord, PolicyRecord
 from appliance.catalog.catalog import HEAD_REVISION, MIGRATIONS_DIR
 from appliance.catalog.models import Base
+from appliance.catalog.records import home_location_id
 from appliance.errors import Conflict, InvalidInput, NotFound
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -366,7 +367,151 @@ def test_copies_move_through_their_states(catalog: Catalog, pool: str, clock: Fa
     with pytest.raises(NotFound):
         catalog.set_copy_state("aaaa000000000001", "nowhere", "present")
     with pytest.raises(InvalidInput):
-        catalog.set_copy_state("aaaa000000000001", tape, "lost")
+        catalog.set_copy_state("aaaa000000000001", tape, "melted")
+
+
+# --- locations and copies ------------------------------------------------------------------------
+
+
+def test_stores_get_a_home_location_that_follows_them(catalog: Catalog) -> None:
+    usb = catalog.ensure_store("usb-store", "usb", "/media/a").store_id
+    (home,) = catalog.list_locations(usb)
+    assert home.id == home_location_id(usb)
+    assert (home.kind, home.address, home.removable, home.online) == (
+        "removable",
+        "/media/a",
+        True,
+        False,
+    )
+    catalog.ensure_store(usb, "usb", "/media/b")
+    assert catalog.get_location(home.id).address == "/media/b"
+    assert len(catalog.list_locations()) == 1
+
+
+def test_locations_crud(catalog: Catalog, pool: str, clock: FakeClock) -> None:
+    bucket = catalog.add_location(
+        pool,
+        "s3_bucket",
+        "s3://cold/x",
+        access="cold",
+        immutable=True,
+        offsite=True,
+        details={"region": "eu"},
+    )
+    tape = catalog.add_location(pool, "tape_set", "weekly", label="weekly tapes", online=False)
+    assert (tape.access, tape.removable, tape.label) == ("sequential", True, "weekly tapes")
+    assert (bucket.label, bucket.immutable, bucket.offsite) == ("s3://cold/x", True, True)
+    # Same creation time: then by ID.
+    assert [loc.id for loc in catalog.list_locations(pool)] == sorted(
+        [home_location_id(pool), bucket.id, tape.id]
+    )
+    clock.advance(60)
+    seen = catalog.update_location(tape.id, online=True, details={"drive": "st0"})
+    assert (seen.online, seen.last_seen_at, seen.details) == (True, clock.now, {"drive": "st0"})
+    with pytest.raises(NotFound):
+        catalog.add_location("nowhere", "peer", "https://peer")
+    with pytest.raises(InvalidInput):
+        catalog.add_location(pool, "floppy", "/dev/fd0")
+    with pytest.raises(InvalidInput):
+        catalog.add_location(pool, "peer", "https://peer", access="warm")
+    with pytest.raises(Conflict):
+        catalog.add_location(pool, "peer", "https://peer", location_id=tape.id)
+    catalog.ensure_media("TAPE01", "tape", "weekly-1", location_id=tape.id)
+    assert catalog.get_media("TAPE01").location_id == tape.id
+    catalog.remove_location(tape.id)
+    assert catalog.get_media("TAPE01").location_id is None
+    with pytest.raises(NotFound):
+        catalog.get_location(tape.id)
+
+
+def test_set_copy_upserts_and_lists_by_point_and_location(
+    catalog: Catalog, pool: str, clock: FakeClock
+) -> None:
+    catalog.add_point(point("aaaa000000000001"), pool)
+    catalog.add_point(point("bbbb000000000002", minutes=1), pool)
+    bucket = catalog.add_location(pool, "s3_bucket", "s3://cold/x", access="cold")
+    until = T0 + timedelta(days=365)
+    clock.advance(60)
+    copy = catalog.set_copy("aaaa000000000001", bucket.id, "copying", retain_until=until)
+    assert (copy.store_id, copy.location_id, copy.added_at) == (pool, bucket.id, clock.now)
+    clock.advance(60)
+    copy = catalog.set_copy("aaaa000000000001", bucket.id, "archived", "DEEP_ARCHIVE")
+    assert (copy.state, copy.storage_class, copy.retain_until) == (
+        "archived",
+        "DEEP_ARCHIVE",
+        until,
+    )
+    assert copy.added_at == T0 + timedelta(minutes=1)
+    catalog.set_copy("bbbb000000000002", bucket.id, "lost")
+    assert [c.location_id for c in catalog.copies_of("aaaa000000000001")] == [
+        home_location_id(pool),
+        bucket.id,
+    ]
+    assert [c.point_id for c in catalog.copies_at(bucket.id)] == [
+        "aaaa000000000001",
+        "bbbb000000000002",
+    ]
+    assert [c.point_id for c in catalog.copies_at(bucket.id, state="lost")] == ["bbbb000000000002"]
+    verified = catalog.mark_copy_verified("aaaa000000000001", bucket.id, clock.now)
+    assert verified.verified_at == clock.now
+    # A copy holding data keeps its location; lost and deleted ones go with it.
+    with pytest.raises(Conflict, match="still holds 1"):
+        catalog.remove_location(bucket.id)
+    catalog.set_copy("aaaa000000000001", bucket.id, "deleted")
+    catalog.remove_location(bucket.id)
+    assert [c.location_id for c in catalog.copies_of("bbbb000000000002")] == [
+        home_location_id(pool)
+    ]
+    with pytest.raises(NotFound):
+        catalog.set_copy("aaaa000000000001", "nowhere", "present")
+    with pytest.raises(NotFound):
+        catalog.set_copy("ffff000000000009", home_location_id(pool), "present")
+    with pytest.raises(NotFound):
+        catalog.mark_copy_verified("aaaa000000000001", "nowhere", clock.now)
+    with pytest.raises(InvalidInput):
+        catalog.copies_at(home_location_id(pool), state="melted")
+
+
+def test_add_copy_refuses_a_second_copy_in_the_same_store(catalog: Catalog, pool: str) -> None:
+    catalog.add_point(point("aaaa000000000001"), pool)
+    bucket = catalog.add_location(pool, "s3_bucket", "s3://cold/x")
+    usb = catalog.ensure_store("usb-store", "usb", "/media/a").store_id
+    catalog.set_copy("aaaa000000000001", home_location_id(usb), "present")
+    with pytest.raises(Conflict, match="already has a copy"):
+        catalog.add_copy("aaaa000000000001", usb)
+    catalog.set_copy("aaaa000000000001", bucket.id, "present")
+    # The store-keyed state change acts on the store's home location only.
+    catalog.set_copy_state("aaaa000000000001", pool, "deleted")
+    states = {c.location_id: c.state for c in catalog.point_copies("aaaa000000000001")}
+    assert states == {
+        home_location_id(pool): "deleted",
+        bucket.id: "present",
+        home_location_id(usb): "present",
+    }
+    assert ids(catalog.list_points(store_id=pool)) == ["aaaa000000000001"]
+
+
+def test_downgrade_to_0003_keeps_one_copy_per_store(catalog_url: str) -> None:
+    with Catalog.open(catalog_url) as catalog:
+        pool = catalog.ensure_store("pool-store", "pool", "/srv/pool1").store_id
+        catalog.add_point(point("aaaa000000000001"), pool)
+        bucket = catalog.add_location(pool, "s3_bucket", "s3://cold/x")
+        catalog.set_copy("aaaa000000000001", bucket.id, "archived")
+    engine = create_engine(catalog_url)
+    try:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0003")
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT point_id, store_id, state FROM point_copies"))
+            assert [tuple(row) for row in rows] == [("aaaa000000000001", pool, "present")]
+    finally:
+        engine.dispose()
+    with Catalog.open(catalog_url) as catalog:
+        (copy,) = catalog.point_copies("aaaa000000000001")
+        assert copy.location_id == home_location_id(pool)
 
 
 # --- catalog rebuild -----------------------------------------------------------------------------

@@ -7,8 +7,8 @@ new migration fails the suite. Never edit a released migration: add one.
 
 Design choices that keep SQLite and PostgreSQL interchangeable:
 
-- Only portable types: ``String``, ``Text``, ``Integer``, ``BigInteger``, ``JSON`` and
-  :class:`UTCDateTime` (``DateTime(timezone=True)`` underneath).
+- Only portable types: ``String``, ``Text``, ``Integer``, ``BigInteger``, ``Boolean``, ``JSON``
+  and :class:`UTCDateTime` (``DateTime(timezone=True)`` underneath).
 - Every constraint is named through :data:`NAMING_CONVENTION`, so a future migration can alter
   it by name on PostgreSQL and through Alembic's batch mode on SQLite.
 - Enumerated columns are plain strings validated in Python (see ``records``), not database enums
@@ -16,6 +16,8 @@ Design choices that keep SQLite and PostgreSQL interchangeable:
 - ``recovery_points.parent_id``/``base_full_id`` carry no foreign key: every point is a complete
   snapshot, so retention may delete a parent while its children stay; and `catalog rebuild`
   inserts points in whatever order a store lists them.
+- Booleans (``locations.immutable``, ...) are ``Boolean`` without a named CHECK constraint
+  (SQLAlchemy 2.0 creates none by default), for the same reason.
 - ``pools.store_id`` and ``failover_sessions.point_id`` carry no foreign key either: a pool is
   recorded before its store is registered, and a failover session is history that outlives the
   point it booted.
@@ -32,6 +34,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     ForeignKey,
@@ -51,6 +54,7 @@ from appliance.catalog.records import (
     FailoverSessionRecord,
     JobLogRecord,
     JobRecord,
+    LocationRecord,
     MediaRecord,
     PointRecord,
     PolicyRecord,
@@ -204,23 +208,77 @@ class PointRow(Base):
         self.labels = dict(point.labels)
 
 
+class LocationRow(Base):
+    """One place that holds (part of) a store (revision 0004)."""
+
+    __tablename__ = "locations"
+
+    id: Mapped[str] = mapped_column(String(NAME), primary_key=True)
+    store_id: Mapped[str] = mapped_column(String(NAME), ForeignKey("stores.store_id"), index=True)
+    kind: Mapped[str] = mapped_column(String(STATE))
+    address: Mapped[str] = mapped_column(Text)
+    access: Mapped[str] = mapped_column(String(STATE))
+    immutable: Mapped[bool] = mapped_column(Boolean)
+    removable: Mapped[bool] = mapped_column(Boolean)
+    offsite: Mapped[bool] = mapped_column(Boolean)
+    online: Mapped[bool] = mapped_column(Boolean)
+    label: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    def to_record(self) -> LocationRecord:
+        return LocationRecord(
+            id=self.id,
+            store_id=self.store_id,
+            kind=self.kind,
+            address=self.address,
+            access=self.access,
+            immutable=self.immutable,
+            removable=self.removable,
+            offsite=self.offsite,
+            online=self.online,
+            label=self.label,
+            created_at=self.created_at,
+            last_seen_at=self.last_seen_at,
+            details=dict(self.details),
+        )
+
+
 class CopyRow(Base):
+    """A point at a location, keyed by (point, location) since revision 0004.
+
+    ``store_id`` repeats the location's store, so the store-keyed queries (``list_points``,
+    ``replace_store_points``) stay single-table.
+    """
+
     __tablename__ = "point_copies"
-    __table_args__ = (Index(None, "store_id"),)
+    __table_args__ = (Index(None, "store_id"), Index(None, "location_id"))
 
     # Deleting a point removes its copy rows with it, in the database as well as in the ORM.
     point_id: Mapped[str] = mapped_column(
         String(NAME), ForeignKey("recovery_points.id", ondelete="CASCADE"), primary_key=True
     )
-    store_id: Mapped[str] = mapped_column(
-        String(NAME), ForeignKey("stores.store_id"), primary_key=True
+    location_id: Mapped[str] = mapped_column(
+        String(NAME), ForeignKey("locations.id"), primary_key=True
     )
+    store_id: Mapped[str] = mapped_column(String(NAME), ForeignKey("stores.store_id"))
     state: Mapped[str] = mapped_column(String(STATE))
     added_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    storage_class: Mapped[str | None] = mapped_column(String(NAME))
+    retain_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     def to_record(self) -> CopyRecord:
         return CopyRecord(
-            point_id=self.point_id, store_id=self.store_id, state=self.state, added_at=self.added_at
+            point_id=self.point_id,
+            store_id=self.store_id,
+            state=self.state,
+            added_at=self.added_at,
+            location_id=self.location_id,
+            storage_class=self.storage_class,
+            retain_until=self.retain_until,
+            verified_at=self.verified_at,
         )
 
 
@@ -319,10 +377,15 @@ class MediaRow(Base):
     kind: Mapped[str] = mapped_column(String(STATE))
     label: Mapped[str] = mapped_column(Text)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    location_id: Mapped[str | None] = mapped_column(String(NAME), ForeignKey("locations.id"))
 
     def to_record(self) -> MediaRecord:
         return MediaRecord(
-            identity=self.identity, kind=self.kind, label=self.label, last_seen=self.last_seen
+            identity=self.identity,
+            kind=self.kind,
+            label=self.label,
+            last_seen=self.last_seen,
+            location_id=self.location_id,
         )
 
 

@@ -20,6 +20,7 @@ The allowed values of the enumerated text fields are the frozensets below; the c
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,7 +29,26 @@ ASSET_KINDS = frozenset({"files", "vm"})
 POINT_KINDS = frozenset({"files", "image"})
 POINT_MODES = frozenset({"full", "incremental", "differential"})
 STORE_LOCATION_KINDS = frozenset({"pool", "usb", "tape", "bucket", "peer"})
-COPY_STATES = frozenset({"present", "copying", "deleted"})
+#: States of a copy. ``present`` copies are readable now; ``archived`` ones are in a cold storage
+#: class and need a recall (``recalling``) first; ``lost`` means the location no longer holds it.
+COPY_STATES = frozenset({"copying", "present", "archived", "recalling", "lost", "deleted"})
+#: Copy states that still stand for data at (or on its way to) a location: a location holding
+#: a copy in one of these states cannot be removed.
+HELD_COPY_STATES = frozenset({"copying", "present", "archived", "recalling"})
+#: Kinds of location (one place that holds a store, or part of it).
+LOCATION_KINDS = frozenset({"pool_dir", "block_pool", "removable", "tape_set", "s3_bucket", "peer"})
+#: How a location is read: ``random`` (disk, hot bucket, peer), ``cold`` (an archive class that
+#: needs a recall first), ``sequential`` (tape).
+LOCATION_ACCESS = frozenset({"random", "cold", "sequential"})
+#: The location kind, access and removability that stand for a store's own ``location_kind``
+#: (the store's home location, created with the store and by migration 0004).
+STORE_HOME_LOCATIONS: dict[str, tuple[str, str, bool]] = {
+    "pool": ("pool_dir", "random", False),
+    "usb": ("removable", "random", True),
+    "tape": ("tape_set", "sequential", True),
+    "bucket": ("s3_bucket", "random", False),
+    "peer": ("peer", "random", False),
+}
 MEDIA_KINDS = frozenset({"usb", "tape"})
 USER_ROLES = frozenset({"admin", "operator", "viewer"})
 LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
@@ -54,6 +74,16 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "failed": frozenset(),
     "cancelled": frozenset(),
 }
+
+
+def home_location_id(store_id: str) -> str:
+    """The ID of a store's *home location*: the location the store-keyed methods (``add_point``,
+    ``add_copy``, ``set_copy_state``, ``replace_store_points``) put copies at.
+
+    Derived from the store ID, so it is stable and needs no column. Never change the
+    derivation: migration 0004 created the home locations of existing stores with it.
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"appliance:store-home:{store_id}").hex
 
 
 @dataclass(frozen=True)
@@ -108,13 +138,47 @@ class PointRecord:
 
 
 @dataclass(frozen=True)
+class LocationRecord:
+    """One place that holds (part of) a store: a pool directory, a block-device pool, a removable
+    disk, a tape media set, an S3 bucket or a peer appliance.
+
+    ``online`` and ``last_seen_at`` say whether the place answered lately; ``details`` holds what
+    its backend needs (bucket region, tape pool, peer fingerprint, ...).
+    """
+
+    id: str
+    store_id: str
+    kind: str
+    address: str
+    access: str
+    immutable: bool
+    removable: bool
+    offsite: bool
+    online: bool
+    label: str
+    created_at: datetime
+    last_seen_at: datetime | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class CopyRecord:
-    """Where one copy of a recovery point lives, and whether it is usable yet (or still)."""
+    """One copy of a recovery point at one location, and whether it is usable yet (or still).
+
+    ``store_id`` is the store of ``location_id`` (a copy is keyed by point and location).
+    ``storage_class`` is the backend's class (``STANDARD``, ``DEEP_ARCHIVE``, ...), ``retain_until``
+    how long the location must keep it (object lock, tape retention), ``verified_at`` when this
+    copy was last read back and checked.
+    """
 
     point_id: str
     store_id: str
     state: str
     added_at: datetime
+    location_id: str | None = None
+    storage_class: str | None = None
+    retain_until: datetime | None = None
+    verified_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +243,8 @@ class MediaRecord:
     kind: str
     label: str
     last_seen: datetime
+    #: The location this medium is part of (a removable disk, a tape of a media set), if any.
+    location_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,352 @@
+"""Stores and the places that hold them: locations, pools and removable media.
+
+A *store* is the logical content under one store ID and key; a *location* is one place that
+holds (part of) it -- a pool directory, a block-device pool, a removable disk, a tape media
+set, an S3 bucket or a peer -- with its access mode (random, cold, sequential) and flags
+(immutable, removable, off-site, online). Copies of points are recorded per location
+(``copies``).
+
+Every store has a *home location* whose ID is derived from the store ID
+(:func:`records.home_location_id`): :meth:`LocationRepository.ensure_store` creates it with the
+store and keeps it at the store's location when the store moves, and the store-keyed methods
+of the points and copies repositories put copies there. Migration 0004 created the home
+locations of stores recorded before locations existed and attached every copy to them.
+
+A location still holding copies (:data:`records.HELD_COPY_STATES`) is never removed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from appliance.catalog.database import Database, check_choice, check_name, utc
+from appliance.catalog.models import (
+    CopyRow,
+    LocationRow,
+    MediaRow,
+    PoolRow,
+    StoreRow,
+)
+from appliance.catalog.records import (
+    HELD_COPY_STATES,
+    LOCATION_ACCESS,
+    LOCATION_KINDS,
+    MEDIA_KINDS,
+    STORE_HOME_LOCATIONS,
+    STORE_LOCATION_KINDS,
+    LocationRecord,
+    MediaRecord,
+    PoolRecord,
+    StoreRecord,
+    home_location_id,
+)
+from appliance.errors import Conflict, NotFound
+
+#: Location kinds that are removable unless said otherwise.
+REMOVABLE_KINDS = frozenset({"removable", "tape_set"})
+
+
+def store_row(session: Session, store_id: str) -> StoreRow:
+    row = session.get(StoreRow, store_id)
+    if row is None:
+        raise NotFound(f"store {store_id} is not in the catalog", store_id=store_id)
+    return row
+
+
+def location_row(session: Session, location_id: str, *, lock: bool = False) -> LocationRow:
+    row = session.get(LocationRow, location_id, with_for_update=lock)
+    if row is None:
+        raise NotFound(f"location {location_id} is not in the catalog", location_id=location_id)
+    return row
+
+
+def assign_home(row: LocationRow, store: StoreRow) -> None:
+    """Make ``row`` describe the store's own location (kind, access, address, label)."""
+    kind, access, removable = STORE_HOME_LOCATIONS[store.location_kind]
+    row.kind = kind
+    row.access = access
+    row.removable = removable
+    row.address = store.location
+    row.label = store.location
+
+
+def home_location_row(db: Database, session: Session, store: StoreRow) -> LocationRow:
+    """The store's home location (:func:`records.home_location_id`), created if missing.
+
+    It is made from the store row: kind and access from the store's ``location_kind``
+    (:data:`records.STORE_HOME_LOCATIONS`), address and label from its location; removable
+    kinds start offline, the others online.
+    """
+    row = session.get(LocationRow, home_location_id(store.store_id))
+    if row is None:
+        row = LocationRow(
+            id=home_location_id(store.store_id),
+            store_id=store.store_id,
+            immutable=False,
+            offsite=False,
+            created_at=db.now(),
+            last_seen_at=None,
+            details={},
+        )
+        assign_home(row, store)
+        row.online = not row.removable
+        session.add(row)
+        session.flush()
+    return row
+
+
+class LocationRepository:
+    """Stores, locations, pools and media."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def ensure_store(self, store_id: str, location_kind: str, location: str) -> StoreRecord:
+        """The store ``store_id``, created if new; its location is updated if it moved
+        (a USB disk mounted elsewhere, a pool renamed).
+
+        The store's home location (:func:`home_location_row`) is created with it and follows
+        the store when it moves.
+        """
+        check_name(store_id, "store ID")
+        check_choice(location_kind, STORE_LOCATION_KINDS, "store location kind")
+        with self._db.session(write=True, conflict=f"store {store_id} already exists") as session:
+            row = session.get(StoreRow, store_id, with_for_update=True)
+            if row is None:
+                row = StoreRow(
+                    store_id=store_id,
+                    location_kind=location_kind,
+                    location=location,
+                    created_at=self._db.now(),
+                )
+                session.add(row)
+                session.flush()
+            elif (row.location_kind, row.location) != (location_kind, location):
+                row.location_kind = location_kind
+                row.location = location
+                home = session.get(LocationRow, home_location_id(store_id), with_for_update=True)
+                if home is not None:
+                    assign_home(home, row)
+            home_location_row(self._db, session, row)
+            return row.to_record()
+
+    def get_store(self, store_id: str) -> StoreRecord:
+        with self._db.session(write=False) as session:
+            return store_row(session, store_id).to_record()
+
+    def list_stores(self) -> list[StoreRecord]:
+        with self._db.session(write=False) as session:
+            rows = session.scalars(select(StoreRow).order_by(StoreRow.store_id))
+            return [row.to_record() for row in rows]
+
+    # --- locations -------------------------------------------------------------------------------
+
+    def add_location(
+        self,
+        store_id: str,
+        kind: str,
+        address: str,
+        *,
+        access: str | None = None,
+        immutable: bool = False,
+        removable: bool | None = None,
+        offsite: bool = False,
+        online: bool = True,
+        label: str = "",
+        details: dict[str, Any] | None = None,
+        location_id: str | None = None,
+    ) -> LocationRecord:
+        """A new location of the store ``store_id`` (an unknown store is :class:`NotFound`).
+
+        ``access`` defaults to ``sequential`` for a tape set and ``random`` otherwise;
+        ``removable`` to whether the kind is ``removable`` or ``tape_set``; ``label`` to the
+        address; the ID to a random 32-hex-digit one (a taken ID is a :class:`Conflict`).
+        """
+        check_name(store_id, "store ID")
+        check_choice(kind, LOCATION_KINDS, "location kind")
+        if access is None:
+            access = "sequential" if kind == "tape_set" else "random"
+        check_choice(access, LOCATION_ACCESS, "location access")
+        location_id = location_id or uuid.uuid4().hex
+        check_name(location_id, "location ID")
+        conflict = f"location {location_id} already exists"
+        with self._db.session(write=True, conflict=conflict) as session:
+            store_row(session, store_id)
+            if session.get(LocationRow, location_id) is not None:
+                raise Conflict(conflict, location_id=location_id)
+            row = LocationRow(
+                id=location_id,
+                store_id=store_id,
+                kind=kind,
+                address=address,
+                access=access,
+                immutable=immutable,
+                removable=kind in REMOVABLE_KINDS if removable is None else removable,
+                offsite=offsite,
+                online=online,
+                label=label or address,
+                created_at=self._db.now(),
+                last_seen_at=None,
+                details=dict(details or {}),
+            )
+            session.add(row)
+            return row.to_record()
+
+    def get_location(self, location_id: str) -> LocationRecord:
+        with self._db.session(write=False) as session:
+            return location_row(session, location_id).to_record()
+
+    def list_locations(self, store_id: str | None = None) -> list[LocationRecord]:
+        """Locations (of one store, if given), by store, then oldest first."""
+        query = select(LocationRow).order_by(
+            LocationRow.store_id, LocationRow.created_at, LocationRow.id
+        )
+        if store_id is not None:
+            query = query.where(LocationRow.store_id == store_id)
+        with self._db.session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query)]
+
+    def update_location(
+        self,
+        location_id: str,
+        *,
+        online: bool | None = None,
+        last_seen_at: datetime | None = None,
+        label: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> LocationRecord:
+        """Record whether the location answers, and when it was last seen.
+
+        ``online=True`` without ``last_seen_at`` stamps ``last_seen_at`` now. ``details`` are
+        merged into the recorded ones (keys given replace). None leaves a field unchanged.
+        """
+        if last_seen_at is not None:
+            last_seen_at = utc(last_seen_at, "last_seen_at")
+        with self._db.session(write=True) as session:
+            row = location_row(session, location_id, lock=True)
+            if online is not None:
+                row.online = online
+                if online and last_seen_at is None:
+                    row.last_seen_at = self._db.now()
+            if last_seen_at is not None:
+                row.last_seen_at = last_seen_at
+            if label is not None:
+                row.label = label
+            if details:
+                row.details = {**row.details, **details}
+            return row.to_record()
+
+    def remove_location(self, location_id: str) -> None:
+        """Forget a location that holds no copy any more.
+
+        A copy in a state of :data:`records.HELD_COPY_STATES` (copying, present, archived,
+        recalling) is a :class:`Conflict`; ``lost`` and ``deleted`` copy rows go with the
+        location, and media attached to it are detached.
+        """
+        with self._db.session(write=True) as session:
+            row = location_row(session, location_id, lock=True)
+            held = session.scalar(
+                select(func.count())
+                .select_from(CopyRow)
+                .where(
+                    CopyRow.location_id == location_id,
+                    CopyRow.state.in_(sorted(HELD_COPY_STATES)),
+                )
+            )
+            if held:
+                raise Conflict(
+                    f"location {location_id} still holds {held} copy(ies); "
+                    "move or delete them first",
+                    location_id=location_id,
+                    copies=held,
+                )
+            session.execute(delete(CopyRow).where(CopyRow.location_id == location_id))
+            session.execute(
+                update(MediaRow).where(MediaRow.location_id == location_id).values(location_id=None)
+            )
+            session.delete(row)
+
+    # --- pools and media -------------------------------------------------------------------------
+
+    def add_pool(self, name: str, path: str, store_id: str) -> PoolRecord:
+        check_name(name, "pool name")
+        check_name(store_id, "store ID")
+        conflict = f"pool {name} already exists"
+        with self._db.session(write=True, conflict=conflict) as session:
+            if session.get(PoolRow, name) is not None:
+                raise Conflict(conflict, pool=name)
+            row = PoolRow(name=name, path=path, store_id=store_id, created_at=self._db.now())
+            session.add(row)
+            return row.to_record()
+
+    def get_pool(self, name: str) -> PoolRecord:
+        with self._db.session(write=False) as session:
+            row = session.get(PoolRow, name)
+            if row is None:
+                raise NotFound(f"pool {name} does not exist", pool=name)
+            return row.to_record()
+
+    def list_pools(self) -> list[PoolRecord]:
+        with self._db.session(write=False) as session:
+            return [
+                row.to_record() for row in session.scalars(select(PoolRow).order_by(PoolRow.name))
+            ]
+
+    def delete_pool(self, name: str) -> None:
+        with self._db.session(write=True) as session:
+            row = session.get(PoolRow, name)
+            if row is None:
+                raise NotFound(f"pool {name} does not exist", pool=name)
+            session.delete(row)
+
+    def ensure_media(
+        self, identity: str, kind: str, label: str, location_id: str | None = None
+    ) -> MediaRecord:
+        """Record that the medium ``identity`` was seen now, under ``label``.
+
+        ``location_id`` attaches the medium to a location (a removable disk, a tape of a media
+        set); None leaves the recorded one unchanged.
+        """
+        check_name(identity, "media identity")
+        check_choice(kind, MEDIA_KINDS, "media kind")
+        conflict = f"medium {identity} already exists"
+        with self._db.session(write=True, conflict=conflict) as session:
+            if location_id is not None:
+                location_row(session, location_id)
+            row = session.get(MediaRow, identity, with_for_update=True)
+            if row is None:
+                row = MediaRow(
+                    identity=identity,
+                    kind=kind,
+                    label=label,
+                    last_seen=self._db.now(),
+                    location_id=location_id,
+                )
+                session.add(row)
+            else:
+                if row.kind != kind:
+                    raise Conflict(f"medium {identity} is a {row.kind} medium, not {kind}")
+                row.label = label
+                row.last_seen = self._db.now()
+                if location_id is not None:
+                    row.location_id = location_id
+            return row.to_record()
+
+    def get_media(self, identity: str) -> MediaRecord:
+        with self._db.session(write=False) as session:
+            row = session.get(MediaRow, identity)
+            if row is None:
+                raise NotFound(f"medium {identity} is not known", identity=identity)
+            return row.to_record()
+
+    def list_media(self, kind: str | None = None) -> list[MediaRecord]:
+        query = select(MediaRow).order_by(MediaRow.identity)
+        if kind is not None:
+            query = query.where(MediaRow.kind == kind)
+        with self._db.session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query)]
