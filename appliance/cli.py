@@ -12,7 +12,6 @@ or a prompt on a terminal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import os
@@ -27,8 +26,8 @@ from typing import Any
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
 from appliance.file_modes import PRIVATE_UMASK
-from appliance.maintenance import collect_garbage, repair_store, verify_point, verify_store
-from appliance.retention import RetentionRules, apply_retention
+from appliance.maintenance import collect_garbage, repair_store
+from appliance.retention import RetentionRules
 
 EXIT_DAMAGE = 1
 EXIT_ERROR = 2
@@ -266,20 +265,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     with _open(args) as app:
-        with app.locks.shared():
-            if args.point:
-                point = app.point(args.point)
-                report = verify_point(app.repo, point.id)
-            else:
-                report = verify_store(app.repo, max_bytes=args.max_bytes, progress=progress)
+        report = app.verify(args.point, max_bytes=args.max_bytes, progress=progress)
         progress.done()
-        now = app.clock()
-        for point_id in app.repo.manifest_ids() if not args.point else [app.point(args.point).id]:
-            if args.max_bytes is None or point_id in report.affected_points:
-                status = "damaged" if point_id in report.affected_points else "ok"
-                # A point in the store but not in the catalog: `catalog rebuild` adds it.
-                with contextlib.suppress(ApplianceError):
-                    app.catalog.mark_verified(point_id, now, status)
 
     def text() -> str:
         lines = [
@@ -312,14 +299,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if rules.empty():
         raise InvalidInput("name at least one --keep-... rule")
     with _open(args) as app:
-        app.catalog.get_asset(args.asset)
-        points = app.catalog.list_points(asset=args.asset)
-        decision = apply_retention(points, rules)
-        if not args.dry_run:
-            with app.locks.exclusive():
-                for point_id in decision.remove:
-                    app.repo.delete_manifest(point_id)
-                    app.catalog.delete_point(point_id)
+        decision = app.prune(args.asset, rules, dry_run=args.dry_run)
     document = {"keep": decision.keep, "remove": decision.remove, "dry_run": args.dry_run}
     verb = "would remove" if args.dry_run else "removed"
     _emit(
@@ -523,7 +503,22 @@ def build_parser() -> argparse.ArgumentParser:
             print(f"warning: CLI plug-in {plugin.name} not loaded: {exc}", file=sys.stderr)
             continue
         register(sub)
+    _accept_global_options_after_subcommands(parser)
     return parser
+
+
+def _accept_global_options_after_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``appliance points --json`` works like ``appliance --json points``: every subcommand
+    accepts ``--json`` too. Its default is SUPPRESS, so a subcommand given without it leaves
+    the value set before the subcommand alone."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--json" in a.option_strings for a in sub._actions):
+                    sub.add_argument(
+                        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+                    )
+                _accept_global_options_after_subcommands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

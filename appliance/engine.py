@@ -18,6 +18,7 @@ Time is injected (``clock``) so that tests and policies use explicit timestamps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -36,6 +37,7 @@ from appliance.errors import (
     ObjectMissing,
     PathRefused,
 )
+from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
     BlockFacts,
     Conflict,
@@ -50,6 +52,7 @@ from appliance.path_rules import (
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
 from appliance.restore_tree import keep_aside, keep_stamp
+from appliance.retention import RetentionDecision, RetentionRules, apply_retention
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
 from appliance.vmspec import default_spec, load_spec, normalise, parse_vm_source
@@ -490,6 +493,68 @@ class Appliance:
             return restore_tar(self.repo, manifest, out, subpath=subpath)
 
     # --- catalog ----------------------------------------------------------------------------------
+
+    # --- verify, prune, delete ------------------------------------------------------------------
+
+    def verify(
+        self,
+        point_id: str | None = None,
+        *,
+        max_bytes: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> VerifyReport:
+        """Verify one point, or the store (a budgeted slice when ``max_bytes`` is given), and
+        record the outcome on every point it decided: the points it found damaged, and, unless
+        the run was a budgeted slice, every other point as ok. Points in the store but not in the
+        catalog are skipped (``catalog rebuild`` adds them)."""
+        with self.locks.shared():
+            if point_id is not None:
+                point_id = self.point(point_id).id
+                report = verify_point(self.repo, point_id)
+            else:
+                report = verify_store(self.repo, max_bytes=max_bytes, progress=progress)
+        if point_id is not None:
+            decided = [point_id]
+        elif max_bytes is None:
+            decided = self.repo.manifest_ids()
+        else:
+            decided = list(report.affected_points)
+        now = self.clock()
+        for pid in decided:
+            status = "damaged" if pid in report.affected_points else "ok"
+            with contextlib.suppress(NotFound):
+                self.catalog.mark_verified(pid, now, status)
+        return report
+
+    def delete_points(
+        self, point_ids: list[str], *, deleted: Callable[[str], None] | None = None
+    ) -> None:
+        """Delete points: each one's manifest, then its catalog entry, under the store's
+        exclusive lock (LockHeld while a backup, restore or maintenance holds it). The data they
+        alone used is freed by the next GC."""
+        with self.locks.exclusive():
+            for point_id in point_ids:
+                self.repo.delete_manifest(point_id)
+                self.catalog.delete_point(point_id)
+                if deleted is not None:
+                    deleted(point_id)
+
+    def prune(
+        self,
+        asset: str,
+        rules: RetentionRules,
+        *,
+        dry_run: bool = False,
+        deleted: Callable[[str], None] | None = None,
+    ) -> RetentionDecision:
+        """Apply retention rules to an asset's points; unless ``dry_run``, delete the others."""
+        if rules.empty():
+            raise InvalidInput("a prune needs at least one keep rule")
+        self.catalog.get_asset(asset)
+        decision = apply_retention(self.catalog.list_points(asset=asset), rules)
+        if not dry_run:
+            self.delete_points(decision.remove, deleted=deleted)
+        return decision
 
     def rebuild_catalog(self) -> dict[str, Any]:
         """Recreate the catalog's view of this store from the store alone.

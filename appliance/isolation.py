@@ -11,8 +11,8 @@ by exec (so clean) that imports the engine once and forks each child from its si
 How: :func:`run_isolated` starts the child, which opens the appliance itself (same data
 directory and catalog; the store is unlocked with its recovery key, passed through the process
 pipe, so no key derivation is repeated) and runs the work function with a context that relays
-progress, log lines and follow-up job submissions to the parent's :class:`JobContext` over the
-pipe. The parent's cancel event is forwarded to a process-shared event the work function polls.
+progress, log lines and follow-up job submissions to the parent's job context (a
+:class:`appliance.job_context.JobView`) over the pipe. The parent's cancel event is forwarded to a process-shared event the work function polls.
 The result, or the domain error, comes back the same way.
 
 A child must not outlive its service: the fork server exits when the service dies, the child
@@ -37,10 +37,10 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
 from appliance.errors import ApplianceError, BackupCancelled
+from appliance.job_context import JobView
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
-    from appliance.jobs import JobContext
 
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 0.2
@@ -77,7 +77,7 @@ class ApplianceOpener:
 
 
 class _ChildContext:
-    """The work function's view of its job, inside the child (duck-types JobContext)."""
+    """The work function's view of its job, inside the child (a :class:`JobView`)."""
 
     def __init__(self, conn: Connection, cancel: Any, job_id: str) -> None:
         self.job_id = job_id
@@ -159,7 +159,7 @@ def run_isolated(
     app: Appliance,
     work: Callable[..., dict[str, Any]],
     params: dict[str, Any],
-    ctx: JobContext,
+    ctx: JobView,
 ) -> dict[str, Any]:
     """Run ``work(app, params, ctx)`` in a clean child; same result, errors and effects."""
     mp = multiprocessing.get_context("forkserver")

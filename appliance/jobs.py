@@ -30,8 +30,8 @@ from appliance.catalog.records import JobRecord
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, BackupCancelled, InvalidInput
 from appliance.isolation import run_isolated
-from appliance.maintenance import collect_garbage, verify_point, verify_store
-from appliance.retention import RetentionRules, apply_retention
+from appliance.maintenance import collect_garbage
+from appliance.retention import RetentionRules
 
 PROGRESS_INTERVAL = 0.5
 
@@ -146,44 +146,22 @@ def _restore(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, An
 
 
 def _verify(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    if p.get("point"):
-        point = app.point(p["point"])
-        report = verify_point(app.repo, point.id)
-    else:
-        report = verify_store(app.repo, max_bytes=p.get("max_bytes"), progress=ctx.progress)
-    now = app.clock()
+    report = app.verify(p.get("point"), max_bytes=p.get("max_bytes"), progress=ctx.progress)
     for point_id, reasons in report.affected_points.items():
         ctx.log("error", f"point {point_id}: {'; '.join(reasons)}")
-    checked = (
-        [p["point"]]
-        if p.get("point")
-        else (
-            app.repo.manifest_ids() if p.get("max_bytes") is None else list(report.affected_points)
-        )
-    )
-    for point_id in checked:
-        try:
-            point_id = app.point(point_id).id
-        except ApplianceError:
-            continue
-        app.catalog.mark_verified(
-            point_id, now, "damaged" if point_id in report.affected_points else "ok"
-        )
     return report.to_dict()
 
 
 def _prune(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     rules = RetentionRules(**{k: int(v) for k, v in p.get("rules", {}).items()})
-    if rules.empty():
-        raise InvalidInput("a prune needs at least one keep rule")
-    decision = apply_retention(app.catalog.list_points(asset=p["asset"]), rules)
-    if not p.get("dry_run"):
-        with app.locks.exclusive():
-            for point_id in decision.remove:
-                app.repo.delete_manifest(point_id)
-                app.catalog.delete_point(point_id)
-                ctx.log("info", f"removed point {point_id}")
-    return {"keep": decision.keep, "remove": decision.remove, "dry_run": bool(p.get("dry_run"))}
+    dry_run = bool(p.get("dry_run"))
+    decision = app.prune(
+        p["asset"],
+        rules,
+        dry_run=dry_run,
+        deleted=lambda point_id: ctx.log("info", f"removed point {point_id}"),
+    )
+    return {"keep": decision.keep, "remove": decision.remove, "dry_run": dry_run}
 
 
 def _gc(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:

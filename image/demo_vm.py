@@ -26,7 +26,6 @@ from typing import Any
 
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, Conflict, InvalidInput, NotFound
-from appliance.maintenance import verify_point
 from appliance.vmspec import parse_vm_source, vm_source
 from image.failover import asset_failover_settings, put_asset_failover_settings
 from image.qemu import choose_accelerator
@@ -181,9 +180,7 @@ def seed_demo_vm(
         created.append("point")
     if point.verify_status != "ok":
         # A verified point is the one a failover picks by default, and the page shows it so.
-        with app.locks.shared():
-            report = verify_point(app.repo, point.id)
-        catalog.mark_verified(point.id, app.clock(), "ok" if report.ok else "damaged")
+        app.verify(point.id)
         created.append("verified")
 
     # The canary boot that picks KVM or TCG runs once per host kernel; done here, the first

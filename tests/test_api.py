@@ -657,7 +657,7 @@ def test_policy_run_backs_up_then_prunes_by_its_retention(
         r = operator.post("/api/policies/keep-two/run", json={})
         assert r.status_code == 202
         job = wait_job(operator, r.json()["id"])
-        assert job["state"] == "succeeded" and job["kind"] == "policy_backup"
+        assert job["state"] == "succeeded" and job["kind"] == "policy_backup", job["error"]
         prune = wait_job(operator, job["result"]["prune_job"])
         assert prune["state"] == "succeeded"
     points = operator.get("/api/points", params={"asset": "ret-asset"}).json()

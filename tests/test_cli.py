@@ -92,6 +92,8 @@ def test_init_json(tmp_path: Path) -> None:
 
 def test_backup_json_documents(site: Site) -> None:
     points = json.loads(run_cli("--json", "points", data_dir=site.data_dir).stdout)
+    # --json also works after the subcommand, as the README shows.
+    assert json.loads(run_cli("points", "--json", data_dir=site.data_dir).stdout) == points
     by_id = {p["id"]: p for p in points}
     assert set(by_id) == {site.files_point, site.image_point}
     files, image = by_id[site.files_point], by_id[site.image_point]

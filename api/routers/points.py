@@ -279,9 +279,7 @@ def delete_point(point_id: str, principal: Admin, service: ServiceDep) -> Respon
     409 while a backup, restore or maintenance job holds the store."""
     app = service.app
     point = app.point(point_id)
-    with app.locks.exclusive():
-        app.repo.delete_manifest(point.id)
-        app.catalog.delete_point(point.id)
+    app.delete_points([point.id])
     app.catalog.audit(
         principal.name, "point.delete", point.id, {"asset": point.asset, **principal.audit_details}
     )
