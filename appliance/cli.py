@@ -23,9 +23,12 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any
 
+from appliance.cli_locations import register as register_location_commands
+from appliance.cli_locations import seed_from_location
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
 from appliance.file_modes import PRIVATE_UMASK
+from appliance.locations.work import copies_public
 from appliance.maintenance import collect_garbage, repair_store
 from appliance.retention import RetentionRules
 
@@ -215,6 +218,7 @@ def cmd_backup_image(args: argparse.Namespace) -> int:
 def cmd_points(args: argparse.Namespace) -> int:
     with _open(args) as app:
         points = app.catalog.list_points(asset=args.asset)
+        copies = {p.id: copies_public(app, p.id) for p in points} if args.copies else {}
 
     def table() -> str:
         if not points:
@@ -225,9 +229,15 @@ def cmd_points(args: argparse.Namespace) -> int:
                 f"{p.id:16}  {p.asset[:16]:16}  {p.kind:5}  {p.mode:12}  "
                 f"{p.created_at.strftime('%Y-%m-%d %H:%M:%S')}  {_human(p.logical_bytes)}"
             )
+            for c in copies.get(p.id, []):
+                rows.append(f"    copy at {c['label']} ({c['kind']}): {c['state']}")
         return "\n".join(rows)
 
-    _emit(args, [_point_dict(p) for p in points], table)
+    documents = [_point_dict(p) for p in points]
+    if args.copies:
+        for document in documents:
+            document["copies"] = copies[document["id"]]
+    _emit(args, documents, table)
     return 0
 
 
@@ -245,6 +255,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
             subpath=args.path,
             disk=args.disk,
             target_format=args.format,
+            location=args.location,
+            log=lambda message: print(f"note: {message}", file=sys.stderr),
             workers=args.workers,
             progress=progress,
         )
@@ -356,6 +368,20 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog_rebuild(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        seed_from_location(args.data_dir, args.source)
+        with _open(args) as app:
+            adopted = app.adopt_location(args.source)
+        _emit(
+            args,
+            adopted,
+            lambda: (
+                f"Catalog rebuilt from location {adopted['label']}: {adopted['copies']} point(s) "
+                f"there, {adopted['points_added']} added, "
+                f"{len(adopted['damaged_points'])} unreadable manifest(s)"
+            ),
+        )
+        return 0
     with _open(args) as app:
         result = app.rebuild_catalog()
     _emit(
@@ -447,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     points = sub.add_parser("points", help="list recovery points")
     points.add_argument("--asset")
+    points.add_argument("--copies", action="store_true", help="with each point's copies")
     points.set_defaults(func=cmd_points)
+    register_location_commands(sub, _open, _emit)
 
     restore = sub.add_parser("restore", help="restore a point (TARGET - streams a tar)")
     restore.add_argument("point")
@@ -455,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--path", help="restore only this file or folder")
     restore.add_argument("--disk", help="restore only this disk of an image point")
     restore.add_argument("--format", default="raw", help="image format of restored disks")
+    restore.add_argument("--from", dest="location", help="read from this location first")
     restore.set_defaults(func=cmd_restore)
 
     verify = sub.add_parser("verify", help="check the store (or one point)")
@@ -481,9 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="catalog maintenance").add_subparsers(
         dest="action", required=True
     )
-    catalog.add_parser("rebuild", help="recreate the catalog from the store").set_defaults(
-        func=cmd_catalog_rebuild
+    rebuild = catalog.add_parser("rebuild", help="recreate the catalog from the store")
+    rebuild.add_argument(
+        "--from",
+        dest="source",
+        metavar="LOCATION",
+        help="from another location of the store (a directory), also on a fresh data directory",
     )
+    rebuild.set_defaults(func=cmd_catalog_rebuild)
 
     key = sub.add_parser("key", help="key management").add_subparsers(dest="action", required=True)
     export = key.add_parser("export", help="export the wrapped key file, or --paper recovery key")

@@ -30,13 +30,14 @@ from typing import IO, Any
 from appliance.backup.files import backup_tree
 from appliance.backup.images import backup_disk
 from appliance.catalog import Catalog
-from appliance.catalog.records import PointRecord
+from appliance.catalog.records import LocationRecord, PointRecord
 from appliance.errors import (
     InvalidInput,
     NotFound,
     ObjectMissing,
     PathRefused,
 )
+from appliance.locations import work as locations_work
 from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
     BlockFacts,
@@ -425,18 +426,23 @@ class Appliance:
         target_format: str = "raw",
         on_conflict: Conflict = "overwrite",
         block_device: bool = True,
+        location: str | None = None,
+        log: Callable[[str], None] | None = None,
         workers: int | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         """Restore a point (or a path or disk of it) to ``target``, which the caller has checked
         (the service: :meth:`check_restore_target`). ``block_device=False`` refuses to write to
-        a block device; ``keep_both`` renames what is in the way instead of replacing it."""
-        manifest = self.manifest(point_id)
+        a block device; ``keep_both`` renames what is in the way instead of replacing it. The
+        point is read from its best copy (``location``: the one the user named first), falling
+        back to the next when a read fails; ``log`` is told which copies were used."""
+        repo = self.reader(point_id, named=location, log=log)
+        manifest = repo.get_manifest(self.point(point_id).id)
         with self.locks.shared():
             if manifest["kind"] == "files":
                 counts = restore_tree(
-                    self.repo,
+                    repo,
                     manifest,
                     target,
                     subpath=subpath,
@@ -470,7 +476,7 @@ class Appliance:
                 if on_conflict == "keep_both" and os.path.lexists(out):
                     kept.append(keep_aside(out, keep_stamp(self.clock())))
                 restore_disk(
-                    self.repo,
+                    repo,
                     d,
                     out,
                     target_format=target_format,
@@ -486,11 +492,47 @@ class Appliance:
             }
 
     def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:
-        manifest = self.manifest(point_id)
+        repo = self.reader(point_id)
+        manifest = repo.get_manifest(self.point(point_id).id)
         if manifest["kind"] != "files":
             raise InvalidInput("only file points can be streamed as tar")
         with self.locks.shared():
-            return restore_tar(self.repo, manifest, out, subpath=subpath)
+            return restore_tar(repo, manifest, out, subpath=subpath)
+
+    # --- locations --------------------------------------------------------------------------------
+
+    def reader(
+        self, point_id: str, *, named: str | None = None, log: Callable[[str], None] | None = None
+    ) -> Repository:
+        """The repository to read ``point_id`` from: its best copy first, the others after
+        (``appliance.locations``); ``log`` is told when a read moves to another copy."""
+
+        def switched(old: str, new: str, exc: Exception) -> None:
+            if log is not None:
+                log(f"reading from {old} failed ({exc}); reading from {new}")
+
+        return locations_work.reader(self, self.point(point_id).id, named=named, switched=switched)
+
+    def add_location(self, address: str, **options: Any) -> LocationRecord:
+        return locations_work.add_location(self, address, **options)
+
+    def remove_location(self, name: str) -> LocationRecord:
+        return locations_work.remove_location(self, name)
+
+    def adopt_location(self, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
+        """Add the points a location holds to the catalog as copies there (``catalog rebuild
+        --from``); points already listed get one more copy, none is duplicated."""
+        return locations_work.adopt_location(self, address, kind=kind)
+
+    def copy_point(
+        self,
+        point_id: str,
+        location: str,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        return locations_work.copy_to(self, point_id, location, progress=progress, cancel=cancel)
 
     # --- catalog ----------------------------------------------------------------------------------
 

@@ -139,6 +139,8 @@ def _restore(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, An
         target_format=p.get("format", "raw"),
         on_conflict=checked.on_conflict,
         block_device=checked.block_device,
+        location=p.get("location"),
+        log=lambda message: ctx.log("warning", message),
         progress=ctx.progress,
         cancel=ctx.cancel,
     )
@@ -162,6 +164,21 @@ def _prune(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]
         deleted=lambda point_id: ctx.log("info", f"removed point {point_id}"),
     )
     return {"keep": decision.keep, "remove": decision.remove, "dry_run": dry_run}
+
+
+def _copy(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.log("info", f"copying point {p['point']} to {p['location']}")
+    result = app.copy_point(p["point"], p["location"], progress=ctx.progress, cancel=ctx.cancel)
+    ctx.log(
+        "info",
+        f"{result['packs_copied']} pack(s) copied, {result['packs_present']} already there",
+    )
+    return result
+
+
+def _copy_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
+    # The store shared (GC must not free packs mid-copy), the target location exclusively.
+    return [("store", False), (f"location:{p['location']}", True)]
 
 
 def _gc(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
@@ -197,6 +214,10 @@ JOB_KINDS: dict[str, JobKind] = {
         _restore, _store_shared, False, lambda p: f"restore of {p['point']}", isolated=True
     ),
     "verify": JobKind(_verify, _store_shared, True, lambda p: "verify"),
+    # Resumable: a copy interrupted by a crash runs again and skips the packs already there.
+    "copy": JobKind(
+        _copy, _copy_resources, True, lambda p: f"copy of {p['point']} to {p['location']}"
+    ),
     "prune": JobKind(_prune, _store_exclusive, True, lambda p: f"prune of {p['asset']}"),
     "gc": JobKind(_gc, _store_exclusive, True, lambda p: "garbage collection"),
     "rebuild_catalog": JobKind(_rebuild, _store_exclusive, True, lambda p: "catalog rebuild"),

@@ -1,0 +1,258 @@
+"""Work functions on locations: add and remove one, copy a point there, read a point from its
+best copy, and find the catalog's points in a location. The CLI, the jobs and the tests call these
+(through :class:`appliance.engine.Appliance`), never the catalog and backends directly.
+
+A location's backend comes from the registry (``appliance.backends`` entry points), so outer
+packages add kinds without this module knowing them, and it is opened only after its identity
+file says it holds this store (else :class:`LocationUnavailable`, and the catalog marks it
+offline): an unmounted disk never reads as an empty store, and nothing is ever deleted or written
+on the grounds of a location that did not answer.
+
+The store's *home location* is the data directory's own pool (``home_location_id``): its backend
+is the repository's own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from appliance.catalog.records import CopyRecord, LocationRecord, home_location_id
+from appliance.errors import Conflict, InvalidInput, LocationUnavailable, NotFound
+from appliance.locations.choice import CopyOption, order_copies
+from appliance.locations.copy import FallbackBackend, copy_point
+from appliance.store.backend import Backend
+from appliance.store.identity import check_identity, write_identity
+from appliance.store.registry import open_backend
+from appliance.store.repository import Repository
+
+if TYPE_CHECKING:
+    from appliance.engine import Appliance
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+Switched = Callable[[str, str, Exception], None]
+#: What each location kind is accessed like.
+ACCESS_BY_KIND = {
+    "pool_dir": "random",
+    "block_pool": "random",
+    "removable": "random",
+    "s3_bucket": "cold",
+    "tape_set": "sequential",
+    "peer": "random",
+}
+
+
+def home_id(app: Appliance) -> str:
+    return home_location_id(app.repo.store_id)
+
+
+def find_location(app: Appliance, name: str) -> LocationRecord:
+    """A location of this store by id, id prefix or label."""
+    locations = app.catalog.list_locations(app.repo.store_id)
+    exact = [loc for loc in locations if name in (loc.id, loc.label)]
+    if len(exact) == 1:
+        return exact[0]
+    prefixed = [loc for loc in locations if loc.id.startswith(name)]
+    if len(prefixed) == 1 and len(name) >= 4:
+        return prefixed[0]
+    raise NotFound(f"no location {name!r} of this store", location=name)
+
+
+def location_backend(app: Appliance, location: LocationRecord) -> Backend:
+    """The location's backend, opened and identity-checked; marks the location online or
+    offline in the catalog as it answers."""
+    if location.id == home_id(app):
+        return app.repo.backend
+    options = dict(location.details.get("options", {}))
+    try:
+        backend = open_backend(location.kind, location.address, **options)
+        check_identity(backend, app.repo.store_id, location.id)
+    except LocationUnavailable:
+        if location.online:
+            app.catalog.update_location(location.id, online=False)
+        raise
+    if not location.online:
+        app.catalog.update_location(location.id, online=True)
+    return backend
+
+
+def add_location(
+    app: Appliance,
+    address: str,
+    *,
+    kind: str = "pool_dir",
+    label: str = "",
+    require_mount: bool = False,
+    offsite: bool = False,
+) -> LocationRecord:
+    """Register a place as a location of this store: its identity file is written there first
+    (a place already holding another store or location is refused)."""
+    address = os.path.abspath(address) if kind == "pool_dir" else address
+    data_dir = os.path.realpath(app.data_dir.path)
+    real = os.path.realpath(address)
+    if kind == "pool_dir" and (real == data_dir or real.startswith(data_dir + os.sep)):
+        raise InvalidInput("a location must not lie inside the data directory", path=address)
+    options = {"require_mount": True} if require_mount else {}
+    backend = open_backend(kind, address, **options)
+    location_id = uuid.uuid4().hex
+    write_identity(backend, app.repo.store_id, location_id)
+    return app.catalog.add_location(
+        app.repo.store_id,
+        kind,
+        address,
+        access=ACCESS_BY_KIND.get(kind, "random"),
+        removable=kind == "removable",
+        offsite=offsite,
+        label=label or os.path.basename(address.rstrip("/")) or location_id[:8],
+        details={"options": options},
+        location_id=location_id,
+    )
+
+
+def remove_location(app: Appliance, name: str) -> LocationRecord:
+    """Forget a location (Conflict while it holds copies; the data there is left alone)."""
+    location = find_location(app, name)
+    if location.id == home_id(app):
+        raise Conflict("the data directory's own pool cannot be removed")
+    app.catalog.remove_location(location.id)
+    return location
+
+
+def copy_to(
+    app: Appliance,
+    point_id: str,
+    name: str,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Copy a point to a location: the copy is ``copying`` until every pack is there and read
+    back, then ``present`` and verified now. A rerun after a failure resumes."""
+    point = app.point(point_id)
+    location = find_location(app, name)
+    if location.id == home_id(app):
+        raise InvalidInput("the point's home pool is where it was made; name another location")
+    target = location_backend(app, location)
+    app.catalog.set_copy(point.id, location.id, "copying")
+    with app.locks.shared():
+        result = copy_point(app.repo, point.id, target, progress=progress, cancel=cancel)
+    app.catalog.set_copy(point.id, location.id, "present", verified_at=app.clock())
+    return {"location": location.id, "label": location.label, **result.to_dict()}
+
+
+def copy_options(app: Appliance, point_id: str) -> list[tuple[CopyOption, LocationRecord]]:
+    """The point's copies with their locations, as the choice rule sees them."""
+    locations = {loc.id: loc for loc in app.catalog.list_locations(app.repo.store_id)}
+    out = []
+    for copy in app.catalog.copies_of(point_id):
+        location = locations.get(copy.location_id or "")
+        if location is None:
+            continue
+        option = CopyOption(
+            location.id,
+            location.label,
+            copy.state,
+            location.access,
+            location.online,
+            copy.verified_at,
+        )
+        out.append((option, location))
+    return out
+
+
+def reader(
+    app: Appliance, point_id: str, *, named: str | None = None, switched: Switched | None = None
+) -> Repository:
+    """A repository that reads ``point_id`` from its best copy and falls back to the next when
+    a read fails (``switched`` is told). The home pool alone: the repository itself."""
+    pairs = {opt.location_id: loc for opt, loc in copy_options(app, point_id)}
+    if named is not None:
+        named = find_location(app, named).id
+    ordered = order_copies([opt for opt, _ in copy_options(app, point_id)], named=named)
+    if not ordered:
+        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    home = home_id(app)
+    if [o.location_id for o in ordered] == [home]:
+        return app.repo
+    sources: list[tuple[str, Backend]] = []
+    for option in ordered:
+        try:
+            sources.append((option.location_name, location_backend(app, pairs[option.location_id])))
+        except LocationUnavailable as exc:
+            if switched is not None:
+                switched(option.location_name, "the next copy", exc)
+    fallback = FallbackBackend(sources, switched)
+    first = ordered[0].location_id
+    if first == home:  # the home pool's index knows every pack of points made here
+        return Repository(fallback, app.repo.config, app.repo.key, app.repo.cache_dir)
+    cache = os.path.join(app.data_dir.cache_path, "locations", first)
+    repo = Repository(fallback, app.repo.config, app.repo.key, cache)
+    repo.sync_index()
+    return repo
+
+
+def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
+    """Add the points a location holds to the catalog as copies there (``catalog rebuild
+    --from``): the location is registered under the identity its file names, points already
+    in the catalog get one more copy, new ones are added. Nothing is copied."""
+    backend = open_backend(kind, address)
+    location_id = check_identity(backend, app.repo.store_id)
+    try:
+        location = app.catalog.get_location(location_id)
+    except NotFound:
+        location = app.catalog.add_location(
+            app.repo.store_id,
+            kind,
+            os.path.abspath(address) if kind == "pool_dir" else address,
+            access=ACCESS_BY_KIND.get(kind, "random"),
+            label=os.path.basename(address.rstrip("/")) or location_id[:8],
+            location_id=location_id,
+        )
+    source = Repository(backend, app.repo.config, app.repo.key, app.repo.cache_dir)
+    from appliance.points import record_from_manifest
+
+    added, copies, damaged = 0, 0, []
+    for point_id in source.manifest_ids():
+        try:
+            manifest = source.get_manifest(point_id)
+        except Exception:  # a damaged manifest must not stop the others
+            damaged.append(point_id)
+            continue
+        try:
+            app.point(point_id)
+        except NotFound:
+            app.catalog.add_point(record_from_manifest(manifest), app.repo.store_id)
+            app.catalog.set_copy(point_id, home_id(app), "deleted")
+            added += 1
+        app.catalog.set_copy(point_id, location.id, "present")
+        copies += 1
+    return {
+        "location": location.id,
+        "label": location.label,
+        "points_added": added,
+        "copies": copies,
+        "damaged_points": damaged,
+    }
+
+
+def copies_public(app: Appliance, point_id: str) -> list[dict[str, Any]]:
+    """A point's copies for the CLI: location label, kind, state, verified-at."""
+    out = []
+    for option, location in copy_options(app, point_id):
+        copy: CopyRecord | None = next(
+            (c for c in app.catalog.copies_of(point_id) if c.location_id == location.id), None
+        )
+        out.append(
+            {
+                "location": location.id,
+                "label": location.label,
+                "kind": location.kind,
+                "state": option.state,
+                "online": location.online,
+                "verified_at": copy.verified_at if copy else None,
+            }
+        )
+    return out
