@@ -281,10 +281,50 @@ class PointPublic(BaseModel):
 
 class CopyPublic(BaseModel):
     store_id: str
+    #: The location's kind: pool_dir, block_pool, removable, tape_set, s3_bucket, peer.
     location_kind: str
+    #: The location's label.
     location: str
     state: str
     added_at: datetime
+    location_id: str | None = None
+    #: Whether the location answered when last opened (an unmounted disk is offline).
+    online: bool = True
+    verified_at: datetime | None = None
+    storage_class: str | None = None
+    retain_until: datetime | None = None
+
+
+class LocationPublic(BaseModel):
+    id: str
+    label: str
+    kind: str
+    address: str
+    access: str
+    online: bool
+    offsite: bool
+    removable: bool
+    immutable: bool
+    #: The data directory's own pool.
+    home: bool
+    #: Points with a complete copy here.
+    copies: int
+    last_seen_at: datetime | None
+
+
+class LocationCreate(Request):
+    """A folder (a mounted disk, a share) that holds copies of the store."""
+
+    path: AbsolutePath
+    label: str = Field(default="", max_length=100)
+    #: The folder must be a mountpoint: an unmounted disk is then unavailable, never empty.
+    require_mount: bool = False
+    offsite: bool = False
+
+
+class CopyCreate(Request):
+    #: The location's id or label.
+    location: str = Field(min_length=1, max_length=255)
 
 
 class DiskPublic(BaseModel):
@@ -344,6 +384,8 @@ class RestoreCreate(Request):
     #: Restore only this disk of an image point.
     disk: str | None = Field(default=None, max_length=255)
     format: Literal["raw", "qcow2", "vmdk", "vhdx", "vdi"] = "raw"
+    #: Read from this location's copy first (id or label); default: the best copy.
+    location: str | None = Field(default=None, max_length=255)
 
 
 class RestoreDevicePublic(BaseModel):

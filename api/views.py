@@ -54,17 +54,23 @@ def point_public(point: PointRecord) -> PointPublic:
 
 
 def copies_public(catalog: Catalog, point_id: str) -> list[CopyPublic]:
-    stores = {s.store_id: s for s in catalog.list_stores()}
+    """A point's copies with where they live (the location's label and kind)."""
+    locations = {loc.id: loc for loc in catalog.list_locations()}
     out = []
-    for copy in catalog.point_copies(point_id):
-        store = stores.get(copy.store_id)
+    for copy in catalog.copies_of(point_id):
+        location = locations.get(copy.location_id or "")
         out.append(
             CopyPublic(
                 store_id=copy.store_id,
-                location_kind=store.location_kind if store else "unknown",
-                location=store.location if store else "",
+                location_kind=location.kind if location else "unknown",
+                location=location.label if location else "",
                 state=copy.state,
                 added_at=copy.added_at,
+                location_id=copy.location_id,
+                online=location.online if location else False,
+                verified_at=copy.verified_at,
+                storage_class=copy.storage_class,
+                retain_until=copy.retain_until,
             )
         )
     return out

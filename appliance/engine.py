@@ -519,6 +519,10 @@ class Appliance:
     def remove_location(self, name: str) -> LocationRecord:
         return locations_work.remove_location(self, name)
 
+    def find_location(self, name: str) -> LocationRecord:
+        """A location of this store by id, id prefix or label (NotFound otherwise)."""
+        return locations_work.find_location(self, name)
+
     def adopt_location(self, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
         """Add the points a location holds to the catalog as copies there (``catalog rebuild
         --from``); points already listed get one more copy, none is duplicated."""

@@ -254,6 +254,29 @@ def check_restore_area(path: str, *, data_dir: str) -> str:
     return resolved
 
 
+def check_location_dir(path: str, *, data_dir: str) -> str:
+    """The real path of a folder an admin adds as a location (copies are written there as
+    root): an existing folder, not ``/``, no system folder, not in the data directory."""
+    if not os.path.isabs(path) or "\x00" in path:
+        raise _refuse(f"location {path!r} is not an absolute path", "not_absolute", path)
+    resolved = real(path)
+    if resolved == "/":
+        raise _refuse("the root folder / cannot be a location", "root_folder", path)
+    _check_not_system(resolved, "location")
+    _check_not_data_dir(resolved, data_dir, "location")
+    if not os.path.isdir(resolved):
+        raise _refuse(f"location {path} is not a folder", "missing", path)
+    entries = set(os.listdir(resolved)) - {"lost+found"}
+    if entries and "location.json" not in entries:
+        raise _refuse(
+            f"location {path} holds other files: give an empty folder (a fresh disk's "
+            "mountpoint) or one that already is a location of this store",
+            "not_empty",
+            path,
+        )
+    return resolved
+
+
 def check_restore_device(path: str, *, data_dir: str, facts: BlockFacts) -> str:
     """The real path of a block device or image file that a restore may overwrite."""
     if not os.path.isabs(path) or "\x00" in path:

@@ -180,6 +180,10 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("GET", "/api/points/{point_id}/download", "operator", None),
     ("POST", "/api/points/{point_id}/restore", "operator", {"target": "/tmp/matrix-restore"}),
     ("GET", "/api/points/{point_id}/restore-targets", "operator", None),
+    ("POST", "/api/points/{point_id}/copy", "operator", {"location": "missing"}),
+    ("GET", "/api/locations", "viewer", None),
+    ("POST", "/api/locations", "admin", {"path": "/nonexistent-location"}),
+    ("DELETE", "/api/locations/{location_id}", "admin", None),
     ("GET", "/api/settings/restore", "admin", None),
     ("PUT", "/api/settings/restore", "admin", {"areas": [], "devices": []}),
     ("POST", "/api/points/{point_id}/verify", "operator", None),
@@ -219,6 +223,7 @@ FILL = {
     "job_id": "missing",
     "token_id": "missing",
     "session_id": "missing",
+    "location_id": "missing",
 }
 QUERY = {"/api/events": {"max_seconds": 0.2}}
 
@@ -812,6 +817,50 @@ def operator_area(client: httpx.Client) -> Path:
     """The default restore area, as the restore choices name it."""
     pid = client.get("/api/points", params={"limit": 1}).json()[0]["id"]
     return Path(client.get(f"/api/points/{pid}/restore-targets").json()["areas"][0])
+
+
+def test_locations_copies_and_restore_from_a_copy(
+    server: LiveServer,
+    admin: httpx.Client,
+    operator: httpx.Client,
+    viewer: httpx.Client,
+    files_point: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """A folder becomes a location; a point is copied there by a job; its copies show where they
+    live; a restore reads from the named copy; a location holding copies cannot be removed."""
+    pid = files_point["point"]
+    refused = admin.post("/api/locations", json={"path": "/etc"})
+    assert refused.status_code == 403 and refused.json()["details"]["rule"] == "system_folder"
+    assert (
+        admin.post("/api/locations", json={"path": str(server.settings.data_dir)}).status_code
+        == 403
+    )
+    folder = tmp_path / "second-pool"
+    folder.mkdir()
+    r = admin.post("/api/locations", json={"path": str(folder), "label": "second"})
+    assert r.status_code == 201, r.text
+    location = r.json()
+    assert (location["label"], location["home"], location["copies"]) == ("second", False, 0)
+    assert (folder / "location.json").is_file()
+    job = wait_job(
+        operator, operator.post(f"/api/points/{pid}/copy", json={"location": "second"}).json()["id"]
+    )
+    assert job["state"] == "succeeded", job
+    assert job["result"]["packs_copied"] == job["result"]["packs_needed"] > 0
+    listed = {loc["label"]: loc for loc in viewer.get("/api/locations").json()}
+    assert listed["second"]["copies"] == 1 and sum(loc["home"] for loc in listed.values()) == 1
+    copies = {c["location"]: c for c in viewer.get(f"/api/points/{pid}").json()["copies"]}
+    assert copies["second"]["state"] == "present" and copies["second"]["verified_at"]
+    assert copies["second"]["location_kind"] == "pool_dir"
+    target = server.settings.data_dir / "restores" / "from-second"
+    r = operator.post(
+        f"/api/points/{pid}/restore", json={"target": str(target), "location": "second"}
+    )
+    assert wait_job(operator, r.json()["id"])["state"] == "succeeded"
+    assert _snapshot(target) == _snapshot(files_point["source"])
+    busy = admin.delete(f"/api/locations/{location['id']}")
+    assert busy.status_code == 409, busy.text
 
 
 def test_vm_asset_backup_and_disk_restore(

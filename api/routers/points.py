@@ -246,6 +246,8 @@ def restore(
         params["path"] = normalise(body.path)
     if body.disk:
         params["disk"] = body.disk
+    if body.location:
+        params["location"] = app.find_location(body.location).id
     job = service.jobs.submit("restore", params)
     app.catalog.audit(
         principal.name,

@@ -24,6 +24,7 @@ from appliance.catalog.records import CopyRecord, LocationRecord, home_location_
 from appliance.errors import Conflict, InvalidInput, LocationUnavailable, NotFound
 from appliance.locations.choice import CopyOption, order_copies
 from appliance.locations.copy import FallbackBackend, copy_point
+from appliance.path_rules import check_location_dir
 from appliance.store.backend import Backend
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
@@ -90,11 +91,8 @@ def add_location(
 ) -> LocationRecord:
     """Register a place as a location of this store: its identity file is written there first
     (a place already holding another store or location is refused)."""
-    address = os.path.abspath(address) if kind == "pool_dir" else address
-    data_dir = os.path.realpath(app.data_dir.path)
-    real = os.path.realpath(address)
-    if kind == "pool_dir" and (real == data_dir or real.startswith(data_dir + os.sep)):
-        raise InvalidInput("a location must not lie inside the data directory", path=address)
+    if kind == "pool_dir":
+        address = check_location_dir(address, data_dir=app.data_dir.path)
     options = {"require_mount": True} if require_mount else {}
     backend = open_backend(kind, address, **options)
     location_id = uuid.uuid4().hex

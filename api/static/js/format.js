@@ -121,6 +121,11 @@ export const STATE_NAMES = {
   interrupted: "Interrupted",
 };
 export const LOCATION_NAMES = {
+  pool_dir: "disk pool",
+  block_pool: "disk pool",
+  removable: "removable disk",
+  tape_set: "tape",
+  s3_bucket: "object storage bucket",
   pool: "disk pool",
   usb: "removable disk",
   tape: "tape",
