@@ -30,7 +30,7 @@ from typing import IO, Any
 from appliance.backup.files import backup_tree
 from appliance.backup.images import backup_disk
 from appliance.catalog import Catalog
-from appliance.catalog.records import LocationRecord, PointRecord
+from appliance.catalog.records import LocationRecord, PointRecord, home_location_id
 from appliance.errors import (
     InvalidInput,
     NotFound,
@@ -61,6 +61,8 @@ from appliance.vmspec import default_spec, load_spec, normalise, parse_vm_source
 Clock = Callable[[], datetime]
 ProgressCallback = Callable[[dict[str, Any]], None]
 MODES = ("full", "incremental", "differential")
+#: The data directory's own pool (the store's home location).
+DEFAULT_POOL = "default"
 #: The catalog settings key of the restore areas and devices (``{"areas": [], "devices": []}``).
 RESTORE_SETTINGS_KEY = "restore"
 
@@ -113,6 +115,9 @@ class Appliance:
         self.clock = clock
         self.locks = repo.locks(data_dir.lock_path)
         catalog.ensure_store(repo.store_id, "pool", data_dir.store_path)
+        home = catalog.get_location(home_location_id(repo.store_id))
+        if home.label != DEFAULT_POOL:  # named after the pool it is, not its path
+            catalog.update_location(home.id, label=DEFAULT_POOL)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

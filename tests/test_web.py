@@ -455,7 +455,7 @@ def test_live_progress_waiting_cancel_and_retry(
 
 
 def test_users_tokens_audit_and_pools(
-    admin_page: Any, server: LiveServer, admin_api: httpx.Client, shots: Screenshots
+    admin_page: Any, server: LiveServer, admin_api: httpx.Client, tmp_path: Path, shots: Screenshots
 ):
     """Create a user with a role; create an API token (shown once, works), revoke it; the audit
     log and the pools screen in words."""
@@ -536,7 +536,24 @@ def test_users_tokens_audit_and_pools(
     expect(pool.get_by_role("heading", name="default")).to_be_visible()
     expect(pool).to_contain_text("used of")
     expect(pool).to_contain_text("Backup store")
+
+    # Locations: the appliance's own pool, and a folder added from the page.
+    locations = page.get_by_role("table", name="Locations")
+    expect(locations.locator("tbody tr")).to_have_count(1)
+    expect(locations).to_contain_text("this appliance's pool")
+    folder = tmp_path / "second-disk"
+    folder.mkdir()
+    page.get_by_role("button", name="Add location").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Folder").fill(str(folder))
+    dialog.get_by_label("Name").fill("second-disk")
+    dialog.get_by_label(re.compile("Only when a disk is mounted")).uncheck()
+    dialog.get_by_role("button", name="Add location").click()
+    row = page.locator("tr[data-location=second-disk]")
+    expect(row).to_contain_text("Available")
+    expect(row).to_contain_text("0 points")
     shots.take(page, "pools")
+    assert (folder / "location.json").is_file()
 
 
 def test_settings_maintenance_and_recovery_key(

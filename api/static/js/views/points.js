@@ -143,6 +143,31 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
   });
 }
 
+/** Copy a point to another location: only what the location lacks moves; runs as a job. */
+export async function copyDialog(point) {
+  let locations;
+  try {
+    locations = (await api.get("/api/locations")).filter((l) => !l.home);
+  } catch (err) {
+    toast(humanError(err).text, { kind: "error" });
+    return;
+  }
+  if (!locations.length) {
+    toast("There is no other location yet: an administrator adds one under Pools.", { kind: "error" });
+    return;
+  }
+  formDialog({
+    title: "Copy to another location",
+    description: `The point of ${point.asset} made ${dateTime(point.created_at)}. Only the data the location lacks is copied; every pack is read back and checked.`,
+    submitLabel: "Start copy",
+    body: field({ label: "Location", control: select("location", locations.map((l) => [l.id, `${l.label}${l.online ? "" : " (unavailable)"}`]), locations[0].id) }),
+    onSubmit: async (form) => {
+      const job = await api.post(`/api/points/${enc(point.id)}/copy`, { location: form.elements.location.value });
+      toast("Copy started.", { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+    },
+  });
+}
+
 export async function verifyPoint(point, btn, banner) {
   const job = await busy(btn, banner, () => api.post(`/api/points/${enc(point.id)}/verify`, {}));
   if (job) toast("Verification started.", { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
@@ -176,6 +201,7 @@ export default async function pointsView(view) {
       p.kind === "files" ? button("Browse", { kind: "small", href: `#/points/${enc(p.id)}`, "aria-label": `Browse point ${shortId(p.id)}` }) : null,
       canRun ? button("Restore", { iconName: "restore", kind: "small", onClick: () => restoreDialog(p) }) : null,
       canRun ? button("Verify", { iconName: "check", kind: "small", onClick: (e) => verifyPoint(p, e.currentTarget, view.banner) }) : null,
+      canRun ? button("Copy…", { kind: "small", "aria-label": `Copy point ${shortId(p.id)}`, onClick: () => copyDialog(p) }) : null,
       isAdmin
         ? deleteButton({ label: `Delete point ${shortId(p.id)}`, title: "Delete this recovery point?", text: `The point of ${p.asset} made ${dateTime(p.created_at)} is removed for good. Its space is freed by the next garbage collection.`, confirmLabel: "Delete point", path: `/api/points/${enc(p.id)}`, deleted: "Recovery point deleted.", done: () => view.navigate(location.hash) })
         : null,
