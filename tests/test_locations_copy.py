@@ -168,3 +168,49 @@ def test_a_location_of_another_store_is_refused(site: dict, tmp_path: Path) -> N
     write_identity(b, "another-store", "loc-x")
     with pytest.raises(LocationUnavailable):
         check_identity(b, site["app"].repo.store_id)
+
+
+def _files_under(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def test_maintenance_never_deletes_on_the_grounds_of_an_unavailable_location(
+    site: dict, tmp_path: Path
+) -> None:
+    """GC, prune, repair and a catalog rebuild run while a location holding copies is
+    unmounted: nothing there is touched, and its copies stay in the catalog."""
+    from appliance.catalog.records import home_location_id
+
+    app: Appliance = site["app"]
+    location = app.add_location(str(site["a"]), label="a", require_mount=True)
+    for point in (site["files"], site["image"]):
+        app.copy_point(point, "a")
+    before = _files_under(site["a"])
+    device = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(site["a"])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run(["umount", "-l", str(site["a"])], check=True)
+    # The point made here is deleted from the local pool; its copy at "a" must survive.
+    app.delete_points([site["files"]])
+    from appliance.maintenance import collect_garbage
+
+    with app.locks.exclusive():
+        collect_garbage(app.repo, grace_seconds=0)
+    app.rebuild_catalog()
+    assert list(site["a"].iterdir()) == []  # nothing was created in the bare mountpoint
+    # Reading the image point with "a" named first: "a" is passed over, the local pool serves.
+    notes: list[str] = []
+    reader = app.reader(site["image"], named="a", log=notes.append)
+    disk = reader.get_manifest(site["image"])["disks"][0]
+    restore_disk(reader, disk, str(tmp_path / "disk.out"))
+    assert (tmp_path / "disk.out").read_bytes() == site["disk"].read_bytes()
+    assert notes and notes[0].startswith("reading from a failed"), notes
+    assert not app.catalog.get_location(location.id).online
+    subprocess.run(["mount", device, str(site["a"])], check=True)
+    assert _files_under(site["a"]) == before
+    states = {c.location_id: c.state for c in app.catalog.copies_of(site["image"])}
+    assert states[location.id] == "present"
+    assert states[home_location_id(app.repo.store_id)] == "present"
