@@ -278,6 +278,8 @@ def _write_raw(
         if envelope is None:
             envelope = local.envelope = Envelope(repo.key)
         last = min(first + RESTORE_UNIT_CHUNKS, len(table))
+        # One ranged read per pack run for the unit's chunks (they were written together).
+        blobs = repo.read_blobs((t for t in table[first:last] if t != fmt.ZERO_ID), envelope)
         for i in range(first, last):
             offset = i * chunk_size
             blob_id = table[i]
@@ -285,7 +287,7 @@ def _write_raw(
                 if is_block:  # a device keeps old contents where a file has holes
                     os.pwrite(fd, zero_chunk[: min(chunk_size, size - offset)], offset)
                 continue
-            os.pwrite(fd, repo.read_blob(blob_id, envelope), offset)
+            os.pwrite(fd, blobs[blob_id], offset)
         return min(last * chunk_size, size)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:

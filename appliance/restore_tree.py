@@ -58,6 +58,9 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 ConflictMode = Literal["overwrite", "keep_both"]
 CONFLICT_MODES: tuple[ConflictMode, ...] = ("overwrite", "keep_both")
 RESTORE_BATCH_BYTES = 32 * 1024 * 1024
+#: Bytes of chunks fetched by one grouped read: a batch of small files together, or a window of
+#: a large file (what memory a worker holds for reads).
+READ_WINDOW = 32 * 1024 * 1024
 RESTORE_BATCH_FILES = 256
 ALLOWED_TYPES = frozenset({"file", "dir", "symlink", "hardlink"})
 #: Directory descriptors one walk keeps open (per process); records come in walk order, so the
@@ -400,15 +403,59 @@ def _init_restore_worker(repo_or_spec: Any) -> None:
     _envelope = Envelope(repo.key)
 
 
+def _windows(chunks: list[list[Any]]) -> Iterator[list[list[Any]]]:
+    """The chunk list in runs of at most READ_WINDOW bytes (memory stays bounded)."""
+    window: list[list[Any]] = []
+    size = 0
+    for chunk in chunks:
+        window.append(chunk)
+        size += int(chunk[1])
+        if size >= READ_WINDOW:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
 def write_file_contents(
-    repo: Repository, envelope: Envelope, fd: int, chunks: list[list[Any]]
+    repo: Repository,
+    envelope: Envelope,
+    fd: int,
+    chunks: list[list[Any]],
+    blobs: dict[bytes, bytes] | None = None,
 ) -> int:
-    offset = 0
+    """Write a file's chunks at their offsets (holes stay holes). ``blobs``: chunks already
+    read (a batch of small files fetched together); else they are read window by window, each
+    window's packs once (:meth:`Repository.read_blobs`)."""
+    if blobs is None and len(chunks) > 1:
+        offset = 0
+        for window in _windows(chunks):
+            ids = [bytes.fromhex(h) for h, _ in window if h is not None]
+            fetched = repo.read_blobs(ids, envelope)
+            offset = _write_chunks(repo, envelope, fd, window, fetched, offset)
+        os.ftruncate(fd, offset)
+        return offset
+    offset = _write_chunks(repo, envelope, fd, chunks, blobs or {}, 0)
+    os.ftruncate(fd, offset)
+    return offset
+
+
+def _write_chunks(
+    repo: Repository,
+    envelope: Envelope,
+    fd: int,
+    chunks: list[list[Any]],
+    blobs: dict[bytes, bytes],
+    offset: int,
+) -> int:
     for hex_id, length in chunks:
         if hex_id is None:
-            offset += length  # a hole: ftruncate below extends the file sparsely
+            offset += length  # a hole: ftruncate extends the file sparsely
             continue
-        data = repo.read_blob(bytes.fromhex(hex_id), envelope)
+        blob_id = bytes.fromhex(hex_id)
+        data = blobs.get(blob_id)
+        if data is None:
+            data = repo.read_blob(blob_id, envelope)
         if len(data) != length:
             raise UnsafeRestorePath(
                 f"chunk {hex_id[:16]} has {len(data)} bytes, manifest says {length}"
@@ -418,12 +465,15 @@ def write_file_contents(
             written = os.pwrite(fd, view, offset)
             view = view[written:]
             offset += written
-    os.ftruncate(fd, offset)
     return offset
 
 
 def _restore_file(
-    dirs: TargetDirectories, rel: str, record: Record, conflicts: Conflicts
+    dirs: TargetDirectories,
+    rel: str,
+    record: Record,
+    conflicts: Conflicts,
+    blobs: dict[bytes, bytes] | None = None,
 ) -> tuple[int, int]:
     assert _repo is not None and _envelope is not None
     parent, name = dirs.parent(rel)
@@ -431,7 +481,7 @@ def _restore_file(
         lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent), parent, name, rel, conflicts
     )
     try:
-        size = write_file_contents(_repo, _envelope, fd, record.get("chunks", []))
+        size = write_file_contents(_repo, _envelope, fd, record.get("chunks", []), blobs)
         apply_metadata(fd, record)
     finally:
         os.close(fd)
@@ -442,12 +492,19 @@ def _restore_batch(
     target: str, root_id: tuple[int, int], items: list[tuple[str, Record]], conflicts: Conflicts
 ) -> tuple[int, int]:
     """Write a batch of files; returns (bytes written, existing entries kept)."""
+    assert _repo is not None and _envelope is not None
+    # Small files of a batch are fetched together: one ranged read per run of their packs.
+    batch_bytes = sum(int(record.get("size", 0)) for _, record in items)
+    blobs = None
+    if len(items) > 1 and batch_bytes <= READ_WINDOW:
+        ids = [bytes.fromhex(h) for _, r in items for h, _ in r.get("chunks", []) if h is not None]
+        blobs = _repo.read_blobs(ids, _envelope)
     root = open_target(target, root_id)
     size = kept = 0
     try:
         with TargetDirectories(root) as dirs:
             for rel, record in items:
-                written, renamed = _restore_file(dirs, rel, record, conflicts)
+                written, renamed = _restore_file(dirs, rel, record, conflicts, blobs)
                 size += written
                 kept += renamed
     finally:

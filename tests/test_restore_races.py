@@ -93,8 +93,8 @@ def swap_in_workers(
     write = module.write_file_contents
     trigger = os.path.join(os.path.realpath(target), after)
 
-    def write_then_swap(repo: Any, envelope: Any, fd: int, chunks: Any) -> int:
-        size = write(repo, envelope, fd, chunks)
+    def write_then_swap(repo: Any, envelope: Any, fd: int, chunks: Any, blobs: Any = None) -> int:
+        size = write(repo, envelope, fd, chunks, blobs)
         if os.readlink(f"/proc/self/fd/{fd}") == trigger:
             os.rename(target / "d", target / "d.moved")
             os.symlink(outside, target / "d")
