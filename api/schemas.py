@@ -470,6 +470,9 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     resource: str | None
+    #: A ``waiting`` job: why, and when it is queued again by itself (None: an outside event).
+    wait_reason: str | None = None
+    wake_at: datetime | None = None
 
 
 class JobLogLine(BaseModel):

@@ -40,6 +40,8 @@ def job_public(job: JobRecord, runner: JobRunner | None = None) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         resource=job.resource,
+        wait_reason=job.wait_reason,
+        wake_at=job.wake_at,
     )
 
 

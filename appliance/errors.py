@@ -7,6 +7,9 @@ adapter that catches them; the API maps them to HTTP statuses in exactly one pla
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 
 class ApplianceError(Exception):
     """An operation of the appliance failed."""
@@ -186,3 +189,27 @@ class TransientBackendError(StoreError):
 
     code = "backend_transient"
     kind = "internal"
+
+
+# --- jobs that wait ------------------------------------------------------------------------------
+
+
+class JobWaiting(Exception):
+    """A job's work function asks to wait (a bucket thaw, a disk to insert, a tape to load).
+
+    Not an :class:`ApplianceError`: the user never sees it as a failure. The job runner records
+    the job as ``waiting`` with ``reason``, ``wake_at`` (None: only an outside event wakes it)
+    and ``checkpoint`` (a JSON document the work function gets back in ``ctx.checkpoint`` when it
+    runs again), releases its resources and worker slot, and queues it again once woken.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        wake_at: datetime | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
+        self.reason = reason
+        self.wake_at = wake_at
+        self.checkpoint: dict[str, Any] = dict(checkpoint or {})
+        super().__init__(reason)

@@ -11,9 +11,10 @@ by exec (so clean) that imports the engine once and forks each child from its si
 How: :func:`run_isolated` starts the child, which opens the appliance itself (same data
 directory and catalog; the store is unlocked with its recovery key, passed through the process
 pipe, so no key derivation is repeated) and runs the work function with a context that relays
-progress, log lines and follow-up job submissions to the parent's job context (a
+progress, log lines, saved checkpoints and follow-up job submissions to the parent's job context (a
 :class:`appliance.job_context.JobView`) over the pipe. The parent's cancel event is forwarded to a process-shared event the work function polls.
-The result, or the domain error, comes back the same way.
+The result, the domain error, or a request to wait (:class:`appliance.errors.JobWaiting`,
+re-raised in the parent) comes back the same way.
 
 A child must not outlive its service: the fork server exits when the service dies, the child
 asks the kernel for SIGTERM when its parent (the fork server) dies (``PR_SET_PDEATHSIG``), and
@@ -36,7 +37,7 @@ from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
-from appliance.errors import ApplianceError, BackupCancelled
+from appliance.errors import ApplianceError, BackupCancelled, JobWaiting
 from appliance.job_context import JobView
 
 if TYPE_CHECKING:
@@ -79,12 +80,22 @@ class ApplianceOpener:
 class _ChildContext:
     """The work function's view of its job, inside the child (a :class:`JobView`)."""
 
-    def __init__(self, conn: Connection, cancel: Any, job_id: str) -> None:
+    def __init__(
+        self, conn: Connection, cancel: Any, job_id: str, checkpoint: dict[str, Any]
+    ) -> None:
         self.job_id = job_id
         self.cancel = cancel
         self.interrupted = False
         self.latest: dict[str, Any] = {}
+        self.checkpoint: dict[str, Any] = dict(checkpoint)
         self._conn = conn
+
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint = dict(checkpoint)
+        self._conn.send(("checkpoint", dict(checkpoint)))
+        reply = self._conn.recv()  # stored before the work goes on
+        if reply[0] == "error":
+            raise _rebuild_error(reply[1])
 
     def progress(self, info: dict[str, Any]) -> None:
         self.latest = dict(info)
@@ -116,6 +127,7 @@ def _child_main(
     work: Callable[..., dict[str, Any]],
     params: dict[str, Any],
     job_id: str,
+    checkpoint: dict[str, Any],
 ) -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the fork server died before the signal was armed
@@ -126,8 +138,10 @@ def _child_main(
         conn.send(("error", _error_dict(exc)))
         return
     try:
-        result = work(app, params, _ChildContext(conn, cancel, job_id))
+        result = work(app, params, _ChildContext(conn, cancel, job_id, checkpoint))
         conn.send(("result", result))
+    except JobWaiting as wait:
+        conn.send(("waiting", wait.reason, wait.wake_at, wait.checkpoint))
     except BackupCancelled as exc:
         conn.send(("cancelled", _error_dict(exc)))
     except ApplianceError as exc:
@@ -170,7 +184,15 @@ def run_isolated(
     cancel = mp.Event()
     process = mp.Process(
         target=_child_main,
-        args=(child_conn, cancel, ApplianceOpener.of(app), work, params, ctx.job_id),
+        args=(
+            child_conn,
+            cancel,
+            ApplianceOpener.of(app),
+            work,
+            params,
+            ctx.job_id,
+            dict(ctx.checkpoint),
+        ),
         name=f"job-{ctx.job_id[:8]}",
     )
     process.start()
@@ -202,6 +224,14 @@ def run_isolated(
                     parent_conn.send(("ok", ctx.submit(message[1], message[2])))
                 except ApplianceError as exc:
                     parent_conn.send(("error", _error_dict(exc)))
+            elif kind == "checkpoint":
+                try:
+                    ctx.save_checkpoint(message[1])
+                    parent_conn.send(("ok", None))
+                except ApplianceError as exc:
+                    parent_conn.send(("error", _error_dict(exc)))
+            elif kind == "waiting":
+                raise JobWaiting(message[1], message[2], message[3])
             elif kind == "result":
                 return cast(dict[str, Any], message[1])
             elif kind == "cancelled":

@@ -21,6 +21,9 @@ class JobView(Protocol):
     interrupted: bool
     #: The newest progress document.
     latest: dict[str, Any]
+    #: The checkpoint the job resumes from: the last one saved, or handed over with
+    #: :class:`appliance.errors.JobWaiting` (an empty dict on a first run).
+    checkpoint: dict[str, Any]
 
     def progress(self, info: dict[str, Any]) -> None:
         """Report progress (bytes_done, bytes_total, files, ...)."""
@@ -30,3 +33,6 @@ class JobView(Protocol):
 
     def submit(self, kind: str, params: dict[str, Any]) -> Any:
         """Queue a follow-up job."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store a JSON checkpoint: a run interrupted after this resumes from it."""

@@ -6,6 +6,17 @@ or exclusive: a backup holds its asset exclusively and the store shared; prune, 
 rebuild hold the store exclusively. A queued job that must wait says why in its progress
 (``waiting``), so the page can show it.
 
+A job can also *wait* without holding anything: its work function raises
+:class:`appliance.errors.JobWaiting` (reason, ``wake_at``, checkpoint) -- a bucket thawing, a
+USB disk or a tape to be inserted. The job becomes ``waiting`` in the catalog, its resources and
+worker slot are freed and its thread ends. The dispatcher queues it again when ``wake_at``
+passes (by the runner's clock), or an outside event does with :meth:`JobRunner.wake` /
+:meth:`JobRunner.wake_matching`; the work function then finds the checkpoint in
+``ctx.checkpoint``. A work function may also :meth:`JobContext.save_checkpoint` as it goes, so a
+run interrupted by a crash or a restart resumes from there. Waiting jobs stay ``waiting`` across
+restarts. A kind with ``max_attempts`` retries a :class:`TransientBackendError` the same way:
+the job waits out a backoff and runs again, until its attempts are used up.
+
 State lives in the catalog, so the page and the API read it from there and it survives restarts.
 When the service stops gracefully, running jobs are cancelled *as interrupted*; after a crash
 they are still ``running`` in the catalog and :meth:`JobRunner.start` marks them ``interrupted``.
@@ -24,11 +35,18 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from appliance.catalog.records import JobRecord
 from appliance.engine import Appliance
-from appliance.errors import ApplianceError, BackupCancelled, InvalidInput
+from appliance.errors import (
+    ApplianceError,
+    BackupCancelled,
+    InvalidInput,
+    JobWaiting,
+    TransientBackendError,
+)
 from appliance.isolation import run_isolated
 from appliance.maintenance import collect_garbage
 from appliance.retention import RetentionRules
@@ -37,8 +55,12 @@ PROGRESS_INTERVAL = 0.5
 
 
 class JobContext:
-    def __init__(self, runner: JobRunner, job_id: str) -> None:
+    def __init__(
+        self, runner: JobRunner, job_id: str, checkpoint: dict[str, Any] | None = None
+    ) -> None:
         self.job_id = job_id
+        #: The checkpoint this run resumes from (empty on a first run).
+        self.checkpoint: dict[str, Any] = dict(checkpoint or {})
         self.cancel = threading.Event()
         self.interrupted = False  # set on service shutdown: the job ends "interrupted"
         self._runner = runner
@@ -67,6 +89,11 @@ class JobContext:
         """Queue a follow-up job (e.g. a policy's prune after its backup succeeded)."""
         return self._runner.submit(kind, params)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store a JSON checkpoint now: a run interrupted after this resumes from it."""
+        self._runner.catalog.save_checkpoint(self.job_id, checkpoint)
+        self.checkpoint = dict(checkpoint)
+
 
 WorkFunction = Callable[[Appliance, dict[str, Any], JobContext], dict[str, Any]]
 ResourceFunction = Callable[[dict[str, Any]], list[tuple[str, bool]]]
@@ -81,6 +108,17 @@ class JobKind:
     #: The work forks worker processes: a runner with ``isolate`` runs it in a clean child
     #: (see :mod:`appliance.isolation`), because forking a multi-threaded service is unsafe.
     isolated: bool = False
+    #: How many runs a :class:`TransientBackendError` may use up before the job fails (1: no
+    #: retry). Between runs the job waits ``backoff``: seconds, doubled after each attempt, or
+    #: a function of the attempt number (1, 2, ...) that returns the seconds.
+    max_attempts: int = 1
+    backoff: float | Callable[[int], float] = 60.0
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        if callable(self.backoff):
+            return float(self.backoff(attempt))
+        return float(self.backoff) * 2 ** max(0, attempt - 1)
 
 
 # --- work functions --------------------------------------------------------------------------------
@@ -235,10 +273,19 @@ def register_job_kind(name: str, kind: JobKind) -> None:
 class JobRunner:
     """Dispatches queued jobs onto threads when their resources are free."""
 
-    def __init__(self, app: Appliance, *, max_parallel: int = 2, isolate: bool = False) -> None:
+    def __init__(
+        self,
+        app: Appliance,
+        *,
+        max_parallel: int = 2,
+        isolate: bool = False,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         """``isolate``: run kinds marked ``isolated`` in a clean child process. A service
-        (many threads) must; a single-threaded caller such as the CLI need not."""
+        (many threads) must; a single-threaded caller such as the CLI need not. ``clock``
+        (default: the appliance's) decides when a waiting job's ``wake_at`` has passed."""
         self.app = app
+        self.clock: Callable[[], datetime] = clock or app.clock
         self.isolate = isolate
         self.catalog = app.catalog
         self.max_parallel = max_parallel
@@ -304,10 +351,36 @@ class JobRunner:
             self._lock.notify_all()
         return job
 
-    def wake(self) -> None:
-        """Look for queued jobs now (after a job was created in the catalog directly)."""
+    def wake(self, job_id: str | None = None) -> JobRecord | None:
+        """Queue the waiting job ``job_id`` again now (an outside event: a disk inserted, a thaw
+        done); returns it, or None when it was not waiting. Without a job ID: look for queued
+        jobs now (after a job was created in the catalog directly)."""
         with self._lock:
+            job = None
+            if job_id is not None:
+                job = self.catalog.wake_job(job_id)
+                if job is not None:
+                    self.catalog.append_job_log(job_id, "info", "woken: queued again")
             self._lock.notify_all()
+            return job
+
+    def wake_matching(self, match: str | Callable[[JobRecord], bool]) -> list[str]:
+        """Wake every waiting job that ``match`` selects: a predicate on the job record, or a
+        key -- a resource name the job holds (``location:ID``, ``asset:NAME``) or its exact
+        wait reason. Returns the IDs of the jobs woken."""
+        if callable(match):
+            selects = match
+        else:
+
+            def selects(job: JobRecord) -> bool:
+                names = (job.resource or "").split(",")
+                return match in names or job.wait_reason == match
+
+        woken = []
+        for job in self.catalog.list_jobs(state="waiting", limit=1000):
+            if selects(job) and self.wake(job.id) is not None:
+                woken.append(job.id)
+        return woken
 
     def cancel(self, job_id: str) -> JobRecord:
         job = self.catalog.get_job(job_id)
@@ -316,7 +389,7 @@ class JobRunner:
             if ctx is not None:
                 ctx.cancel.set()
                 return job
-            if job.state in ("queued", "interrupted"):
+            if job.state in ("queued", "interrupted", "waiting"):
                 job = self.catalog.update_job(job_id, state="cancelled")
                 self.catalog.append_job_log(job_id, "info", "cancelled before it ran")
             return job
@@ -325,6 +398,8 @@ class JobRunner:
         job = self.catalog.get_job(job_id)
         if job.state in ("queued", "running"):
             return job
+        if job.state == "waiting":
+            return self.wake(job_id) or self.catalog.get_job(job_id)
         if job.state == "interrupted":
             job = self.catalog.update_job(job_id, state="queued")
             with self._lock:
@@ -367,9 +442,16 @@ class JobRunner:
             with self._lock:
                 if self._stopping:
                     return
+                self._wake_due()
                 started = self._start_ready()
                 if not started:
                     self._lock.wait(timeout=1.0)
+
+    def _wake_due(self) -> None:
+        """Queue again the waiting jobs whose ``wake_at`` has passed (called under the lock)."""
+        for job in self.catalog.due_waiting(self.clock()):
+            if self.catalog.wake_job(job.id) is not None:
+                self.catalog.append_job_log(job.id, "info", "wake time reached: queued again")
 
     def _start_ready(self) -> bool:
         started = False
@@ -396,10 +478,10 @@ class JobRunner:
             for name, exclusive in resources:
                 held = self._held.setdefault(name, (exclusive, set()))
                 self._held[name] = (exclusive or held[0], held[1] | {job.id})
-            ctx = JobContext(self, job.id)
-            self._running[job.id] = ctx
             self._waiting_reason.pop(job.id, None)
-            self.catalog.update_job(job.id, state="running", progress={})
+            job = self.catalog.update_job(job.id, state="running", progress={})
+            ctx = JobContext(self, job.id, job.checkpoint)
+            self._running[job.id] = ctx
             thread = threading.Thread(
                 target=self._run,
                 args=(job, spec, ctx, resources),
@@ -415,6 +497,26 @@ class JobRunner:
         if self._waiting_reason.get(job.id) != reason:
             self._waiting_reason[job.id] = reason
             self.catalog.update_job(job.id, progress={"waiting": reason})
+
+    @staticmethod
+    def _retryable(exc: ApplianceError) -> bool:
+        # An isolated job's error comes back as a plain ApplianceError with the same code.
+        return isinstance(exc, TransientBackendError) or exc.code == TransientBackendError.code
+
+    def _record_wait(
+        self,
+        job_id: str,
+        reason: str,
+        wake_at: datetime | None,
+        checkpoint: dict[str, Any] | None,
+    ) -> None:
+        with self._lock:
+            self._finished += 1
+        when = f" until {wake_at.isoformat()}" if wake_at is not None else ""
+        self.catalog.append_job_log(job_id, "info", f"waiting{when}: {reason}")
+        self.catalog.set_waiting(job_id, reason, wake_at, checkpoint)
+        with self._lock:
+            self._finished += 1
 
     def _record_end(self, job_id: str, level: str, message: str, **fields: Any) -> None:
         # The last log line goes first: whoever sees the job ended sees its whole log. Counted
@@ -438,6 +540,8 @@ class JobRunner:
             self._record_end(
                 job.id, "info", "finished", state="succeeded", result=result, progress=ctx.latest
             )
+        except JobWaiting as wait:
+            self._record_wait(job.id, wait.reason, wait.wake_at, wait.checkpoint)
         except BackupCancelled:
             state = "interrupted" if ctx.interrupted else "cancelled"
             self._record_end(
@@ -450,6 +554,16 @@ class JobRunner:
                 progress=ctx.latest,
             )
         except ApplianceError as exc:
+            if self._retryable(exc) and job.attempts < spec.max_attempts:
+                delay = spec.retry_delay(job.attempts)
+                self._record_wait(
+                    job.id,
+                    f"retrying after a transient error (attempt {job.attempts} of "
+                    f"{spec.max_attempts}): {exc.message}",
+                    self.clock() + timedelta(seconds=delay),
+                    None,  # the checkpoint saved so far stays
+                )
+                return
             self._record_end(
                 job.id,
                 "error",

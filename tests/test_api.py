@@ -679,7 +679,7 @@ def test_point_list_and_detail(viewer: httpx.Client, files_point: dict[str, Any]
     assert detail["id"] == files_point["point"] and detail["kind"] == "files"
     assert detail["manifest"]["source"] == str(files_point["source"])
     assert detail["manifest"]["stats"]["files"] >= 25
-    assert detail["copies"][0]["location_kind"] == "pool"
+    assert detail["copies"][0]["location_kind"] == "pool_dir"
     assert detail["copies"][0]["state"] == "present"
 
 
@@ -1124,7 +1124,7 @@ def test_dashboard_rpo_status_follows_the_clock(
         assert met["rpo_status"] == "met" and met["rpo_seconds"] == 3600
         assert met["last_point_id"] == job["result"]["point"]
         assert 1790 <= met["age_seconds"] <= 1900
-        assert met["copies"][0]["location_kind"] == "pool" and met["points"] == 1
+        assert met["copies"][0]["location_kind"] == "pool_dir" and met["points"] == 1
         assert met["logical_bytes"] == 1 and met["stored_bytes"] > 0
         server.clock.offset = timedelta(hours=2)
         assert status_of("rpo-asset")["rpo_status"] == "missed"

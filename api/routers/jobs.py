@@ -35,7 +35,9 @@ POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
 #: A log line's ``seq`` (a 64-bit integer in the catalog).
 Seq = Annotated[int, Query(ge=0, le=SQL_INT_MAX)]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+JobState = Literal[
+    "queued", "running", "waiting", "succeeded", "failed", "cancelled", "interrupted"
+]
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "event stream"}
 }

@@ -304,7 +304,15 @@ def metrics(principal: Viewer, service: ServiceDep) -> PlainTextResponse:
     now = service.now()
     lines = ["# HELP appliance_jobs Jobs by state.", "# TYPE appliance_jobs gauge"]
     counts = catalog.count_jobs()
-    for state in ("queued", "running", "succeeded", "failed", "cancelled", "interrupted"):
+    for state in (
+        "queued",
+        "running",
+        "waiting",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "interrupted",
+    ):
         lines.append(f'appliance_jobs{{state="{state}"}} {counts.get(state, 0)}')
     points = catalog.list_points()
     lines += [

@@ -313,6 +313,24 @@ class Catalog:
     def mark_running_jobs_interrupted(self) -> int:
         return self.jobs.mark_running_jobs_interrupted()
 
+    def set_waiting(
+        self,
+        job_id: str,
+        reason: str,
+        wake_at: datetime | None,
+        checkpoint: dict[str, Any] | None,
+    ) -> JobRecord:
+        return self.jobs.set_waiting(job_id, reason, wake_at, checkpoint)
+
+    def due_waiting(self, now: datetime) -> list[JobRecord]:
+        return self.jobs.due_waiting(now)
+
+    def wake_job(self, job_id: str) -> JobRecord | None:
+        return self.jobs.wake_job(job_id)
+
+    def save_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
+        self.jobs.save_checkpoint(job_id, checkpoint)
+
     # --- schedules -------------------------------------------------------------------------------
 
     def add_policy(self, policy: PolicyRecord) -> PolicyRecord:

@@ -13,12 +13,13 @@ advances the schedule.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from appliance.catalog.database import Database, check_choice, check_name
+from appliance.catalog.database import Database, check_choice, check_name, utc
 from appliance.catalog.models import (
     JobLogRow,
     JobRow,
@@ -49,6 +50,10 @@ def new_job_row(db: Database, kind: str, params: dict[str, Any], resource: str |
         finished_at=None,
         resource=resource,
         log_seq=0,
+        wait_reason=None,
+        wake_at=None,
+        checkpoint=None,
+        attempts=0,
     )
 
 
@@ -126,10 +131,14 @@ class JobRepository:
                         state=row.state,
                     )
                 now = self._db.now()
+                if row.state == "waiting":  # woken (or cancelled): it waits no more
+                    row.wait_reason = None
+                    row.wake_at = None
                 row.state = state
                 if state == "running":
                     row.started_at = now
                     row.finished_at = None
+                    row.attempts = (row.attempts or 0) + 1
                 elif state in STOPPED_JOB_STATES:
                     row.finished_at = now
                 else:
@@ -141,6 +150,64 @@ class JobRepository:
             if error is not None:
                 row.error = dict(error)
             return row.to_record()
+
+    def set_waiting(
+        self,
+        job_id: str,
+        reason: str,
+        wake_at: datetime | None,
+        checkpoint: dict[str, Any] | None,
+    ) -> JobRecord:
+        """Move a ``running`` job to ``waiting``: why, when it wakes by itself (None: only
+        :meth:`wake_job` does), and the checkpoint it resumes from (None keeps the saved one).
+        """
+        if not reason:
+            raise InvalidInput("a waiting job needs a reason")
+        when = None if wake_at is None else utc(wake_at, "wake_at")
+        with self._db.session(write=True) as session:
+            row = job_row(session, job_id, lock=True)
+            if row.state != "waiting" and "waiting" not in JOB_TRANSITIONS[row.state]:
+                raise Conflict(
+                    f"job {job_id} is {row.state}; it cannot become waiting",
+                    job_id=job_id,
+                    state=row.state,
+                )
+            row.state = "waiting"
+            row.finished_at = None
+            row.wait_reason = reason
+            row.wake_at = when
+            row.progress = {"waiting": reason}
+            if checkpoint is not None:
+                row.checkpoint = dict(checkpoint)
+            return row.to_record()
+
+    def due_waiting(self, now: datetime) -> list[JobRecord]:
+        """``waiting`` jobs whose ``wake_at`` is at or before ``now``, soonest first."""
+        when = utc(now, "now")
+        query = (
+            select(JobRow)
+            .where(JobRow.state == "waiting", JobRow.wake_at.is_not(None), JobRow.wake_at <= when)
+            .order_by(JobRow.wake_at, JobRow.created_at)
+        )
+        with self._db.session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query)]
+
+    def wake_job(self, job_id: str) -> JobRecord | None:
+        """Queue a ``waiting`` job again (its checkpoint stays); None if it was not waiting."""
+        with self._db.session(write=True) as session:
+            row = job_row(session, job_id, lock=True)
+            if row.state != "waiting":
+                return None
+            row.state = "queued"
+            row.wait_reason = None
+            row.wake_at = None
+            row.finished_at = None
+            return row.to_record()
+
+    def save_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
+        """Replace the job's checkpoint (a JSON document): a resumed run starts from it."""
+        with self._db.session(write=True) as session:
+            job_row(session, job_id, lock=True).checkpoint = dict(checkpoint)
 
     def get_job(self, job_id: str) -> JobRecord:
         with self._db.session(write=False) as session:

@@ -322,6 +322,13 @@ class JobRow(Base):
     # concurrent writers of one job's log get distinct seqs that commit in seq order -- a reader
     # following the log with ``after_seq`` never skips a line that commits late.
     log_seq: Mapped[int] = mapped_column(Integer)
+    # A ``waiting`` job: why, and when it wakes by itself (NULL: an outside event wakes it).
+    wait_reason: Mapped[str | None] = mapped_column(Text)
+    wake_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The work function's last saved checkpoint (NULL: none); kept across waits and restarts.
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # How many times the job started running (NULL on rows older than revision 0005: 0).
+    attempts: Mapped[int | None] = mapped_column(Integer, default=0)
 
     def to_record(self) -> JobRecord:
         return JobRecord(
@@ -336,6 +343,10 @@ class JobRow(Base):
             started_at=self.started_at,
             finished_at=self.finished_at,
             resource=self.resource,
+            wait_reason=self.wait_reason,
+            wake_at=self.wake_at,
+            checkpoint=dict(self.checkpoint or {}),
+            attempts=self.attempts or 0,
         )
 
 

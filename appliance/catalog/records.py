@@ -59,7 +59,9 @@ FAILOVER_STATES = frozenset(
 #: A session in one of these states holds its VM: a second failover of the asset is a Conflict.
 ACTIVE_FAILOVER_STATES = frozenset({"starting", "booting", "running", "migrating", "stopping"})
 
-JOB_STATES = frozenset({"queued", "running", "succeeded", "failed", "cancelled", "interrupted"})
+JOB_STATES = frozenset(
+    {"queued", "running", "waiting", "succeeded", "failed", "cancelled", "interrupted"}
+)
 #: A job in one of these states is over for good; nothing moves it again.
 TERMINAL_JOB_STATES = frozenset({"succeeded", "failed", "cancelled"})
 #: Entering one of these states stamps ``finished_at``: the job is not running any more.
@@ -68,7 +70,9 @@ STOPPED_JOB_STATES = TERMINAL_JOB_STATES | {"interrupted"}
 #: The state machine of a job. Staying in the same state is always allowed (a no-op).
 JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "cancelled", "failed"}),
-    "running": frozenset({"succeeded", "failed", "cancelled", "interrupted"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "interrupted", "waiting"}),
+    # Waiting (a thaw, a disk, a tape, a retry's backoff): woken back to queued, or cancelled.
+    "waiting": frozenset({"queued", "cancelled", "failed"}),
     "interrupted": frozenset({"queued", "running", "failed", "cancelled"}),
     "succeeded": frozenset(),
     "failed": frozenset(),
@@ -196,6 +200,13 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     resource: str | None
+    #: Why a ``waiting`` job waits, and when it wakes by itself (None: an outside event wakes it).
+    wait_reason: str | None = None
+    wake_at: datetime | None = None
+    #: The last checkpoint the work function saved (empty: none); a resumed run starts from it.
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    #: How many times the job started running.
+    attempts: int = 0
 
 
 @dataclass(frozen=True)

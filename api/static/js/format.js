@@ -115,6 +115,7 @@ export const MODE_NAMES = { full: "Full", incremental: "Incremental", differenti
 export const STATE_NAMES = {
   queued: "Queued",
   running: "Running",
+  waiting: "Waiting",
   succeeded: "Succeeded",
   failed: "Failed",
   cancelled: "Cancelled",

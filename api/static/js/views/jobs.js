@@ -5,12 +5,13 @@ import { h, replace } from "../dom.js";
 import { MODE_NAMES, STATE_NAMES, bytes, capitalise, dateTime, duration, progressSummary, rate, shortId, time } from "../format.js";
 import { button, busy, card, emptyState, loading, pageHeader, progressBar, statePill, toast } from "../ui.js";
 
-const ACTIVE = new Set(["queued", "running"]);
+const ACTIVE = new Set(["queued", "running", "waiting"]);
 const RETRYABLE = new Set(["failed", "cancelled", "interrupted"]);
 const FILTERS = [
   ["", "All"],
   ["running", "Running"],
   ["queued", "Queued"],
+  ["waiting", "Waiting"],
   ["succeeded", "Succeeded"],
   ["failed", "Failed"],
   ["interrupted", "Interrupted"],
@@ -85,6 +86,8 @@ function progressBlock(job) {
       return h("div", { class: "jp" }, h("span", { class: "error-text", text: errorText(job) }));
     case "interrupted":
       return h("div", { class: "jp" }, h("span", { class: "warn-text", text: "Stopped when the service shut down. Retry to resume it." }), summary ? h("span", { class: "muted small", text: summary }) : null);
+    case "waiting":
+      return h("div", { class: "jp" }, h("span", { class: "waiting", text: `Waiting: ${job.wait_reason || "for something outside the appliance"}${job.wake_at ? ` (tries again ${dateTime(job.wake_at)})` : ""}` }), summary ? h("span", { class: "muted small", text: summary }) : null);
     case "cancelled":
       return h("div", { class: "jp" }, h("span", { class: "muted", text: summary ? `Cancelled after ${summary}` : "Cancelled" }));
     default:
@@ -444,6 +447,7 @@ export async function jobDetail(view) {
     ].filter(([, v]) => v !== null);
     let status = null;
     if (job.state === "queued") status = h("p", { class: "waiting", text: waitingText(p) });
+    else if (job.state === "waiting") status = h("p", { class: "waiting", text: `Waiting: ${job.wait_reason || "for something outside the appliance"}. It holds no resources meanwhile and continues by itself${job.wake_at ? ` (next try ${dateTime(job.wake_at)})` : " when what it waits for happens"}.` });
     else if (job.state === "interrupted") status = h("p", { class: "warn-text", text: "The service stopped while this job ran. Resume it to continue where it stopped." });
     else if (job.state === "cancelled") status = h("p", { class: "muted", text: "Cancelled." });
     else if (job.state === "running" && (job.kind === "failover_start" || job.kind === "boot_test")) {
