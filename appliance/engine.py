@@ -52,7 +52,7 @@ from appliance.path_rules import (
 )
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
-from appliance.restore_tree import keep_aside, keep_stamp
+from appliance.restore_target import keep_aside, keep_stamp
 from appliance.retention import RetentionDecision, RetentionRules, apply_retention
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository

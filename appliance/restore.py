@@ -39,15 +39,15 @@ from appliance.backup.disks import write_disk
 from appliance.backup.images import read_table
 from appliance.backup.tree import iter_tree
 from appliance.errors import InvalidInput, UnsafeRestorePath
-from appliance.restore_tree import (
-    ConflictMode,
+from appliance.restore_paths import (
     check_record,
     detached_hardlinks,
     hardlink_target,
-    restore_tree,
     safe_relative_path,
     select_records,
 )
+from appliance.restore_target import ConflictMode
+from appliance.restore_tree import restore_tree
 from appliance.store import format as fmt
 from appliance.store.crypto import Envelope
 from appliance.store.repository import Repository

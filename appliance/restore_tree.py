@@ -35,354 +35,45 @@ existed before the restore; only a target the restore created takes the point's 
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import errno
 import os
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 
 from appliance.backup.tree import Record, iter_tree
-from appliance.errors import BackupCancelled, InvalidInput, NotFound, UnsafeRestorePath
+from appliance.errors import BackupCancelled, InvalidInput, UnsafeRestorePath
+from appliance.restore_paths import (
+    detached_hardlinks,
+    hardlink_target,
+    select_records,
+)
+from appliance.restore_target import (
+    CREATE_ATTEMPTS,
+    ConflictMode,
+    Conflicts,
+    TargetDirectories,
+    apply_metadata,
+    apply_symlink_metadata,
+    create_entry,
+    keep_stamp,
+    open_target,
+)
 from appliance.store.crypto import Envelope
 from appliance.store.repository import Repository
 from appliance.workers import die_with_parent, worker_context
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-ConflictMode = Literal["overwrite", "keep_both"]
 CONFLICT_MODES: tuple[ConflictMode, ...] = ("overwrite", "keep_both")
 RESTORE_BATCH_BYTES = 32 * 1024 * 1024
 #: Bytes of chunks fetched by one grouped read: a batch of small files together, or a window of
 #: a large file (what memory a worker holds for reads).
 READ_WINDOW = 32 * 1024 * 1024
 RESTORE_BATCH_FILES = 256
-ALLOWED_TYPES = frozenset({"file", "dir", "symlink", "hardlink"})
-#: Directory descriptors one walk keeps open (per process); records come in walk order, so the
-#: directories of the current branch stay open and a deep tree still fits any fd limit.
-OPEN_DIRECTORIES = 64
-#: How often an entry that reappears at a name being freed is removed again before giving up.
-CREATE_ATTEMPTS = 8
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-# --- manifest checks -------------------------------------------------------------------------------
-
-
-def safe_relative_path(path: object) -> str:
-    """Return ``path`` if it is a safe relative path of a manifest, else raise."""
-    if not isinstance(path, str):
-        raise UnsafeRestorePath(f"manifest path {path!r} is not a string")
-    if path == "":
-        return path
-    if "\x00" in path or path.startswith("/"):
-        raise UnsafeRestorePath(f"refusing absolute or NUL path {path!r}", path=path)
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            raise UnsafeRestorePath(f"refusing path {path!r} (empty, . or .. component)", path=path)
-    return path
-
-
-def check_record(record: Record) -> Record:
-    safe_relative_path(record.get("path"))
-    kind = record.get("type")
-    if kind not in ALLOWED_TYPES:
-        raise UnsafeRestorePath(
-            f"refusing entry {record.get('path')!r} of type {kind!r} (only files, directories "
-            "and links are restored)",
-            path=record.get("path"),
-        )
-    if kind == "hardlink":
-        safe_relative_path(record.get("target"))
-    return record
-
-
-def select_records(records: Iterator[Record], subpath: str | None) -> Iterator[tuple[str, Record]]:
-    """Records under ``subpath`` with their path relative to the restore target."""
-    if not subpath:
-        for record in records:
-            yield check_record(record)["path"], record
-        return
-    prefix = safe_relative_path(subpath.strip("/"))
-    parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-    found = False
-    for record in records:
-        check_record(record)
-        path = record["path"]
-        if path == prefix or path.startswith(prefix + "/"):
-            found = True
-            yield (path[len(parent) + 1 :] if parent else path), record
-    if not found:
-        raise NotFound(f"{subpath} is not in this recovery point", path=subpath)
-
-
-def _relocate(path: str, subpath: str | None) -> str | None:
-    """``path`` relative to the restore target, or None if it lies outside ``subpath``."""
-    if not subpath:
-        return path
-    prefix = safe_relative_path(subpath.strip("/"))
-    if not (path == prefix or path.startswith(prefix + "/")):
-        return None
-    parent = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-    return path[len(parent) + 1 :] if parent else path
-
-
-def detached_hardlinks(
-    repo: Repository, manifest: dict[str, Any], subpath: str | None
-) -> tuple[dict[str, str], dict[str, Record]]:
-    """Hardlinks of a restored subtree whose first name (the file record) lies outside it.
-
-    Returns ``firsts`` (first name -> target-relative path of the first link to it within the
-    subtree) and ``stand_ins`` (that path -> the first name's record): that link is restored as
-    the file itself and the other links to the same first name point at it, so no name of the
-    subtree is lost.
-    """
-    firsts: dict[str, str] = {}
-    if not subpath:
-        return firsts, {}
-    for rel, record in select_records(iter_tree(repo, manifest), subpath):
-        if record["type"] == "hardlink" and _relocate(record["target"], subpath) is None:
-            firsts.setdefault(record["target"], rel)
-    stand_ins: dict[str, Record] = {}
-    if firsts:
-        for record in iter_tree(repo, manifest):
-            if record.get("path") in firsts and check_record(record)["type"] == "file":
-                stand_ins[firsts[record["path"]]] = record
-    return firsts, stand_ins
-
-
-def hardlink_target(
-    rel: str, record: Record, subpath: str | None, firsts: dict[str, str]
-) -> str | None:
-    """Target-relative path a hardlink points at; None if it is restored as a file or lost."""
-    relocated = _relocate(record["target"], subpath)
-    if relocated is not None:
-        return relocated
-    first = firsts.get(record["target"])
-    return None if first is None or first == rel else first
-
-
-# --- descriptors of the target ----------------------------------------------------------------------
-
-
-def open_target(target: str, expect: tuple[int, int] | None = None) -> int:
-    """Open the restore target directory without following a symlink at its last component.
-
-    ``expect`` is the (device, inode) the restore opened: a worker refuses a target that was
-    replaced since.
-    """
-    try:
-        fd = os.open(target, _DIR_FLAGS)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeRestorePath(
-                f"restore target {target} is a symlink or not a directory", path=target
-            ) from None
-        raise InvalidInput(
-            f"cannot open restore target {target}: {exc.strerror}", path=target
-        ) from exc
-    st = os.fstat(fd)
-    if expect is not None and (st.st_dev, st.st_ino) != expect:
-        os.close(fd)
-        raise UnsafeRestorePath(
-            f"restore target {target} was replaced during the restore", path=target
-        )
-    return fd
-
-
-class TargetDirectories:
-    """Descriptors of the target's directories, reached from its root without following links.
-
-    Each directory is opened relative to its parent's descriptor with ``O_NOFOLLOW|O_DIRECTORY``,
-    so a symlink swapped in for a directory at any time is refused, never followed. The last
-    :data:`OPEN_DIRECTORIES` directories used stay open (records come in walk order: the current
-    branch is reused, and evicting a directory never invalidates a descendant's descriptor).
-    The root descriptor belongs to the caller.
-    """
-
-    def __init__(self, root: int, limit: int = OPEN_DIRECTORIES) -> None:
-        self.root = root
-        self._limit = max(2, limit)
-        self._open: OrderedDict[str, int] = OrderedDict()
-
-    def __enter__(self) -> TargetDirectories:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        while self._open:
-            os.close(self._open.popitem()[1])
-
-    def directory(self, rel: str, entry: str) -> int:
-        """Descriptor of the target's directory ``rel`` ("" is the root), valid until the next
-        call; ``entry`` is the manifest path being restored, which errors name."""
-        if not rel:
-            return self.root
-        fd = self._open.get(rel)
-        if fd is not None:
-            self._open.move_to_end(rel)
-            return fd
-        start, fd = 0, self.root
-        end = rel.rfind("/")
-        while end > 0:  # the deepest ancestor still open
-            cached = self._open.get(rel[:end])
-            if cached is not None:
-                self._open.move_to_end(rel[:end])
-                start, fd = end + 1, cached
-                break
-            end = rel.rfind("/", 0, end)
-        while True:
-            slash = rel.find("/", start)
-            stop = len(rel) if slash < 0 else slash
-            fd = self._open_child(fd, rel[start:stop], rel[:stop], entry)
-            if slash < 0:
-                return fd
-            start = slash + 1
-
-    def parent(self, rel: str) -> tuple[int, str]:
-        """(descriptor of the parent directory, last component) of the entry ``rel``."""
-        head, _, name = rel.rpartition("/")
-        return self.directory(head, rel), name
-
-    def _open_child(self, parent: int, name: str, rel: str, entry: str) -> int:
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            # A point lists every directory before its contents; a missing one is a manifest
-            # symlink (created only in pass 2) or no directory of the point.
-            raise UnsafeRestorePath(
-                f"refusing {entry!r}: {rel!r} is not a directory of this point in the target",
-                path=entry,
-            ) from None
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeRestorePath(
-                    f"refusing {entry!r}: {rel!r} in the target is a symlink or not a directory",
-                    path=entry,
-                ) from None
-            raise
-        self._open[rel] = fd
-        if len(self._open) > self._limit:
-            os.close(self._open.popitem(last=False)[1])
-        return fd
-
-
-@dataclass(frozen=True)
-class Conflicts:
-    """What to do with an entry already at a name the point restores (see the module doc)."""
-
-    mode: ConflictMode
-    stamp: str  # YYYYmmddTHHMMSS of the restore, in the names of kept entries
-
-    def make_room(self, parent: int, name: str, rel: str) -> int:
-        """Free ``name`` in ``parent`` for the entry ``rel``; return 1 if an entry was kept."""
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return 0
-        if stat.S_ISDIR(st.st_mode):
-            raise UnsafeRestorePath(
-                f"refusing {rel!r}: a directory of that name is in the target", path=rel
-            )
-        try:
-            if self.mode == "keep_both":
-                aside = kept_name(parent, name, self.stamp)
-                os.rename(name, aside, src_dir_fd=parent, dst_dir_fd=parent)
-                return 1
-            os.unlink(name, dir_fd=parent)
-        except FileNotFoundError:
-            pass
-        except IsADirectoryError:  # swapped for a directory since the stat
-            raise UnsafeRestorePath(
-                f"refusing {rel!r}: a directory of that name is in the target", path=rel
-            ) from None
-        return 0
-
-
-def keep_stamp(now: datetime | None = None) -> str:
-    """The time in the names of kept entries (UTC)."""
-    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%S")
-
-
-def kept_name(parent: int, name: str, stamp: str) -> str:
-    """A free name in ``parent`` to keep ``name`` under: ``<name>.before-restore-<stamp>``, then
-    ``-2``, ``-3``... (shortened to fit NAME_MAX)."""
-    suffix = f".before-restore-{stamp}"
-    raw = os.fsencode(name)
-    room = 255 - len(suffix) - 8  # NAME_MAX, with room for "-<n>"
-    base = (os.fsdecode(raw[:room]) if len(raw) > room else name) + suffix
-    for n in range(1, 10_000):
-        candidate = base if n == 1 else f"{base}-{n}"
-        try:
-            os.stat(candidate, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return candidate
-    raise InvalidInput(f"no free name to keep {name!r} under", path=name)
-
-
-def keep_aside(path: str, stamp: str) -> str:
-    """Rename the entry at ``path`` (a disk image in the way of an in-place restore) to its kept
-    name beside it; returns the new path. The entry itself is renamed, never a link's target."""
-    folder, name = os.path.split(path)
-    parent = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        aside = kept_name(parent, name, stamp)
-        os.rename(name, aside, src_dir_fd=parent, dst_dir_fd=parent)
-    finally:
-        os.close(parent)
-    return os.path.join(folder, aside)
-
-
-def _create(
-    make: Callable[[], Any], parent: int, name: str, rel: str, conflicts: Conflicts
-) -> tuple[Any, int]:
-    """Run ``make`` (an ``*at`` call creating ``name``), freeing the name when it is taken;
-    returns (what make returned, entries kept)."""
-    kept = 0
-    for _ in range(CREATE_ATTEMPTS):
-        try:
-            return make(), kept
-        except FileExistsError:
-            kept += conflicts.make_room(parent, name, rel)
-    raise UnsafeRestorePath(f"refusing {rel!r}: an entry keeps reappearing at its name", path=rel)
-
-
-def apply_metadata(fd: int, record: Record) -> None:
-    """Owner, xattrs, mode and times of a file or directory, through its descriptor."""
-    if os.geteuid() == 0:
-        with contextlib.suppress(OSError):
-            os.fchown(fd, int(record.get("uid", -1)), int(record.get("gid", -1)))
-    for name, value in (record.get("xattrs") or {}).items():
-        with contextlib.suppress(OSError):
-            os.setxattr(fd, name, base64.b64decode(value))
-    os.fchmod(fd, int(record.get("mode", 0o644)) & 0o7777)  # after fchown, which clears setuid
-    mtime = int(record.get("mtime_ns", 0))
-    os.utime(fd, ns=(mtime, mtime))
-
-
-def _apply_symlink_metadata(parent: int, name: str, record: Record) -> None:
-    """Owner, xattrs and times of the symlink ``name`` itself (a symlink has no mode)."""
-    if os.geteuid() == 0:
-        with contextlib.suppress(OSError):
-            uid, gid = int(record.get("uid", -1)), int(record.get("gid", -1))
-            os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
-    # No *xattrat call exists: /proc/self/fd/N is the parent directory itself (not a path that
-    # can be swapped), and the last component is not followed.
-    for key, value in (record.get("xattrs") or {}).items():
-        with contextlib.suppress(OSError):
-            path = f"/proc/self/fd/{parent}/{name}"
-            os.setxattr(path, key, base64.b64decode(value), follow_symlinks=False)
-    mtime = int(record.get("mtime_ns", 0))
-    os.utime(name, ns=(mtime, mtime), dir_fd=parent, follow_symlinks=False)
 
 
 # --- worker side -------------------------------------------------------------------------------------
@@ -477,7 +168,7 @@ def _restore_file(
 ) -> tuple[int, int]:
     assert _repo is not None and _envelope is not None
     parent, name = dirs.parent(rel)
-    fd, kept = _create(
+    fd, kept = create_entry(
         lambda: os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent), parent, name, rel, conflicts
     )
     try:
@@ -561,10 +252,10 @@ def _restore_link(
     """A symlink of the manifest (``source`` None) or a hardlink to the entry ``source``."""
     if source is None:
         parent, name = dirs.parent(rel)
-        _, kept = _create(
+        _, kept = create_entry(
             lambda: os.symlink(record["target"], name, dir_fd=parent), parent, name, rel, conflicts
         )
-        _apply_symlink_metadata(parent, name, record)
+        apply_symlink_metadata(parent, name, record)
         counts["symlinks"] += 1
         counts["kept"] += kept
         return
@@ -582,7 +273,7 @@ def _restore_link(
                 f"refusing hardlink {rel!r}: {source!r} is a symlink or not a file", path=rel
             )
         parent, name = dirs.parent(rel)
-        _, kept = _create(
+        _, kept = create_entry(
             lambda: os.link(
                 source_name,
                 name,
