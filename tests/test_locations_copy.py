@@ -214,3 +214,33 @@ def test_maintenance_never_deletes_on_the_grounds_of_an_unavailable_location(
     states = {c.location_id: c.state for c in app.catalog.copies_of(site["image"])}
     assert states[location.id] == "present"
     assert states[home_location_id(app.repo.store_id)] == "present"
+
+
+def test_a_damaged_pack_at_one_copy_is_read_from_the_next(site: dict, tmp_path: Path) -> None:
+    """Bytes that do not decrypt at the first copy are read again from the next one (in the
+    restore's worker processes too; the switch is reported where the read is in-process)."""
+    app: Appliance = site["app"]
+    app.add_location(str(site["a"]), label="a", require_mount=True)
+    app.copy_point(site["files"], "a")
+    app.copy_point(site["image"], "a")
+    packs = sorted((site["a"] / "data").rglob("*"))
+    damaged = next(p for p in packs if p.is_file())
+    raw = bytearray(damaged.read_bytes())
+    for i in range(100, len(raw), 4096):  # flip bytes all through the pack's blobs
+        raw[i] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    notes: list[str] = []
+    reader = app.reader(site["files"], named="a", log=notes.append)
+    out = tmp_path / "out"
+    restore_tree(reader, reader.get_manifest(site["files"]), str(out), workers=1)
+    compare_trees(snapshot(site["tree"]), snapshot(out))
+    for pack in (p for p in sorted((site["a"] / "data").rglob("*")) if p.is_file()):
+        raw = bytearray(pack.read_bytes())
+        for i in range(100, len(raw), 4096):
+            raw[i] ^= 0xFF
+        pack.write_bytes(bytes(raw))
+    reader = app.reader(site["image"], named="a", log=notes.append)
+    disk = reader.get_manifest(site["image"])["disks"][0]
+    restore_disk(reader, disk, str(tmp_path / "disk.out"))  # threads: in this process
+    assert (tmp_path / "disk.out").read_bytes() == site["disk"].read_bytes()
+    assert any(n.startswith("reading from a failed") for n in notes), notes

@@ -19,6 +19,7 @@ object missing, an I/O error) is retried at the next, and the switch is reported
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -163,6 +164,9 @@ class FallbackBackend:
         self.current = 0
         self._switched = switched
         self._lock = threading.Lock()
+        # Restore workers are forked with this object: a switch seen there is not reported
+        # (the callback writes the job log, which a forked worker must not touch).
+        self._pid = os.getpid()
 
     @property
     def capabilities(self) -> BackendCapabilities:
@@ -186,8 +190,7 @@ class FallbackBackend:
                     with self._lock:
                         if self.current == i:
                             self.current = i + 1
-                    if self._switched is not None:
-                        self._switched(label, self.sources[i + 1][0], exc)
+                    self._report(label, self.sources[i + 1][0], exc)
                 continue
             return value
         assert last is not None
@@ -196,6 +199,23 @@ class FallbackBackend:
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         data: bytes = self._read(lambda b: b.get(name, offset, length))
         return data
+
+    def reread(
+        self, name: str, offset: int, length: int | None, damaged: Exception
+    ) -> bytes | None:
+        """The same bytes from the next copy, after the current one returned damaged data
+        (the repository found it did not decrypt or match its ID); None when no copy is left."""
+        with self._lock:
+            current = self.current
+            if current + 1 >= len(self.sources):
+                return None
+            self.current = current + 1
+        self._report(self.sources[current][0], self.sources[current + 1][0], damaged)
+        return self.get(name, offset, length)
+
+    def _report(self, old: str, new: str, exc: Exception) -> None:
+        if self._switched is not None and os.getpid() == self._pid:
+            self._switched(old, new, exc)
 
     def stat(self, name: str) -> ObjectInfo:
         info: ObjectInfo = self._read(lambda b: b.stat(name))
