@@ -275,6 +275,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.location is not None:
+        if not args.point:
+            raise InvalidInput("--location checks one point's copy: name the point")
+        with _open(args) as app:
+            copy = app.verify_copy(args.point, args.location)
+        _emit(
+            args,
+            copy,
+            lambda: (
+                f"copy of {args.point} at {copy['label']}: {copy['blobs_checked']} blobs checked, "
+                + ("OK" if not copy["affected_points"] else "DAMAGED: marked lost")
+            ),
+        )
+        return 0 if not copy["affected_points"] else EXIT_DAMAGE
     progress = Progress(sys.stderr.isatty() and not args.json)
     with _open(args) as app:
         report = app.verify(args.point, max_bytes=args.max_bytes, progress=progress)
@@ -489,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check the store (or one point)")
     verify.add_argument("point", nargs="?")
     verify.add_argument("--max-bytes", type=_size, help="budget, e.g. 2G; coverage is remembered")
+    verify.add_argument("--location", help="check the point's copy at this location alone")
     verify.set_defaults(func=cmd_verify)
 
     prune = sub.add_parser("prune", help="remove points by retention rules")

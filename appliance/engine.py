@@ -524,6 +524,11 @@ class Appliance:
     def remove_location(self, name: str) -> LocationRecord:
         return locations_work.remove_location(self, name)
 
+    def verify_copy(self, point_id: str, location: str) -> dict[str, Any]:
+        """Check the point's copy at one location (that copy alone); marks it verified, or
+        ``lost`` when damaged."""
+        return locations_work.verify_copy(self, point_id, location)
+
     def find_location(self, name: str) -> LocationRecord:
         """A location of this store by id, id prefix or label (NotFound otherwise)."""
         return locations_work.find_location(self, name)

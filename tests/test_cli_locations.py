@@ -59,6 +59,8 @@ def test_locations_copy_restore_and_rebuild_from_the_cli(tmp_path: Path) -> None
         again = _json("copy", point, "--to", "a", data_dir=data)
         assert again["packs_copied"] == 0  # type: ignore[index]
         _json("copy", point, "--to", "b", data_dir=data)
+        checked = _json("verify", point, "--location", "b", data_dir=data)
+        assert checked["ok"] and checked["blobs_checked"] > 0  # type: ignore[index]
         points = _json("points", "--copies", data_dir=data)
         states = {c["label"]: c["state"] for c in points[0]["copies"]}  # type: ignore[index]
         assert states == {home: "present", "a": "present", "b": "present"}

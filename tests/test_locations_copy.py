@@ -244,3 +244,21 @@ def test_a_damaged_pack_at_one_copy_is_read_from_the_next(site: dict, tmp_path: 
     restore_disk(reader, disk, str(tmp_path / "disk.out"))  # threads: in this process
     assert (tmp_path / "disk.out").read_bytes() == site["disk"].read_bytes()
     assert any(n.startswith("reading from a failed") for n in notes), notes
+
+
+def test_verifying_one_copy_reads_that_copy_alone(site: dict) -> None:
+    """A copy is checked where it is; a damaged one is marked lost, the others stay present."""
+    from appliance.catalog.records import home_location_id
+
+    app: Appliance = site["app"]
+    location = app.add_location(str(site["a"]), label="a", require_mount=True)
+    app.copy_point(site["image"], "a")
+    assert app.verify_copy(site["image"], "a")["ok"]
+    for pack in (p for p in sorted((site["a"] / "data").rglob("*")) if p.is_file()):
+        raw = bytearray(pack.read_bytes())
+        raw[200] ^= 0xFF
+        pack.write_bytes(bytes(raw))
+    assert not app.verify_copy(site["image"], "a")["ok"]  # no fallback to the local pool
+    states = {c.location_id: c.state for c in app.catalog.copies_of(site["image"])}
+    assert states == {location.id: "lost", home_location_id(app.repo.store_id): "present"}
+    assert app.verify(site["image"]).ok

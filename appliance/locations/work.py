@@ -162,14 +162,21 @@ def copy_options(app: Appliance, point_id: str) -> list[tuple[CopyOption, Locati
 
 
 def reader(
-    app: Appliance, point_id: str, *, named: str | None = None, switched: Switched | None = None
+    app: Appliance,
+    point_id: str,
+    *,
+    named: str | None = None,
+    only: bool = False,
+    switched: Switched | None = None,
 ) -> Repository:
     """A repository that reads ``point_id`` from its best copy and falls back to the next when
-    a read fails (``switched`` is told). The home pool alone: the repository itself."""
+    a read fails (``switched`` is told); ``only``: the named copy and nothing else. The home
+    pool alone: the repository itself."""
     pairs = {opt.location_id: loc for opt, loc in copy_options(app, point_id)}
     if named is not None:
         named = find_location(app, named).id
-    ordered = order_copies([opt for opt, _ in copy_options(app, point_id)], named=named)
+    options = [opt for opt, _ in copy_options(app, point_id)]
+    ordered = order_copies(options, named=named, only=only)
     if not ordered:
         raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
     home = home_id(app)
@@ -190,6 +197,22 @@ def reader(
     repo = Repository(fallback, app.repo.config, app.repo.key, cache)
     repo.sync_index()
     return repo
+
+
+def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
+    """Read back and check every blob of the point's copy at one location (that copy alone);
+    the copy is marked verified now, or ``lost`` when its data is damaged or missing."""
+    from appliance.maintenance import verify_point
+
+    point = app.point(point_id)
+    location = find_location(app, name)
+    repo = reader(app, point.id, named=location.id, only=True)
+    report = verify_point(repo, point.id)
+    if report.ok:
+        app.catalog.mark_copy_verified(point.id, location.id, app.clock())
+    else:
+        app.catalog.set_copy(point.id, location.id, "lost")
+    return {"location": location.id, "label": location.label, **report.to_dict()}
 
 
 def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
