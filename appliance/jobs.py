@@ -214,6 +214,13 @@ def _copy(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     return result
 
 
+def _verify_copy(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    result = app.verify_copy(p["point"], p["location"])
+    for reason in result["affected_points"].get(p["point"], []):
+        ctx.log("error", f"copy at {result['label']}: {reason}")
+    return result
+
+
 def _copy_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
     # The store shared (GC must not free packs mid-copy), the target location exclusively.
     return [("store", False), (f"location:{p['location']}", True)]
@@ -255,6 +262,12 @@ JOB_KINDS: dict[str, JobKind] = {
     # Resumable: a copy interrupted by a crash runs again and skips the packs already there.
     "copy": JobKind(
         _copy, _copy_resources, True, lambda p: f"copy of {p['point']} to {p['location']}"
+    ),
+    "verify_copy": JobKind(
+        _verify_copy,
+        _copy_resources,
+        True,
+        lambda p: f"verify of {p['point']} at {p['location']}",
     ),
     "prune": JobKind(_prune, _store_exclusive, True, lambda p: f"prune of {p['asset']}"),
     "gc": JobKind(_gc, _store_exclusive, True, lambda p: "garbage collection"),

@@ -859,6 +859,12 @@ def test_locations_copies_and_restore_from_a_copy(
     )
     assert wait_job(operator, r.json()["id"])["state"] == "succeeded"
     assert _snapshot(target) == _snapshot(files_point["source"])
+    checked = operator.post(f"/api/points/{pid}/verify", params={"location": "second"})
+    job = wait_job(operator, checked.json()["id"])
+    assert job["state"] == "succeeded" and job["kind"] == "verify_copy", job
+    assert job["result"]["ok"] and job["result"]["blobs_checked"] > 0
+    nowhere = operator.post(f"/api/points/{pid}/verify", params={"location": "nowhere"})
+    assert nowhere.status_code == 404
     busy = admin.delete(f"/api/locations/{location['id']}")
     assert busy.status_code == 409, busy.text
 

@@ -263,13 +263,26 @@ def restore(
     "/points/{point_id}/verify", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
 )
 def verify(
-    point_id: str, principal: Operator, service: ServiceDep, response: Response
+    point_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    location: Annotated[str | None, Query(max_length=255)] = None,
 ) -> JobPublic:
-    """Re-read and check every chunk of the point, as a job."""
-    point = service.app.point(point_id)
-    job = service.jobs.submit("verify", {"point": point.id})
-    service.app.catalog.audit(
-        principal.name, "point.verify", point.id, {"job": job.id, **principal.audit_details}
+    """Re-read and check every chunk of the point, as a job; with ``location``, the point's copy
+    at that location alone (marked verified, or ``lost`` when damaged)."""
+    app = service.app
+    point = app.point(point_id)
+    if location is None:
+        job = service.jobs.submit("verify", {"point": point.id})
+    else:
+        where = app.find_location(location).id
+        job = service.jobs.submit("verify_copy", {"point": point.id, "location": where})
+    app.catalog.audit(
+        principal.name,
+        "point.verify",
+        point.id,
+        {"job": job.id, "location": location, **principal.audit_details},
     )
     response.headers["Location"] = f"/api/jobs/{job.id}"
     return job_public(job)
