@@ -25,6 +25,8 @@ router = APIRouter(tags=["restores"])
 
 
 def _devices(app: Appliance, paths: tuple[str, ...]) -> list[RestoreDevicePublic]:
+    if not paths:
+        return []  # no need to read the kernel's view of block devices
     facts = app.block_facts()
     out = []
     for path in paths:

@@ -20,11 +20,13 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.catalog.records import CopyRecord, LocationRecord, home_location_id
+from appliance.catalog.records import LocationRecord, home_location_id
 from appliance.errors import Conflict, InvalidInput, LocationUnavailable, NotFound
 from appliance.locations.choice import CopyOption, order_copies
 from appliance.locations.copy import FallbackBackend, copy_point
+from appliance.maintenance import verify_point
 from appliance.path_rules import check_location_dir
+from appliance.points import record_from_manifest
 from appliance.store.backend import Backend
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
@@ -172,11 +174,11 @@ def reader(
     """A repository that reads ``point_id`` from its best copy and falls back to the next when
     a read fails (``switched`` is told); ``only``: the named copy and nothing else. The home
     pool alone: the repository itself."""
-    pairs = {opt.location_id: loc for opt, loc in copy_options(app, point_id)}
+    found = copy_options(app, point_id)
+    pairs = {opt.location_id: loc for opt, loc in found}
     if named is not None:
         named = find_location(app, named).id
-    options = [opt for opt, _ in copy_options(app, point_id)]
-    ordered = order_copies(options, named=named, only=only)
+    ordered = order_copies([opt for opt, _ in found], named=named, only=only)
     if not ordered:
         raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
     home = home_id(app)
@@ -202,8 +204,6 @@ def reader(
 def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
     """Read back and check every blob of the point's copy at one location (that copy alone);
     the copy is marked verified now, or ``lost`` when its data is damaged or missing."""
-    from appliance.maintenance import verify_point
-
     point = app.point(point_id)
     location = find_location(app, name)
     repo = reader(app, point.id, named=location.id, only=True)
@@ -233,8 +233,6 @@ def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> d
             location_id=location_id,
         )
     source = Repository(backend, app.repo.config, app.repo.key, app.repo.cache_dir)
-    from appliance.points import record_from_manifest
-
     added, copies, damaged = 0, 0, []
     for point_id in source.manifest_ids():
         try:
@@ -261,19 +259,14 @@ def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> d
 
 def copies_public(app: Appliance, point_id: str) -> list[dict[str, Any]]:
     """A point's copies for the CLI: location label, kind, state, verified-at."""
-    out = []
-    for option, location in copy_options(app, point_id):
-        copy: CopyRecord | None = next(
-            (c for c in app.catalog.copies_of(point_id) if c.location_id == location.id), None
-        )
-        out.append(
-            {
-                "location": location.id,
-                "label": location.label,
-                "kind": location.kind,
-                "state": option.state,
-                "online": location.online,
-                "verified_at": copy.verified_at if copy else None,
-            }
-        )
-    return out
+    return [
+        {
+            "location": location.id,
+            "label": location.label,
+            "kind": location.kind,
+            "state": option.state,
+            "online": location.online,
+            "verified_at": option.verified_at,
+        }
+        for option, location in copy_options(app, point_id)
+    ]
