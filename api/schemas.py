@@ -613,10 +613,14 @@ class FailoverCreate(Request):
     point: str | None = Field(default=None, max_length=64)
     #: Default: the asset's configured network, else isolated without forwards.
     network: FailoverNetwork | None = None
+    #: Read the point from this location's copy first (id or label); default: the best copy.
+    location: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class BootTestCreate(Request):
     point: str | None = Field(default=None, max_length=64)
+    #: Read the point from this location's copy first (id or label); default: the best copy.
+    location: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class FailoverStop(Request):

@@ -518,6 +518,10 @@ class Appliance:
 
         return locations_work.reader(self, self.point(point_id).id, named=named, switched=switched)
 
+    def reading_from(self, repo: Repository) -> str:
+        """The name of the location a :meth:`reader` repository reads from now."""
+        return locations_work.reading_from(self, repo)
+
     def add_location(self, address: str, **options: Any) -> LocationRecord:
         return locations_work.add_location(self, address, **options)
 
@@ -576,10 +580,13 @@ class Appliance:
         else:
             decided = list(report.affected_points)
         now = self.clock()
+        home = home_location_id(self.repo.store_id)
         for pid in decided:
             status = "damaged" if pid in report.affected_points else "ok"
             with contextlib.suppress(NotFound):
                 self.catalog.mark_verified(pid, now, status)
+                if status == "ok":  # what was read is the home pool's copy
+                    self.catalog.mark_copy_verified(pid, home, now)
         return report
 
     def delete_points(

@@ -25,7 +25,8 @@ verify, ...). A retried backup re-reads the source but stores only what the inte
 not already committed, so it resumes rather than starting over.
 
 Work functions take the engine, the job's parameters and a :class:`JobContext` (progress, log,
-cancel event); they know nothing of HTTP and are the same functions the CLI calls.
+cancel event); they know nothing of HTTP and are the same functions the CLI calls. The built-in
+kinds' functions live in :mod:`appliance.job_kinds`; outer packages register theirs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from appliance import job_kinds as kinds
 from appliance.catalog.records import JobRecord
 from appliance.engine import Appliance
 from appliance.errors import (
@@ -48,8 +50,9 @@ from appliance.errors import (
     TransientBackendError,
 )
 from appliance.isolation import run_isolated
-from appliance.maintenance import collect_garbage
-from appliance.retention import RetentionRules
+from appliance.job_kinds import LOCATION_RETRY
+
+__all__ = ["JOB_KINDS", "LOCATION_RETRY", "JobContext", "JobKind", "JobRunner", "register_job_kind"]
 
 PROGRESS_INTERVAL = 0.5
 
@@ -121,157 +124,40 @@ class JobKind:
         return float(self.backoff) * 2 ** max(0, attempt - 1)
 
 
-# --- work functions --------------------------------------------------------------------------------
-
-
-def _backup_files(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    ctx.log("info", f"backing up {p['source']} as {p['asset']} ({p.get('mode', 'incremental')})")
-    outcome = app.backup_files(
-        p["source"],
-        p["asset"],
-        mode=p.get("mode", "incremental"),
-        progress=ctx.progress,
-        cancel=ctx.cancel,
-    )
-    for warning in outcome.warnings[:100]:
-        ctx.log("warning", f"{warning['path']}: {warning['message']}")
-    ctx.progress({**ctx.latest, "percent": 100.0})
-    return {
-        "point": outcome.point.id,
-        "mode": outcome.point.mode,
-        "stats": outcome.stats,
-        "warnings": len(outcome.warnings),
-    }
-
-
-def _backup_image(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    ctx.log("info", f"backing up disks {', '.join(p['disks'])} as {p['asset']}")
-    outcome = app.backup_image(
-        p["disks"],
-        p["asset"],
-        mode=p.get("mode", "incremental"),
-        vm_spec=p.get("vm"),
-        progress=ctx.progress,
-        cancel=ctx.cancel,
-    )
-    ctx.progress({**ctx.latest, "percent": 100.0})
-    return {"point": outcome.point.id, "mode": outcome.point.mode, "stats": outcome.stats}
-
-
-def _restore(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    # The target is checked again now, not only when the restore was asked for: the settings
-    # may have changed since, or a folder on the way been swapped for a link.
-    checked = app.check_restore_target(
-        p["point"],
-        p.get("destination", "area"),
-        target=p.get("target"),
-        on_conflict=p.get("on_conflict"),
-        disk=p.get("disk"),
-    )
-    ctx.log("info", f"restoring point {p['point']} to {checked.path} ({checked.kind})")
-    result = app.restore(
-        p["point"],
-        checked.path,
-        subpath=p.get("path"),
-        disk=p.get("disk"),
-        target_format=p.get("format", "raw"),
-        on_conflict=checked.on_conflict,
-        block_device=checked.block_device,
-        location=p.get("location"),
-        log=lambda message: ctx.log("warning", message),
-        progress=ctx.progress,
-        cancel=ctx.cancel,
-    )
-    return result
-
-
-def _verify(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    report = app.verify(p.get("point"), max_bytes=p.get("max_bytes"), progress=ctx.progress)
-    for point_id, reasons in report.affected_points.items():
-        ctx.log("error", f"point {point_id}: {'; '.join(reasons)}")
-    return report.to_dict()
-
-
-def _prune(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    rules = RetentionRules(**{k: int(v) for k, v in p.get("rules", {}).items()})
-    dry_run = bool(p.get("dry_run"))
-    decision = app.prune(
-        p["asset"],
-        rules,
-        dry_run=dry_run,
-        deleted=lambda point_id: ctx.log("info", f"removed point {point_id}"),
-    )
-    return {"keep": decision.keep, "remove": decision.remove, "dry_run": dry_run}
-
-
-def _copy(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    ctx.log("info", f"copying point {p['point']} to {p['location']}")
-    result = app.copy_point(p["point"], p["location"], progress=ctx.progress, cancel=ctx.cancel)
-    ctx.log(
-        "info",
-        f"{result['packs_copied']} pack(s) copied, {result['packs_present']} already there",
-    )
-    return result
-
-
-def _verify_copy(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    result = app.verify_copy(p["point"], p["location"])
-    for reason in result["affected_points"].get(p["point"], []):
-        ctx.log("error", f"copy at {result['label']}: {reason}")
-    return result
-
-
-def _copy_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
-    # The store shared (GC must not free packs mid-copy), the target location exclusively.
-    return [("store", False), (f"location:{p['location']}", True)]
-
-
-def _gc(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    with app.locks.exclusive():
-        report = collect_garbage(app.repo, grace_seconds=float(p.get("grace", 3600)))
-    return report.to_dict()
-
-
-def _rebuild(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
-    return app.rebuild_catalog()
-
-
-def _store_shared(p: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [("store", False)]
-
-
-def _store_exclusive(p: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [("store", True)]
-
-
-def _asset_backup(p: dict[str, Any]) -> list[tuple[str, bool]]:
-    return [(f"asset:{p['asset']}", True), ("store", False)]
-
-
 JOB_KINDS: dict[str, JobKind] = {
     "backup_files": JobKind(
-        _backup_files, _asset_backup, True, lambda p: f"backup of {p['asset']}", isolated=True
+        kinds.backup_files,
+        kinds.asset_backup,
+        True,
+        lambda p: f"backup of {p['asset']}",
+        isolated=True,
     ),
     "backup_image": JobKind(
-        _backup_image, _asset_backup, True, lambda p: f"backup of {p['asset']}"
+        kinds.backup_image, kinds.asset_backup, True, lambda p: f"backup of {p['asset']}"
     ),
     "restore": JobKind(
-        _restore, _store_shared, False, lambda p: f"restore of {p['point']}", isolated=True
+        kinds.restore,
+        kinds.store_shared,
+        False,
+        lambda p: f"restore of {p['point']}",
+        isolated=True,
     ),
-    "verify": JobKind(_verify, _store_shared, True, lambda p: "verify"),
+    "verify": JobKind(kinds.verify, kinds.store_shared, True, lambda p: "verify"),
     # Resumable: a copy interrupted by a crash runs again and skips the packs already there.
     "copy": JobKind(
-        _copy, _copy_resources, True, lambda p: f"copy of {p['point']} to {p['location']}"
+        kinds.copy, kinds.copy_resources, True, lambda p: f"copy of {p['point']} to {p['location']}"
     ),
     "verify_copy": JobKind(
-        _verify_copy,
-        _copy_resources,
+        kinds.verify_copy,
+        kinds.copy_resources,
         True,
         lambda p: f"verify of {p['point']} at {p['location']}",
     ),
-    "prune": JobKind(_prune, _store_exclusive, True, lambda p: f"prune of {p['asset']}"),
-    "gc": JobKind(_gc, _store_exclusive, True, lambda p: "garbage collection"),
-    "rebuild_catalog": JobKind(_rebuild, _store_exclusive, True, lambda p: "catalog rebuild"),
+    "prune": JobKind(kinds.prune, kinds.store_exclusive, True, lambda p: f"prune of {p['asset']}"),
+    "gc": JobKind(kinds.gc, kinds.store_exclusive, True, lambda p: "garbage collection"),
+    "rebuild_catalog": JobKind(
+        kinds.rebuild, kinds.store_exclusive, True, lambda p: "catalog rebuild"
+    ),
 }
 
 

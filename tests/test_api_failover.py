@@ -121,6 +121,17 @@ def test_vm_without_an_image_point_is_a_clear_404(
         assert body["details"]["asset"] == assets["vm"]
 
 
+def test_an_unknown_location_to_read_from_is_a_clear_404(
+    operator: httpx.Client, assets: dict[str, Any]
+) -> None:
+    for route in ("failover", "boot-test"):
+        r = operator.post(f"/api/assets/{assets['vm']}/{route}", json={"location": "nowhere"})
+        assert r.status_code == 404, r.text
+        assert r.json()["message"] == "no location 'nowhere' of this store"
+        r = operator.post(f"/api/assets/{assets['vm']}/{route}", json={"location": ""})
+        assert r.status_code == 422, r.text
+
+
 def test_folder_asset_cannot_fail_over(operator: httpx.Client, assets: dict[str, Any]) -> None:
     r = operator.post(f"/api/assets/{assets['files']}/failover", json={})
     assert r.status_code == 400, r.text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from engine_support import compare_trees, run_cli, snapshot
-from test_locations_copy import mounted_disk
+from loop_support import mounted_disk
 
 pytestmark = pytest.mark.root
 

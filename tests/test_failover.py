@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 from engine_support import PASSPHRASE, StepClock, set_engine_env, store_digest
 from guest_support import PROOF, VM, guest_image_path
+from loop_support import mounted_disk
 
 from appliance.backup.images import read_table
 from appliance.boot_verification import boot_test_result
+from appliance.catalog.records import home_location_id
 from appliance.engine import Appliance
 from appliance.errors import Conflict, LockHeld
 from appliance.jobs import JobRunner
@@ -300,7 +302,7 @@ def test_a_point_not_in_the_local_store_says_what_to_do_first(protected, tmp_pat
         os.unlink(app.repo.backend.path(pack_object_name(entry.pack, entry.pack_kind)))
         manager = FailoverManager(app, accel="tcg")
         before = len(app.catalog.list_failover_sessions(ASSET))
-        with pytest.raises(PointNotLocal, match="recall the point from the cold tier"):
+        with pytest.raises(PointNotLocal, match="cannot be read from any copy online.*recall"):
             manager.start(ASSET, protected["point"], proof=PROOF)
         assert len(app.catalog.list_failover_sessions(ASSET)) == before  # nothing was started
         manager.shutdown()
@@ -343,3 +345,43 @@ def test_accelerator_choice_is_made_once_and_remembered(tmp_path, guest_image):
     again = time.monotonic()
     assert choose_accelerator(str(tmp_path), guest_image=guest_image) == choice
     assert time.monotonic() - again < time.monotonic() - started
+
+
+@pytest.mark.root
+def test_a_pack_the_home_pool_lost_is_read_from_the_second_location(protected, tmp_path):
+    """The point is copied to a location on a real loop-mounted ext4; the home pool loses the
+    pack of the disk's first chunk (what the BIOS reads first). The failover falls back to the
+    second location, boots and proves the boot, and the job log names the location it read."""
+    app = _copy(protected, tmp_path)
+    with mounted_disk(tmp_path / "second.img", tmp_path / "second", 128 << 20):
+        manager = FailoverManager(app, accel="tcg")
+        runner = JobRunner(app)
+        register_failover_jobs(manager)
+        runner.start()
+        try:
+            app.add_location(str(tmp_path / "second"), label="second", require_mount=True)
+            copied = app.copy_point(protected["point"], "second")
+            assert copied["packs_copied"] > 0
+            assert app.verify(protected["point"]).ok  # the home copy now comes first
+            manifest = app.manifest(protected["point"])
+            entry = app.repo.locate(read_table(app.repo, manifest["disks"][0])[0])
+            os.unlink(app.repo.backend.path(pack_object_name(entry.pack, entry.pack_kind)))
+
+            job = runner.submit("failover_start", {"asset": ASSET, "proof": PROOF})
+            result = wait_job(runner, job.id)
+            assert result["read_from"] == "second"
+            lines = [line.message for line in app.catalog.job_log(job.id)]
+            home = app.catalog.get_location(home_location_id(app.repo.store_id)).label
+            assert any(
+                line.startswith(f"reading from {home} failed") and "reading from second" in line
+                for line in lines
+            ), lines
+            assert f"reading point {protected['point']} from location second" in lines
+            session = app.catalog.get_failover_session(result["session"])
+            assert session.details["read_from"] == "second"
+            assert fetch(result["ports"]["80"]).startswith(f"{HEALTH_TEXT} boots=")
+            wait_job(runner, runner.submit("failover_stop", {"session": result["session"]}).id)
+        finally:
+            runner.shutdown()
+            manager.shutdown(grace=2)
+            app.close()

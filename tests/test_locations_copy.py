@@ -8,7 +8,6 @@ another store is refused.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from engine_support import compare_trees, new_appliance, set_engine_env, snapshot, write_sparse
+from loop_support import mounted_disk
 
 from appliance.engine import Appliance
 from appliance.errors import LocationUnavailable
@@ -33,26 +33,6 @@ pytestmark = pytest.mark.root
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     set_engine_env(monkeypatch)
-
-
-@contextlib.contextmanager
-def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[str]:
-    """A fresh ext4 on a loop device of ``image``, mounted at ``where``; the device."""
-    with open(image, "wb") as f:
-        f.truncate(size)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
-        where.mkdir(exist_ok=True)
-        subprocess.run(["mount", device, str(where)], check=True)
-        try:
-            yield device
-        finally:
-            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 @pytest.fixture

@@ -90,6 +90,13 @@ def _check_vm_point(service: Service, name: str, point: str | None) -> None:
         )
 
 
+def _check_location(service: Service, location: str | None) -> dict[str, Any]:
+    """The job's ``location`` parameter, as the location's id (404 for an unknown one)."""
+    if location is None:
+        return {}
+    return {"location": service.app.find_location(location).id}
+
+
 def _submit(
     service: Service,
     principal: Principal,
@@ -126,8 +133,9 @@ def fail_over(
 ) -> JobPublic:
     """Boot the VM from a recovery point (default: the newest verified one) and prove the boot."""
     body = body or FailoverCreate()
+    location = _check_location(service, body.location)
     _check_vm_point(service, name, body.point)
-    params: dict[str, Any] = {"asset": name}
+    params: dict[str, Any] = {"asset": name, **location}
     if body.point:
         params["point"] = body.point
     if body.network is not None:
@@ -151,8 +159,9 @@ def boot_test(
 ) -> JobPublic:
     """Boot a point isolated, record its RTO and screenshot, then shut it down and discard it."""
     point = body.point if body else None
+    location = _check_location(service, body.location if body else None)
     _check_vm_point(service, name, point)
-    params: dict[str, Any] = {"asset": name, **({"point": point} if point else {})}
+    params: dict[str, Any] = {"asset": name, **({"point": point} if point else {}), **location}
     return _submit(service, principal, response, "boot_test", params, "asset.boot_test", name)
 
 

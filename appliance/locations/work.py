@@ -201,6 +201,15 @@ def reader(
     return repo
 
 
+def reading_from(app: Appliance, repo: Repository) -> str:
+    """The name of the location a :func:`reader` repository reads from now (it moves on to the
+    next copy when a read fails)."""
+    label = getattr(repo.backend, "label", None)
+    if isinstance(label, str):
+        return label
+    return app.catalog.get_location(home_id(app)).label
+
+
 def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
     """Read back and check every blob of the point's copy at one location (that copy alone);
     the copy is marked verified now, or ``lost`` when its data is damaged or missing."""

@@ -48,11 +48,12 @@ def boot_test_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
 def register_failover_jobs(manager: FailoverManager) -> None:
     """Register the failover job kinds, bound to ``manager`` (call once at service start-up).
 
-    - ``failover_start`` {asset, point?, network?, proof?, accel?}: export, boot, prove.
+    - ``failover_start`` {asset, point?, location?, network?, proof?, accel?}: export (from the
+      point's best copy, ``location`` first), boot, prove.
     - ``failover_stop`` {session, discard?}: power down (then quit, then kill).
     - ``failover_migrate`` {session, target_dir?}: mirror the disks to local storage and pivot.
     - ``failover_failback`` {session, new_point?=true, write_to?: "original"|path, format?}.
-    - ``boot_test`` {asset, point?, proof?}: isolated boot, RTO and screenshot, then discard.
+    - ``boot_test`` {asset, point?, location?, proof?}: isolated boot, RTO and screenshot, then discard.
     """
 
     def start(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
@@ -69,6 +70,8 @@ def register_failover_jobs(manager: FailoverManager) -> None:
             requested_at=_requested_at(app, ctx),
             cancel=ctx.cancel,
             progress=ctx.progress,
+            location=p.get("location"),
+            log=lambda line: ctx.log("info", line),
         )
         details = record.details
         ctx.log("info", f"session {record.id} booted; RTO {details.get('rto_seconds')} s")
@@ -80,6 +83,7 @@ def register_failover_jobs(manager: FailoverManager) -> None:
             "screenshot": details.get("screenshot"),
             "ports": details.get("ports"),
             "accel": details.get("accel"),
+            "read_from": details.get("read_from"),
         }
 
     def stop(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
@@ -120,6 +124,8 @@ def register_failover_jobs(manager: FailoverManager) -> None:
             requested_at=_requested_at(app, ctx),
             cancel=ctx.cancel,
             progress=ctx.progress,
+            location=p.get("location"),
+            log=lambda line: ctx.log("info", line),
         )
         if result["ok"]:
             ctx.log("info", f"{p['asset']} booted in {result['rto_seconds']} s")

@@ -5,9 +5,12 @@ exports of its sessions, so it keeps live sessions in memory, and there is one p
 (an exclusive ``flock`` on ``<state dir>/manager.lock``, released by the kernel if the process
 dies): a second manager would take the first one's VMs for leftovers of a crash.
 
-Starting a failover (state **starting**): the point's data must be in the local store (every
-chunk-table and data blob in the index, every pack present), else the session fails before
-anything runs and says what must happen first ("recall the point from the cold tier first").
+Starting a failover (state **starting**): the point is read from its best copy (the rule of
+:mod:`appliance.locations.choice`; a location the user names first), falling back to the next copy
+when a read fails, and the job log names the location read from and every switch. Its data must be
+readable there (every chunk-table and data blob in the index, every pack present at one of the
+copies), else the session fails before anything runs and says what must happen first ("recall the
+point from the cold tier first").
 The VM's memory must fit (:mod:`image.failover.admission`). One VM has at most one live session.
 Then the session boots (:mod:`image.failover.session`); the call blocks until the boot is proven
 or failed.
@@ -27,10 +30,12 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord, PointRecord
 from appliance.engine import Appliance
+from appliance.store.repository import Repository
 from appliance.errors import ApplianceError, Conflict, InvalidInput, LockHeld, NotFound
 from image.boot_proof import BootProofSpec
 from image.failover.admission import (
@@ -155,8 +160,22 @@ class FailoverManager:
         if live is not None:
             return live
         record = self.app.catalog.get_failover_session(session_id)
-        manifest = self.app.repo.get_manifest(record.point_id)
-        return FailoverSession(self, record, manifest)
+        repo = self._reader(record.point_id, record.details.get("read_from"))
+        return FailoverSession(self, record, repo.get_manifest(record.point_id), repo)
+
+    def _reader(
+        self,
+        point_id: str,
+        location: str | None,
+        log: Callable[[str], None] | None = None,
+    ) -> Repository:
+        """The point's best copy (``location`` first), falling back to the others."""
+        try:
+            return self.app.reader(point_id, named=location, log=log)
+        except NotFound:
+            if location is None:
+                raise
+            return self.app.reader(point_id, log=log)  # that location was since removed
 
     def get(self, session_id: str) -> dict[str, Any]:
         """The session's record as a dict, with live export counters while it runs."""
@@ -200,8 +219,11 @@ class FailoverManager:
         cancel: threading.Event | None = None,
         progress: ProgressCallback | None = None,
         memory_mib: int | None = None,
+        location: str | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> FailoverSessionRecord:
-        """Fail ``asset`` over to ``point`` (default: its newest verified image point).
+        """Fail ``asset`` over to ``point`` (default: its newest verified image point), read
+        from its best copy (``location``: that one first); ``log`` is told where it reads from.
 
         Blocks until the boot is proven (returns the running session's record) or failed (raises
         with the session's id in ``details``). ``requested_at`` (epoch seconds) is the click; the
@@ -219,7 +241,8 @@ class FailoverManager:
         if purpose not in ("failover", "boot_test"):
             raise InvalidInput("purpose must be failover or boot_test")
         record = self._pick(asset, point)
-        manifest = self.app.repo.get_manifest(record.id)
+        repo = self._reader(record.id, location, log)
+        manifest = repo.get_manifest(record.id)
         if manifest.get("kind") != "image" or not manifest.get("disks"):
             raise InvalidInput(f"point {record.id} is not a VM image point")
         if memory_mib is not None:
@@ -230,7 +253,7 @@ class FailoverManager:
         vm = dict(manifest.get("vm") or {})
         # What must be true before anything runs: the data is here, and the memory is free.
         check_started = time.monotonic()
-        missing = missing_blobs(self.app.repo, manifest["disks"])
+        missing = missing_blobs(repo, manifest["disks"])
         if missing["tables"] or missing["blobs"] or missing["packs"]:
             parts = []
             if missing["tables"]:
@@ -240,12 +263,15 @@ class FailoverManager:
             if missing["packs"]:
                 parts.append(f"pack(s) {', '.join(p[:16] for p in missing['packs'][:5])}")
             raise PointNotLocal(
-                f"point {record.id} of {asset} is not in the local store: missing "
+                f"point {record.id} of {asset} cannot be read from any copy online: missing "
                 + ", ".join(parts)
                 + "; recall the point from the cold tier (or attach its media) first",
                 point=record.id,
                 missing=missing,
             )
+        read_from = self.app.reading_from(repo)  # after the check, which may have moved it on
+        if log is not None:
+            log(f"reading point {record.id} from location {read_from}")
         reserve = (
             self.memory_reserve_mib
             if self.memory_reserve_mib is not None
@@ -274,11 +300,12 @@ class FailoverManager:
                 {
                     "purpose": purpose,
                     "requested_at": epoch_iso(requested_at),
+                    "read_from": read_from,
                     "vm": vm,
                     "check_seconds": round(time.monotonic() - check_started, 3),
                 },
             )
-            session = FailoverSession(self, created, manifest)
+            session = FailoverSession(self, created, manifest, repo)
             self._sessions[session.id] = session
         return session.boot(
             network=network,
@@ -379,6 +406,8 @@ class FailoverManager:
         requested_at: float | None = None,
         cancel: threading.Event | None = None,
         progress: ProgressCallback | None = None,
+        location: str | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Boot a point isolated, record its RTO and screenshot, shut it down, discard it."""
         configured = self.asset_settings(asset)
@@ -395,6 +424,8 @@ class FailoverManager:
                 requested_at=requested_at,
                 cancel=cancel,
                 progress=progress,
+                location=location,
+                log=log,
             )
         except ApplianceError as exc:
             session_id = exc.details.get("session")
@@ -439,8 +470,9 @@ class FailoverManager:
             alive = bool(pid and qmp_socket and process_is_ours(int(pid), qmp_socket))
             if alive and record.details.get("storage") == "local" and record.state == "running":
                 try:
-                    manifest = self.app.repo.get_manifest(record.point_id)
-                    session = FailoverSession(self, record, manifest)
+                    repo = self._reader(record.point_id, record.details.get("read_from"))
+                    manifest = repo.get_manifest(record.point_id)
+                    session = FailoverSession(self, record, manifest, repo)
                     session.process.qmp = QmpClient.connect(qmp_socket, wait=1.0)
                 except (ApplianceError, QmpError):
                     pass

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord
 from appliance.errors import ApplianceError, Conflict
+from appliance.store.repository import Repository
 from image.boot_proof import BootProofSpec
 from image.failover.errors import FailoverFailed
 from image.failover.network import network_to_dict, resolve_forwards
@@ -89,9 +90,12 @@ class FailoverSession:
         manager: FailoverManager,
         record: FailoverSessionRecord,
         manifest: dict[str, Any],
+        repo: Repository | None = None,
     ) -> None:
         self.manager = manager
         self.app = manager.app
+        #: Where the exports read the point: its best copy, falling back to the others.
+        self.repo = repo if repo is not None else manager.app.repo
         self.id = record.id
         self.asset = record.asset
         self.point_id = record.point_id
@@ -180,7 +184,7 @@ class FailoverSession:
         for disk in self.disks:
             if disk.export is None:
                 disk.export = export_image_over_nbd(
-                    self.app.repo, self.manifest, disk.name, disk.socket
+                    self.repo, self.manifest, disk.name, disk.socket
                 )
 
     def stop_exports(self) -> None:

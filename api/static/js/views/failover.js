@@ -617,6 +617,7 @@ export async function failoverSession(view) {
     const rows = [
       ["Asset", h("span", h("strong", { text: info.asset }), " · ", h("a", { href: `#/points?asset=${enc(info.asset)}`, text: "its points" }))],
       ["Recovery point", pointLink(info.point_id)],
+      ["Read from", d.read_from ? `the copy at ${d.read_from} (the job log names any switch to another copy)` : null],
       ["Accelerator", accelText(info.accel)],
       ["Storage", storageText(info)],
       ["Network", network.mode === "bridged" ? `Bridged to ${network.bridge}` : network.mode === "isolated" ? "Isolated: the VM reaches nothing; only the forwarded ports reach it" : null],

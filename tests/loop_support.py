@@ -1,0 +1,28 @@
+"""Real filesystems on loop devices for tests: each helper detaches only the device it attached."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[str]:
+    """A fresh ext4 on a loop device of ``image``, mounted at ``where``; the device."""
+    with open(image, "wb") as f:
+        f.truncate(size)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
+        where.mkdir(exist_ok=True)
+        subprocess.run(["mount", device, str(where)], check=True)
+        try:
+            yield device
+        finally:
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
