@@ -207,3 +207,19 @@ def test_policies_schedules_settings_and_failovers_survive(upgraded: Catalog) ->
         )
         assert session.details["rto_seconds"] == 42
         assert list(catalog.last_boot_tests(proven_only=True)) == ["web"]
+
+
+def test_the_catalogs_repositories_share_no_method_name() -> None:
+    """``Catalog`` inherits every repository: a method name in two of them would silently hide
+    one behind the other."""
+    from appliance.catalog.catalog import Catalog
+
+    seen: dict[str, str] = {}
+    for base in Catalog.__mro__[1:]:
+        if base is object:
+            continue
+        for name, value in vars(base).items():
+            if callable(value) and not name.startswith("__"):
+                assert name not in seen, f"{name} is in {seen.get(name)} and {base.__name__}"
+                seen[name] = base.__name__
+    assert "add_point" in seen and "list_locations" in seen and "create_job" in seen
