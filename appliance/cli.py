@@ -23,8 +23,13 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any
 
+from appliance.cli_locations import (
+    add_bucket_arguments,
+    bucket_options,
+    location_kind,
+    seed_from_location,
+)
 from appliance.cli_locations import register as register_location_commands
-from appliance.cli_locations import seed_from_location
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
 from appliance.file_modes import PRIVATE_UMASK
@@ -383,9 +388,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 def cmd_catalog_rebuild(args: argparse.Namespace) -> int:
     if args.source is not None:
-        seed_from_location(args.data_dir, args.source)
+        kind, options = location_kind(args.source), bucket_options(args)
+        seed_from_location(args.data_dir, args.source, kind, options)
         with _open(args) as app:
-            adopted = app.adopt_location(args.source)
+            adopted = app.adopt_location(args.source, kind=kind, options=options)
         _emit(
             args,
             adopted,
@@ -530,8 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         metavar="LOCATION",
-        help="from another location of the store (a directory), also on a fresh data directory",
+        help="from another location of the store (a directory or s3://BUCKET[/PREFIX]), also "
+        "on a fresh data directory",
     )
+    add_bucket_arguments(rebuild)
     rebuild.set_defaults(func=cmd_catalog_rebuild)
 
     key = sub.add_parser("key", help="key management").add_subparsers(dest="action", required=True)

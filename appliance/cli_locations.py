@@ -24,8 +24,10 @@ def register(sub: Any, open_app: Opener, emit: Emitter) -> None:
     actions.add_parser("list", help="list locations").set_defaults(
         func=lambda a: _list(a, open_app, emit)
     )
-    add = actions.add_parser("add", help="add a directory location (a mounted disk, a share)")
-    add.add_argument("path")
+    add = actions.add_parser(
+        "add", help="add a directory location (a mounted disk, a share) or a bucket (s3://...)"
+    )
+    add.add_argument("path", help="a folder, or s3://BUCKET[/PREFIX]")
     add.add_argument("--label", default="")
     add.add_argument(
         "--require-mount",
@@ -33,6 +35,7 @@ def register(sub: Any, open_app: Opener, emit: Emitter) -> None:
         help="the path must be a mountpoint (an unmounted disk is then unavailable, never empty)",
     )
     add.add_argument("--offsite", action="store_true", help="the location is kept off-site")
+    add_bucket_arguments(add)
     add.set_defaults(func=lambda a: _add(a, open_app, emit))
     remove = actions.add_parser("remove", help="forget a location (its data is left alone)")
     remove.add_argument("location")
@@ -77,10 +80,59 @@ def _list(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
     return 0
 
 
+def add_bucket_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a bucket location (``s3://``). Credentials come from the environment
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``) and are kept in
+    the data directory's secrets, never in the catalog."""
+    group = parser.add_argument_group("buckets (s3://BUCKET[/PREFIX])")
+    group.add_argument("--endpoint", help="an S3-compatible endpoint URL (default: AWS)")
+    group.add_argument("--region")
+    group.add_argument("--addressing-style", choices=["auto", "path", "virtual"])
+    group.add_argument(
+        "--cold", action="store_true", help="data packs go to a cold class (read after a recall)"
+    )
+    group.add_argument(
+        "--data-class",
+        help="storage class of data packs (GLACIER, DEEP_ARCHIVE, GLACIER_IR, STANDARD, ...)",
+    )
+    group.add_argument("--lock-mode", choices=["COMPLIANCE", "GOVERNANCE"])
+    group.add_argument("--lock-days", type=int, help="Object Lock retention of each copy")
+    group.add_argument("--restore-tier", choices=["Expedited", "Standard", "Bulk"])
+
+
+def location_kind(address: str) -> str:
+    return "s3_bucket" if address.startswith("s3://") else "pool_dir"
+
+
+def bucket_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The bucket options given on the command line and the credentials in the environment."""
+    if location_kind(args.path if hasattr(args, "path") else args.source or "") != "s3_bucket":
+        return {}
+    flags = {
+        "endpoint_url": args.endpoint,
+        "region": args.region,
+        "addressing_style": args.addressing_style,
+        "cold": True if args.cold else None,
+        "data_class": args.data_class,
+        "lock_mode": args.lock_mode,
+        "lock_days": args.lock_days,
+        "restore_tier": args.restore_tier,
+        "access_key_id": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
 def _add(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
     with open_app(args) as app:
         location = app.add_location(
-            args.path, label=args.label, require_mount=args.require_mount, offsite=args.offsite
+            args.path,
+            kind=location_kind(args.path),
+            label=args.label,
+            require_mount=args.require_mount,
+            offsite=args.offsite,
+            options=bucket_options(args),
         )
     emit(
         args,
@@ -112,14 +164,19 @@ def _copy(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
     return 0
 
 
-def seed_from_location(data_dir: str, address: str, kind: str = "pool_dir") -> bool:
+def seed_from_location(
+    data_dir: str,
+    address: str,
+    kind: str = "pool_dir",
+    options: dict[str, Any] | None = None,
+) -> bool:
     """Make a fresh data directory's pool an (empty) location of the store at ``address``: its
     config and key files are copied, so the same passphrase or recovery key opens it. Returns
     False when the data directory already has a store."""
     store_path = DataDir(os.path.abspath(data_dir)).store_path
     if os.path.exists(os.path.join(store_path, "config")):
         return False
-    source = open_backend(kind, address)
+    source = open_backend(kind, address, **dict(options or {}))
     os.makedirs(store_path, exist_ok=True)
     home = LocalDirectoryBackend(store_path)
     for name in ["config", *(info.name for info in source.list("keys/"))]:

@@ -38,6 +38,7 @@ from appliance.errors import (
     PathRefused,
 )
 from appliance.locations import work as locations_work
+from appliance.locations.recall import RecallStatus, prepare_read
 from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
     BlockFacts,
@@ -82,6 +83,11 @@ class DataDir:
     @property
     def cache_path(self) -> str:
         return os.path.join(self.path, "cache")
+
+    @property
+    def secrets_path(self) -> str:
+        """Credentials of locations (bucket keys), one 0600 file each, never in the catalog."""
+        return os.path.join(self.path, "secrets")
 
     @property
     def lock_path(self) -> str:
@@ -518,6 +524,13 @@ class Appliance:
 
         return locations_work.reader(self, self.point(point_id).id, named=named, switched=switched)
 
+    def prepare_read(
+        self, point_id: str, *, subpath: str | None = None, location: str | None = None
+    ) -> RecallStatus:
+        """When the point's best copy is archived (cold), ask for exactly the packs a read of it
+        (``subpath`` of it) needs to be thawed, and say how far that is; never blocks."""
+        return prepare_read(self, self.point(point_id).id, subpath=subpath, named=location)
+
     def reading_from(self, repo: Repository) -> str:
         """The name of the location a :meth:`reader` repository reads from now."""
         return locations_work.reading_from(self, repo)
@@ -537,10 +550,12 @@ class Appliance:
         """A location of this store by id, id prefix or label (NotFound otherwise)."""
         return locations_work.find_location(self, name)
 
-    def adopt_location(self, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
+    def adopt_location(
+        self, address: str, *, kind: str = "pool_dir", options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Add the points a location holds to the catalog as copies there (``catalog rebuild
         --from``); points already listed get one more copy, none is duplicated."""
-        return locations_work.adopt_location(self, address, kind=kind)
+        return locations_work.adopt_location(self, address, kind=kind, options=options)
 
     def copy_point(
         self,
@@ -549,8 +564,18 @@ class Appliance:
         *,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        storage_class: str | None = None,
+        retain_until: datetime | None = None,
     ) -> dict[str, Any]:
-        return locations_work.copy_to(self, point_id, location, progress=progress, cancel=cancel)
+        return locations_work.copy_to(
+            self,
+            point_id,
+            location,
+            progress=progress,
+            cancel=cancel,
+            storage_class=storage_class,
+            retain_until=retain_until,
+        )
 
     # --- catalog ----------------------------------------------------------------------------------
 

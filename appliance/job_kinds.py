@@ -66,6 +66,15 @@ def restore(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
         on_conflict=p.get("on_conflict"),
         disk=p.get("disk"),
     )
+    recall = app.prepare_read(p["point"], subpath=p.get("path"), location=p.get("location"))
+    if not recall.done:
+        raise JobWaiting(
+            f"{recall.describe()}; the restore goes on when they are readable",
+            wake_at=app.clock() + timedelta(seconds=recall.poll_seconds),
+            checkpoint={"recall": recall.to_dict()},
+        )
+    if recall.location is not None:
+        ctx.log("info", f"recalled {recall.packs} pack(s) from {recall.location}")
     ctx.log("info", f"restoring point {p['point']} to {checked.path} ({checked.kind})")
     result = app.restore(
         p["point"],

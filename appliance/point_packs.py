@@ -9,12 +9,13 @@ all-zero chunk, which is never stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.backup.images import read_table
 from appliance.backup.tree import iter_tree
+from appliance.restore_paths import detached_hardlinks, select_records
 from appliance.store import format as fmt
 from appliance.store.repository import Repository
 
@@ -26,10 +27,24 @@ def metadata_blobs(manifest: dict[str, Any]) -> list[bytes]:
     return [bytes.fromhex(h) for disk in manifest.get("disks", []) for h in disk["tables"]]
 
 
-def data_blobs(repo: Repository, manifest: dict[str, Any]) -> Iterator[bytes]:
-    """Every data blob a point lists, in point order (repeats included); reads its metadata."""
+def data_blobs(
+    repo: Repository, manifest: dict[str, Any], subpath: str | None = None
+) -> Iterator[bytes]:
+    """Every data blob a point lists, in point order (repeats included); reads its metadata.
+
+    ``subpath`` (a files point): only what restoring that path reads, including the files that
+    hardlinks inside it share with names outside it."""
     if manifest["kind"] == "files":
-        for record in iter_tree(repo, manifest):
+        records: Iterable[dict[str, Any]]
+        if subpath:
+            records = [
+                record for _rel, record in select_records(iter_tree(repo, manifest), subpath)
+            ]
+            _firsts, stand_ins = detached_hardlinks(repo, manifest, subpath)
+            records = [*records, *stand_ins.values()]
+        else:
+            records = iter_tree(repo, manifest)
+        for record in records:
             for hex_id, _length in record.get("chunks", ()):
                 if hex_id is not None:
                     yield bytes.fromhex(hex_id)
@@ -62,13 +77,16 @@ class PointPacks:
         return not self.missing_metadata and not self.missing
 
 
-def point_packs(repo: Repository, manifest: dict[str, Any]) -> PointPacks:
-    """The packs holding every blob of a point, and what the index lacks, reading only metadata
-    blobs (never data): one sorted lookup for the metadata, one for the data."""
+def point_packs(
+    repo: Repository, manifest: dict[str, Any], subpath: str | None = None
+) -> PointPacks:
+    """The packs holding every blob of a point (``subpath``: of that path of a files point), and
+    what the index lacks, reading only metadata blobs (never data): one sorted lookup for the
+    metadata, one for the data."""
     meta = repo.index.locate_many(metadata_blobs(manifest))
     packs = dict(meta.packs)
     if meta.missing:
         return PointPacks(packs, list(meta.missing), [])
-    data = repo.index.locate_many(data_blobs(repo, manifest))
+    data = repo.index.locate_many(data_blobs(repo, manifest, subpath))
     packs.update(data.packs)
     return PointPacks(packs, [], list(data.missing))

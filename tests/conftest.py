@@ -90,3 +90,15 @@ def browser() -> Iterator[Any]:
 
     with launched_browser() as launched:
         yield launched
+
+
+# --- S3 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[Any]:
+    """A real S3 server (moto's) on 127.0.0.1 for this test session; restores take 2 s."""
+    from s3_support import s3_server
+
+    with s3_server(restore_seconds=2.0) as server:
+        yield server

@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,10 +43,10 @@ from appliance.store.wrappers import (
     compose,
 )
 
-BACKENDS = ["local", "pool_dir", "memory", "retry-faulty", "composed"]
+BACKENDS = ["local", "pool_dir", "memory", "retry-faulty", "composed", "s3", "s3-locked"]
 
 
-def make_backend(kind: str, tmp_path: Path) -> Backend:
+def make_backend(kind: str, tmp_path: Path, s3: Any = None) -> Backend:
     if kind == "local":
         return LocalDirectoryBackend(str(tmp_path / "store"))
     if kind == "pool_dir":
@@ -74,12 +75,20 @@ def make_backend(kind: str, tmp_path: Path) -> Backend:
             sleep=lambda _s: None,
             rng=random.Random(2),
         )
+    if kind == "s3":
+        # A bucket on a real S3 server over HTTP, through the registered kind, under a prefix.
+        return open_backend("s3_bucket", f"s3://{s3.bucket()}/site-a", **s3.options())
+    if kind == "s3-locked":
+        # A versioned bucket with Object Lock: deletes must remove every version.
+        address = f"s3://{s3.bucket(lock=True)}"
+        return open_backend("s3_bucket", address, **s3.options(lock_mode="GOVERNANCE"))
     raise AssertionError(kind)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    store = make_backend(request.param, tmp_path)
+    s3 = request.getfixturevalue("s3") if str(request.param).startswith("s3") else None
+    store = make_backend(request.param, tmp_path, s3)
     yield store
     store.close()
 

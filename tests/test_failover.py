@@ -302,7 +302,7 @@ def test_a_point_not_in_the_local_store_says_what_to_do_first(protected, tmp_pat
         os.unlink(app.repo.backend.path(pack_object_name(entry.pack, entry.pack_kind)))
         manager = FailoverManager(app, accel="tcg")
         before = len(app.catalog.list_failover_sessions(ASSET))
-        with pytest.raises(PointNotLocal, match="cannot be read from any copy online.*recall"):
+        with pytest.raises(PointNotLocal, match=r"cannot be read from any copy online.*recall"):
             manager.start(ASSET, protected["point"], proof=PROOF)
         assert len(app.catalog.list_failover_sessions(ASSET)) == before  # nothing was started
         manager.shutdown()

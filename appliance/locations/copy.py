@@ -7,7 +7,9 @@ committed, in this order (a crash at any step leaves the target consistent, and 
 1. the store's own objects (``config``, ``keys/*``), copied when the target lacks them;
 2. the packs the point needs (:func:`appliance.point_packs.point_packs`) that the target lacks:
    each is copied whole and read back from the target, and its name (the BLAKE3 of its bytes)
-   must match, before the next one; a rerun skips packs already there;
+   must match, before the next one; a rerun skips packs already there. A data pack put in a
+   cold class (a bucket's GLACIER) cannot be read back until thawed: the upload's checksum,
+   verified by the medium, and the stored size stand in for the read-back;
 3. index files at the target for every pack the point needs, so the copy is self-describing
    (``catalog rebuild`` from it alone works);
 4. the manifest, last: a point exists at the target only once everything it needs is there.
@@ -63,6 +65,17 @@ class CopyResult:
         return dict(self.__dict__)
 
 
+def _already_there(target: Backend, name: str, pack: bytes, size: int, cold: bool) -> bool:
+    """Whether the target holds this pack whole: its bytes hash to its name, or (a cold object,
+    unreadable until thawed) it exists with the right size."""
+    if cold:
+        try:
+            return target.stat(name).size == size
+        except ObjectMissing:
+            return False
+    return _exists(target, name) and pack_name_matches(pack, target.get(name))
+
+
 def _exists(backend: Backend, name: str) -> bool:
     try:
         backend.stat(name)
@@ -95,13 +108,18 @@ def copy_point(
     for name in ["config", *(info.name for info in repo.backend.list("keys/"))]:
         if not _exists(target, name):
             target.put(name, repo.backend.get(name))
-    total = sum(repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items())
+    sizes = {p: repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items()}
+    total = sum(sizes.values())
     done = 0
     for pack, kind in sorted(needs.packs.items()):
         if cancel is not None and cancel.is_set():
             raise BackupCancelled("the copy was cancelled")
         name = pack_object_name(pack, kind)
-        if _exists(target, name) and pack_name_matches(pack, target.get(name)):
+        put_options = options if kind == fmt.PACK_KIND_DATA else None
+        # A pack stored in a cold class cannot be read back until thawed: the medium's own
+        # upload checksum (S3's SHA-256) vouches for its bytes, and its size is checked.
+        cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
+        if _already_there(target, name, pack, sizes[pack], cold):
             result.packs_present += 1
         else:
             data = repo.backend.get(name)
@@ -109,8 +127,8 @@ def copy_point(
                 raise IntegrityError(
                     f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
                 )
-            target.put(name, data, options if kind == fmt.PACK_KIND_DATA else None)
-            if not pack_name_matches(pack, target.get(name)):
+            target.put(name, data, put_options)
+            if not _already_there(target, name, pack, len(data), cold):
                 raise IntegrityError(
                     f"pack {pack.hex()[:16]} read back from {target.describe()} differs",
                     pack=pack.hex(),

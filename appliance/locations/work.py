@@ -14,10 +14,13 @@ is the repository's own.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from appliance.catalog.records import LocationRecord, home_location_id
@@ -27,7 +30,7 @@ from appliance.locations.copy import FallbackBackend, copy_point
 from appliance.maintenance import verify_point
 from appliance.path_rules import check_location_dir
 from appliance.points import record_from_manifest
-from appliance.store.backend import Backend
+from appliance.store.backend import Backend, PutOptions
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
 from appliance.store.repository import Repository
@@ -64,14 +67,47 @@ def find_location(app: Appliance, name: str) -> LocationRecord:
     raise NotFound(f"no location {name!r} of this store", location=name)
 
 
+#: Options that are credentials: kept in ``<data dir>/secrets/<location>.json`` (mode 0600),
+#: never in the catalog (which may be a shared PostgreSQL, and is shown in the API).
+SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token")
+
+
+def _secrets_file(app: Appliance, location_id: str) -> str:
+    return os.path.join(app.data_dir.secrets_path, f"{location_id}.json")
+
+
+def _save_secrets(app: Appliance, location_id: str, secrets: dict[str, Any]) -> None:
+    os.makedirs(app.data_dir.secrets_path, mode=0o700, exist_ok=True)
+    path = _secrets_file(app, location_id)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(secrets, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _load_secrets(app: Appliance, location_id: str) -> dict[str, Any]:
+    try:
+        with open(_secrets_file(app, location_id)) as f:
+            loaded = json.load(f)
+    except FileNotFoundError:
+        return {}
+    return dict(loaded) if isinstance(loaded, dict) else {}
+
+
+def location_options(app: Appliance, location: LocationRecord) -> dict[str, Any]:
+    """What the location's backend factory is given: its options and its credentials."""
+    return {**location.details.get("options", {}), **_load_secrets(app, location.id)}
+
+
 def location_backend(app: Appliance, location: LocationRecord) -> Backend:
     """The location's backend, opened and identity-checked; marks the location online or
     offline in the catalog as it answers."""
     if location.id == home_id(app):
         return app.repo.backend
-    options = dict(location.details.get("options", {}))
     try:
-        backend = open_backend(location.kind, location.address, **options)
+        backend = open_backend(location.kind, location.address, **location_options(app, location))
         check_identity(backend, app.repo.store_id, location.id)
     except LocationUnavailable:
         if location.online:
@@ -90,24 +126,39 @@ def add_location(
     label: str = "",
     require_mount: bool = False,
     offsite: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> LocationRecord:
     """Register a place as a location of this store: its identity file is written there first
-    (a place already holding another store or location is refused)."""
+    (a place already holding another store or location is refused). ``options`` go to the
+    kind's backend factory (a bucket's endpoint, region, credentials, ``cold``, ``lock_mode``);
+    credentials (:data:`SECRET_OPTIONS`) are kept apart from the catalog."""
     if kind == "pool_dir":
         address = check_location_dir(address, data_dir=app.data_dir.path)
-    options = {"require_mount": True} if require_mount else {}
-    backend = open_backend(kind, address, **options)
-    location_id = uuid.uuid4().hex
-    write_identity(backend, app.repo.store_id, location_id)
+    everything = dict(options or {})
+    if require_mount:
+        everything["require_mount"] = True
+    backend = open_backend(kind, address, **dict(everything))
+    try:
+        location_id = uuid.uuid4().hex
+        write_identity(backend, app.repo.store_id, location_id)
+    finally:
+        backend.close()
+    secrets = {k: everything.pop(k) for k in SECRET_OPTIONS if k in everything}
+    if secrets:
+        _save_secrets(app, location_id, secrets)
+    access = ACCESS_BY_KIND.get(kind, "random")
+    if kind == "s3_bucket" and not everything.get("cold"):
+        access = "random"  # a hot bucket: every object readable at once
     return app.catalog.add_location(
         app.repo.store_id,
         kind,
         address,
-        access=ACCESS_BY_KIND.get(kind, "random"),
+        access=access,
+        immutable=bool(everything.get("lock_mode")),
         removable=kind == "removable",
-        offsite=offsite,
+        offsite=offsite or kind == "s3_bucket",
         label=label or os.path.basename(address.rstrip("/")) or location_id[:8],
-        details={"options": options},
+        details={"options": everything},
         location_id=location_id,
     )
 
@@ -118,6 +169,8 @@ def remove_location(app: Appliance, name: str) -> LocationRecord:
     if location.id == home_id(app):
         raise Conflict("the data directory's own pool cannot be removed")
     app.catalog.remove_location(location.id)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_secrets_file(app, location.id))
     return location
 
 
@@ -128,19 +181,63 @@ def copy_to(
     *,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    storage_class: str | None = None,
+    retain_until: datetime | None = None,
 ) -> dict[str, Any]:
     """Copy a point to a location: the copy is ``copying`` until every pack is there and read
-    back, then ``present`` and verified now. A rerun after a failure resumes."""
+    back, then ``present`` (``archived`` at a cold location) and verified now. A rerun after a
+    failure resumes. ``storage_class`` and ``retain_until`` override the location's defaults for
+    the data packs (:func:`put_options`)."""
     point = app.point(point_id)
     location = find_location(app, name)
     if location.id == home_id(app):
         raise InvalidInput("the point's home pool is where it was made; name another location")
     target = location_backend(app, location)
+    put = put_options(location, app.clock(), storage_class=storage_class, retain_until=retain_until)
     app.catalog.set_copy(point.id, location.id, "copying")
-    with app.locks.shared():
-        result = copy_point(app.repo, point.id, target, progress=progress, cancel=cancel)
-    app.catalog.set_copy(point.id, location.id, "present", verified_at=app.clock())
-    return {"location": location.id, "label": location.label, **result.to_dict()}
+    try:
+        with app.locks.shared():
+            result = copy_point(
+                app.repo, point.id, target, progress=progress, cancel=cancel, options=put
+            )
+    finally:
+        target.close()
+    # A copy whose data sits in a cold class is "archived": readable after a recall.
+    state = "archived" if location.access == "cold" else "present"
+    app.catalog.set_copy(
+        point.id,
+        location.id,
+        state,
+        storage_class=put.storage_class,
+        retain_until=put.retain_until,
+        verified_at=app.clock(),
+    )
+    return {
+        "location": location.id,
+        "label": location.label,
+        "state": state,
+        "storage_class": put.storage_class,
+        "retain_until": put.retain_until.isoformat() if put.retain_until else None,
+        **result.to_dict(),
+    }
+
+
+def put_options(
+    location: LocationRecord,
+    now: datetime,
+    *,
+    storage_class: str | None = None,
+    retain_until: datetime | None = None,
+) -> PutOptions:
+    """How a copy's data packs are stored at ``location``: the class and lock asked for, else
+    the location's defaults (``data_class``, or GLACIER for a cold bucket; ``lock_days`` from
+    now when the location locks objects). Metadata always stays in the default class."""
+    options = location.details.get("options", {})
+    if storage_class is None:
+        storage_class = options.get("data_class") or ("GLACIER" if options.get("cold") else None)
+    if retain_until is None and options.get("lock_mode") and options.get("lock_days"):
+        retain_until = now + timedelta(days=int(options["lock_days"]))
+    return PutOptions(storage_class=storage_class, retain_until=retain_until)
 
 
 def copy_options(app: Appliance, point_id: str) -> list[tuple[CopyOption, LocationRecord]]:
@@ -224,24 +321,40 @@ def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
     return {"location": location.id, "label": location.label, **report.to_dict()}
 
 
-def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> dict[str, Any]:
+def adopt_location(
+    app: Appliance,
+    address: str,
+    *,
+    kind: str = "pool_dir",
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Add the points a location holds to the catalog as copies there (``catalog rebuild
-    --from``): the location is registered under the identity its file names, points already
-    in the catalog get one more copy, new ones are added. Nothing is copied."""
-    backend = open_backend(kind, address)
+    --from``): the location is registered under the identity its file names (with ``options``,
+    credentials kept apart), points already in the catalog get one more copy, new ones are
+    added. Nothing is copied; only hot objects (identity, manifests, indexes) are read."""
+    everything = dict(options or {})
+    backend = open_backend(kind, address, **dict(everything))
     location_id = check_identity(backend, app.repo.store_id)
+    cold = bool(everything.get("cold"))
     try:
         location = app.catalog.get_location(location_id)
     except NotFound:
+        secrets = {k: everything.pop(k) for k in SECRET_OPTIONS if k in everything}
+        if secrets:
+            _save_secrets(app, location_id, secrets)
         location = app.catalog.add_location(
             app.repo.store_id,
             kind,
             os.path.abspath(address) if kind == "pool_dir" else address,
-            access=ACCESS_BY_KIND.get(kind, "random"),
+            access="cold" if cold else ACCESS_BY_KIND.get(kind, "random"),
+            immutable=bool(everything.get("lock_mode")),
+            offsite=kind == "s3_bucket",
             label=os.path.basename(address.rstrip("/")) or location_id[:8],
+            details={"options": everything},
             location_id=location_id,
         )
-    source = Repository(backend, app.repo.config, app.repo.key, app.repo.cache_dir)
+    cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
+    source = Repository(backend, app.repo.config, app.repo.key, cache)
     added, copies, damaged = 0, 0, []
     for point_id in source.manifest_ids():
         try:
@@ -255,7 +368,7 @@ def adopt_location(app: Appliance, address: str, *, kind: str = "pool_dir") -> d
             app.catalog.add_point(record_from_manifest(manifest), app.repo.store_id)
             app.catalog.set_copy(point_id, home_id(app), "deleted")
             added += 1
-        app.catalog.set_copy(point_id, location.id, "present")
+        app.catalog.set_copy(point_id, location.id, "archived" if cold else "present")
         copies += 1
     return {
         "location": location.id,

@@ -35,8 +35,8 @@ from typing import Any
 
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord, PointRecord
 from appliance.engine import Appliance
-from appliance.store.repository import Repository
 from appliance.errors import ApplianceError, Conflict, InvalidInput, LockHeld, NotFound
+from appliance.store.repository import Repository
 from image.boot_proof import BootProofSpec
 from image.failover.admission import (
     MEMORY_RESERVE_MIB,

@@ -1,0 +1,138 @@
+"""Recall: making a point that lies only in cold storage readable, by exactly what a read needs.
+
+A restore, a download or a failover reads a point from its best copy (:mod:`.choice`). When that
+copy is ``archived`` (its data packs are in a cold class of a bucket: every readable copy is
+gone or there never was one), the packs the read needs -- all of an image point's, or only
+those holding one path of a files point -- are asked to be restored (``Backend.warm_up``) with the
+location's tier. Until every one of them is readable the read waits; the copy is ``recalling``
+meanwhile, and ``archived`` again once thawed (the thawed objects stay readable for the
+location's ``restore_days``). Metadata (manifests, indexes, trees, chunk tables) is never cold,
+so computing what a read needs costs no thaw.
+
+:func:`prepare_read` asks and reports; it never blocks. Jobs turn a pending recall into a wait
+(:class:`appliance.errors.JobWaiting`) and run again when the poll time comes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from appliance.errors import NotFound
+from appliance.locations.choice import order_copies
+from appliance.point_packs import point_packs
+from appliance.store import format as fmt
+from appliance.store.packs import pack_object_name
+from appliance.store.repository import Repository
+
+if TYPE_CHECKING:
+    from appliance.engine import Appliance
+
+#: How long a recall waits between looks, per restore tier (the typical thaw is minutes for
+#: Expedited, hours for Standard and Bulk).
+POLL_SECONDS = {"Expedited": 60, "Standard": 15 * 60, "Bulk": 60 * 60}
+#: The typical wait of each tier (what S3 documents for GLACIER; DEEP_ARCHIVE is slower).
+TYPICAL_WAIT = {
+    "Expedited": "1-5 minutes",
+    "Standard": "3-5 hours",
+    "Bulk": "5-12 hours",
+}
+
+
+@dataclass(frozen=True)
+class RecallStatus:
+    """Where a read of a point stands: nothing to recall, or how far a recall is."""
+
+    #: The location the read needs a recall from (label); None when a readable copy exists.
+    location: str | None = None
+    location_id: str | None = None
+    tier: str | None = None
+    packs: int = 0
+    bytes: int = 0
+    ready: int = 0
+    pending: int = 0
+    poll_seconds: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.pending == 0
+
+    def describe(self) -> str:
+        if self.location is None:
+            return "a readable copy exists"
+        mib = self.bytes / (1 << 20)
+        return (
+            f"recalling {self.pending} of {self.packs} pack(s) ({mib:.1f} MiB) from "
+            f"{self.location} (tier {self.tier}, typically {TYPICAL_WAIT.get(self.tier or '', '?')})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "done": self.done,
+            "typical_wait": TYPICAL_WAIT.get(self.tier or ""),
+        }
+
+
+def prepare_read(
+    app: Appliance,
+    point_id: str,
+    *,
+    subpath: str | None = None,
+    named: str | None = None,
+) -> RecallStatus:
+    """Ask for what reading ``point_id`` (``subpath`` of it) needs to be thawed, if its best
+    copy (``named`` first) is archived; report how far that is. Never blocks."""
+    from appliance.locations import work  # the work functions import this module
+
+    found = work.copy_options(app, point_id)
+    pairs = {option.location_id: location for option, location in found}
+    if named is not None:
+        named = work.find_location(app, named).id
+    # A copy being recalled is still the archived copy it was, for the choice.
+    options = [
+        replace(option, state="archived") if option.state == "recalling" else option
+        for option, _ in found
+    ]
+    ordered = order_copies(options, named=named)
+    if not ordered:
+        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    best = ordered[0]
+    if best.state == "present" and best.online:
+        return RecallStatus()
+    # No readable copy comes first: the best one is archived (or was being recalled).
+    archived = next((o for o in ordered if o.state == "archived"), None)
+    if archived is None:
+        return RecallStatus()  # an offline copy: the read will say it is unavailable
+    location = pairs[archived.location_id]
+    backend = work.location_backend(app, location)
+    try:
+        cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
+        repo = Repository(backend, app.repo.config, app.repo.key, cache)
+        repo.sync_index()
+        needs = point_packs(repo, repo.get_manifest(point_id), subpath)
+        # Only data packs go cold; tree packs and everything else are always readable.
+        names = [
+            pack_object_name(pack, kind)
+            for pack, kind in needs.packs.items()
+            if kind == fmt.PACK_KIND_DATA
+        ]
+        size = sum(backend.stat(name).size for name in names)
+        status = backend.warm_up(names)
+    finally:
+        backend.close()
+    settings = location.details.get("options", {})
+    tier = str(settings.get("restore_tier", "Standard"))
+    state = "archived" if status.done else "recalling"
+    app.catalog.set_copy(point_id, location.id, state)
+    return RecallStatus(
+        location=location.label,
+        location_id=location.id,
+        tier=tier,
+        packs=len(names),
+        bytes=size,
+        ready=len(status.ready),
+        pending=len(status.pending),
+        poll_seconds=float(settings.get("recall_poll_seconds") or POLL_SECONDS.get(tier, 900)),
+    )

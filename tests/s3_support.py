@@ -1,0 +1,87 @@
+"""A real S3 server process on 127.0.0.1 (moto's server) and clients for it.
+
+The server runs as a child process started by the test session and stopped by its pid; boto3
+talks HTTP to it. Missing moto fails loudly with the install step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+SERVER = os.path.join(os.path.dirname(__file__), "servers", "s3_server.py")
+CREDENTIALS = {"access_key_id": "appliance-test", "secret_access_key": "appliance-test-secret"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        """Location options for a bucket on this server."""
+        return {"endpoint_url": self.endpoint, "region": "us-east-1", **CREDENTIALS, **extra}
+
+    def client(self) -> Any:
+        from tiering.s3 import make_client
+
+        return make_client(endpoint_url=self.endpoint, region="us-east-1", **CREDENTIALS)
+
+    def bucket(self, *, lock: bool = False) -> str:
+        """A new, empty bucket (versioned with Object Lock when ``lock``)."""
+        name = f"t-{uuid.uuid4().hex[:20]}"
+        client = self.client()
+        if lock:
+            client.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+        else:
+            client.create_bucket(Bucket=name)
+        client.close()
+        return name
+
+
+@contextmanager
+def s3_server(restore_seconds: float = 2.0) -> Iterator[S3Server]:
+    try:
+        import moto  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the environment's fault
+        raise RuntimeError(
+            "the S3 tests need moto's server: scripts/setup (pip install -e '.[dev]')"
+        ) from exc
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, SERVER, str(port), str(restore_seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the S3 test server did not start") from None
+                time.sleep(0.1)
+        yield S3Server(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,132 @@
+"""The S3 bucket backend against a real S3 server on 127.0.0.1 (moto's, over HTTP).
+
+What the conformance suite cannot see: storage classes per object, cold objects that refuse reads
+until a restore that takes time, Object Lock refusing an early delete (read back with
+``head_object``, never trusting the server's own word), multipart uploads, and the bucket being
+unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from s3_support import free_port
+
+import tiering.s3 as s3mod
+from appliance.errors import (
+    LocationUnavailable,
+    ObjectArchived,
+    ObjectLocked,
+    TransientBackendError,
+)
+from appliance.store.backend import PutOptions
+from appliance.store.registry import open_backend
+from tiering.s3 import S3Backend
+
+
+def _bucket(s3: Any, *, lock: bool = False, **options: Any) -> S3Backend:
+    address = f"s3://{s3.bucket(lock=lock)}/store"
+    backend = open_backend("s3_bucket", address, **s3.options(poll_seconds=0.2, **options))
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+def test_each_object_goes_to_the_class_it_is_given(s3: Any) -> None:
+    backend = _bucket(s3, cold=True)
+    backend.put("data/ab/pack", b"cold pack", PutOptions(storage_class="DEEP_ARCHIVE"))
+    backend.put("index/ab", b"index")  # metadata: always the default class
+    backend.put("meta/ab/pack", b"tree", PutOptions(storage_class="GLACIER_IR"))
+    backend.put("keys/k", b"key", PutOptions(storage_class="archive"))  # not an S3 class
+    assert backend.storage_class("data/ab/pack") == "DEEP_ARCHIVE"
+    assert backend.storage_class("index/ab") == "STANDARD"
+    assert backend.storage_class("meta/ab/pack") == "GLACIER_IR"
+    assert backend.storage_class("keys/k") == "STANDARD"
+    assert backend.capabilities.cold_objects and backend.capabilities.listing_cost == "expensive"
+    # Everything is listed and sized without a thaw.
+    assert {i.name: i.size for i in backend.list()} == {
+        "data/ab/pack": 9,
+        "index/ab": 5,
+        "meta/ab/pack": 4,
+        "keys/k": 3,
+    }
+    assert backend.get("meta/ab/pack") == b"tree"  # GLACIER_IR reads at once
+
+
+def test_a_cold_object_is_read_only_after_a_restore_that_takes_time(s3: Any) -> None:
+    backend = _bucket(s3, cold=True, restore_tier="Bulk")
+    backend.put("data/cd/pack", b"x" * 1000, PutOptions(storage_class="GLACIER"))
+    with pytest.raises(ObjectArchived, match="recall it"):
+        backend.get("data/cd/pack")
+    assert backend.thaw_state("data/cd/pack") == "archived"
+    started = time.monotonic()
+    status = backend.warm_up(["data/cd/pack"])
+    assert status.pending == {"data/cd/pack"} and not status.done
+    assert backend.thaw_state("data/cd/pack") == "thawing"  # the server's restore takes 2 s
+    with pytest.raises(ObjectArchived):
+        backend.get("data/cd/pack", 0, 10)
+    with pytest.raises(ObjectArchived, match="still being restored"):
+        backend.wait_warm(["data/cd/pack"], timeout=0)
+    backend.wait_warm(["data/cd/pack"], timeout=30)
+    assert time.monotonic() - started >= 1.5  # polled, not answered at once
+    assert backend.get("data/cd/pack", 10, 5) == b"x" * 5
+    assert backend.warm_up(["data/cd/pack"]).done
+
+
+def test_object_lock_refuses_an_early_delete(s3: Any) -> None:
+    backend = _bucket(s3, lock=True, lock_mode="COMPLIANCE")
+    until = (datetime.now(UTC) + timedelta(days=2)).replace(microsecond=0)
+    backend.put("data/ef/pack", b"locked", PutOptions(retain_until=until))
+    mode, retain = backend.retention("data/ef/pack")  # read back from the bucket itself
+    assert (
+        mode == "COMPLIANCE" and retain is not None and abs(retain - until) < timedelta(seconds=1)
+    )
+    assert backend.capabilities.immutable_objects
+    with pytest.raises(ObjectLocked, match="locked"):
+        backend.delete("data/ef/pack")
+    assert backend.get("data/ef/pack") == b"locked"
+    # An unlocked object in the same bucket is deleted with every version.
+    backend.put("index/ef", b"one")
+    backend.put("index/ef", b"two")
+    backend.delete("index/ef")
+    versions = backend.client.list_object_versions(Bucket=backend.bucket, Prefix="store/index/")
+    assert not versions.get("Versions") and not versions.get("DeleteMarkers")
+
+
+def test_large_objects_go_up_in_parts(s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 6 << 20)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 << 20)
+    backend = _bucket(s3)
+    data = os.urandom(12 << 20)
+    backend.put("data/aa/big", data)
+    assert backend.stat("data/aa/big").size == len(data)
+    assert backend.get("data/aa/big") == data
+    assert backend.get("data/aa/big", (5 << 20) - 3, 10) == data[(5 << 20) - 3 : (5 << 20) + 7]
+    uploads = backend.client.list_multipart_uploads(Bucket=backend.bucket)
+    assert not uploads.get("Uploads")  # none left open
+
+
+def test_a_missing_bucket_or_unreachable_endpoint_is_unavailable(s3: Any) -> None:
+    with pytest.raises(LocationUnavailable, match="does not exist"):
+        open_backend("s3_bucket", "s3://no-such-bucket-here", **s3.options())
+    closed = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(LocationUnavailable, match="cannot be reached"):
+        open_backend("s3_bucket", f"s3://{s3.bucket()}", **s3.options(endpoint_url=closed))
+    backend = _bucket(s3)
+    backend.client.close()
+    backend.client = s3mod.make_client(endpoint_url=closed, region="us-east-1")
+    with pytest.raises(TransientBackendError, match="could not be reached"):
+        backend.get("config")
+
+
+@pytest.mark.parametrize(
+    "address", ["bucket", "s3://", "s3://ab", "s3://Bad_Name", "s3://good-bucket/../up"]
+)
+def test_bad_addresses_are_refused(address: str) -> None:
+    from appliance.errors import InvalidInput, InvalidName
+
+    with pytest.raises((InvalidInput, InvalidName)):
+        s3mod.BucketAddress.parse(address)
