@@ -33,6 +33,7 @@ from appliance.points import record_from_manifest
 from appliance.store.backend import Backend, PutOptions
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
+from appliance.store.wrappers import compose
 from appliance.store.repository import Repository
 
 if TYPE_CHECKING:
@@ -107,7 +108,10 @@ def location_backend(app: Appliance, location: LocationRecord) -> Backend:
     if location.id == home_id(app):
         return app.repo.backend
     try:
-        backend = open_backend(location.kind, location.address, **location_options(app, location))
+        # Retried with backoff once, here, for every location (throttling, a dropped link).
+        backend = compose(
+            open_backend(location.kind, location.address, **location_options(app, location))
+        )
         check_identity(backend, app.repo.store_id, location.id)
     except LocationUnavailable:
         if location.online:
