@@ -135,6 +135,12 @@ def _emit(args: argparse.Namespace, document: Any, text: str | Callable[[], str]
         print(text() if callable(text) else text)
 
 
+#: For CLI plug-ins (``appliance.cli_plugins``): open the data directory the global options
+#: name, and print a result as JSON (``--json``) or as text.
+open_from_args = _open
+emit = _emit
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 

@@ -531,6 +531,10 @@ class Appliance:
         (``subpath`` of it) needs to be thawed, and say how far that is; never blocks."""
         return prepare_read(self, self.point(point_id).id, subpath=subpath, named=location)
 
+    def drop_local_copy(self, point_id: str) -> dict[str, Any]:
+        """Remove the home pool's copy of a point verified elsewhere (never an asset's newest)."""
+        return locations_work.drop_home_copy(self, point_id)
+
     def reading_from(self, repo: Repository) -> str:
         """The name of the location a :meth:`reader` repository reads from now."""
         return locations_work.reading_from(self, repo)
@@ -592,9 +596,20 @@ class Appliance:
         record the outcome on every point it decided: the points it found damaged, and, unless
         the run was a budgeted slice, every other point as ok. Points in the store but not in the
         catalog are skipped (``catalog rebuild`` adds them)."""
+        if point_id is not None:
+            point_id = self.point(point_id).id
+            home = home_location_id(self.repo.store_id)
+            if not any(
+                c.location_id == home and c.state == "present"
+                for c in self.catalog.copies_of(point_id)
+            ):
+                raise InvalidInput(
+                    f"point {point_id} has no copy in the local pool; verify one of its copies "
+                    "where it is (verify --location)",
+                    point=point_id,
+                )
         with self.locks.shared():
             if point_id is not None:
-                point_id = self.point(point_id).id
                 report = verify_point(self.repo, point_id)
             else:
                 report = verify_store(self.repo, max_bytes=max_bytes, progress=progress)

@@ -33,8 +33,8 @@ from appliance.points import record_from_manifest
 from appliance.store.backend import Backend, PutOptions
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
-from appliance.store.wrappers import compose
 from appliance.store.repository import Repository
+from appliance.store.wrappers import compose
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
@@ -396,3 +396,38 @@ def copies_public(app: Appliance, point_id: str) -> list[dict[str, Any]]:
         }
         for option, location in copy_options(app, point_id)
     ]
+
+
+def drop_home_copy(app: Appliance, point_id: str) -> dict[str, Any]:
+    """Remove the home pool's copy of a point kept elsewhere (tiering's ``keep_local_days``):
+    its manifest leaves the home store and the home copy becomes ``deleted``; the next GC frees
+    the data no other local point uses. Refused (:class:`Conflict`) for an asset's newest point
+    (the next backup compares against it) and for a point with no verified copy elsewhere."""
+    point = app.point(point_id)
+    home = home_id(app)
+    kept = [
+        c
+        for c in app.catalog.copies_of(point.id)
+        if c.location_id != home and c.state in ("present", "archived") and c.verified_at
+    ]
+    if not kept:
+        raise Conflict(
+            f"point {point.id} has no verified copy at another location; its local copy stays",
+            point=point.id,
+        )
+    newest = max(
+        (p for p in app.catalog.list_points(asset=point.asset) if p.status == "complete"),
+        key=lambda p: (p.created_at, p.id),
+    )
+    if newest.id == point.id:
+        raise Conflict(
+            f"point {point.id} is the newest of {point.asset}: the next backup compares against "
+            "it, so its local copy stays",
+            point=point.id,
+        )
+    # Shared lock: deleting a manifest frees nothing by itself (GC, which is exclusive, does).
+    with app.locks.shared():
+        app.repo.delete_manifest(point.id)
+    app.catalog.set_copy(point.id, home, "deleted")
+    labels = {loc.id: loc.label for loc in app.catalog.list_locations(app.repo.store_id)}
+    return {"point": point.id, "kept_at": sorted(labels.get(c.location_id or "", "") for c in kept)}
