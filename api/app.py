@@ -32,6 +32,7 @@ from api.routers import (
     policies,
     restores,
     status,
+    tiering,
     users,
 )
 from api.schemas import ErrorPublic
@@ -135,6 +136,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         maintenance,
         jobs,
         status,
+        tiering,
         users,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)

@@ -47,6 +47,8 @@ from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
 from image.failover import FailoverManager, register_failover_jobs
+from tiering.schedule import tiering_tick
+from tiering.work import register_tiering_jobs
 
 log = logging.getLogger("appliance.service")
 
@@ -131,6 +133,7 @@ class Service:
         try:
             self._ensure_default_pool()
             register_policy_jobs()
+            register_tiering_jobs()
             # isolate: backups and restores fork workers, unsafe in this many-threaded process.
             self.runner = JobRunner(app, max_parallel=s.max_parallel_jobs, isolate=True)
             # Failover sessions: reconcile VMs a previous process left, bind the job kinds.
@@ -147,6 +150,7 @@ class Service:
                 clock=self.clock,
                 tz=timezone_named(str(doc["timezone"])),
             )
+            self.scheduler.extra_ticks.append(tiering_tick(app, self.runner))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()

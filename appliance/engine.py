@@ -570,6 +570,7 @@ class Appliance:
         cancel: threading.Event | None = None,
         storage_class: str | None = None,
         retain_until: datetime | None = None,
+        bandwidth: float | None = None,
     ) -> dict[str, Any]:
         return locations_work.copy_to(
             self,
@@ -579,6 +580,7 @@ class Appliance:
             cancel=cancel,
             storage_class=storage_class,
             retain_until=retain_until,
+            bandwidth=bandwidth,
         )
 
     # --- catalog ----------------------------------------------------------------------------------

@@ -370,6 +370,9 @@ class Scheduler:
         self.clock: Clock = clock or app.clock
         self.tz = tz
         self.paused = False
+        #: More periodic work of outer packages (a tiering run), called in every tick with the
+        #: tick's time; each returns the IDs of the jobs it submitted.
+        self.extra_ticks: list[Callable[[datetime], list[str]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick_lock = threading.Lock()
@@ -434,6 +437,11 @@ class Scheduler:
                         break
                     if job_id is not None:
                         created.append(job_id)
+            for extra in self.extra_ticks:
+                try:
+                    created += extra(now)
+                except Exception:  # one bad plug-in must not stop the policies' schedules
+                    log.exception("scheduled work of a plug-in failed")
             if created:
                 self.runner.wake()
             return created

@@ -357,3 +357,15 @@ def test_registry_knows_the_pool_directory(tmp_path: Path) -> None:
 def test_registry_refuses_an_unknown_kind() -> None:
     with pytest.raises(InvalidInput, match=r"unknown backend kind 'floppy'.*pool_dir"):
         open_backend("floppy", "/dev/fd0")
+
+
+def test_retain_extends_or_is_a_no_op_and_a_missing_object_is_missing(backend: Backend) -> None:
+    backend.put("data/ab/pack", b"kept")
+    later = datetime(2040, 1, 1, tzinfo=UTC)
+    backend.retain("data/ab/pack", later)
+    backend.retain("data/ab/pack", datetime(2030, 1, 1, tzinfo=UTC))  # shorter: no error
+    assert backend.get("data/ab/pack") == b"kept"
+    with pytest.raises(ObjectMissing):
+        backend.retain("data/ab/missing", later)
+    with pytest.raises(InvalidName):
+        backend.retain("../escape", later)

@@ -289,3 +289,27 @@ def test_composed_stack_hides_transient_faults() -> None:
     ]
     assert all(composed.get(f"data/{i:02x}/pack", 5, 1) == bytes([i]) for i in range(30))
     assert faulty.failures > 10
+
+
+def test_a_bandwidth_limit_paces_uploads_by_their_bytes() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    limited = RateLimitedBackend(
+        MemoryBackend(),
+        RateLimit(put_bytes_per_second=1000.0),
+        sleep=sleep,
+        clock=lambda: now[0],
+    )
+    limited.put("a", b"x" * 1000)  # one second's worth goes out at once
+    assert slept == []
+    limited.put("b", b"x" * 3000)  # three more seconds of bytes: wait them out
+    assert slept == [pytest.approx(3.0)]
+    limited.get("b")  # reads are not limited by the upload bandwidth
+    assert len(slept) == 1
+    with pytest.raises(ValueError):
+        RateLimit(put_bytes_per_second=0)

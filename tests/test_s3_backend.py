@@ -21,6 +21,7 @@ from appliance.errors import (
     LocationUnavailable,
     ObjectArchived,
     ObjectLocked,
+    ObjectMissing,
     TransientBackendError,
 )
 from appliance.store.backend import PutOptions
@@ -130,3 +131,19 @@ def test_bad_addresses_are_refused(address: str) -> None:
 
     with pytest.raises((InvalidInput, InvalidName)):
         s3mod.BucketAddress.parse(address)
+
+
+def test_retain_extends_a_lock_and_never_shortens_it(s3: Any) -> None:
+    backend = _bucket(s3, lock=True, lock_mode="COMPLIANCE")
+    first = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    backend.put("data/ab/shared", b"shared pack", PutOptions(retain_until=first))
+    later = first + timedelta(days=30)
+    backend.retain("data/ab/shared", later)
+    assert backend.retention("data/ab/shared") == ("COMPLIANCE", later)  # read back
+    backend.retain("data/ab/shared", first)  # shorter: left alone
+    assert backend.retention("data/ab/shared")[1] == later
+    backend.put("index/ab", b"unlocked")
+    backend.retain("index/ab", first)  # an object without a lock gets one
+    assert backend.retention("index/ab") == ("COMPLIANCE", first)
+    with pytest.raises(ObjectMissing):
+        backend.retain("data/ab/missing", later)

@@ -15,6 +15,8 @@ from engine_support import PASSPHRASE, new_appliance, run_cli, set_engine_env
 from appliance.catalog.records import home_location_id
 from appliance.engine import Appliance
 from appliance.maintenance import collect_garbage
+from appliance.point_packs import point_packs
+from appliance.store import format as fmt
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +45,12 @@ def test_old_monthly_points_move_to_a_cold_bucket_and_leave_the_local_pool(
         options=s3.options(cold=True, lock_mode="COMPLIANCE"),
     )
     data = tmp_path / "app"
+    # f70.bin is in every point: its pack is shared by a point locked less long than the next.
+    shared = {
+        pack.hex()
+        for pack, kind in point_packs(app.repo, app.manifest(points[0]), "f70.bin").packs.items()
+        if kind == fmt.PACK_KIND_DATA
+    }
     app.close()
 
     rules = {
@@ -91,9 +99,18 @@ def test_old_monthly_points_move_to_a_cold_bucket_and_leave_the_local_pool(
         assert app.verify().ok
         # The bucket really locks the cold packs (read back from the server).
         client = s3.client()
+        later = now - timedelta(days=40) + timedelta(days=365)
         for item in client.list_objects_v2(Bucket=bucket, Prefix="a/data/")["Contents"]:
             head = client.head_object(Bucket=bucket, Key=item["Key"])
             assert head["StorageClass"] == "GLACIER" and head["ObjectLockMode"] == "COMPLIANCE"
+            if item["Key"].rsplit("/", 1)[1] in shared:  # extended to the later point's date
+                assert abs(head["ObjectLockRetainUntilDate"] - later) < timedelta(minutes=5)
+        # Manifests and indexes are locked as long as the data, in the hot class.
+        for prefix in ("a/manifests/", "a/index/", "a/meta/", "a/keys/"):
+            for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]:
+                head = client.head_object(Bucket=bucket, Key=item["Key"])
+                assert head.get("StorageClass", "STANDARD") == "STANDARD"
+                assert head["ObjectLockMode"] == "COMPLIANCE", item["Key"]
     finally:
         app.close()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from appliance.errors import InvalidInput
 from appliance.store import format as fmt
 
 GIB = 1 << 30
@@ -22,6 +23,50 @@ def default_prices() -> dict[str, Any]:
     text = resources.files("tiering").joinpath("data/prices.json").read_text()
     prices: dict[str, Any] = json.loads(text)
     return prices
+
+
+_PRICE_FIELDS = {"gb_month", "put_per_1000", "min_days", "min_object_kb", "overhead_kb"}
+_RETRIEVAL_FIELDS = {"per_gb", "per_1000", "typical"}
+
+
+def check_prices(document: object) -> dict[str, Any]:
+    """A price override, checked: ``{classes: {CLASS: {gb_month, ...}}, retrieval: {CLASS:
+    {TIER: {per_gb, per_1000}}}, as_of, source, currency}``, every number zero or more."""
+    if not isinstance(document, dict):
+        raise InvalidInput("prices are an object")
+    unknown = sorted(set(document) - {"classes", "retrieval", "as_of", "source", "currency"})
+    if unknown:
+        raise InvalidInput(f"unknown price field(s): {', '.join(unknown)}")
+
+    def numbers(table: object, allowed: set[str], where: str) -> None:
+        if not isinstance(table, dict):
+            raise InvalidInput(f"{where} is an object")
+        for key, value in table.items():
+            if key not in allowed:
+                raise InvalidInput(f"{where}: unknown field {key!r}")
+            if key == "typical":
+                if not isinstance(value, str):
+                    raise InvalidInput(f"{where}: typical is text")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise InvalidInput(f"{where}: {key} is a number, zero or more")
+
+    classes = document.get("classes") or {}
+    if not isinstance(classes, dict):
+        raise InvalidInput("classes is an object")
+    for name, table in classes.items():
+        numbers(table, _PRICE_FIELDS, f"class {name}")
+    retrieval = document.get("retrieval") or {}
+    if not isinstance(retrieval, dict):
+        raise InvalidInput("retrieval is an object")
+    for name, tiers in retrieval.items():
+        if not isinstance(tiers, dict):
+            raise InvalidInput(f"retrieval of {name} is an object")
+        for tier, table in tiers.items():
+            numbers(table, _RETRIEVAL_FIELDS, f"retrieval {name} {tier}")
+    for key in ("as_of", "source", "currency"):
+        if key in document and not isinstance(document[key], str):
+            raise InvalidInput(f"{key} is text")
+    return document
 
 
 def effective_prices(override: Mapping[str, Any] | None) -> dict[str, Any]:

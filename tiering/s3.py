@@ -161,7 +161,8 @@ def make_client(
     config = Config(
         region_name=region,
         s3={"addressing_style": addressing_style},
-        retries={"max_attempts": 1, "mode": "standard"},
+        # total_max_attempts counts the first try; botocore's max_attempts counts retries.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         max_pool_connections=32,
@@ -256,6 +257,15 @@ class S3Backend:
             if code in _UNAVAILABLE_CODES:
                 raise LocationUnavailable(
                     f"{self.describe()} cannot be used: {code} ({exc.response['Error'].get('Message', '')})",
+                    code_from_bucket=code,
+                    **details,
+                ) from exc
+            if code == "403" and action != "delete":
+                # A HEAD answer has no body, so no code: a bare 403 is the bucket refusing
+                # these credentials (or this access), as open_s3_bucket reads it.
+                raise LocationUnavailable(
+                    f"{self.describe()} refuses these credentials (403 Forbidden to a {action} "
+                    f"of {name or 'the bucket'})",
                     code_from_bucket=code,
                     **details,
                 ) from exc
@@ -370,6 +380,10 @@ class S3Backend:
             self._fail(exc, name)
         except BotoCoreError as exc:
             self._fail(exc, name)
+        if reply.get("ContentLength") != len(data):
+            # A connection closed inside the headers reads as their end, and the body is then
+            # read to the close: an answer cut short, never the object's bytes.
+            self._cut_short(name, "read")
         if length is not None and len(data) != length:
             raise IntegrityError(
                 f"{name} in {self.describe()}: asked {length} bytes at {offset}, got {len(data)}",
@@ -384,9 +398,19 @@ class S3Backend:
     def _head(self, name: str) -> dict[str, Any]:
         try:
             head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-            return head
         except (ClientError, BotoCoreError) as exc:
             self._fail(exc, name)
+        if "ContentLength" not in head or "LastModified" not in head:
+            self._cut_short(name, "stat")  # headers cut off: not an object without a size
+        return head
+
+    def _cut_short(self, name: str, action: str) -> NoReturn:
+        raise TransientBackendError(
+            f"{self.describe()} could not be reached for a {action}: the answer about {name} "
+            "was cut short",
+            name=name,
+            location=str(self.address),
+        )
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if prefix:
@@ -491,6 +515,24 @@ class S3Backend:
                 )
             wanted = sorted(status.pending)
             self._sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
+
+    def retain(self, name: str, until: datetime) -> None:
+        """Extend the object's Object Lock to ``until`` (never shorten it); without a lock mode
+        the bucket cannot lock, and only the object's existence is checked."""
+        mode, current = self.retention(name)
+        if self.lock_mode is None:
+            return
+        until = until.astimezone(UTC)
+        if current is not None and current >= until:
+            return
+        try:
+            self.client.put_object_retention(
+                Bucket=self.bucket,
+                Key=self._key(name),
+                Retention={"Mode": mode or self.lock_mode, "RetainUntilDate": until},
+            )
+        except (ClientError, BotoCoreError) as exc:
+            self._fail(exc, name, "lock extension")
 
     def retention(self, name: str) -> tuple[str | None, datetime | None]:
         """The object's lock mode and retain-until date, read back from the bucket."""

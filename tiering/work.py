@@ -23,6 +23,7 @@ from appliance.jobs import JobKind, register_job_kind
 from tiering.plan import TierPlan, plan_tiering
 from tiering.pricing import effective_prices, storage_cost
 from tiering.rules import TieringSettings, parse_settings
+from tiering.windows import current_window
 
 SETTINGS_KEY = "tiering"
 PRICES_KEY = "tiering_prices"
@@ -79,6 +80,8 @@ def run_tiering(
     """Carry out the plan now: copies first, then local drops. ``until``: the end of the time
     window (a run still moving data then waits until ``next_window``)."""
     plan = current_plan(app)
+    limit = load_settings(app).bandwidth_mib_s
+    bandwidth = limit * (1 << 20) if limit else None
     for problem in plan.problems:
         log("warning", problem)
     copied: list[str] = []
@@ -102,6 +105,7 @@ def run_tiering(
                 cancel=cancel,
                 storage_class=action.storage_class,
                 retain_until=action.retain_until,
+                bandwidth=bandwidth,
             )
         except LocationUnavailable as exc:
             raise JobWaiting(
@@ -137,8 +141,18 @@ def run_tiering(
 
 
 def _tier_job(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
-    until = datetime.fromisoformat(p["until"]) if p.get("until") else None
-    next_window = datetime.fromisoformat(p["next_window"]) if p.get("next_window") else None
+    until = next_window = None
+    if p.get("cron") and p.get("window_hours"):
+        # The window is found anew at each run: a run woken at the next slot gets that window.
+        until, next_window, open_now = current_window(
+            str(p["cron"]), float(p["window_hours"]), app.clock()
+        )
+        if not open_now:
+            raise JobWaiting(
+                "outside the tiering window; it goes on in the next one",
+                wake_at=next_window,
+                checkpoint=dict(ctx.checkpoint),
+            )
     return run_tiering(
         app,
         log=ctx.log,

@@ -21,10 +21,12 @@ object missing, an I/O error) is retried at the next, and the switch is reported
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from appliance.errors import (
@@ -94,7 +96,8 @@ def copy_point(
     options: PutOptions | None = None,
 ) -> CopyResult:
     """Copy ``point_id`` from ``repo`` to ``target`` (see the module doc). ``options`` go with
-    the data packs (storage class, retain-until); metadata stays hot."""
+    the data packs (storage class, retain-until); every other object the point needs is locked
+    as long (``retain``, extending the lock of objects already there) and stays hot."""
     manifest = repo.get_manifest(point_id)
     needs = point_packs(repo, manifest)
     if not needs.complete:
@@ -105,9 +108,13 @@ def copy_point(
             point=point_id,
         )
     result = CopyResult(point_id, packs_needed=len(needs.packs))
+    # Everything a point needs to be restored is locked as long as its data: a manifest, an
+    # index or a key file deleted early would make locked data unreadable. Only data packs
+    # take the storage class; metadata stays hot.
+    until = options.retain_until if options is not None else None
+    hot = PutOptions(retain_until=until) if until is not None else None
     for name in ["config", *(info.name for info in repo.backend.list("keys/"))]:
-        if not _exists(target, name):
-            target.put(name, repo.backend.get(name))
+        _put_or_retain(target, name, functools.partial(repo.backend.get, name), hot)
     sizes = {p: repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items()}
     total = sum(sizes.values())
     done = 0
@@ -115,12 +122,14 @@ def copy_point(
         if cancel is not None and cancel.is_set():
             raise BackupCancelled("the copy was cancelled")
         name = pack_object_name(pack, kind)
-        put_options = options if kind == fmt.PACK_KIND_DATA else None
+        put_options = options if kind == fmt.PACK_KIND_DATA else hot
         # A pack stored in a cold class cannot be read back until thawed: the medium's own
         # upload checksum (S3's SHA-256) vouches for its bytes, and its size is checked.
         cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
         if _already_there(target, name, pack, sizes[pack], cold):
             result.packs_present += 1
+            if until is not None:  # shared with a point kept less long: lock it longer
+                target.retain(name, until)
         else:
             data = repo.backend.get(name)
             if not pack_name_matches(pack, data):
@@ -143,19 +152,32 @@ def copy_point(
         entries.extend(repo.index.pack_entries(pack))
     for start in range(0, len(entries), INDEX_FILE_ENTRIES):
         result.index_files.append(
-            _put_index(repo, target, entries[start : start + INDEX_FILE_ENTRIES])
+            _put_index(repo, target, entries[start : start + INDEX_FILE_ENTRIES], hot)
         )
     manifest_name = f"manifests/{point_id}"
-    target.put(manifest_name, repo.backend.get(manifest_name))
+    _put_or_retain(target, manifest_name, lambda: repo.backend.get(manifest_name), hot)
     return result
 
 
-def _put_index(repo: Repository, target: Backend, entries: list[IndexEntry]) -> str:
+def _put_or_retain(
+    target: Backend, name: str, data: Callable[[], bytes], options: PutOptions | None
+) -> None:
+    """Put the object if the target lacks it, else extend its lock to the options' date."""
+    if not _exists(target, name):
+        target.put(name, data(), options)
+    elif options is not None and options.retain_until is not None:
+        target.retain(name, options.retain_until)
+
+
+def _put_index(
+    repo: Repository, target: Backend, entries: list[IndexEntry], options: PutOptions | None
+) -> str:
     plaintext = encode_index(entries)
     blob_id = repo.envelope.chunk_id(plaintext)
     name = f"index/{blob_id.hex()}"
-    if not _exists(target, name):
-        target.put(name, repo.envelope.seal(fmt.BLOB_INDEX, blob_id, plaintext))
+    _put_or_retain(
+        target, name, lambda: repo.envelope.seal(fmt.BLOB_INDEX, blob_id, plaintext), options
+    )
     return name
 
 
@@ -256,6 +278,9 @@ class FallbackBackend:
 
     def wait_warm(self, names: Iterable[str], timeout: float) -> None:
         return None
+
+    def retain(self, name: str, until: datetime) -> None:
+        raise InvalidInput("reading a point from its copies never changes their locks")
 
     def describe(self) -> str:
         return " then ".join(label for label, _ in self.sources)

@@ -34,7 +34,7 @@ from appliance.store.backend import Backend, PutOptions
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.registry import open_backend
 from appliance.store.repository import Repository
-from appliance.store.wrappers import compose
+from appliance.store.wrappers import RateLimit, compose
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
@@ -102,15 +102,18 @@ def location_options(app: Appliance, location: LocationRecord) -> dict[str, Any]
     return {**location.details.get("options", {}), **_load_secrets(app, location.id)}
 
 
-def location_backend(app: Appliance, location: LocationRecord) -> Backend:
+def location_backend(
+    app: Appliance, location: LocationRecord, *, bandwidth: float | None = None
+) -> Backend:
     """The location's backend, opened and identity-checked; marks the location online or
-    offline in the catalog as it answers."""
+    offline in the catalog as it answers. ``bandwidth``: bytes per second its uploads may use."""
     if location.id == home_id(app):
         return app.repo.backend
     try:
         # Retried with backoff once, here, for every location (throttling, a dropped link).
         backend = compose(
-            open_backend(location.kind, location.address, **location_options(app, location))
+            open_backend(location.kind, location.address, **location_options(app, location)),
+            rate_limit=RateLimit(put_bytes_per_second=bandwidth) if bandwidth else None,
         )
         check_identity(backend, app.repo.store_id, location.id)
     except LocationUnavailable:
@@ -187,16 +190,17 @@ def copy_to(
     cancel: threading.Event | None = None,
     storage_class: str | None = None,
     retain_until: datetime | None = None,
+    bandwidth: float | None = None,
 ) -> dict[str, Any]:
     """Copy a point to a location: the copy is ``copying`` until every pack is there and read
     back, then ``present`` (``archived`` at a cold location) and verified now. A rerun after a
     failure resumes. ``storage_class`` and ``retain_until`` override the location's defaults for
-    the data packs (:func:`put_options`)."""
+    the data packs (:func:`put_options`); ``bandwidth`` limits the upload (bytes per second)."""
     point = app.point(point_id)
     location = find_location(app, name)
     if location.id == home_id(app):
         raise InvalidInput("the point's home pool is where it was made; name another location")
-    target = location_backend(app, location)
+    target = location_backend(app, location, bandwidth=bandwidth)
     put = put_options(location, app.clock(), storage_class=storage_class, retain_until=retain_until)
     app.catalog.set_copy(point.id, location.id, "copying")
     try:

@@ -35,6 +35,9 @@ Contract (every implementation, checked by one conformance suite in
 * Cold storage is two calls, as in restic: ``warm_up(names)`` asks for archived objects to be made
   readable and reports which already are; ``wait_warm(names, timeout)`` blocks until they all are.
   Both are no-ops for hot backends (every object is always ready).
+* ``retain(name, until)`` extends an object's lock (a pack shared by a point kept longer than
+  the one that first stored it); it never shortens one, and is a no-op for backends without
+  immutable objects.
 * ``capabilities`` says what the medium can do (:class:`BackendCapabilities`); callers choose copies
   and plan reads from it rather than from the backend's type.
 """
@@ -162,6 +165,12 @@ class Backend(Protocol):
     def wait_warm(self, names: Iterable[str], timeout: float) -> None:
         """Block until every named object is readable; :class:`ObjectArchived` after ``timeout``
         seconds if some still are not."""
+        ...
+
+    def retain(self, name: str, until: datetime) -> None:
+        """Keep the object immutable until at least ``until``: a shorter lock is extended, a
+        longer one left alone (never shortened). A no-op where objects cannot be locked;
+        :class:`ObjectMissing` when there is no such object."""
         ...
 
     def describe(self) -> str:
@@ -517,6 +526,9 @@ class LocalDirectoryBackend:
         for name in names:
             check_name(name)
 
+    def retain(self, name: str, until: datetime) -> None:
+        self.stat(name)  # objects here cannot be locked; a missing one is still missing
+
     # --- maintenance ------------------------------------------------------------------------------
 
     def temporary_files(self, older_than: float) -> Iterator[str]:
@@ -604,6 +616,9 @@ class MemoryBackend:
     def wait_warm(self, names: Iterable[str], timeout: float) -> None:
         for name in names:
             check_name(name)
+
+    def retain(self, name: str, until: datetime) -> None:
+        self.stat(name)  # objects here cannot be locked; a missing one is still missing
 
     def close(self) -> None:
         pass

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from appliance.errors import StoreError, TransientBackendError
@@ -159,6 +160,9 @@ class RetryingBackend(_Delegating):
         wanted = list(names)
         self._call("wait_warm", lambda: self.backend.wait_warm(wanted, timeout))
 
+    def retain(self, name: str, until: datetime) -> None:
+        self._call("retain", lambda: self.backend.retain(name, until))
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = self._clock()
         retry = 0
@@ -189,6 +193,8 @@ class RateLimit:
     max_concurrent: int | None = None
     per_second: float | None = None
     burst: int = 1
+    #: Bytes written per second (a bandwidth limit on uploads); None: no limit.
+    put_bytes_per_second: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrent is not None and self.max_concurrent < 1:
@@ -197,6 +203,8 @@ class RateLimit:
             raise ValueError("per_second must be positive")
         if self.burst < 1:
             raise ValueError("burst must be at least 1")
+        if self.put_bytes_per_second is not None and self.put_bytes_per_second <= 0:
+            raise ValueError("put_bytes_per_second must be positive")
 
 
 class RateLimitedBackend(_Delegating):
@@ -224,6 +232,22 @@ class RateLimitedBackend(_Delegating):
         self._bucket_lock = threading.Lock()
         self._tokens = float(limit.burst)
         self._refilled = clock()
+        # The bandwidth bucket: bytes may go out back to back up to one second's worth.
+        self._byte_tokens = float(limit.put_bytes_per_second or 0)
+        self._bytes_refilled = clock()
+
+    def _take_bytes(self, count: int) -> None:
+        rate = self.limit.put_bytes_per_second
+        if rate is None or count <= 0:
+            return
+        with self._bucket_lock:
+            now = self._clock()
+            self._byte_tokens = min(rate, self._byte_tokens + (now - self._bytes_refilled) * rate)
+            self._bytes_refilled = now
+            self._byte_tokens -= count
+            wait = -self._byte_tokens / rate if self._byte_tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
 
     def _take_token(self) -> None:
         rate = self.limit.per_second
@@ -250,6 +274,7 @@ class RateLimitedBackend(_Delegating):
     def put(
         self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
     ) -> None:
+        self._take_bytes(len(data))
         self._call(lambda: self.backend.put(name, data, options))
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -268,6 +293,9 @@ class RateLimitedBackend(_Delegating):
     def wait_warm(self, names: Iterable[str], timeout: float) -> None:
         # Waiting is not a request: it must not hold a slot for hours.
         self.backend.wait_warm(names, timeout)
+
+    def retain(self, name: str, until: datetime) -> None:
+        self._call(lambda: self.backend.retain(name, until))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         yield from self._call(lambda: list(self.backend.list(prefix)))
@@ -362,6 +390,9 @@ class FaultyBackend(_Delegating):
     def wait_warm(self, names: Iterable[str], timeout: float) -> None:
         wanted = list(names)
         self._call("wait_warm", ",".join(wanted), lambda: self.backend.wait_warm(wanted, timeout))
+
+    def retain(self, name: str, until: datetime) -> None:
+        self._call("retain", name, lambda: self.backend.retain(name, until))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # The fault strikes when the listing starts; a listing is one call.
