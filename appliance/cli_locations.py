@@ -46,6 +46,15 @@ def register(sub: Any, open_app: Opener, emit: Emitter) -> None:
     copy.add_argument("--to", required=True, dest="location")
     copy.set_defaults(func=lambda a: _copy(a, open_app, emit))
 
+    recall = sub.add_parser(
+        "recall",
+        help="ask a cold copy to make a point (or one path of it) readable; says how far it is",
+    )
+    recall.add_argument("point")
+    recall.add_argument("--path", help="only what restoring this path needs")
+    recall.add_argument("--location", help="recall from this location")
+    recall.set_defaults(func=lambda a: _recall(a, open_app, emit))
+
 
 def _list(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
     with open_app(args) as app:
@@ -146,6 +155,23 @@ def _remove(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
     with open_app(args) as app:
         location = app.remove_location(args.location)
     emit(args, {"id": location.id}, f"removed location {location.label}; its data is left alone")
+    return 0
+
+
+def _recall(args: argparse.Namespace, open_app: Opener, emit: Emitter) -> int:
+    """Asks and answers at once: run it again (or let a restore job wait) until it is done."""
+    with open_app(args) as app:
+        status = app.prepare_read(args.point, subpath=args.path, location=args.location)
+    document = status.to_dict()
+    emit(
+        args,
+        document,
+        lambda: (
+            "ready: " + (status.location or "a readable copy exists")
+            if status.done
+            else status.describe()
+        ),
+    )
     return 0
 
 

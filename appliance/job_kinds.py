@@ -144,6 +144,24 @@ def copy(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
     return result
 
 
+def recall(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
+    """Make a point (one path of it) readable from its cold copy, and wait until it is."""
+    status = app.prepare_read(p["point"], subpath=p.get("path"), location=p.get("location"))
+    if not status.done:
+        raise JobWaiting(
+            f"{status.describe()}; the point is readable when they are",
+            wake_at=app.clock() + timedelta(seconds=status.poll_seconds),
+            checkpoint={"recall": status.to_dict()},
+        )
+    if status.location is None:
+        ctx.log("info", f"point {p['point']} has a readable copy: nothing to recall")
+    else:
+        ctx.log(
+            "info", f"{status.packs} pack(s) of point {p['point']} readable at {status.location}"
+        )
+    return status.to_dict()
+
+
 def verify_copy(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
     result = app.verify_copy(p["point"], p["location"])
     for reason in result["affected_points"].get(p["point"], []):

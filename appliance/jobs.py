@@ -147,6 +147,10 @@ JOB_KINDS: dict[str, JobKind] = {
     "copy": JobKind(
         kinds.copy, kinds.copy_resources, True, lambda p: f"copy of {p['point']} to {p['location']}"
     ),
+    # Resumable: a recall asked again finds the restores already under way.
+    "recall": JobKind(
+        kinds.recall, kinds.store_shared, True, lambda p: f"recall of {p.get('point')}"
+    ),
     "verify_copy": JobKind(
         kinds.verify_copy,
         kinds.copy_resources,

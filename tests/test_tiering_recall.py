@@ -213,3 +213,31 @@ def test_a_fresh_appliance_rebuilds_its_catalog_from_the_bucket_alone(
         assert location.access == "cold" and "secret_access_key" not in location.details["options"]
     finally:
         rebuilt.close()
+
+
+def test_a_recall_job_makes_a_whole_image_point_readable_then_it_restores(
+    cold_site: dict, tmp_path: Path
+) -> None:
+    app: Appliance = cold_site["app"]
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(1 << 20) + bytes(1 << 20) + os.urandom(300_000))
+    point = app.backup_image([str(disk)], "vm").point.id
+    app.copy_point(point, "cold")
+    app.catalog.set_copy(point, home_location_id(app.repo.store_id), "deleted")
+    runner = JobRunner(app, clock=lambda: START)
+    runner.start()
+    try:
+        job = runner.submit("recall", {"point": point})
+        _until(lambda: app.catalog.get_job(job.id).state == "waiting")
+        reason = app.catalog.get_job(job.id).wait_reason or ""
+        assert reason.startswith("recalling ") and "the point is readable when they are" in reason
+        time.sleep(2.5)  # the server's thaw
+        runner.wake(job.id)
+        done = runner.wait(job.id, 30)
+        assert done.state == "succeeded", done.error
+        assert done.result["location"] == "cold" and done.result["pending"] == 0
+    finally:
+        runner.shutdown()
+    out = tmp_path / "restored.raw"
+    app.restore(point, str(out))
+    assert out.read_bytes() == disk.read_bytes()
