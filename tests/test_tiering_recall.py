@@ -241,3 +241,27 @@ def test_a_recall_job_makes_a_whole_image_point_readable_then_it_restores(
     out = tmp_path / "restored.raw"
     app.restore(point, str(out))
     assert out.read_bytes() == disk.read_bytes()
+
+
+def test_verifying_a_cold_copy_checks_what_it_can_without_a_thaw(cold_site: dict) -> None:
+    app: Appliance = cold_site["app"]
+    s3 = cold_site["s3"]
+    bucket = s3.bucket()
+    app.add_location(
+        f"s3://{bucket}/v", kind="s3_bucket", label="cold2", options=s3.options(cold=True)
+    )
+    point = cold_site["point"]
+    app.copy_point(point, "cold2")
+    result = app.verify_copy(point, "cold2")
+    assert result["ok"] and result["mode"].startswith("cold:") and result["packs_checked"] > 0
+    copy = {c.location_id: c for c in app.catalog.copies_of(point)}[app.find_location("cold2").id]
+    assert copy.state == "archived"  # still archived: nothing was thawed
+    # A data pack goes missing behind the appliance's back: the copy is lost, in words.
+    client = s3.client()
+    key = client.list_objects_v2(Bucket=bucket, Prefix="v/data/")["Contents"][0]["Key"]
+    client.delete_object(Bucket=bucket, Key=key)
+    result = app.verify_copy(point, "cold2")
+    assert not result["ok"]
+    assert any("is missing" in p for p in result["affected_points"][point])
+    copy = {c.location_id: c for c in app.catalog.copies_of(point)}[app.find_location("cold2").id]
+    assert copy.state == "lost"
