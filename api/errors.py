@@ -94,6 +94,14 @@ class LoginThrottled(ApplianceError):
     kind = "throttled"
 
 
+class LocationRefused(ApplianceError):
+    """The place did not accept being added as a location (a missing bucket, refused
+    credentials, an unreachable endpoint); nothing was added."""
+
+    code = "location_refused"
+    kind = "invalid"
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"code": code, "message": message, "details": jsonable_encoder(details or {})}
 

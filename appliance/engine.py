@@ -37,7 +37,9 @@ from appliance.errors import (
     ObjectMissing,
     PathRefused,
 )
+from appliance.locations import gc as location_gc
 from appliance.locations import work as locations_work
+from appliance.locations.gc import LocationGcReport
 from appliance.locations.recall import RecallStatus, prepare_read
 from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
@@ -530,6 +532,21 @@ class Appliance:
         """When the point's best copy is archived (cold), ask for exactly the packs a read of it
         (``subpath`` of it) needs to be thawed, and say how far that is; never blocks."""
         return prepare_read(self, self.point(point_id).id, subpath=subpath, named=location)
+
+    def expire_copy(self, point_id: str, location: str) -> dict[str, Any]:
+        """Remove a point's copy from a location after its retain-until date."""
+        return location_gc.expire_copy(self, self.point(point_id).id, location)
+
+    def collect_location_garbage(
+        self, location: str, *, dry_run: bool = False, grace_seconds: float | None = None
+    ) -> LocationGcReport:
+        """Delete the packs a location holds that none of its copies needs (never locked ones)."""
+        return location_gc.collect_location_garbage(
+            self,
+            location,
+            dry_run=dry_run,
+            grace_seconds=location_gc.GRACE_SECONDS if grace_seconds is None else grace_seconds,
+        )
 
     def drop_local_copy(self, point_id: str) -> dict[str, Any]:
         """Remove the home pool's copy of a point verified elsewhere (never an asset's newest)."""

@@ -54,7 +54,10 @@ class S3Server:
 
 
 @contextmanager
-def s3_server(restore_seconds: float = 2.0) -> Iterator[S3Server]:
+def s3_server(restore_seconds: float = 2.0, *, authenticate: bool = False) -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port. ``authenticate``: it checks every request's
+    credentials against its own IAM, which knows no key, so every request is refused (a bucket
+    that refuses the appliance's credentials)."""
     try:
         import moto  # noqa: F401
     except ImportError as exc:  # pragma: no cover - the environment's fault
@@ -62,10 +65,14 @@ def s3_server(restore_seconds: float = 2.0) -> Iterator[S3Server]:
             "the S3 tests need moto's server: scripts/setup (pip install -e '.[dev]')"
         ) from exc
     port = free_port()
+    env = dict(os.environ)
+    if authenticate:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto: authenticate from the first request
     process = subprocess.Popen(
         [sys.executable, SERVER, str(port), str(restore_seconds)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 30

@@ -10,7 +10,11 @@ Actions, in the order a run carries them out:
 - **drop local**: the home pool's copy of a point goes once a rule with ``keep_local_days``
   matches it and its copy at the rule's location was verified at least that many days ago --
   never the newest point of an asset (the next backup compares against it), never a point
-  whose only other copy is unverified, lost or being copied.
+  whose only other copy is unverified, lost or being copied;
+- **expire**: a copy at a location some rule copies to, whose retain-until date has passed and
+  that no rule keeps longer now, leaves that location (its manifest is deleted there; the
+  location's GC then frees the packs no other copy needs, never a locked one). Copies at
+  locations no rule names, and copies kept without a date, are never expired by tiering.
 
 Problems (a rule naming an unknown location, a location offline) are reported in words and the
 rest of the plan goes on.
@@ -83,23 +87,43 @@ class DropAction:
 
 
 @dataclass(frozen=True)
+class ExpireAction:
+    point_id: str
+    asset: str
+    location_id: str
+    location: str
+    retain_until: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "point": self.point_id,
+            "asset": self.asset,
+            "location_id": self.location_id,
+            "location": self.location,
+            "retain_until": self.retain_until.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
 class TierPlan:
     at: datetime
     copies: tuple[CopyAction, ...] = ()
     drops: tuple[DropAction, ...] = ()
     problems: tuple[str, ...] = ()
+    expiries: tuple[ExpireAction, ...] = ()
     #: Bytes to move per storage class.
     bytes_by_class: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
-        return not self.copies and not self.drops
+        return not self.copies and not self.drops and not self.expiries
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "at": self.at.isoformat(),
             "copies": [c.to_dict() for c in self.copies],
             "drops": [d.to_dict() for d in self.drops],
+            "expiries": [e.to_dict() for e in self.expiries],
             "problems": list(self.problems),
             "bytes_by_class": dict(self.bytes_by_class),
         }
@@ -173,8 +197,29 @@ def plan_tiering(
 
     planned: dict[tuple[str, str], CopyAction] = {}
     drops: dict[str, DropAction] = {}
+    expiries: list[ExpireAction] = []
+    ruled = {location.id: location for location in targets.values()}
     for point in sorted(points, key=lambda p: (p.created_at, p.id)):
         held = {c.location_id: c for c in copies.get(point.id, ())}
+        for kept in held.values():
+            location = ruled.get(kept.location_id or "")
+            if location is None or kept.state not in ("present", "archived"):
+                continue
+            if kept.retain_until is None or kept.retain_until > now:
+                continue
+            wanted = [
+                point.created_at + timedelta(days=rule.keep_days)
+                for rule in settings.rules
+                if rule.keep_days is not None
+                and targets.get(rule.name) is location
+                and matches(rule, point, classes[point.id], now)
+            ]
+            if not any(until > now for until in wanted):  # no rule keeps it longer now
+                expiries.append(
+                    ExpireAction(
+                        point.id, point.asset, location.id, location.label, kept.retain_until
+                    )
+                )
         for rule in settings.rules:
             location = targets.get(rule.name)
             if location is None or not matches(rule, point, classes[point.id], now):
@@ -217,6 +262,7 @@ def plan_tiering(
         copies=tuple(planned.values()),
         drops=tuple(drops.values()),
         problems=tuple(problems),
+        expiries=tuple(expiries),
         bytes_by_class=by_class,
     )
 

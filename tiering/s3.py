@@ -322,7 +322,9 @@ class S3Backend:
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256", **extra
         )
-        upload_id = upload["UploadId"]
+        upload_id = upload.get("UploadId")
+        if not upload_id:
+            self._cut_short(key[len(self.prefix) :], "write")
 
         def send(number: int) -> dict[str, Any]:
             piece = body[(number - 1) * PART_SIZE : number * PART_SIZE]
@@ -336,6 +338,8 @@ class S3Backend:
                 ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=checksum,
             )
+            if "ETag" not in reply:
+                self._cut_short(key[len(self.prefix) :], "write")
             return {"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": checksum}
 
         count = (len(body) + PART_SIZE - 1) // PART_SIZE
@@ -420,6 +424,8 @@ class S3Backend:
         found = []
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                if "IsTruncated" not in page:  # every listing says; a cut one is not empty
+                    self._cut_short(prefix or "the store", "listing")
                 for item in page.get("Contents", []):
                     name = item["Key"][len(self.prefix) :]
                     found.append(
@@ -445,7 +451,19 @@ class S3Backend:
                         Bucket=self.bucket, Key=key, VersionId=entry["VersionId"]
                     )
         except (ClientError, BotoCoreError) as exc:
-            self._fail(exc, name, "delete")
+            try:
+                self._fail(exc, name, "delete")
+            except ObjectLocked as locked:
+                # Say until when, so a GC can report when the object may go.
+                try:
+                    until = self.retention(name)[1]
+                except StoreError:
+                    until = None
+                when = f" (locked until {until.isoformat()})" if until else ""
+                raise ObjectLocked(
+                    locked.message + when,
+                    **{**locked.details, "retain_until": until.isoformat() if until else None},
+                ) from exc
 
     def _is_versioned(self) -> bool:
         with self._lock:

@@ -2,8 +2,9 @@
 
 The CLI, the API, the scheduler and the tests call these. A run (:func:`run_tiering`, the
 ``tier`` job) plans afresh (:func:`tiering.plan.plan_tiering`), then copies each point (the
-engine's ``copy_point``: dedup-aware, verified, committed, resumable) and only then drops local
-copies the plan allows. It stops at the end of its time window and waits for the next one, and
+engine's ``copy_point``: dedup-aware, verified, committed, resumable), only then drops local
+copies the plan allows, and last expires copies past their date (and collects the packs those
+leave unneeded at their locations, never a locked one). It stops at the end of its time window and waits for the next one, and
 waits for a location that does not answer; a rerun after a crash plans again and resumes (packs
 already in the bucket are not sent again).
 """
@@ -135,9 +136,44 @@ def run_tiering(
             continue
         log("info", f"dropped the local copy of point {drop.point_id} (kept at {drop.kept_at})")
         dropped.append(drop.point_id)
+    expired: list[str] = []
+    collect: set[str] = set()
+    for expiry in plan.expiries:
+        try:
+            outcome = app.expire_copy(expiry.point_id, expiry.location_id)
+        except ApplianceError as exc:
+            log(
+                "warning",
+                f"copy of point {expiry.point_id} at {expiry.location} kept: {exc.message}",
+            )
+            continue
+        log(
+            "info",
+            f"the copy of point {expiry.point_id} at {expiry.location} expired "
+            f"(kept until {expiry.retain_until.isoformat()})"
+            + (
+                "; the point had no other copy and left the catalog"
+                if outcome["point_removed"]
+                else ""
+            ),
+        )
+        expired.append(expiry.point_id)
+        collect.add(expiry.location_id)
+    for location_id in sorted(collect):
+        report = app.collect_location_garbage(location_id)
+        log(
+            "info",
+            f"{report.location}: {len(report.packs_deleted)} pack(s) no copy needs were deleted "
+            f"({report.bytes_freed} bytes)"
+            + (
+                f"; {len(report.locked)} still locked, deleted by a later run"
+                if report.locked
+                else ""
+            ),
+        )
     if failed:
         log("warning", f"{len(failed)} copy(ies) failed; the next run tries them again")
-    return {"copied": copied, "dropped": dropped, "failed": failed}
+    return {"copied": copied, "dropped": dropped, "expired": expired, "failed": failed}
 
 
 def _tier_job(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 Downloads are restores: they need the operator role and are audited like restore jobs. A VM
 point that was test-booted carries its newest boot proof (``boot_proof``: proven or failed, when,
 the RTO, the failed check, the screenshot's URL), from the boot-test sessions in the catalog.
+Before a restore from a point whose readable copies are all cold, ``GET /points/{id}/recall``
+says what the restore would first recall (looked up, never asked for).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from api.schemas import (
     ManifestSummary,
     PointDetail,
     PointPublic,
+    RecallEstimate,
     RestoreCreate,
 )
 from api.streams import (
@@ -42,6 +45,7 @@ from appliance.boot_verification import boot_test_result
 from appliance.catalog import Catalog
 from appliance.catalog.records import FailoverSessionRecord, PointRecord
 from appliance.errors import InvalidInput
+from appliance.locations.recall import recall_estimate
 
 router = APIRouter(tags=["points"])
 
@@ -257,6 +261,26 @@ def restore(
     )
     response.headers["Location"] = f"/api/jobs/{job.id}"
     return job_public(job)
+
+
+@router.get("/points/{point_id}/recall", response_model=RecallEstimate)
+def recall(
+    point_id: str,
+    principal: Viewer,
+    service: ServiceDep,
+    path: Annotated[str, Query(max_length=4096)] = "",
+    location: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
+) -> RecallEstimate:
+    """What a restore of the point (``path``: one file or folder of a files point; ``location``:
+    that copy first) would first recall from cold storage: the location, its restore tier and
+    typical wait, the packs and bytes. Asks for nothing (no restore request, no state change):
+    the page shows it before a restore from a point whose readable copies are all cold."""
+    app = service.app
+    point = app.point(point_id)
+    if path and point.kind != "files":
+        raise InvalidInput("'path' selects within a files point; a VM point is recalled whole")
+    estimate = recall_estimate(app, point.id, subpath=normalise(path) or None, named=location)
+    return RecallEstimate(**estimate)
 
 
 @router.post(

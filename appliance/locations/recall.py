@@ -19,12 +19,15 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from appliance.errors import NotFound
+from appliance.errors import NotFound, StoreError
 from appliance.locations.choice import order_copies
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
+from appliance.store.identity import check_identity
 from appliance.store.packs import pack_object_name
+from appliance.store.registry import open_backend
 from appliance.store.repository import Repository
+from appliance.store.wrappers import compose
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
@@ -136,3 +139,105 @@ def prepare_read(
         pending=len(status.pending),
         poll_seconds=float(settings.get("recall_poll_seconds") or POLL_SECONDS.get(tier, 900)),
     )
+
+
+def recall_estimate(
+    app: Appliance,
+    point_id: str,
+    *,
+    subpath: str | None = None,
+    named: str | None = None,
+) -> dict[str, Any]:
+    """What reading ``point_id`` (``subpath`` of it; ``named`` copy first) would have to recall,
+    without asking for anything: the copy :func:`prepare_read` would use, its restore tier and
+    typical wait, and the data packs the read needs with their sizes (``stat`` only).
+
+    Read-only: no ``warm_up``, nothing written to the catalog (the location is opened and its
+    identity checked, but it is not marked online or offline). ``needed`` is False when a
+    readable copy comes first; ``reason`` says why the cold copy could not be looked at now.
+    """
+    from appliance.locations import work  # the work functions import this module
+
+    found = work.copy_options(app, point_id)
+    pairs = {option.location_id: location for option, location in found}
+    if named is not None:
+        named = work.find_location(app, named).id
+    options = [
+        replace(option, state="archived") if option.state == "recalling" else option
+        for option, _ in found
+    ]
+    ordered = order_copies(options, named=named)
+    if not ordered:
+        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    answer: dict[str, Any] = {
+        "point": point_id,
+        "path": subpath or None,
+        "needed": False,
+        "location": None,
+        "location_id": None,
+        "address": None,
+        "copy_state": None,
+        "tier": None,
+        "typical_wait": None,
+        "packs": 0,
+        "bytes": 0,
+        "poll_seconds": 0.0,
+        "reason": None,
+        "message": "a readable copy exists; nothing needs to be recalled",
+    }
+    best = ordered[0]
+    if best.state == "present" and best.online:
+        return answer
+    archived = next((o for o in ordered if o.state == "archived"), None)
+    if archived is None:
+        answer["message"] = "no copy of the point can be read now: its locations are unavailable"
+        return answer
+    location = pairs[archived.location_id]
+    settings = location.details.get("options", {})
+    tier = str(settings.get("restore_tier", "Standard"))
+    state = {o.location_id: o.state for o, _ in found}.get(location.id)
+    answer.update(
+        needed=True,
+        location=location.label,
+        location_id=location.id,
+        address=location.address,
+        copy_state=state,
+        tier=tier,
+        typical_wait=TYPICAL_WAIT.get(tier),
+        poll_seconds=float(settings.get("recall_poll_seconds") or POLL_SECONDS.get(tier, 900)),
+    )
+    try:
+        backend = compose(
+            open_backend(location.kind, location.address, **work.location_options(app, location))
+        )
+        try:
+            check_identity(backend, app.repo.store_id, location.id)
+            cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
+            repo = Repository(backend, app.repo.config, app.repo.key, cache)
+            repo.sync_index()
+            needs = point_packs(repo, repo.get_manifest(point_id), subpath)
+            names = [
+                pack_object_name(pack, kind)
+                for pack, kind in needs.packs.items()
+                if kind == fmt.PACK_KIND_DATA
+            ]
+            answer["packs"] = len(names)
+            answer["bytes"] = sum(backend.stat(name).size for name in names)
+        finally:
+            backend.close()
+    except StoreError as exc:  # unavailable, refused, not answering: said, not raised
+        answer["reason"] = exc.message
+    mib = answer["bytes"] / (1 << 20)
+    wait = TYPICAL_WAIT.get(tier, "an unknown time")
+    if answer["reason"] is not None:
+        answer["message"] = (
+            f"the point must be recalled from {location.label} (tier {tier}, typically {wait}), "
+            f"which cannot be looked at now: {answer['reason']}"
+        )
+    else:
+        answer["message"] = (
+            f"{answer['packs']} pack(s) ({mib:.1f} MiB) to recall from {location.label} "
+            f"(tier {tier}, typically {wait})"
+            + ("; a recall is already under way" if state == "recalling" else "")
+        )
+    return answer

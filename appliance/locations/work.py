@@ -65,6 +65,11 @@ def home_id(app: Appliance) -> str:
     return home_location_id(app.repo.store_id)
 
 
+def location_cache(app: Appliance, location_id: str) -> str:
+    """Where the index of a location's store is cached on this appliance."""
+    return os.path.join(app.data_dir.cache_path, "locations", location_id)
+
+
 def find_location(app: Appliance, name: str) -> LocationRecord:
     """A location of this store by id, id prefix or label."""
     locations = app.catalog.list_locations(app.repo.store_id)
@@ -309,8 +314,7 @@ def reader(
     first = ordered[0].location_id
     if first == home:  # the home pool's index knows every pack of points made here
         return Repository(fallback, app.repo.config, app.repo.key, app.repo.cache_dir)
-    cache = os.path.join(app.data_dir.cache_path, "locations", first)
-    repo = Repository(fallback, app.repo.config, app.repo.key, cache)
+    repo = Repository(fallback, app.repo.config, app.repo.key, location_cache(app, first))
     repo.sync_index()
     return repo
 
@@ -349,8 +353,7 @@ def _verify_cold_copy(app: Appliance, point_id: str, location: LocationRecord) -
     problems: list[str] = []
     checked = 0
     try:
-        cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
-        repo = Repository(backend, app.repo.config, app.repo.key, cache)
+        repo = Repository(backend, app.repo.config, app.repo.key, location_cache(app, location.id))
         repo.sync_index()
         try:
             needs = point_packs(repo, repo.get_manifest(point_id))
@@ -418,8 +421,7 @@ def adopt_location(
             details={"options": everything},
             location_id=location_id,
         )
-    cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
-    source = Repository(backend, app.repo.config, app.repo.key, cache)
+    source = Repository(backend, app.repo.config, app.repo.key, location_cache(app, location.id))
     added, copies, damaged = 0, 0, []
     for point_id in source.manifest_ids():
         try:

@@ -143,6 +143,15 @@ const FIELD_LABELS = {
   keep_weekly: "Keep weekly",
   keep_monthly: "Keep monthly",
   keep_yearly: "Keep yearly",
+  address: "Bucket",
+  endpoint_url: "Endpoint",
+  region: "Region",
+  access_key_id: "Access key",
+  secret_access_key: "Secret key",
+  lock_days: "Days locked",
+  lock_mode: "Object Lock",
+  data_class: "Data class",
+  restore_tier: "Restore tier",
 };
 
 function fieldOf(loc) {
@@ -171,6 +180,8 @@ function validationSentence(error) {
   if (type === "int_parsing" || type === "int_type") return `${label} must be a whole number.`;
   if (type === "literal_error") return `${label} is not one of the allowed choices.`;
   if (type === "extra_forbidden") return `${label} is not expected here.`;
+  // A rule across fields (a bucket's options that do not fit together) says it all itself.
+  if (type === "value_error" && (!field || field === "bucket")) return sentence(message);
   return `${label}: ${message}`;
 }
 
@@ -231,6 +242,8 @@ export function humanError(err) {
     case "source_error":
     case "unsafe_restore_path":
       return { title: "Please check the details.", text: sentence(err.message), field: d.field || (typeof d.path === "string" ? "path" : null) };
+    case "location_refused":
+      return { title: "The location could not be added", text: sentence(err.message) };
     case "path_refused":
       return { title: "That place is not allowed", text: sentence(err.message), field: d.field || null };
     case "not_found":

@@ -66,7 +66,8 @@ export function toast(text, { link = null, kind = "success", timeout = 6000 } = 
 
 /**
  * A modal dialog with a form. fields: the form's body nodes. onSubmit(form, banner) returns a
- * promise; the dialog closes when it resolves and shows the error in words when it rejects.
+ * promise; the dialog closes when it resolves (unless to false: a step that asks again, such as
+ * a restore showing what it must first recall) and shows the error in words when it rejects.
  */
 export function formDialog({ title, description = null, body, submitLabel = "Save", onSubmit, danger = false, wide = false }) {
   const banner = bannerSlot();
@@ -102,8 +103,7 @@ export function formDialog({ title, description = null, body, submitLabel = "Sav
     submit.disabled = true;
     submit.classList.add("busy");
     try {
-      await onSubmit(form, banner);
-      close();
+      if ((await onSubmit(form, banner)) !== false) close();
     } catch (err) {
       const { field } = banner.error(err);
       markField(form, field);

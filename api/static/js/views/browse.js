@@ -4,7 +4,7 @@ import { api, enc, q } from "../api.js";
 import { h, icon, replace } from "../dom.js";
 import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince } from "../format.js";
 import { button, card, emptyState, loading, pageHeader, table } from "../ui.js";
-import { pointStatus, restoreDialog, verifyPoint } from "./points.js";
+import { copiesList, pointStatus, restoreDialog, verifyPoint } from "./points.js";
 
 const PAGE = 500;
 
@@ -161,5 +161,6 @@ export default async function browse(view) {
       tableBox,
       more,
     ),
+    card("Copies", { subtitle: "Where this point is kept; a locked copy cannot be deleted before its protection ends." }, copiesList(point.copies)),
   );
 }

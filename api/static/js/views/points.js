@@ -2,7 +2,7 @@
 
 import { ApiError, api, enc, humanError, q } from "../api.js";
 import { h, replace } from "../dom.js";
-import { MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
+import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
 import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
 
 export function pointStatus(p) {
@@ -29,22 +29,79 @@ function stamp(iso) {
   return iso.replace(/[-:]/g, "").replace("T", "-").slice(0, 13);
 }
 
+const COPY_STATES = {
+  present: ["Present", "good", "Readable now."],
+  archived: ["Archived", "info", "In cold storage: a restore first recalls its data (minutes to hours)."],
+  recalling: ["Recalling", "info", "Its data is being recalled from cold storage."],
+  copying: ["Copying", "neutral", "Not complete yet."],
+  lost: ["Lost", "bad", "Damaged or missing where it was kept."],
+  deleted: ["Deleted", "neutral", "No longer kept there."],
+};
+
+/** A point's copies: where each lives, its state, and for a locked copy until when it is
+ * protected. */
+export function copiesList(copies) {
+  if (!copies.length) return h("p", { class: "muted", text: "No copy recorded." });
+  return h(
+    "ul",
+    { class: "copies" },
+    copies.map((c) => {
+      const [label, tone, title] = COPY_STATES[c.state] || [c.state, "neutral", null];
+      const notes = [];
+      if (c.storage_class) notes.push(c.storage_class);
+      if (c.retain_until) notes.push(`protected until ${dateTime(c.retain_until)}`);
+      if (c.verified_at) notes.push(`verified ${ago(secondsSince(c.verified_at))}`);
+      if (!c.online) notes.push("location unavailable now");
+      return h(
+        "li",
+        { dataset: { copy: c.location } },
+        h("strong", { text: c.location }),
+        h("span", { class: "muted", text: ` ${LOCATION_NAMES[c.location_kind] || c.location_kind} ` }),
+        pill(label, tone, title),
+        notes.length ? h("span", { class: "muted small", text: ` ${notes.join(" · ")}` }) : null,
+      );
+    }),
+  );
+}
+
+/** Readable copies are all cold: a restore first recalls the point's data. */
+export function onlyCold(copies) {
+  const readable = copies.filter((c) => ["present", "archived", "recalling"].includes(c.state));
+  return readable.length > 0 && !readable.some((c) => c.state === "present" && c.online) && readable.some((c) => c.state !== "present");
+}
+
+function recallWords(e) {
+  const what = e.path ? `this restore of ${e.path}` : "this restore";
+  const where = `${e.location}${e.address ? ` (${e.address})` : ""}`;
+  if (e.reason) return `The point is only in cold storage: ${what} first recalls its data from ${where}, tier ${e.tier}, typically ${e.typical_wait || "hours"}. The bucket cannot be looked at now: ${e.reason}.`;
+  const started = e.copy_state === "recalling" ? " A recall is already under way." : "";
+  return `This restore first recalls ${count(e.packs, "pack")} (${bytes(e.bytes)}) from ${where}, tier ${e.tier}, typically ${e.typical_wait || "hours"}. It waits meanwhile (shown under Jobs as waiting, with the reason) and goes on by itself.${started}`;
+}
+
 /** Restore a point (or one path / disk of it). The choices are exactly the safe targets the
  * appliance allows: a download, a folder in a restore area, the asset's own source in place
  * (overwrite or keep both, confirmed), or a registered restore device for VM points. */
 export async function restoreDialog(point, { path = "", onStarted = null } = {}) {
   let disks = [];
   let choices;
+  let detail;
   try {
-    choices = await api.get(`/api/points/${enc(point.id)}/restore-targets`);
-    if (point.kind === "image") disks = (await api.get(`/api/points/${enc(point.id)}`)).manifest.disks || [];
+    [choices, detail] = await Promise.all([api.get(`/api/points/${enc(point.id)}/restore-targets`), api.get(`/api/points/${enc(point.id)}`)]);
+    if (point.kind === "image") disks = detail.manifest.disks || [];
   } catch (err) {
     toast(humanError(err).text, { kind: "error" });
     return;
   }
+  const cold = onlyCold(detail.copies || []);
   const isFiles = point.kind === "files";
   const options = [];
-  if (choices.download) options.push(radioChoice("destination", "download", "Download", "A tar or zip archive, straight to this browser."));
+  if (choices.download) {
+    options.push(
+      cold
+        ? radioChoice("destination", "download", "Download", "Not while the point is only in cold storage: restore it into a restore area instead.", { disabled: true })
+        : radioChoice("destination", "download", "Download", "A tar or zip archive, straight to this browser."),
+    );
+  }
   options.push(radioChoice("destination", "area", "Into a restore area", `A new folder in ${choices.areas.join(", ")}.`, { checked: true }));
   options.push(
     radioChoice("destination", "source", "Back to where it came from", choices.source ? `Over ${choices.source}, in place.` : choices.source_unavailable, { disabled: !choices.source }),
@@ -96,7 +153,12 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
         field({ label: "Image format", control: select("format", [["raw", "Raw"], ["qcow2", "QCOW2"], ["vmdk", "VMDK"], ["vhdx", "VHDX"], ["vdi", "VDI"]], "raw") }),
       );
   const parts = [areaPart, sourcePart, devicePart, downloadPart].filter(Boolean);
-  const body = h("div", what, where, parts);
+  // A point only in cold storage: the restore first recalls its data. What it would recall is
+  // shown (GET .../recall asks for nothing) before the restore is confirmed.
+  const recallNote = h("div", { class: "recall-note", role: "status", hidden: true });
+  const coldNote = cold ? h("p", { class: "muted small", text: "Its readable copies are all in cold storage: a restore first recalls the data it needs." }) : null;
+  const body = h("div", coldNote, what, where, parts, recallNote);
+  let confirmed = null; // the selection whose recall estimate was shown
   where.addEventListener("change", () => {
     const chosen = where.querySelector("input:checked").value;
     for (const part of parts) part.hidden = part.dataset.part !== chosen;
@@ -115,6 +177,19 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
         if (selected) params.set("path", selected);
         window.location.assign(`/api/points/${enc(point.id)}/download?${params}`);
         return;
+      }
+      let estimate = null;
+      if (cold) {
+        const key = `${destination}|${selected}`;
+        estimate = await api.get(q(`/api/points/${enc(point.id)}/recall`, { path: selected }));
+        if (estimate.needed && confirmed !== key) {
+          confirmed = key;
+          replace(recallNote, h("div", { class: "banner banner-warning", role: "note" }, h("div", { class: "banner-body", text: recallWords(estimate) })));
+          recallNote.hidden = false;
+          recallNote.scrollIntoView({ block: "nearest" });
+          form.querySelector("button[type=submit]").textContent = "Recall and restore";
+          return false; // the dialog stays: the next click confirms
+        }
       }
       const req = { destination };
       if (isFiles) {
@@ -137,7 +212,8 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
       }
       const job = await api.post(`/api/points/${enc(point.id)}/restore`, req);
       const shown = req.target || choices.source;
-      toast(`Restore to ${shown} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+      const waits = estimate && estimate.needed ? ` It waits while ${count(estimate.packs, "pack")} ${estimate.packs === 1 ? "is" : "are"} recalled from ${estimate.location} (typically ${estimate.typical_wait || "hours"}).` : "";
+      toast(`Restore to ${shown} started.${waits}`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
       if (onStarted) onStarted(job);
     },
   });
@@ -146,8 +222,10 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
 /** Copy a point to another location: only what the location lacks moves; runs as a job. */
 export async function copyDialog(point) {
   let locations;
+  let detail;
   try {
-    locations = (await api.get("/api/locations")).filter((l) => !l.home);
+    [locations, detail] = await Promise.all([api.get("/api/locations"), api.get(`/api/points/${enc(point.id)}`)]);
+    locations = locations.filter((l) => !l.home);
   } catch (err) {
     toast(humanError(err).text, { kind: "error" });
     return;
@@ -160,7 +238,12 @@ export async function copyDialog(point) {
     title: "Copy to another location",
     description: `The point of ${point.asset} made ${dateTime(point.created_at)}. Only the data the location lacks is copied; every pack is read back and checked.`,
     submitLabel: "Start copy",
-    body: field({ label: "Location", control: select("location", locations.map((l) => [l.id, `${l.label}${l.online ? "" : " (unavailable)"}`]), locations[0].id) }),
+    body: h(
+      "div",
+      h("h3", { class: "label", text: "Copies now" }),
+      copiesList(detail.copies || []),
+      field({ label: "Location", control: select("location", locations.map((l) => [l.id, `${l.label}${l.access === "cold" ? " (cold)" : ""}${l.immutable ? " (locked)" : ""}${l.online ? "" : " (unavailable)"}`]), locations[0].id) }),
+    ),
     onSubmit: async (form) => {
       const job = await api.post(`/api/points/${enc(point.id)}/copy`, { location: form.elements.location.value });
       toast("Copy started.", { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });

@@ -4,7 +4,7 @@ import { api, enc } from "../api.js";
 import { usableBytes } from "../chart.js";
 import { h, icon, replace } from "../dom.js";
 import { LOCATION_NAMES, bytes, count, percent } from "../format.js";
-import { button, card, deleteButton, emptyState, field, formDialog, loading, pageHeader, pill, progressBar, table, toast } from "../ui.js";
+import { busy, button, card, deleteButton, emptyState, field, formDialog, loading, pageHeader, pill, progressBar, select, table, toast } from "../ui.js";
 
 function fullText(days) {
   if (days === null || days === undefined) return "Not at the current rate";
@@ -48,10 +48,125 @@ function poolCard(p) {
   );
 }
 
-/** Every place that holds copies of the store, whether it answers now, and how many points it
- * holds in full. Administrators add a folder (a mounted disk) or remove a location. */
-function locationsCard(locations, view, reload) {
+const COLD_CLASSES = [
+  ["GLACIER", "GLACIER (recall in minutes to hours)"],
+  ["DEEP_ARCHIVE", "DEEP_ARCHIVE (cheapest; recall in hours)"],
+];
+const HOT_CLASSES = [
+  ["", "STANDARD (the bucket's default)"],
+  ["STANDARD_IA", "STANDARD_IA"],
+  ["ONEZONE_IA", "ONEZONE_IA"],
+  ["INTELLIGENT_TIERING", "INTELLIGENT_TIERING"],
+  ["GLACIER_IR", "GLACIER_IR (instant retrieval)"],
+];
+const TIERS = [
+  ["Expedited", "Expedited (typically 1-5 minutes)"],
+  ["Standard", "Standard (typically 3-5 hours)"],
+  ["Bulk", "Bulk (typically 5-12 hours)"],
+];
+
+/** Add an S3 (or S3-compatible) bucket as a location. The secret key is sent once and never
+ * shown again: the appliance keeps it apart from its catalog. */
+function addBucketDialog(reload) {
+  const dataClass = select("data_class", HOT_CLASSES, "");
+  const tier = select("restore_tier", TIERS, "Standard", { disabled: true });
+  const lockDays = h("input", { type: "number", name: "lock_days", min: 1, max: 36500, step: 1, value: "30", disabled: true });
+  const lockMode = select("lock_mode", [["", "No lock"], ["COMPLIANCE", "COMPLIANCE (nobody can delete early)"], ["GOVERNANCE", "GOVERNANCE (special permission can delete early)"]], "");
+  const cold = h("input", { type: "checkbox", name: "cold" });
+  cold.addEventListener("change", () => {
+    replace(dataClass, (cold.checked ? COLD_CLASSES : HOT_CLASSES).map(([v, text]) => h("option", { value: v, text })));
+    tier.disabled = !cold.checked;
+  });
+  lockMode.addEventListener("change", () => {
+    lockDays.disabled = !lockMode.value;
+  });
+  formDialog({
+    title: "Add a bucket",
+    description: "An S3 or S3-compatible bucket that will hold copies of recovery points. The appliance checks at once that the bucket exists and takes the keys.",
+    submitLabel: "Add bucket",
+    wide: true,
+    body: h(
+      "div",
+      h(
+        "div",
+        { class: "grid-2" },
+        field({ label: "Bucket", name: "address", required: true, placeholder: "s3://my-bucket/appliance", help: "s3://BUCKET, optionally with a folder (prefix) inside it." }),
+        field({ label: "Name", name: "label", placeholder: "offsite-bucket" }),
+        field({ label: "Endpoint", name: "endpoint_url", placeholder: "https://s3.example.com", help: "Empty for AWS S3; the address of any other S3-compatible storage." }),
+        field({ label: "Region", name: "region", placeholder: "us-east-1" }),
+        field({ label: "Access key", name: "access_key_id", autocomplete: "off", spellcheck: "false" }),
+        field({ label: "Secret key", name: "secret_access_key", type: "password", autocomplete: "new-password", help: "Kept apart from the catalog and never shown again." }),
+        field({ label: "Addressing", control: select("addressing_style", [["", "Automatic"], ["path", "Path style (most S3-compatible storage)"], ["virtual", "Virtual-hosted style"]], "") }),
+      ),
+      h("label", { class: "fo-check" }, cold, h("span", { text: "Cold storage: data goes to an archive class (cheap, but a restore first recalls it, which takes minutes to hours)" })),
+      h(
+        "div",
+        { class: "grid-2" },
+        field({ label: "Data class", control: dataClass, help: "Where the copies' data goes; their index and metadata stay readable at once." }),
+        field({ label: "Restore tier", control: tier, help: "How fast (and how dear) a recall is. Cold storage only." }),
+        field({ label: "Object Lock", control: lockMode, help: "The bucket must have Object Lock enabled." }),
+        field({ label: "Days locked", control: lockDays, help: "Each copy cannot be deleted or changed for this many days." }),
+      ),
+    ),
+    onSubmit: async (form) => {
+      const el = form.elements;
+      let address = el.address.value.trim();
+      if (address && !address.startsWith("s3://")) address = `s3://${address}`;
+      const bucket = { cold: el.cold.checked };
+      for (const name of ["endpoint_url", "region", "access_key_id", "secret_access_key", "addressing_style", "data_class"]) {
+        const value = el[name].value.trim();
+        if (value) bucket[name] = value;
+      }
+      if (bucket.cold) bucket.restore_tier = el.restore_tier.value;
+      if (el.lock_mode.value) {
+        bucket.lock_mode = el.lock_mode.value;
+        bucket.lock_days = Number(el.lock_days.value);
+      }
+      await api.post("/api/locations", { kind: "s3_bucket", address, label: el.label.value.trim(), bucket });
+      toast("Bucket added.");
+      reload();
+    },
+  });
+}
+
+/** How a location keeps its copies: hot or cold (and the class), locked or not. */
+function storageCell(l) {
+  const parts = [];
+  if (l.access === "cold") {
+    parts.push(pill(`Cold · ${l.data_class || "GLACIER"}`, "info", `A restore first recalls the data (tier ${l.restore_tier || "Standard"}).`));
+    parts.push(h("span", { class: "muted small", text: `Recall tier ${l.restore_tier || "Standard"}` }));
+  } else if (l.kind === "s3_bucket") {
+    parts.push(pill(`Hot${l.data_class ? ` · ${l.data_class}` : ""}`, "neutral", "Readable at once."));
+  } else {
+    parts.push(pill(l.access === "sequential" ? "Sequential" : "Hot", "neutral", "Readable at once."));
+  }
+  if (l.immutable) {
+    const days = l.lock_days ? `, ${count(l.lock_days, "day")}` : "";
+    parts.push(pill(`Locked (${l.lock_mode || "Object Lock"}${days})`, "good", "Copies here cannot be deleted or changed until their protection ends."));
+  }
+  if (l.kind === "s3_bucket") {
+    const where = [l.endpoint_url || "AWS S3", l.region].filter(Boolean).join(", ");
+    parts.push(h("span", { class: "muted small truncate", title: where, text: where }));
+  }
+  return h("div", { class: "stack" }, parts);
+}
+
+function stateCell(l) {
+  if (l.online) return pill("Available", "good");
+  return h(
+    "div",
+    { class: "stack" },
+    pill("Unavailable", "warn", l.reason || "Not mounted, missing, or holding another store's data"),
+    l.reason ? h("span", { class: "small error-text", dataset: { reason: "" }, text: l.reason }) : null,
+  );
+}
+
+/** Every place that holds copies of the store, whether it answers now, how it keeps its copies,
+ * and how many points it holds in full. Administrators add a folder (a mounted disk) or a bucket,
+ * or remove a location; operators check whether a location answers now. */
+function locationsCard(locations, view, reload, redraw) {
   const isAdmin = view.session.role === "admin";
+  const canCheck = view.can("operator");
   const add = () =>
     formDialog({
       title: "Add a location",
@@ -70,25 +185,47 @@ function locationsCard(locations, view, reload) {
         reload();
       },
     });
+  const check = async (l, btn) => {
+    const answer = await busy(btn, view.banner, () => api.post(`/api/locations/${enc(l.id)}/check`, {}));
+    if (!answer) return;
+    toast(answer.online ? `${answer.label} is available.` : `${answer.label} is unavailable: ${answer.reason || "it did not answer"}.`, { kind: answer.online ? "success" : "error" });
+    redraw(locations.map((x) => (x.id === answer.id ? answer : x)));
+  };
   const rows = table(
     [
-      { label: "Location", cell: (l) => h("div", { class: "stack" }, h("strong", { text: l.label }), h("span", { class: "muted small mono truncate", title: l.address, text: l.address })) },
-      { label: "Kind", cell: (l) => `${LOCATION_NAMES[l.kind] || l.kind}${l.home ? " (this appliance's pool)" : ""}${l.offsite ? ", off-site" : ""}`, className: "hide-md" },
-      { label: "State", cell: (l) => (l.online ? pill("Available", "good") : pill("Unavailable", "warn", "Not mounted, missing, or holding another store's data")) },
+      {
+        label: "Location",
+        cell: (l) =>
+          h(
+            "div",
+            { class: "stack" },
+            h("strong", { text: l.label }),
+            h("span", { class: "muted small mono truncate", title: l.address, text: l.address }),
+            h("span", { class: "muted small", text: `${LOCATION_NAMES[l.kind] || l.kind}${l.home ? " (this appliance's pool)" : ""}${l.offsite ? ", off-site" : ""}` }),
+          ),
+      },
+      { label: "Storage", cell: storageCell },
+      { label: "State", cell: stateCell },
       { label: "Points held", cell: (l) => count(l.copies, "point"), className: "num" },
       {
         label: "Actions",
         className: "actions",
         cell: (l) =>
-          isAdmin && !l.home
-            ? deleteButton({ label: `Remove location ${l.label}`, title: `Remove location ${l.label}?`, text: "The appliance forgets this location; the data on it is left alone. A location that still holds copies cannot be removed.", confirmLabel: "Remove location", path: `/api/locations/${enc(l.id)}`, deleted: "Location removed.", done: reload })
-            : null,
+          h(
+            "div",
+            { class: "row-actions" },
+            canCheck && !l.home ? button("Check", { kind: "small", "aria-label": `Check location ${l.label}`, title: "Open the location now and check that it holds this appliance's store", onClick: (e) => check(l, e.currentTarget) }) : null,
+            isAdmin && !l.home
+              ? deleteButton({ label: `Remove location ${l.label}`, title: `Remove location ${l.label}?`, text: "The appliance forgets this location; the data on it is left alone. A location that still holds copies cannot be removed.", confirmLabel: "Remove location", path: `/api/locations/${enc(l.id)}`, deleted: "Location removed.", done: reload })
+              : null,
+          ),
       },
     ],
     locations,
     { caption: "Locations", rowAttrs: (l) => ({ dataset: { location: l.label } }) },
   );
-  return card("Locations", { subtitle: "Every place that holds copies of recovery points.", actions: isAdmin ? [button("Add location", { iconName: "plus", kind: "primary", onClick: add })] : [] }, rows);
+  const actions = isAdmin ? [button("Add location", { iconName: "plus", kind: "primary", onClick: add }), button("Add bucket", { iconName: "plus", onClick: () => addBucketDialog(reload) })] : [];
+  return card("Locations", { subtitle: "Every place that holds copies of recovery points.", actions }, rows);
 }
 
 export default async function poolsView(view) {
@@ -103,9 +240,13 @@ export default async function poolsView(view) {
     replace(body);
     return;
   }
+  const locationsBox = h("div", { class: "locations-box" });
   replace(
     body,
     pools.length ? h("div", { class: "pools" }, pools.map(poolCard)) : card(null, {}, emptyState("pools", "No pools", "The appliance stores points in its data directory's pool; if it is missing, check the disk it lives on.")),
-    locationsCard(locations, view, () => view.navigate(location.hash)),
+    locationsBox,
   );
+  const reload = () => view.navigate(location.hash);
+  const redraw = (list) => replace(locationsBox, locationsCard(list, view, reload, redraw));
+  redraw(locations);
 }
