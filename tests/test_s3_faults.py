@@ -1,0 +1,549 @@
+"""Faults between the bucket backend and a real S3 server, injected on the wire.
+
+A small HTTP proxy on 127.0.0.1 (``servers/s3_fault_proxy.py``) sits between boto3 and moto's
+server and, on the test's command, answers throttling, server errors and refused credentials
+itself, drops connections mid-request or mid-response, or slows requests down; it records
+every request, so the retries the tests expect are counted on the wire. Nothing of boto3 is
+patched.
+
+What is proved: throttling and server errors are :class:`TransientBackendError` from the raw
+backend (one request: boto3 retries nothing behind the wrapper's back) and succeed through the
+retry wrapper; a connection dropped anywhere is transient and never a short read returned as
+success; a multipart upload cut off leaves no partial object and no open upload; refused
+credentials make the location unavailable, with a message in words; a copy of a point survives
+intermittent throttling and verifies; a copy killed (SIGKILL) mid-way resumes and copies only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from engine_support import CLI, PASSPHRASE, new_appliance, run_cli, set_engine_env
+from s3_support import CREDENTIALS
+from servers.s3_fault_proxy import FaultProxy, Match, Phase, Seen, fault_proxy
+
+import tiering.s3 as s3mod
+from appliance.engine import Appliance
+from appliance.errors import (
+    LocationUnavailable,
+    ObjectMissing,
+    TransientBackendError,
+)
+from appliance.store.backend import LocalDirectoryBackend
+from appliance.store.registry import open_backend
+from appliance.store.wrappers import compose
+from tiering.s3 import BucketAddress, S3Backend, make_client
+
+NAME = "data/ab/object"
+DATA = os.urandom(100_000)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_engine_env(monkeypatch)
+
+
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[FaultProxy]:
+    with fault_proxy(s3.endpoint) as running:
+        yield running
+
+
+def _backend(s3: Any, proxy: FaultProxy) -> S3Backend:
+    """A bucket backend on a new bucket, every request of it through the proxy."""
+    address = f"s3://{s3.bucket()}/store"
+    backend = open_backend("s3_bucket", address, **s3.options(endpoint_url=proxy.url))
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+def _on_key(method: str, name: str = NAME) -> Match:
+    return lambda m, target: m == method and target.split("?")[0].endswith("/store/" + name)
+
+
+def _listing(method: str, target: str) -> bool:
+    return method == "GET" and "list-type=2" in target
+
+
+def _since(proxy: FaultProxy, start: int, match: Match) -> list[Seen]:
+    return [seen for seen in proxy.requests[start:] if match(seen.method, seen.path)]
+
+
+@dataclass(frozen=True)
+class Operation:
+    match: Match
+    #: Does the operation through the backend given, and checks its answer.
+    call: Callable[[Any], None]
+
+
+def _get(backend: Any) -> None:
+    assert backend.get(NAME) == DATA
+
+
+def _put(backend: Any) -> None:
+    backend.put("data/cd/new", b"new object")
+    assert backend.get("data/cd/new") == b"new object"
+
+
+def _stat(backend: Any) -> None:
+    assert backend.stat(NAME).size == len(DATA)
+
+
+def _list(backend: Any) -> None:
+    assert [info.name for info in backend.list("data/")] == [NAME]
+
+
+def _delete(backend: Any) -> None:
+    backend.delete(NAME)
+    with pytest.raises(ObjectMissing):
+        backend.stat(NAME)
+
+
+OPERATIONS = {
+    "get": Operation(_on_key("GET"), _get),
+    "put": Operation(_on_key("PUT", "data/cd/new"), _put),
+    "stat": Operation(_on_key("HEAD"), _stat),
+    "list": Operation(_listing, _list),
+    "delete": Operation(_on_key("DELETE"), _delete),
+}
+
+
+# --- throttling and server errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (500, "InternalError")])
+def test_throttling_and_server_errors_are_transient_and_retried_by_the_wrapper(
+    s3: Any, proxy: FaultProxy, operation: str, status: int, code: str
+) -> None:
+    backend = _backend(s3, proxy)
+    backend.put(NAME, DATA)
+    op = OPERATIONS[operation]
+    rule = proxy.fail(2, status=status, code=code, match=op.match)
+    start = len(proxy.requests)
+    with pytest.raises(TransientBackendError) as caught:
+        op.call(backend)
+    # A HEAD answer has no body, so the status stands for the code.
+    assert code in caught.value.message or str(status) in caught.value.message
+    assert "retrying may help" in caught.value.message
+    # One request on the wire: boto3 retried nothing behind the wrapper's back.
+    assert [(s.fault, s.status) for s in _since(proxy, start, op.match)] == [
+        (f"{status} {code}", status)
+    ]
+
+    sleeps: list[float] = []
+    op.call(compose(backend, sleep=sleeps.append))  # the second fault, then the answer
+    assert rule.fired == 2 and len(sleeps) == 1
+    seen = _since(proxy, start, op.match)
+    assert [s.fault for s in seen[:3]] == [f"{status} {code}", f"{status} {code}", None]
+    assert seen[2].status is not None and seen[2].status < 300
+
+
+# --- dropped connections ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after_bytes", [0, 40_000])
+@pytest.mark.parametrize(("offset", "length"), [(0, None), (7, None), (7, 60_000)])
+def test_a_get_cut_off_mid_answer_raises_and_never_returns_a_short_read(
+    s3: Any, proxy: FaultProxy, offset: int, length: int | None, after_bytes: int
+) -> None:
+    backend = _backend(s3, proxy)
+    backend.put(NAME, DATA)
+    expected = DATA[offset:] if length is None else DATA[offset : offset + length]
+    rule = proxy.drop(2, match=_on_key("GET"), after_bytes=after_bytes)
+    with pytest.raises(TransientBackendError, match="could not be reached"):
+        backend.get(NAME, offset, length)
+    assert rule.fired == 1  # one request: the headers and part of the body came, then nothing
+    sleeps: list[float] = []
+    assert compose(backend, sleep=sleeps.append).get(NAME, offset, length) == expected
+    gets = _since(proxy, 0, _on_key("GET"))
+    assert [s.fault for s in gets[-3:]] == [rule.name, rule.name, None] and len(sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    ("operation", "phase"),
+    [
+        ("stat", "response"),  # cut inside a HEAD answer's headers
+        ("get", "headers"),  # http.client reads the cut as the end of the headers
+        ("list", "headers"),
+        ("list", "response"),
+        ("put", "request"),  # cut while the body is sent: nothing reaches the server
+        ("put", "lost_reply"),  # carried out, the answer lost: the retry repeats it
+        ("delete", "lost_reply"),
+        ("get", "request"),
+    ],
+)
+def test_a_dropped_connection_is_transient_for_every_operation(
+    s3: Any, proxy: FaultProxy, operation: str, phase: Phase
+) -> None:
+    backend = _backend(s3, proxy)
+    backend.put(NAME, DATA)
+    op = OPERATIONS[operation]
+    rule = proxy.drop(2, match=op.match, phase=phase, after_bytes=5)
+    # (botocore reads a listing cut mid-body as a 500: S3 may answer 200 with an error inside)
+    with pytest.raises(TransientBackendError, match=r"could not be reached|answered 500"):
+        op.call(backend)
+    sleeps: list[float] = []
+    op.call(compose(backend, sleep=sleeps.append))
+    assert rule.fired == 2 and len(sleeps) == 1
+    assert [s.fault for s in _since(proxy, 0, op.match)][-3:] == [rule.name, rule.name, None]
+
+
+def test_an_answer_slower_than_the_read_timeout_is_transient(s3: Any, proxy: FaultProxy) -> None:
+    backend = _backend(s3, proxy)
+    backend.put(NAME, DATA)
+    impatient = S3Backend(
+        make_client(endpoint_url=proxy.url, region="us-east-1", read_timeout=0.5, **CREDENTIALS),
+        BucketAddress.parse(f"s3://{backend.bucket}/store"),
+    )
+    proxy.delay(1.5, times=1, match=_on_key("GET"))
+    started = time.monotonic()
+    with pytest.raises(TransientBackendError, match="could not be reached"):
+        impatient.get(NAME)
+    assert time.monotonic() - started < 1.4  # it gave up on its own, not when the answer came
+    assert compose(impatient, sleep=lambda _: None).get(NAME) == DATA
+
+
+@pytest.mark.parametrize("where", ["part", "part-answer", "complete"])
+def test_a_multipart_upload_cut_off_leaves_no_partial_object_and_no_open_upload(
+    s3: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 6 << 20)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 << 20)
+    backend = _backend(s3, proxy)
+    data = os.urandom(12 << 20)  # three parts
+
+    def second_part(method: str, target: str) -> bool:
+        return method == "PUT" and "partNumber=2" in target
+
+    if where == "part":  # the second part's connection is cut 1 MiB into its body
+        rule = proxy.drop(1, match=second_part, phase="request", after_bytes=1 << 20)
+    elif where == "part-answer":  # the second part is stored; its answer is cut short
+        rule = proxy.drop(1, match=second_part, phase="headers")
+    else:  # the server completes the upload; its answer is lost
+        rule = proxy.drop(
+            1, match=lambda m, t: m == "POST" and "uploadId=" in t, phase="lost_reply"
+        )
+    with pytest.raises(TransientBackendError, match="could not be reached"):
+        backend.put("data/ee/big", data)
+    assert rule.fired == 1
+    assert _since(proxy, 0, lambda m, t: m == "DELETE" and "uploadId=" in t)  # the abort
+    direct = s3.client()  # asked of the server itself, not through the proxy
+    try:
+        assert not direct.list_multipart_uploads(Bucket=backend.bucket).get("Uploads")
+        listed = direct.list_objects_v2(Bucket=backend.bucket).get("Contents", [])
+        # No object, or (the completion was carried out) the whole one: never a part of it.
+        assert [item["Size"] for item in listed] in ([], [len(data)])
+        if where != "complete":
+            assert listed == []
+            with pytest.raises(ObjectMissing):
+                backend.stat("data/ee/big")
+        else:
+            assert backend.get("data/ee/big") == data
+
+        compose(backend, sleep=lambda _: None).put("data/ee/big", data)
+        assert backend.get("data/ee/big") == data
+        assert not direct.list_multipart_uploads(Bucket=backend.bucket).get("Uploads")
+    finally:
+        direct.close()
+
+
+# --- refused credentials, missing objects ---------------------------------------------------------
+
+#: Words of the bucket's own message for each code (the proxy sends S3's).
+WORDS = {"InvalidAccessKeyId": "does not exist in our records", "ExpiredToken": "has expired"}
+
+
+@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "ExpiredToken"])
+def test_refused_credentials_make_the_location_unavailable(
+    s3: Any, proxy: FaultProxy, code: str
+) -> None:
+    backend = _backend(s3, proxy)
+    backend.put(NAME, DATA)
+    proxy.fail(None, status=403, code=code)
+    sleeps: list[float] = []
+    retrying = compose(backend, sleep=sleeps.append)
+    for operation in OPERATIONS.values():
+        for target in (backend, retrying):
+            with pytest.raises(LocationUnavailable) as caught:
+                operation.call(target)
+            message = caught.value.message
+            # In words: the bucket's own sentence, or (a HEAD answer has no body) ours.
+            assert WORDS[code] in message or "refuses these credentials" in message, message
+            assert backend.describe() in message
+    with pytest.raises(LocationUnavailable):
+        backend.warm_up([NAME])
+    assert sleeps == []  # permanent: never retried
+    with pytest.raises(LocationUnavailable, match="refuses these credentials"):
+        open_backend("s3_bucket", str(backend.address), **s3.options(endpoint_url=proxy.url))
+    # The realistic status of an expired token is 400; with a body, the code still tells.
+    proxy.clear()
+    proxy.fail(None, status=400, code="ExpiredToken")
+    with pytest.raises(LocationUnavailable, match="has expired"):
+        backend.get(NAME)
+    proxy.clear()
+    assert backend.get(NAME) == DATA
+
+
+def test_a_missing_object_is_missing_and_not_retried(s3: Any, proxy: FaultProxy) -> None:
+    backend = _backend(s3, proxy)
+    sleeps: list[float] = []
+    retrying = compose(backend, sleep=sleeps.append)
+    for target in (backend, retrying):
+        with pytest.raises(ObjectMissing, match="does not exist"):
+            target.get("data/ff/none")
+        with pytest.raises(ObjectMissing):
+            target.get("data/ff/none", 5, 10)
+        with pytest.raises(ObjectMissing):
+            target.stat("data/ff/none")
+    assert sleeps == []
+    asked = _since(proxy, 0, lambda m, t: "/data/ff/none" in t)
+    assert [(s.method, s.status) for s in asked] == [("GET", 404), ("GET", 404), ("HEAD", 404)] * 2
+
+
+# --- the appliance: a copy of a point -------------------------------------------------------------
+
+
+def _tree(path: Path, files: int, size: int) -> Path:
+    path.mkdir()
+    for i in range(files):
+        (path / f"f{i:02d}.bin").write_bytes(os.urandom(size))
+    return path
+
+
+def _objects(method: str, target: str) -> bool:
+    """Requests on objects (not the bucket's own HEAD, which opening the location asks)."""
+    return target.split("?")[0].count("/") >= 2 or "list-type=2" in target
+
+
+def test_a_copy_survives_intermittent_throttling_and_verifies(
+    s3: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    app, _ = new_appliance(tmp_path / "app", pack_size=256 << 10)
+    try:
+        point = app.backup_files(str(_tree(tmp_path / "tree", 6, 300_000)), "docs").point.id
+        bucket = s3.bucket()
+        app.add_location(
+            f"s3://{bucket}/p",
+            kind="s3_bucket",
+            label="b",
+            options=s3.options(endpoint_url=proxy.url),
+        )
+        rule = proxy.fail(10, status=503, code="SlowDown", match=_objects, every=3)
+        result = app.copy_point(point, "b")
+        assert result["packs_copied"] == result["packs_needed"] > 4
+        assert rule.fired == 10
+        # Every throttled request was asked again and answered.
+        seen = proxy.requests
+        for i, struck in enumerate(seen):
+            if struck.fault is not None:
+                again = [
+                    s for s in seen[i + 1 :] if (s.method, s.path) == (struck.method, struck.path)
+                ]
+                assert again and again[0].fault is None and again[0].status in (200, 206, 404)
+        report = app.verify_copy(point, "b")
+        assert report["ok"] and report["blobs_checked"] > 0
+        states = {c.location_id: c.state for c in app.catalog.copies_of(point)}
+        assert states[app.find_location("b").id] == "present"
+    finally:
+        app.close()
+
+
+def test_a_location_refusing_credentials_is_unavailable_until_it_accepts_them(
+    s3: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    app, _ = new_appliance(tmp_path / "app", pack_size=256 << 10)
+    try:
+        point = app.backup_files(str(_tree(tmp_path / "tree", 2, 100_000)), "docs").point.id
+        app.add_location(
+            f"s3://{s3.bucket()}/p",
+            kind="s3_bucket",
+            label="b",
+            options=s3.options(endpoint_url=proxy.url),
+        )
+        proxy.fail(None, status=403, code="InvalidAccessKeyId")
+        with pytest.raises(LocationUnavailable, match="refuses these credentials"):
+            app.copy_point(point, "b")
+        assert not app.find_location("b").online
+        proxy.clear()
+        assert app.copy_point(point, "b")["packs_copied"] > 0
+        assert app.find_location("b").online
+        assert app.verify_copy(point, "b")["ok"]
+    finally:
+        app.close()
+
+
+def _cli_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("APPLIANCE_PASSPHRASE", "APPLIANCE_RECOVERY_KEY", "APPLIANCE_CATALOG_URL")
+    }
+    env.update(
+        APPLIANCE_TEST_WEAK_KDF="1",
+        APPLIANCE_PASSPHRASE=PASSPHRASE,
+        AWS_ACCESS_KEY_ID=CREDENTIALS["access_key_id"],
+        AWS_SECRET_ACCESS_KEY=CREDENTIALS["secret_access_key"],
+    )
+    return env
+
+
+def test_a_copy_killed_mid_way_resumes_with_only_the_missing_packs(
+    s3: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "app"
+    app, _ = new_appliance(data_dir, pack_size=256 << 10)
+    try:
+        point = app.backup_files(str(_tree(tmp_path / "tree", 10, 300_000)), "docs").point.id
+    finally:
+        app.close()
+    bucket = s3.bucket()
+    env = _cli_env()
+    run_cli(
+        "locations",
+        "add",
+        f"s3://{bucket}/p",
+        "--endpoint",
+        proxy.url,
+        "--region",
+        "us-east-1",
+        "--label",
+        "b",
+        data_dir=data_dir,
+        env=env,
+    )
+
+    def data_put(method: str, target: str) -> bool:
+        return method == "PUT" and target.startswith(f"/{bucket}/p/data/")
+
+    def stored() -> int:
+        return sum(1 for s in proxy.requests if data_put(s.method, s.path) and s.status == 200)
+
+    proxy.delay(0.3, match=data_put)  # slow uploads: the copy is caught mid-way
+    process = subprocess.Popen(
+        [CLI, "--data-dir", str(data_dir), "--json", "copy", point, "--to", "b"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while stored() < 2:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the copy never stored two packs"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    proxy.clear()
+    proxy.wait_idle()  # a delayed upload of the killed copy may still be in hand
+
+    # What the killed copy left: whole packs only, fewer than the point needs, and no copy.
+    home = LocalDirectoryBackend(str(data_dir / "pools" / "default" / "store"))
+    direct = s3.client()
+    try:
+        listed = direct.list_objects_v2(Bucket=bucket, Prefix="p/data/").get("Contents", [])
+        assert not direct.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    finally:
+        direct.close()
+    assert len(listed) >= 2
+    for item in listed:
+        assert item["Size"] == home.stat(item["Key"][len("p/") :]).size, item["Key"]
+    killed = Appliance.open(str(data_dir), passphrase=PASSPHRASE)
+    try:
+        location = killed.find_location("b").id
+        assert {c.location_id: c.state for c in killed.catalog.copies_of(point)}[location] == (
+            "copying"
+        )
+    finally:
+        killed.close()
+
+    start = len(proxy.requests)
+    result = json.loads(
+        run_cli("--json", "copy", point, "--to", "b", data_dir=data_dir, env=env).stdout
+    )
+    assert result["packs_present"] >= len(listed) > 0
+    assert result["packs_copied"] > 0
+    assert result["packs_present"] + result["packs_copied"] == result["packs_needed"]
+    # Only the missing packs went up the second time: none of those already there.
+    again = {s.path.split("?")[0] for s in proxy.requests[start:] if s.method == "PUT"}
+    assert again and not again & {f"/{bucket}/{item['Key']}" for item in listed}
+    assert len([p for p in again if p.startswith(f"/{bucket}/p/data/")]) + len(listed) == (
+        sum(1 for _ in home.list("data/"))
+    )
+    reopened = Appliance.open(str(data_dir), passphrase=PASSPHRASE)
+    try:
+        report = reopened.verify_copy(point, "b")
+        assert report["ok"] and report["blobs_checked"] > 0
+    finally:
+        reopened.close()
+
+
+# --- the proxy itself ---------------------------------------------------------------------------
+
+
+def test_the_proxy_forwards_chunked_bodies_and_keeps_connections_alive(
+    s3: Any, proxy: FaultProxy
+) -> None:
+    bucket = s3.bucket()
+    pieces = [b"a" * 1000, os.urandom(70_000), b"z"]
+    signer = make_client(endpoint_url=proxy.url, region="us-east-1", **CREDENTIALS)
+    try:  # presigned (query-string) requests: the body goes unsigned, chunked by http.client
+        urls = {
+            method: urlsplit(
+                signer.generate_presigned_url(
+                    operation, Params={"Bucket": bucket, "Key": "chunked"}, ExpiresIn=600
+                )
+            )
+            for method, operation in (
+                ("PUT", "put_object"),
+                ("HEAD", "head_object"),
+                ("GET", "get_object"),
+            )
+        }
+    finally:
+        signer.close()
+
+    def target(method: str) -> str:
+        return f"{urls[method].path}?{urls[method].query}"
+
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        conn.request("PUT", target("PUT"), body=iter(pieces), encode_chunked=True)
+        answer = conn.getresponse()
+        assert answer.status == 200, answer.read()
+        answer.read()
+        conn.request("HEAD", target("HEAD"))
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.read() == b""
+        assert int(answer.headers["Content-Length"]) == sum(map(len, pieces))
+        conn.request("GET", target("GET"))
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.read() == b"".join(pieces)
+    finally:
+        conn.close()
+    seen = _since(proxy, 0, lambda m, t: t.startswith(f"/{bucket}/chunked?"))
+    assert [s.method for s in seen] == ["PUT", "HEAD", "GET"]
+    assert len({s.connection for s in seen}) == 1  # one connection for the three
+
+    backend = _backend(s3, proxy)
+    for i in range(5):
+        backend.put(f"data/aa/{i}", b"x")
+    puts = _since(proxy, 0, lambda m, t: m == "PUT" and "/store/data/aa/" in t)
+    assert len(puts) == 5 and len({s.connection for s in puts}) == 1  # boto3 kept it too
