@@ -341,10 +341,10 @@ def test_a_copy_survives_intermittent_throttling_and_verifies(
             label="b",
             options=s3.options(endpoint_url=proxy.url),
         )
-        rule = proxy.fail(10, status=503, code="SlowDown", match=_objects, every=3)
+        rule = proxy.fail(6, status=503, code="SlowDown", match=_objects, every=3)
         result = app.copy_point(point, "b")
         assert result["packs_copied"] == result["packs_needed"] > 4
-        assert rule.fired == 10
+        assert rule.fired == 6
         # Every throttled request was asked again and answered.
         seen = proxy.requests
         for i, struck in enumerate(seen):
@@ -352,7 +352,8 @@ def test_a_copy_survives_intermittent_throttling_and_verifies(
                 again = [
                     s for s in seen[i + 1 :] if (s.method, s.path) == (struck.method, struck.path)
                 ]
-                assert again and again[0].fault is None and again[0].status in (200, 206, 404)
+                # Asked again until answered (with packs in flight, a retry may be struck too).
+                assert any(s.fault is None and s.status in (200, 206, 404) for s in again)
         report = app.verify_copy(point, "b")
         assert report["ok"] and report["blobs_checked"] > 0
         states = {c.location_id: c.state for c in app.catalog.copies_of(point)}

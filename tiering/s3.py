@@ -144,6 +144,19 @@ class BucketAddress:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+_SESSIONS: dict[str | None, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _session(profile: str | None) -> Any:
+    """One boto3 session per profile: a new session loads the S3 service model again (~0.1 s
+    per client), and a copy opens its location's client each time. Call with the lock held:
+    sessions are not thread-safe (their clients are)."""
+    if profile not in _SESSIONS:
+        _SESSIONS[profile] = boto3.session.Session(profile_name=profile)
+    return _SESSIONS[profile]
+
+
 def make_client(
     *,
     endpoint_url: str | None = None,
@@ -157,7 +170,8 @@ def make_client(
     read_timeout: float = 60.0,
 ) -> Any:
     """A boto3 S3 client. Retries are the appliance's (a wrapper), so boto3's own are off."""
-    session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+    with _SESSIONS_LOCK:
+        session = _session(profile)
     config = Config(
         region_name=region,
         s3={"addressing_style": addressing_style},
@@ -170,14 +184,15 @@ def make_client(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return session.client(
-        "s3",
-        endpoint_url=endpoint_url or None,
-        aws_access_key_id=access_key_id or None,
-        aws_secret_access_key=secret_access_key or None,
-        aws_session_token=session_token or None,
-        config=config,
-    )
+    with _SESSIONS_LOCK:
+        return session.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            aws_access_key_id=access_key_id or None,
+            aws_secret_access_key=secret_access_key or None,
+            aws_session_token=session_token or None,
+            config=config,
+        )
 
 
 def error_code(exc: ClientError) -> str:

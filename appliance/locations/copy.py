@@ -25,6 +25,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -52,6 +53,8 @@ from appliance.store.packs import IndexEntry, pack_name_matches, pack_object_nam
 from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+#: Packs a copy has in flight at once (each held in memory whole: at most this many packs).
+COPY_THREADS = 3
 
 
 @dataclass
@@ -117,36 +120,74 @@ def copy_point(
         _put_or_retain(target, name, functools.partial(repo.backend.get, name), hot)
     sizes = {p: repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items()}
     total = sum(sizes.values())
-    done = 0
-    for pack, kind in sorted(needs.packs.items()):
-        if cancel is not None and cancel.is_set():
-            raise BackupCancelled("the copy was cancelled")
+    # A bucket is listed once (one LIST answers for a thousand objects, a HEAD for one); its
+    # puts are atomic and checked by the bucket (SHA-256), so a listed object of the right size
+    # is there whole. A disk's packs are read back and hashed against their names.
+    trusted = target.capabilities.listing_cost == "expensive"
+    listed: dict[str, int] = {}
+    if trusted:
+        for prefix in ("data/", "meta/"):
+            listed.update((info.name, info.size) for info in target.list(prefix))
+
+    def there(name: str, pack: bytes, size: int, cold: bool) -> bool:
+        if trusted:
+            return listed.get(name) == size
+        return _already_there(target, name, pack, size, cold)
+
+    def send(pack: bytes, kind: int) -> int:
         name = pack_object_name(pack, kind)
         put_options = options if kind == fmt.PACK_KIND_DATA else hot
-        # A pack stored in a cold class cannot be read back until thawed: the medium's own
-        # upload checksum (S3's SHA-256) vouches for its bytes, and its size is checked.
+        # A pack in a cold class cannot be read back until thawed: its size is checked.
         cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
-        if _already_there(target, name, pack, sizes[pack], cold):
+        data = repo.backend.get(name)
+        if not pack_name_matches(pack, data):
+            raise IntegrityError(
+                f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
+            )
+        target.put(name, data, put_options)
+        if not trusted and not there(name, pack, len(data), cold):
+            raise IntegrityError(
+                f"pack {pack.hex()[:16]} read back from {target.describe()} differs",
+                pack=pack.hex(),
+            )
+        return len(data)
+
+    todo: list[tuple[bytes, int]] = []
+    for pack, kind in sorted(needs.packs.items()):
+        name = pack_object_name(pack, kind)
+        put_options = options if kind == fmt.PACK_KIND_DATA else hot
+        cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
+        if there(name, pack, sizes[pack], cold):
             result.packs_present += 1
             if until is not None:  # shared with a point kept less long: lock it longer
                 target.retain(name, until)
         else:
-            data = repo.backend.get(name)
-            if not pack_name_matches(pack, data):
-                raise IntegrityError(
-                    f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
-                )
-            target.put(name, data, put_options)
-            if not _already_there(target, name, pack, len(data), cold):
-                raise IntegrityError(
-                    f"pack {pack.hex()[:16]} read back from {target.describe()} differs",
-                    pack=pack.hex(),
-                )
+            todo.append((pack, kind))
+    done = 0
+
+    def account(finished: set[Future[int]]) -> None:
+        nonlocal done
+        for future in finished:
+            size = future.result()  # a failed pack fails the copy (a rerun resumes)
             result.packs_copied += 1
-            result.bytes_copied += len(data)
-            done += len(data)
+            result.bytes_copied += size
+            done += size
         if progress is not None:
             progress({"bytes_done": done, "bytes_total": total, "packs": result.packs_copied})
+
+    # A few packs in flight: reading and hashing the next overlaps the upload of the last.
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        pending: set[Future[int]] = set()
+        for pack, kind in todo:
+            if cancel is not None and cancel.is_set():
+                raise BackupCancelled("the copy was cancelled")
+            pending.add(pool.submit(send, pack, kind))
+            if len(pending) >= COPY_THREADS:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                account(finished)
+        account(set(wait(pending).done))
+    if progress is not None and not todo:
+        progress({"bytes_done": 0, "bytes_total": total, "packs": 0})
     entries: list[IndexEntry] = []
     for pack in sorted(needs.packs):
         entries.extend(repo.index.pack_entries(pack))
