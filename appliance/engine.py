@@ -40,7 +40,7 @@ from appliance.errors import (
 from appliance.locations import gc as location_gc
 from appliance.locations import work as locations_work
 from appliance.locations.gc import LocationGcReport
-from appliance.locations.recall import RecallStatus, prepare_read
+from appliance.locations.recall import RecallStatus, prepare_read, recall_estimate
 from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
     BlockFacts,
@@ -547,6 +547,12 @@ class Appliance:
             dry_run=dry_run,
             grace_seconds=location_gc.GRACE_SECONDS if grace_seconds is None else grace_seconds,
         )
+
+    def recall_estimate(
+        self, point_id: str, *, subpath: str | None = None, location: str | None = None
+    ) -> dict[str, Any]:
+        """What reading the point would have to recall first (read-only: nothing is asked)."""
+        return recall_estimate(self, self.point(point_id).id, subpath=subpath, named=location)
 
     def drop_local_copy(self, point_id: str) -> dict[str, Any]:
         """Remove the home pool's copy of a point verified elsewhere (never an asset's newest)."""

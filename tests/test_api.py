@@ -191,6 +191,7 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("GET", "/api/tiering/prices", "viewer", None),
     ("PUT", "/api/tiering/prices", "admin", {"as_of": "2026-12-01"}),
     ("GET", "/api/points/{point_id}/recall", "viewer", None),
+    ("POST", "/api/points/{point_id}/recall", "operator", None),
     ("GET", "/api/settings/restore", "admin", None),
     ("PUT", "/api/settings/restore", "admin", {"areas": [], "devices": []}),
     ("POST", "/api/points/{point_id}/verify", "operator", None),

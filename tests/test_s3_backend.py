@@ -147,3 +147,28 @@ def test_retain_extends_a_lock_and_never_shortens_it(s3: Any) -> None:
     assert backend.retention("index/ab") == ("COMPLIANCE", first)
     with pytest.raises(ObjectMissing):
         backend.retain("data/ab/missing", later)
+
+
+def test_a_locking_location_needs_a_bucket_with_object_lock(s3: Any) -> None:
+    plain = s3.bucket()  # no Object Lock (and no versioning)
+    with pytest.raises(LocationUnavailable, match="does not have Object Lock enabled"):
+        open_backend("s3_bucket", f"s3://{plain}", **s3.options(lock_mode="COMPLIANCE"))
+    # Versioning alone is not enough.
+    client = s3.client()
+    client.put_bucket_versioning(Bucket=plain, VersioningConfiguration={"Status": "Enabled"})
+    with pytest.raises(LocationUnavailable, match="does not have Object Lock enabled"):
+        open_backend("s3_bucket", f"s3://{plain}", **s3.options(lock_mode="COMPLIANCE"))
+    locked = s3.bucket(lock=True)
+    assert open_backend("s3_bucket", f"s3://{locked}", **s3.options(lock_mode="COMPLIANCE"))
+    assert open_backend("s3_bucket", f"s3://{plain}", **s3.options())  # no lock asked
+
+
+def test_clock_skew_is_read_from_the_bucket_answer() -> None:
+    from email.utils import format_datetime
+
+    ahead = datetime.now(UTC) + timedelta(minutes=20)
+    answer = {"ResponseMetadata": {"HTTPHeaders": {"date": format_datetime(ahead, usegmt=True)}}}
+    skew = s3mod.clock_skew(answer)
+    assert skew is not None and 1190 < skew < 1210 and skew > s3mod.MAX_CLOCK_SKEW
+    assert s3mod.clock_skew({}) is None
+    assert s3mod.clock_skew({"ResponseMetadata": {"HTTPHeaders": {"date": "nonsense"}}}) is None

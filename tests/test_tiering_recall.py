@@ -265,3 +265,30 @@ def test_verifying_a_cold_copy_checks_what_it_can_without_a_thaw(cold_site: dict
     assert any("is missing" in p for p in result["affected_points"][point])
     copy = {c.location_id: c for c in app.catalog.copies_of(point)}[app.find_location("cold2").id]
     assert copy.state == "lost"
+
+
+def test_failing_over_a_cold_only_point_asks_for_its_recall_first(
+    cold_site: dict, tmp_path: Path
+) -> None:
+    from image.failover import FailoverManager, PointNotLocal
+
+    app: Appliance = cold_site["app"]
+    disk = tmp_path / "vm.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    point = app.backup_image([str(disk)], "vm").point.id
+    app.copy_point(point, "cold")
+    app.catalog.set_copy(point, home_location_id(app.repo.store_id), "deleted")
+    manager = FailoverManager(app, accel="tcg")
+    try:
+        with pytest.raises(PointNotLocal, match="a boot test does not recall it"):
+            manager.start("vm", point, purpose="boot_test")
+        states = {c.location_id: c.state for c in app.catalog.copies_of(point)}
+        assert states[cold_site["location"].id] == "archived"  # nothing was asked
+        with pytest.raises(PointNotLocal, match="its recall was asked") as info:
+            manager.start("vm", point)
+        assert info.value.details["recall"]["pending"] > 0
+        assert app.catalog.list_failover_sessions("vm") == []  # nothing was started
+        time.sleep(2.5)  # the thaw
+        manager._check_recalled("vm", point, None, "failover")  # now it may boot
+    finally:
+        manager.shutdown()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import hashlib
 import threading
 import time
@@ -614,7 +615,7 @@ def open_s3_bucket(address: str, **options: Any) -> S3Backend:
     client = make_client(**client_options)
     backend = S3Backend(client, parsed, **options)
     try:
-        client.head_bucket(Bucket=parsed.bucket)
+        answer = client.head_bucket(Bucket=parsed.bucket)
     except ClientError as exc:
         code = error_code(exc)
         reason = {
@@ -630,4 +631,59 @@ def open_s3_bucket(address: str, **options: Any) -> S3Backend:
         raise LocationUnavailable(
             f"bucket {parsed.bucket} cannot be reached: {exc}", location=address
         ) from exc
+    skew = clock_skew(answer)
+    if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
+        raise LocationUnavailable(
+            f"this appliance's clock is {abs(skew):.0f} s "
+            f"{'behind' if skew > 0 else 'ahead of'} bucket {parsed.bucket}'s; set the time "
+            "(NTP) first: locks and signatures depend on it",
+            location=address,
+        )
+    if backend.lock_mode is not None:
+        _check_object_lock(client, parsed, address)
     return backend
+
+
+#: Largest difference between this clock and the bucket's that is accepted (S3 refuses
+#: signatures beyond 15 minutes; lock dates would be off by as much).
+MAX_CLOCK_SKEW = 300.0
+
+
+def clock_skew(answer: dict[str, Any]) -> float | None:
+    """Seconds the bucket's clock (its ``Date`` header) is ahead of this one; None if unknown."""
+    header = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not header:
+        return None
+    try:
+        theirs = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    return (theirs - datetime.now(UTC)).total_seconds()
+
+
+def _check_object_lock(client: Any, parsed: BucketAddress, address: str) -> None:
+    """A location that locks its copies needs a bucket with versioning and Object Lock on; a
+    bucket whose settings were changed behind the appliance's back is unavailable, in words."""
+    try:
+        versioning = client.get_bucket_versioning(Bucket=parsed.bucket).get("Status")
+        config = client.get_object_lock_configuration(Bucket=parsed.bucket)
+        enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+    except ClientError as exc:
+        if error_code(exc) != "ObjectLockConfigurationNotFoundError":
+            raise LocationUnavailable(
+                f"bucket {parsed.bucket}: its Object Lock settings cannot be read "
+                f"({error_code(exc)}); the appliance needs s3:GetBucketObjectLockConfiguration",
+                location=address,
+            ) from exc
+        versioning, enabled = "?", None
+    except BotoCoreError as exc:
+        raise LocationUnavailable(
+            f"bucket {parsed.bucket} cannot be reached: {exc}", location=address
+        ) from exc
+    if enabled != "Enabled" or versioning != "Enabled":
+        raise LocationUnavailable(
+            f"bucket {parsed.bucket} does not have Object Lock enabled (versioning: "
+            f"{versioning or 'off'}): copies there could be deleted early. Use a bucket created "
+            "with Object Lock, or a location without a lock mode",
+            location=address,
+        )

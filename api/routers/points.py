@@ -284,6 +284,40 @@ def recall(
 
 
 @router.post(
+    "/points/{point_id}/recall", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def start_recall(
+    point_id: str,
+    principal: Operator,
+    service: ServiceDep,
+    response: Response,
+    path: Annotated[str, Query(max_length=4096)] = "",
+    location: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    """Recall the point (``path``: only what restoring that path needs) from its cold copy, as a
+    job that waits until the packs are readable (job ``recall``): before a failover of a point
+    that is only in cold storage, or to have it ready for several restores."""
+    app = service.app
+    point = app.point(point_id)
+    if path and point.kind != "files":
+        raise InvalidInput("'path' selects within a files point; a VM point is recalled whole")
+    params: dict[str, Any] = {"point": point.id}
+    if path:
+        params["path"] = normalise(path)
+    if location is not None:
+        params["location"] = app.find_location(location).id
+    job = service.jobs.submit("recall", params)
+    app.catalog.audit(
+        principal.name,
+        "point.recall",
+        point.id,
+        {**params, "job": job.id, **principal.audit_details},
+    )
+    response.headers["Location"] = f"/api/jobs/{job.id}"
+    return job_public(job)
+
+
+@router.post(
     "/points/{point_id}/verify", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED
 )
 def verify(

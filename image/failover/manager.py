@@ -241,6 +241,8 @@ class FailoverManager:
         if purpose not in ("failover", "boot_test"):
             raise InvalidInput("purpose must be failover or boot_test")
         record = self._pick(asset, point)
+        if self.app.recall_estimate(record.id, location=location)["needed"]:
+            self._check_recalled(asset, record.id, location, purpose)
         repo = self._reader(record.id, location, log)
         manifest = repo.get_manifest(record.id)
         if manifest.get("kind") != "image" or not manifest.get("disks"):
@@ -315,6 +317,30 @@ class FailoverManager:
             cancel=cancel,
             progress=progress,
         )
+
+    def _check_recalled(
+        self, asset: str, point_id: str, location: str | None, purpose: str
+    ) -> None:
+        """A point only in cold storage boots once its packs are thawed. A failover asks for
+        the thaw (an outage is what recalls are for) and says to come back when it is done; a
+        boot test never starts a recall (it would run up retrieval charges unasked)."""
+        if purpose == "boot_test":
+            estimate = self.app.recall_estimate(point_id, location=location)
+            raise PointNotLocal(
+                f"point {point_id} of {asset} is only in cold storage at {estimate['location']}; "
+                "a boot test does not recall it (recall it first, or test a local point)",
+                point=point_id,
+                recall=estimate,
+            )
+        status = self.app.prepare_read(point_id, location=location)
+        if not status.done:
+            raise PointNotLocal(
+                f"point {point_id} of {asset} is only in cold storage: its recall was asked "
+                f"({status.describe()}); fail over again when it is done "
+                f"(appliance recall {point_id} says how far it is)",
+                point=point_id,
+                recall=status.to_dict(),
+            )
 
     def _pick(self, asset: str, point: str | None) -> PointRecord:
         if point:
