@@ -19,8 +19,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from appliance.catalog.records import LocationRecord
 from appliance.errors import NotFound, StoreError
-from appliance.locations.choice import order_copies
+from appliance.locations.choice import CopyOption, order_copies
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
 from appliance.store.identity import check_identity
@@ -78,6 +79,27 @@ class RecallStatus:
         }
 
 
+def _read_order(
+    app: Appliance, point_id: str, named: str | None
+) -> tuple[list[CopyOption], dict[str, LocationRecord]]:
+    """The point's copies in the order a read uses them, and their locations by id. A copy
+    being recalled is still the archived copy it was, for the choice."""
+    from appliance.locations import work  # the work functions import this module
+
+    found = work.copy_options(app, point_id)
+    pairs = {option.location_id: location for option, location in found}
+    if named is not None:
+        named = work.find_location(app, named).id
+    options = [
+        replace(option, state="archived") if option.state == "recalling" else option
+        for option, _ in found
+    ]
+    ordered = order_copies(options, named=named)
+    if not ordered:
+        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    return ordered, pairs
+
+
 def prepare_read(
     app: Appliance,
     point_id: str,
@@ -89,18 +111,7 @@ def prepare_read(
     copy (``named`` first) is archived; report how far that is. Never blocks."""
     from appliance.locations import work  # the work functions import this module
 
-    found = work.copy_options(app, point_id)
-    pairs = {option.location_id: location for option, location in found}
-    if named is not None:
-        named = work.find_location(app, named).id
-    # A copy being recalled is still the archived copy it was, for the choice.
-    options = [
-        replace(option, state="archived") if option.state == "recalling" else option
-        for option, _ in found
-    ]
-    ordered = order_copies(options, named=named)
-    if not ordered:
-        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    ordered, pairs = _read_order(app, point_id, named)
     best = ordered[0]
     if best.state == "present" and best.online:
         return RecallStatus()
@@ -158,17 +169,7 @@ def recall_estimate(
     """
     from appliance.locations import work  # the work functions import this module
 
-    found = work.copy_options(app, point_id)
-    pairs = {option.location_id: location for option, location in found}
-    if named is not None:
-        named = work.find_location(app, named).id
-    options = [
-        replace(option, state="archived") if option.state == "recalling" else option
-        for option, _ in found
-    ]
-    ordered = order_copies(options, named=named)
-    if not ordered:
-        raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
+    ordered, pairs = _read_order(app, point_id, named)
     answer: dict[str, Any] = {
         "point": point_id,
         "path": subpath or None,
@@ -195,7 +196,9 @@ def recall_estimate(
     location = pairs[archived.location_id]
     settings = location.details.get("options", {})
     tier = str(settings.get("restore_tier", "Standard"))
-    state = {o.location_id: o.state for o, _ in found}.get(location.id)
+    state = next(
+        (c.state for c in app.catalog.copies_of(point_id) if c.location_id == location.id), None
+    )
     answer.update(
         needed=True,
         location=location.label,
