@@ -15,7 +15,6 @@ so computing what a read needs costs no thaw.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from appliance.errors import NotFound, StoreError
 from appliance.locations.choice import CopyOption, order_copies
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
+from appliance.store.backend import Backend
 from appliance.store.identity import check_identity
 from appliance.store.packs import pack_object_name
 from appliance.store.registry import open_backend
@@ -100,6 +100,24 @@ def _read_order(
     return ordered, pairs
 
 
+def _cold_packs(
+    app: Appliance, backend: Backend, location_id: str, point_id: str, subpath: str | None
+) -> tuple[list[str], int]:
+    """The data packs a read of the point (``subpath`` of it) needs at a location, and their
+    total size; only data packs go cold, tree packs and everything else stay readable."""
+    from appliance.locations import work
+
+    repo = Repository(backend, app.repo.config, app.repo.key, work.location_cache(app, location_id))
+    repo.sync_index()
+    needs = point_packs(repo, repo.get_manifest(point_id), subpath)
+    names = [
+        pack_object_name(pack, kind)
+        for pack, kind in needs.packs.items()
+        if kind == fmt.PACK_KIND_DATA
+    ]
+    return names, sum(backend.stat(name).size for name in names)
+
+
 def prepare_read(
     app: Appliance,
     point_id: str,
@@ -122,17 +140,7 @@ def prepare_read(
     location = pairs[archived.location_id]
     backend = work.location_backend(app, location)
     try:
-        cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
-        repo = Repository(backend, app.repo.config, app.repo.key, cache)
-        repo.sync_index()
-        needs = point_packs(repo, repo.get_manifest(point_id), subpath)
-        # Only data packs go cold; tree packs and everything else are always readable.
-        names = [
-            pack_object_name(pack, kind)
-            for pack, kind in needs.packs.items()
-            if kind == fmt.PACK_KIND_DATA
-        ]
-        size = sum(backend.stat(name).size for name in names)
+        names, size = _cold_packs(app, backend, location.id, point_id, subpath)
         status = backend.warm_up(names)
     finally:
         backend.close()
@@ -215,17 +223,8 @@ def recall_estimate(
         )
         try:
             check_identity(backend, app.repo.store_id, location.id)
-            cache = os.path.join(app.data_dir.cache_path, "locations", location.id)
-            repo = Repository(backend, app.repo.config, app.repo.key, cache)
-            repo.sync_index()
-            needs = point_packs(repo, repo.get_manifest(point_id), subpath)
-            names = [
-                pack_object_name(pack, kind)
-                for pack, kind in needs.packs.items()
-                if kind == fmt.PACK_KIND_DATA
-            ]
+            names, answer["bytes"] = _cold_packs(app, backend, location.id, point_id, subpath)
             answer["packs"] = len(names)
-            answer["bytes"] = sum(backend.stat(name).size for name in names)
         finally:
             backend.close()
     except StoreError as exc:  # unavailable, refused, not answering: said, not raised
