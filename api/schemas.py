@@ -554,6 +554,15 @@ class RecallEstimate(BaseModel):
     reason: str | None
     #: The estimate in words.
     message: str
+    #: The storage class of the cold copy's data packs, which the recall is priced for.
+    storage_class: str | None = None
+    #: The estimated charge of the recall (retrieval per GiB and per request, from the dated
+    #: prices, ``GET /api/tiering/prices``); None when nothing is recalled, the packs could not
+    #: be looked at, or the prices know no such class and tier (DEEP_ARCHIVE has no Expedited).
+    cost: float | None = None
+    currency: str | None = None
+    #: The date of the prices the cost is estimated from.
+    prices_as_of: str | None = None
 
 
 class RestoreDevicePublic(BaseModel):

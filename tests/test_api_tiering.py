@@ -12,6 +12,8 @@ import httpx
 import pytest
 from api_support import LiveServer, bootstrapped_server, wait_job
 
+from appliance.catalog.records import home_location_id
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
@@ -108,3 +110,54 @@ def test_prices_can_be_overridden_and_bad_ones_are_refused(
         prices["classes"]["GLACIER"]["put_per_1000"]
         == shipped["classes"]["GLACIER"]["put_per_1000"]
     )
+
+
+def test_a_recall_estimate_says_what_the_recall_would_cost(
+    admin: httpx.Client,
+    operator: httpx.Client,
+    viewer: httpx.Client,
+    server: LiveServer,
+    site: dict,
+) -> None:
+    """A point tiered to the cold bucket, whose local copy is then gone: the estimate prices the
+    recall of exactly its packs by the retrieval prices of its class and the location's tier."""
+    assert admin.put("/api/tiering", json=RULES).status_code == 200
+    job = wait_job(operator, operator.post("/api/tiering/run").json()["id"])
+    assert job["state"] == "succeeded", job
+    app = server.service.app
+    point = site["points"][0]
+    hot = viewer.get(f"/api/points/{point}/recall").json()
+    assert hot["needed"] is False and hot["cost"] is None, hot
+
+    home = home_location_id(app.repo.store_id)
+    app.catalog.set_copy(point, home, "deleted")
+    try:
+        r = viewer.get(f"/api/points/{point}/recall")
+        assert r.status_code == 200, r.text
+        estimate = r.json()
+        assert estimate["needed"] and estimate["reason"] is None and estimate["packs"] > 0, estimate
+        assert (estimate["storage_class"], estimate["tier"]) == ("DEEP_ARCHIVE", "Standard")
+        prices = viewer.get("/api/tiering/prices").json()
+        rate = prices["retrieval"]["DEEP_ARCHIVE"]["Standard"]
+        expected = (
+            estimate["bytes"] / (1 << 30) * rate["per_gb"]
+            + estimate["packs"] / 1000 * rate["per_1000"]
+        )
+        assert estimate["cost"] > 0 and estimate["cost"] == pytest.approx(expected, abs=1e-8)
+        assert (estimate["currency"], estimate["prices_as_of"]) == (
+            prices["currency"],
+            prices["as_of"],
+        )
+
+        # The settings' override is what the next estimate uses: 1 per request, nothing per GiB.
+        override = {
+            "as_of": "2027-01-15",
+            "retrieval": {"DEEP_ARCHIVE": {"Standard": {"per_gb": 0, "per_1000": 1000}}},
+        }
+        assert admin.put("/api/tiering/prices", json=override).status_code == 200
+        repriced = viewer.get(f"/api/points/{point}/recall").json()
+        assert repriced["cost"] == pytest.approx(estimate["packs"])
+        assert repriced["prices_as_of"] == "2027-01-15"
+    finally:
+        app.catalog.set_copy(point, home, "present")
+        admin.put("/api/tiering/prices", json={})

@@ -4,7 +4,9 @@ Downloads are restores: they need the operator role and are audited like restore
 point that was test-booted carries its newest boot proof (``boot_proof``: proven or failed, when,
 the RTO, the failed check, the screenshot's URL), from the boot-test sessions in the catalog.
 Before a restore from a point whose readable copies are all cold, ``GET /points/{id}/recall``
-says what the restore would first recall (looked up, never asked for).
+says what the restore would first recall (looked up, never asked for) and what that recall would
+cost by the dated tiering prices. The price is laid on here: the core's estimate knows packs and
+bytes, not money (``appliance`` never imports ``tiering``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ from api.views import copies_public, job_public, point_public
 from appliance.boot_verification import boot_test_result
 from appliance.catalog import Catalog
 from appliance.catalog.records import FailoverSessionRecord, PointRecord
+from appliance.engine import Appliance
 from appliance.errors import InvalidInput
 from appliance.locations.recall import recall_estimate
+from tiering.pricing import effective_prices, recall_cost
+from tiering.work import PRICES_KEY
 
 router = APIRouter(tags=["points"])
 
@@ -280,7 +285,38 @@ def recall(
     if path and point.kind != "files":
         raise InvalidInput("'path' selects within a files point; a VM point is recalled whole")
     estimate = recall_estimate(app, point.id, subpath=normalise(path) or None, named=location)
-    return RecallEstimate(**estimate)
+    return RecallEstimate(**estimate, **_recall_price(app, estimate))
+
+
+def _recall_price(app: Appliance, estimate: dict[str, Any]) -> dict[str, Any]:
+    """What the recall an estimate describes would cost: retrieval per GiB and per request of the
+    cold copy's storage class at the location's tier, by the effective prices (the shipped file
+    with the settings' override). No cost when nothing is recalled or the packs could not be
+    looked at; the class and the prices' date are said whenever a recall is needed."""
+    if not estimate["needed"] or estimate["location_id"] is None:
+        return {}
+    location_id = estimate["location_id"]
+    copy = next(
+        (c for c in app.catalog.copies_of(estimate["point"]) if c.location_id == location_id),
+        None,
+    )
+    options = app.catalog.get_location(location_id).details.get("options", {}) or {}
+    # The copy records the class its packs went to; a copy without one has the location's.
+    storage_class = str(
+        (copy.storage_class if copy is not None else None) or options.get("data_class") or "GLACIER"
+    )
+    prices = effective_prices(app.catalog.get_settings(PRICES_KEY))
+    cost = None
+    if estimate["reason"] is None:
+        cost = recall_cost(
+            storage_class, str(estimate["tier"]), estimate["bytes"], estimate["packs"], prices
+        )
+    return {
+        "storage_class": storage_class,
+        "cost": round(cost, 8) if cost is not None else None,
+        "currency": str(prices.get("currency") or "USD"),
+        "prices_as_of": str(prices.get("as_of") or "") or None,
+    }
 
 
 @router.post(

@@ -13,6 +13,7 @@ import browse from "./views/browse.js";
 import { jobDetail, jobList } from "./views/jobs.js";
 import { failoverList, failoverSession } from "./views/failover.js";
 import pools from "./views/pools.js";
+import tiering from "./views/tiering.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
 import settingsView from "./views/settings.js";
@@ -26,6 +27,7 @@ const NAV = [
   { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
   { href: "#/pools", label: "Pools", iconName: "pools", match: /^\/pools/ },
+  { href: "#/tiering", label: "Tiering", iconName: "copy", match: /^\/tiering/ },
   { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
   { href: "#/audit", label: "Audit log", iconName: "audit", match: /^\/audit/, role: "admin" },
   { href: "#/settings", label: "Settings", iconName: "settings", match: /^\/settings/, role: "admin" },
@@ -41,6 +43,7 @@ const ROUTES = [
   [/^\/jobs$/, jobList, "Jobs"],
   [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
   [/^\/pools$/, pools, "Pools"],
+  [/^\/tiering$/, tiering, "Tiering"],
   [/^\/users$/, users, "Users & tokens", "admin"],
   [/^\/audit$/, audit, "Audit log", "admin"],
   [/^\/settings$/, settingsView, "Settings", "admin"],

@@ -4,6 +4,7 @@ import { ApiError, api, enc, humanError, q } from "../api.js";
 import { h, replace } from "../dom.js";
 import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
 import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
+import { money } from "./tiering.js";
 
 export function pointStatus(p) {
   if (p.status !== "complete") return pill(p.status === "partial" ? "Incomplete" : p.status, "warn");
@@ -70,12 +71,19 @@ export function onlyCold(copies) {
   return readable.length > 0 && !readable.some((c) => c.state === "present" && c.online) && readable.some((c) => c.state !== "present");
 }
 
+/** What the recall costs, by the dated prices the appliance estimates from (Tiering). */
+function recallCost(e) {
+  const dated = e.prices_as_of ? ` (prices of ${e.prices_as_of})` : "";
+  if (e.cost === null || e.cost === undefined) return e.storage_class ? ` No price is known for a recall from ${e.storage_class} at tier ${e.tier}.` : "";
+  return ` Estimated cost of the recall: ${money(e.cost, e.currency || "USD")}${dated}.`;
+}
+
 function recallWords(e) {
   const what = e.path ? `this restore of ${e.path}` : "this restore";
   const where = `${e.location}${e.address ? ` (${e.address})` : ""}`;
   if (e.reason) return `The point is only in cold storage: ${what} first recalls its data from ${where}, tier ${e.tier}, typically ${e.typical_wait || "hours"}. The bucket cannot be looked at now: ${e.reason}.`;
   const started = e.copy_state === "recalling" ? " A recall is already under way." : "";
-  return `This restore first recalls ${count(e.packs, "pack")} (${bytes(e.bytes)}) from ${where}, tier ${e.tier}, typically ${e.typical_wait || "hours"}. It waits meanwhile (shown under Jobs as waiting, with the reason) and goes on by itself.${started}`;
+  return `This restore first recalls ${count(e.packs, "pack")} (${bytes(e.bytes)}) from ${where}, tier ${e.tier}, typically ${e.typical_wait || "hours"}.${recallCost(e)} It waits meanwhile (shown under Jobs as waiting, with the reason) and goes on by itself.${started}`;
 }
 
 /** Restore a point (or one path / disk of it). The choices are exactly the safe targets the
