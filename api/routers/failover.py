@@ -13,7 +13,8 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import FileResponse, PlainTextResponse
 
 from api.deps import Admin, Operator, ServiceDep, Viewer
-from api.schemas import (
+from api.schemas import JobPublic
+from api.schemas_failover import (
     BootTestCreate,
     FailbackCreate,
     FailoverCreate,
@@ -24,7 +25,6 @@ from api.schemas import (
     FailoverSettingsPublic,
     FailoverSettingsUpdate,
     FailoverStop,
-    JobPublic,
 )
 from api.security import Principal
 from api.service import Service

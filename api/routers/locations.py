@@ -17,7 +17,8 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import Admin, Operator, ServiceDep, Viewer
 from api.errors import LocationRefused
-from api.schemas import CopyCreate, JobPublic, LocationCreate, LocationPublic
+from api.schemas import JobPublic
+from api.schemas_locations import CopyCreate, LocationCreate, LocationPublic
 from api.views import job_public
 from appliance.catalog.records import LocationRecord, home_location_id
 from appliance.engine import Appliance

@@ -28,9 +28,9 @@ from api.schemas import (
     ManifestSummary,
     PointDetail,
     PointPublic,
-    RecallEstimate,
     RestoreCreate,
 )
+from api.schemas_locations import RecallEstimate
 from api.streams import (
     display,
     file_bytes,
