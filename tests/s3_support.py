@@ -10,12 +10,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from servers.listening import listening_process
 
 SERVER = os.path.join(os.path.dirname(__file__), "servers", "s3_server.py")
 CREDENTIALS = {"access_key_id": "appliance-test", "secret_access_key": "appliance-test-secret"}
@@ -68,27 +69,10 @@ def s3_server(restore_seconds: float = 2.0, *, authenticate: bool = False) -> It
     env = dict(os.environ)
     if authenticate:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # moto: authenticate from the first request
-    process = subprocess.Popen(
+    with listening_process(
         [sys.executable, SERVER, str(port), str(restore_seconds)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        port,
         env=env,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the S3 test server did not start") from None
-                time.sleep(0.1)
+        what="the S3 test server",
+    ) as process:
         yield S3Server(f"http://127.0.0.1:{port}", process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

@@ -30,7 +30,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -49,6 +48,9 @@ REGION = "us-east-1"
 CREDENTIALS = {"access_key_id": "bench", "secret_access_key": "bench-secret"}
 PASSPHRASE = "bench tiering passphrase"
 SERVER = Path(__file__).resolve().parents[2] / "tests" / "servers" / "s3_server.py"
+# The benchmark starts the S3 server the way the tests do (tests/servers/listening.py).
+sys.path.insert(0, str(SERVER.parents[1]))
+from servers.listening import listening_process  # noqa: E402
 
 TITLE = "tiering: points to a cold bucket (moto S3 on 127.0.0.1), one-file recall"
 METHOD = (
@@ -211,31 +213,17 @@ def moto_server(log: Path) -> Iterator[tuple[str, int]]:
         raise PhaseError(f"{SERVER} is missing")
     port = _free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
+    with (
+        open(log, "wb") as out,
+        listening_process(
             [sys.executable, str(SERVER), str(port), str(RESTORE_SECONDS)],
+            port,
             stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise PhaseError(f"the S3 server did not start (see {log})") from None
-                time.sleep(0.1)
+            what=f"the S3 server (see {log})",
+            error=PhaseError,
+        ) as process,
+    ):
         yield f"http://127.0.0.1:{port}", process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _plain_client(endpoint: str) -> Any:
