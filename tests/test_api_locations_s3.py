@@ -319,3 +319,16 @@ def test_check_says_whether_a_location_answers_and_why_not(
     assert "location.check" in {e["action"] for e in audit.json()}
     assert SECRET not in audit.text
     assert admin.delete(f"/api/locations/{hot['id']}").status_code == 204
+
+
+def test_the_api_offers_exactly_the_bucket_backends_choices() -> None:
+    """The API's enums (for the OpenAPI schema and 422s) list what the s3 backend accepts."""
+    from typing import get_args
+
+    from api.schemas_locations import COLD_STORAGE_CLASSES, LockMode, RestoreTier, StorageClass
+    from tiering import s3
+
+    assert set(get_args(StorageClass)) == set(s3.STORAGE_CLASSES)
+    assert set(COLD_STORAGE_CLASSES) == set(s3.COLD_CLASSES)
+    assert get_args(LockMode) == s3.LOCK_MODES
+    assert get_args(RestoreTier) == s3.RESTORE_TIERS
