@@ -2,12 +2,16 @@
 
 What the conformance suite cannot see: storage classes per object, cold objects that refuse reads
 until a restore that takes time, Object Lock refusing an early delete (read back with
-``head_object``, never trusting the server's own word), multipart uploads, and the bucket being
-unavailable.
+``head_object``, never trusting the server's own word), multipart uploads and the sweep of those
+left behind, the bucket being unavailable, and lock settings changed behind the appliance's back.
+
+moto's server dates every multipart upload 2010-11-10 (``Initiated``): the sweep's tests set its
+clock relative to what the bucket says, never patching boto3.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,6 +21,7 @@ import pytest
 from s3_support import free_port
 
 import tiering.s3 as s3mod
+import tiering.s3_checks as checks
 from appliance.errors import (
     LocationUnavailable,
     ObjectArchived,
@@ -28,9 +33,16 @@ from appliance.store.backend import PutOptions
 from appliance.store.registry import open_backend
 from tiering.s3 import S3Backend
 
+#: Retries at open kept short: an unreachable endpoint is retried before it is unavailable.
+QUICK = {"attempts": 2, "base_delay": 0.01, "max_delay": 0.01}
+
 
 def _bucket(s3: Any, *, lock: bool = False, **options: Any) -> S3Backend:
-    address = f"s3://{s3.bucket(lock=lock)}/store"
+    return _open(s3, s3.bucket(lock=lock), **options)
+
+
+def _open(s3: Any, bucket: str, **options: Any) -> S3Backend:
+    address = f"s3://{bucket}/store"
     backend = open_backend("s3_bucket", address, **s3.options(poll_seconds=0.2, **options))
     assert isinstance(backend, S3Backend)
     return backend
@@ -114,8 +126,13 @@ def test_a_missing_bucket_or_unreachable_endpoint_is_unavailable(s3: Any) -> Non
     with pytest.raises(LocationUnavailable, match="does not exist"):
         open_backend("s3_bucket", "s3://no-such-bucket-here", **s3.options())
     closed = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(LocationUnavailable, match="cannot be reached"):
-        open_backend("s3_bucket", f"s3://{s3.bucket()}", **s3.options(endpoint_url=closed))
+    with pytest.raises(LocationUnavailable, match="cannot be reached") as caught:
+        open_backend(
+            "s3_bucket",
+            f"s3://{s3.bucket()}",
+            **s3.options(endpoint_url=closed, open_retries=QUICK),
+        )
+    assert "HeadBucket was tried 2 time(s)" in caught.value.message
     backend = _bucket(s3)
     backend.client.close()
     backend.client = s3mod.make_client(endpoint_url=closed, region="us-east-1")
@@ -168,7 +185,114 @@ def test_clock_skew_is_read_from_the_bucket_answer() -> None:
 
     ahead = datetime.now(UTC) + timedelta(minutes=20)
     answer = {"ResponseMetadata": {"HTTPHeaders": {"date": format_datetime(ahead, usegmt=True)}}}
-    skew = s3mod.clock_skew(answer)
-    assert skew is not None and 1190 < skew < 1210 and skew > s3mod.MAX_CLOCK_SKEW
-    assert s3mod.clock_skew({}) is None
-    assert s3mod.clock_skew({"ResponseMetadata": {"HTTPHeaders": {"date": "nonsense"}}}) is None
+    skew = checks.clock_skew(answer)
+    assert skew is not None and 1190 < skew < 1210 and skew > checks.MAX_CLOCK_SKEW
+    assert checks.clock_skew({}) is None
+    assert checks.clock_skew({"ResponseMetadata": {"HTTPHeaders": {"date": "nonsense"}}}) is None
+
+
+def test_lock_settings_changed_behind_the_appliances_back(s3: Any) -> None:
+    bucket = s3.bucket(lock=True)
+    locking = {"lock_mode": "COMPLIANCE"}
+    assert _open(s3, bucket, **locking)  # the location is added, the bucket still empty
+    client = s3.client()
+    try:
+        # A default retention set on the bucket (moto: only while it is empty) changes nothing
+        # the appliance relies on: each object carries its own lock, read back from the bucket.
+        client.put_object_lock_configuration(
+            Bucket=bucket,
+            ObjectLockConfiguration={
+                "ObjectLockEnabled": "Enabled",
+                "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}},
+            },
+        )
+        reopened = _open(s3, bucket, **locking)
+        until = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+        reopened.put("data/ab/pack", b"locked", PutOptions(retain_until=until))
+        assert reopened.retention("data/ab/pack") == ("COMPLIANCE", until)
+
+        # Versioning suspended (S3 refuses it on an Object Lock bucket; other stores may not):
+        # the open says what changed.
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Suspended"})
+        with pytest.raises(LocationUnavailable) as caught:
+            _open(s3, bucket, **locking)
+        message = caught.value.message
+        assert f"bucket {bucket} has Object Lock but its versioning is Suspended" in message
+        assert "Enable versioning" in message
+        assert _open(s3, bucket)  # a location that does not lock does not care
+
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        assert _open(s3, bucket, **locking).get("data/ab/pack") == b"locked"
+    finally:
+        client.close()
+
+
+def test_lock_problems_in_words() -> None:
+    assert checks.lock_problem("b", checks.LockSettings("Enabled", True)) is None
+    never = checks.lock_problem("b", checks.LockSettings(None, False))
+    assert never is not None and "does not have Object Lock enabled (versioning: off)" in never
+    off = checks.lock_problem("b", checks.LockSettings(None, True))
+    assert off is not None and "its versioning is off, not Enabled" in off
+
+
+def _uploads(client: Any, bucket: str) -> dict[str, str]:
+    """The bucket's incomplete multipart uploads, asked of the server itself: id -> key."""
+    listed = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return {u["UploadId"]: u["Key"] for u in listed}
+
+
+def _left_behind(client: Any, bucket: str, key: str) -> tuple[str, datetime]:
+    """An upload begun and never finished nor aborted (a lost reply, a writer killed mid-way),
+    and when the bucket says it began."""
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    client.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=os.urandom(1000)
+    )
+    listed = client.list_multipart_uploads(Bucket=bucket, Prefix=key)["Uploads"]
+    return upload_id, next(u["Initiated"] for u in listed if u["UploadId"] == upload_id)
+
+
+def test_the_sweep_aborts_uploads_older_than_a_day_and_spares_fresh_ones(s3: Any) -> None:
+    backend = _bucket(s3)
+    client = s3.client()
+    try:
+        left, began = _left_behind(client, backend.bucket, "store/data/aa/left")
+        elsewhere, _ = _left_behind(client, backend.bucket, "other/data/aa/left")  # not ours
+        # An hour after it began: fresh, and left alone.
+        assert backend.abort_abandoned_uploads(now=began + timedelta(hours=1)) == ()
+        # A threshold longer than its age (injectable, like the clock): left alone too.
+        age = datetime.now(UTC) - began
+        assert backend.abort_abandoned_uploads(older_than=age + timedelta(hours=1)) == ()
+        assert left in _uploads(client, backend.bucket)
+        # A day and a minute after: abandoned, aborted, and said.
+        aborted = backend.abort_abandoned_uploads(now=began + timedelta(hours=24, minutes=1))
+        assert [(u.name, u.upload_id) for u in aborted] == [("data/aa/left", left)]
+        assert _uploads(client, backend.bucket) == {elsewhere: "other/data/aa/left"}
+        assert backend.abort_abandoned_uploads(now=began + timedelta(days=2)) == ()
+    finally:
+        client.close()
+
+
+def test_the_first_write_sweeps_once_per_interval(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = s3.bucket()
+    client = s3.client()
+    try:
+        first, _ = _left_behind(client, bucket, "store/data/aa/first")
+        backend = _open(s3, bucket)
+        assert first in _uploads(client, bucket)  # opening, or reading, sweeps nothing
+        with caplog.at_level(logging.WARNING, logger="tiering.s3_checks"):
+            backend.put("index/aa", b"index")  # moto's 2010 date: older than a day
+        assert _uploads(client, bucket) == {}
+        assert "aborted a multipart upload of data/aa/first" in caplog.text
+
+        second, _ = _left_behind(client, bucket, "store/data/aa/second")
+        backend.put("index/bb", b"index")
+        _open(s3, bucket).put("index/cc", b"index")  # a new backend: swept less than 1 h ago
+        assert second in _uploads(client, bucket)
+        monkeypatch.setattr(checks, "SWEEP_INTERVAL", 0.0)
+        _open(s3, bucket).put("index/dd", b"index")
+        assert _uploads(client, bucket) == {}
+    finally:
+        client.close()

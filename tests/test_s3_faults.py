@@ -9,10 +9,13 @@ patched.
 What is proved: throttling and server errors are :class:`TransientBackendError` from the raw
 backend (one request: boto3 retries nothing behind the wrapper's back) and succeed through the
 retry wrapper; a connection dropped anywhere is transient and never a short read returned as
-success; a multipart upload cut off leaves no partial object and no open upload; refused
-credentials make the location unavailable, with a message in words; a copy of a point survives
-intermittent throttling and verifies; a copy killed (SIGKILL) mid-way resumes and copies only
-what is missing.
+success; a multipart upload cut off leaves no partial object and no open upload, and one whose
+creation's answer was lost is aborted by the sweep of uploads left behind (never one in flight);
+the checks at open are retried through throttling, server errors and dropped connections, and a
+bucket that keeps throttling is unavailable in bounded time, saying why; refused or expired
+credentials make the location unavailable at once (never retried), with a message in words, also
+from a real server that authenticates; a copy of a point survives intermittent throttling, at
+open too, and verifies; a copy killed (SIGKILL) mid-way resumes and copies only what is missing.
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from engine_support import CLI, PASSPHRASE, new_appliance, run_cli, set_engine_env
-from s3_support import CREDENTIALS
-from servers.s3_fault_proxy import FaultProxy, Match, Phase, Seen, fault_proxy
+from s3_support import CREDENTIALS, s3_server
+from servers.s3_fault_proxy import FaultProxy, Match, Phase, Rule, Seen, fault_proxy
 
 import tiering.s3 as s3mod
 from appliance.engine import Appliance
@@ -43,7 +48,7 @@ from appliance.errors import (
 )
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.registry import open_backend
-from appliance.store.wrappers import compose
+from appliance.store.wrappers import RetryPolicy, compose
 from tiering.s3 import BucketAddress, S3Backend, make_client
 
 NAME = "data/ab/object"
@@ -75,6 +80,24 @@ def _on_key(method: str, name: str = NAME) -> Match:
 
 def _listing(method: str, target: str) -> bool:
     return method == "GET" and "list-type=2" in target
+
+
+def _on_bucket(method: str, query: str = "") -> Match:
+    """A request on the bucket itself (``HeadBucket``; ``?object-lock``: its lock settings)."""
+
+    def match(m: str, target: str) -> bool:
+        path, _, asked = target.partition("?")
+        return m == method and path.count("/") == 1 and asked.startswith(query)
+
+    return match
+
+
+HEAD_BUCKET = _on_bucket("HEAD")
+LOCK_SETTINGS = _on_bucket("GET", "object-lock")
+
+
+def _creates_upload(method: str, target: str) -> bool:
+    return method == "POST" and target.endswith("?uploads")
 
 
 def _since(proxy: FaultProxy, start: int, match: Match) -> list[Seen]:
@@ -260,13 +283,178 @@ def test_a_multipart_upload_cut_off_leaves_no_partial_object_and_no_open_upload(
         direct.close()
 
 
+def test_an_upload_whose_creation_answer_was_lost_is_aborted_by_the_sweep(
+    s3: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 6 << 20)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 << 20)
+    backend = _backend(s3, proxy)
+    data = os.urandom(12 << 20)
+    # The server creates the upload; its answer (the upload's id) never comes back.
+    rule = proxy.drop(1, match=_creates_upload, phase="lost_reply")
+    compose(backend, sleep=lambda _: None).put("data/ee/big", data)  # the retry succeeds
+    assert rule.fired == 1 and backend.get("data/ee/big") == data
+    direct = s3.client()
+    try:
+        (orphan,) = direct.list_multipart_uploads(Bucket=backend.bucket)["Uploads"]
+        assert orphan["Key"] == "store/data/ee/big"  # nothing could abort it: billed forever
+        began = orphan["Initiated"]  # moto says 2010-11-10 of every upload: the clock follows
+        assert backend.abort_abandoned_uploads(now=began + timedelta(hours=23)) == ()
+        aborted = backend.abort_abandoned_uploads(now=began + timedelta(hours=25))
+        assert [(u.name, u.upload_id) for u in aborted] == [("data/ee/big", orphan["UploadId"])]
+        assert not direct.list_multipart_uploads(Bucket=backend.bucket).get("Uploads")
+    finally:
+        direct.close()
+    assert _since(proxy, 0, lambda m, t: m == "DELETE" and orphan["UploadId"] in t)
+    assert backend.get("data/ee/big") == data  # the object it was for is untouched
+
+
+def test_a_sweep_never_aborts_an_upload_this_process_is_carrying_out(
+    s3: Any, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3mod, "MULTIPART_THRESHOLD", 6 << 20)
+    monkeypatch.setattr(s3mod, "PART_SIZE", 5 << 20)
+    writer = _backend(s3, proxy)
+    writer.put("index/aa", b"swept before its first write")
+    data = os.urandom(12 << 20)
+    proxy.delay(1.0, match=lambda m, t: m == "PUT" and "partNumber=" in t)  # parts held
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            writer.put("data/ee/big", data)
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not _since(proxy, 0, lambda m, t: m == "PUT" and "partNumber=" in t):
+            assert time.monotonic() < deadline, "the upload never sent a part"
+            time.sleep(0.01)
+        # To the bucket (moto) it began in 2010; this process knows it is alive.
+        sweeper = _open(s3, proxy, writer.bucket)
+        assert len(sweeper.open_uploads()) == 1
+        assert sweeper.abort_abandoned_uploads() == ()
+    finally:
+        thread.join(30)
+    assert not errors and writer.get("data/ee/big") == data
+
+
+# --- the checks at open -------------------------------------------------------------------------
+
+#: Retries at open kept short in time, by configuration: no test waits seconds for a backoff.
+QUICK = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+
+
+def _open(s3: Any, proxy: FaultProxy, bucket: str, **options: Any) -> S3Backend:
+    backend = open_backend(
+        "s3_bucket", f"s3://{bucket}/store", **s3.options(endpoint_url=proxy.url, **options)
+    )
+    assert isinstance(backend, S3Backend)
+    return backend
+
+
+#: A fault struck three times on one of the requests made at open: which, and the rule.
+OPEN_FAULTS: dict[str, tuple[Match, Callable[[FaultProxy], Rule]]] = {
+    "HeadBucket SlowDown": (HEAD_BUCKET, lambda p: p.fail(3, match=HEAD_BUCKET)),
+    "HeadBucket 500": (
+        HEAD_BUCKET,
+        lambda p: p.fail(3, status=500, code="InternalError", match=HEAD_BUCKET),
+    ),
+    "HeadBucket lost reply": (
+        HEAD_BUCKET,
+        lambda p: p.drop(3, match=HEAD_BUCKET, phase="lost_reply"),
+    ),
+    "lock settings 500": (
+        LOCK_SETTINGS,
+        lambda p: p.fail(3, status=500, code="InternalError", match=LOCK_SETTINGS),
+    ),
+    "lock settings cut": (
+        LOCK_SETTINGS,
+        lambda p: p.drop(3, match=LOCK_SETTINGS, phase="request"),
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(OPEN_FAULTS))
+def test_the_checks_at_open_are_retried_through_throttling_and_dropped_connections(
+    s3: Any, proxy: FaultProxy, fault: str
+) -> None:
+    bucket = s3.bucket(lock=True)
+    match, strike = OPEN_FAULTS[fault]
+    rule = strike(proxy)
+    backend = _open(s3, proxy, bucket, lock_mode="COMPLIANCE", open_retries=QUICK)
+    assert rule.fired == 3
+    seen = _since(proxy, 0, match)
+    assert [s.fault for s in seen] == [rule.name] * 3 + [None] and seen[-1].status == 200
+    backend.put(NAME, DATA)
+    assert backend.get(NAME) == DATA
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "words"),
+    [
+        (503, "SlowDown", "is throttling requests (503)"),
+        (500, "InternalError", "keeps failing (500)"),
+    ],
+)
+def test_a_bucket_that_keeps_failing_its_checks_at_open_is_unavailable_in_bounded_time(
+    s3: Any, proxy: FaultProxy, status: int, code: str, words: str
+) -> None:
+    bucket = s3.bucket()
+    proxy.fail(None, status=status, code=code, match=HEAD_BUCKET)
+    started = time.monotonic()
+    with pytest.raises(LocationUnavailable) as caught:
+        _open(s3, proxy, bucket, open_retries=QUICK)
+    assert time.monotonic() - started < 5
+    message = caught.value.message
+    assert message.startswith(f"bucket {bucket} {words}: HeadBucket was tried 4 time(s) over")
+    assert message.endswith("the location is unavailable until it answers")
+    assert caught.value.details["attempts"] == 4
+    assert [s.fault for s in _since(proxy, 0, HEAD_BUCKET)] == [f"{status} {code}"] * 4
+    proxy.clear()
+    assert _open(s3, proxy, bucket, open_retries=QUICK)  # it answers again: available
+
+
+def test_a_location_that_keeps_throttling_at_open_goes_offline_and_a_throttled_one_opens(
+    s3: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    app, _ = new_appliance(tmp_path / "app", pack_size=256 << 10)
+    try:
+        point = app.backup_files(str(_tree(tmp_path / "tree", 2, 100_000)), "docs").point.id
+        bucket = s3.bucket()
+        # The location's own options (JSON in the catalog): short retries at open.
+        quick = {"attempts": 3, "base_delay": 0.01, "max_delay": 0.02}
+        options = s3.options(endpoint_url=proxy.url, open_retries=quick)
+        app.add_location(f"s3://{bucket}/p", kind="s3_bucket", label="b", options=options)
+        forever = proxy.fail(None, match=HEAD_BUCKET)
+        with pytest.raises(LocationUnavailable, match="is throttling requests") as caught:
+            app.copy_point(point, "b")
+        assert "HeadBucket was tried 3 time(s)" in caught.value.message
+        assert forever.fired == 3 and not app.find_location("b").online
+
+        proxy.clear()
+        rule = proxy.fail(2, match=HEAD_BUCKET)
+        assert app.copy_point(point, "b")["packs_copied"] > 0
+        assert rule.fired == 2 and app.find_location("b").online
+        assert app.verify_copy(point, "b")["ok"]
+    finally:
+        app.close()
+
+
 # --- refused credentials, missing objects ---------------------------------------------------------
 
 #: Words of the bucket's own message for each code (the proxy sends S3's).
-WORDS = {"InvalidAccessKeyId": "does not exist in our records", "ExpiredToken": "has expired"}
+WORDS = {
+    "InvalidAccessKeyId": "does not exist in our records",
+    "ExpiredToken": "has expired",
+    "SignatureDoesNotMatch": "does not match the signature",
+}
 
 
-@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "ExpiredToken"])
+@pytest.mark.parametrize("code", sorted(WORDS))
 def test_refused_credentials_make_the_location_unavailable(
     s3: Any, proxy: FaultProxy, code: str
 ) -> None:
@@ -286,15 +474,47 @@ def test_refused_credentials_make_the_location_unavailable(
     with pytest.raises(LocationUnavailable):
         backend.warm_up([NAME])
     assert sleeps == []  # permanent: never retried
+    heads = len(_since(proxy, 0, HEAD_BUCKET))
     with pytest.raises(LocationUnavailable, match="refuses these credentials"):
         open_backend("s3_bucket", str(backend.address), **s3.options(endpoint_url=proxy.url))
+    assert len(_since(proxy, 0, HEAD_BUCKET)) == heads + 1  # not retried at open either
     # The realistic status of an expired token is 400; with a body, the code still tells.
     proxy.clear()
     proxy.fail(None, status=400, code="ExpiredToken")
     with pytest.raises(LocationUnavailable, match="has expired"):
         backend.get(NAME)
+    with pytest.raises(LocationUnavailable, match="an expired session token"):  # HEAD: no body
+        open_backend("s3_bucket", str(backend.address), **s3.options(endpoint_url=proxy.url))
     proxy.clear()
     assert backend.get(NAME) == DATA
+
+
+def test_a_real_server_refusing_the_credentials_makes_the_location_unavailable_at_once(
+    s3: Any,
+) -> None:
+    # moto's server authenticating every request knows no key: these credentials are refused
+    # by the server itself, not by the proxy.
+    with s3_server(authenticate=True) as refusing, fault_proxy(refusing.endpoint) as proxy:
+        started = time.monotonic()
+        with pytest.raises(LocationUnavailable) as caught:
+            open_backend(
+                "s3_bucket", "s3://some-bucket/store", **s3.options(endpoint_url=proxy.url)
+            )
+        assert time.monotonic() - started < 5
+        assert caught.value.message.startswith(
+            "bucket some-bucket refuses these credentials (403 to HeadBucket: a wrong or "
+            "expired key, or no s3:ListBucket permission)"
+        )
+        assert [(s.method, s.status) for s in proxy.requests] == [("HEAD", 403)]  # once
+        raw = S3Backend(
+            make_client(endpoint_url=proxy.url, region="us-east-1", **CREDENTIALS),
+            BucketAddress.parse("s3://some-bucket/store"),
+        )
+        try:
+            with pytest.raises(LocationUnavailable, match="does not exist in our records"):
+                raw.get(NAME)  # a GET's answer has a body: the server's own words
+        finally:
+            raw.close()
 
 
 def test_a_missing_object_is_missing_and_not_retried(s3: Any, proxy: FaultProxy) -> None:

@@ -24,20 +24,25 @@ What the contract asks, and how S3 gives it:
   are :class:`TransientBackendError` (the retry wrapper retries them); a missing bucket, refused
   credentials or an unreachable endpoint make the location :class:`LocationUnavailable`;
   ``NoSuchKey`` is :class:`ObjectMissing`.
+- Opening a location checks the bucket (``tiering.s3_checks``: it answers, the clocks agree, its
+  lock settings fit), retrying transient failures as the retry wrapper does.
+- Abandoned multipart uploads: an upload whose ``CreateMultipartUpload`` answer was lost, or whose
+  process was killed, cannot be aborted by its writer and is billed until aborted. Before its
+  first write a backend aborts those under its prefix older than a day (``s3_checks``: the age,
+  the rate limit); a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) is the second line.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import email.utils
 import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import boto3
@@ -61,6 +66,8 @@ from appliance.store.backend import (
     WarmUpStatus,
     check_name,
 )
+from tiering import s3_checks
+from tiering.s3_checks import LockSettings, OpenUpload, check_bucket, open_retries
 
 #: The storage classes S3 knows; a class outside this set is stored in the default class.
 STORAGE_CLASSES = frozenset(
@@ -207,6 +214,10 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _transient(exc: ClientError) -> bool:
+    return error_code(exc) in _TRANSIENT_CODES or _status(exc) >= 500
+
+
 class S3Backend:
     """A store (or a copy of one) in a bucket, under a prefix; see the module docstring."""
 
@@ -242,6 +253,7 @@ class S3Backend:
             immutable_objects=lock_mode is not None,
         )
         self._versioned: bool | None = None
+        self._swept = False
         self._lock = threading.Lock()
 
     # --- the contract ---
@@ -285,7 +297,7 @@ class S3Backend:
                     code_from_bucket=code,
                     **details,
                 ) from exc
-            if code in _TRANSIENT_CODES or _status(exc) >= 500:
+            if _transient(exc):
                 raise TransientBackendError(
                     f"{self.describe()} answered {code} to a {action}; retrying may help",
                     code_from_bucket=code,
@@ -311,6 +323,7 @@ class S3Backend:
         self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
     ) -> None:
         key = self._key(name)
+        self._sweep_once()
         body = bytes(data)
         extra: dict[str, Any] = {}
         if options is not None:
@@ -360,6 +373,7 @@ class S3Backend:
 
         count = (len(body) + PART_SIZE - 1) // PART_SIZE
         try:
+            s3_checks.upload_started(upload_id)
             with ThreadPoolExecutor(max_workers=min(PART_THREADS, count)) as pool:
                 parts = list(pool.map(send, range(1, count + 1)))
             self.client.complete_multipart_upload(
@@ -370,6 +384,8 @@ class S3Backend:
             with contextlib.suppress(ClientError, BotoCoreError):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
+        finally:
+            s3_checks.upload_ended(upload_id)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         key = self._key(name)
@@ -488,6 +504,112 @@ class S3Backend:
                 self._versioned = reply.get("Status") in ("Enabled", "Suspended")
             return self._versioned
 
+    # --- the bucket itself: the checks at open (tiering.s3_checks), abandoned uploads ---
+
+    def head_bucket(self) -> dict[str, Any]:
+        """``HeadBucket``'s answer; a missing bucket or refused credentials are unavailable."""
+        try:
+            answer: dict[str, Any] = self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            self._check_failed(exc, "HeadBucket", "s3:ListBucket")
+        return answer
+
+    def lock_settings(self) -> LockSettings:
+        """The bucket's versioning status and whether Object Lock is enabled on it."""
+        try:
+            versioning = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status")
+        except (ClientError, BotoCoreError) as exc:
+            self._check_failed(exc, "GetBucketVersioning", "s3:GetBucketVersioning")
+        try:
+            config = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            if error_code(exc) != "ObjectLockConfigurationNotFoundError":
+                self._check_failed(
+                    exc, "GetObjectLockConfiguration", "s3:GetBucketObjectLockConfiguration"
+                )
+            config = {}
+        except BotoCoreError as exc:
+            self._check_failed(
+                exc, "GetObjectLockConfiguration", "s3:GetBucketObjectLockConfiguration"
+            )
+        enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+        return LockSettings(versioning or None, enabled == "Enabled")
+
+    def _check_failed(self, exc: Exception, request: str, permission: str) -> NoReturn:
+        """A check at open failed: transient (retried) when it may pass, otherwise the location
+        is unavailable, in words."""
+        if not isinstance(exc, ClientError) or _transient(exc):
+            self._fail(exc, None, request)
+        code = error_code(exc)
+        # A HEAD answer has no body: its code is its status, its message the status's words.
+        said = "" if code.isdigit() else exc.response.get("Error", {}).get("Message") or ""
+        if code in ("404", "NoSuchBucket"):
+            reason = "does not exist"
+        elif code in ("403", "AccessDenied"):
+            reason = (
+                f"refuses these credentials ({code} to {request}: a wrong or expired key, or "
+                f"no {permission} permission)"
+            )
+        elif code in _UNAVAILABLE_CODES:
+            reason = f"refuses these credentials ({code} to {request})"
+        elif code == "400":  # what S3 answers a HEAD signed with an expired session token
+            reason = f"answered 400 to {request}: an expired session token, or a wrong region"
+        else:
+            reason = f"answered {code} to {request}"
+        raise LocationUnavailable(
+            f"bucket {self.bucket} {reason}" + (f": {said}" if said else ""),
+            location=str(self.address),
+            code_from_bucket=code,
+        ) from exc
+
+    def open_uploads(self) -> tuple[OpenUpload, ...]:
+        """Every incomplete multipart upload under the prefix (``ListMultipartUploads``, page
+        after page)."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        found = []
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                if "IsTruncated" not in page:  # every listing says; a cut one is not empty
+                    self._cut_short("the multipart uploads", "listing")
+                for item in page.get("Uploads", []):
+                    if not {"Key", "UploadId", "Initiated"} <= item.keys():
+                        continue  # its age cannot be judged: never aborted
+                    name = item["Key"][len(self.prefix) :]
+                    found.append(OpenUpload(name, item["UploadId"], item["Initiated"]))
+        except (ClientError, BotoCoreError) as exc:
+            self._fail(exc, None, "listing of multipart uploads")
+        return tuple(found)
+
+    def abort_upload(self, upload: OpenUpload) -> bool:
+        """Abort one multipart upload; False if it was gone (completed or aborted meanwhile)."""
+        try:
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.prefix + upload.name, UploadId=upload.upload_id
+            )
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchUpload":
+                return False
+            self._fail(exc, upload.name, "abort of a multipart upload")
+        except BotoCoreError as exc:
+            self._fail(exc, upload.name, "abort of a multipart upload")
+        return True
+
+    def abort_abandoned_uploads(
+        self, *, older_than: timedelta | None = None, now: datetime | None = None
+    ) -> tuple[OpenUpload, ...]:
+        """Abort the multipart uploads under the prefix left behind (``s3_checks``); return
+        them. For a caller such as a location GC; writes sweep by themselves."""
+        return s3_checks.abort_abandoned_uploads(self, older_than=older_than, now=now)
+
+    def _sweep_once(self) -> None:
+        """Before this backend's first write, sweep abandoned uploads (rate-limited per process:
+        a copy opens its location afresh; a failed sweep never fails the write)."""
+        with self._lock:
+            if self._swept:
+                return
+            self._swept = True
+        s3_checks.sweep(self, str(self.client.meta.endpoint_url))
+
     # --- cold objects ---
 
     def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
@@ -590,8 +712,10 @@ def open_s3_bucket(address: str, **options: Any) -> S3Backend:
     Options: ``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``,
     ``session_token``, ``profile``, ``addressing_style`` (the client); ``cold`` (data packs go to
     a cold class), ``lock_mode``, ``restore_tier``, ``restore_days``, ``poll_seconds``. The bucket
-    is asked whether it exists and answers (a ``HeadBucket``): one that does not, or that refuses
-    the credentials, or cannot be reached, is :class:`LocationUnavailable`.
+    is checked (``tiering.s3_checks``): one that does not exist, refuses the credentials, cannot
+    be reached or keeps failing after the retries (``open_retries``: a ``RetryPolicy`` or its
+    fields; the data operations' policy by default), or whose lock settings do not fit, is
+    :class:`LocationUnavailable`.
     """
     parsed = BucketAddress.parse(address)
     client_options = {
@@ -609,81 +733,15 @@ def open_s3_bucket(address: str, **options: Any) -> S3Backend:
     }
     for name in LOCATION_OPTIONS:
         options.pop(name, None)  # used above the backend (copies and recalls)
+    retries = open_retries(options.pop("open_retries", None))
     unknown = sorted(set(options) - BACKEND_OPTIONS)
     if unknown:
         raise InvalidInput(f"unknown bucket option(s): {', '.join(unknown)}", options=unknown)
     client = make_client(**client_options)
-    backend = S3Backend(client, parsed, **options)
     try:
-        answer = client.head_bucket(Bucket=parsed.bucket)
-    except ClientError as exc:
-        code = error_code(exc)
-        reason = {
-            "404": "does not exist",
-            "NoSuchBucket": "does not exist",
-            "403": "refuses these credentials",
-            "AccessDenied": "refuses these credentials",
-        }.get(code, f"answered {code}")
-        raise LocationUnavailable(
-            f"bucket {parsed.bucket} {reason}", location=address, code_from_bucket=code
-        ) from exc
-    except BotoCoreError as exc:
-        raise LocationUnavailable(
-            f"bucket {parsed.bucket} cannot be reached: {exc}", location=address
-        ) from exc
-    skew = clock_skew(answer)
-    if skew is not None and abs(skew) > MAX_CLOCK_SKEW:
-        raise LocationUnavailable(
-            f"this appliance's clock is {abs(skew):.0f} s "
-            f"{'behind' if skew > 0 else 'ahead of'} bucket {parsed.bucket}'s; set the time "
-            "(NTP) first: locks and signatures depend on it",
-            location=address,
-        )
-    if backend.lock_mode is not None:
-        _check_object_lock(client, parsed, address)
+        backend = S3Backend(client, parsed, **options)
+        check_bucket(backend, retries=retries)
+    except BaseException:
+        client.close()
+        raise
     return backend
-
-
-#: Largest difference between this clock and the bucket's that is accepted (S3 refuses
-#: signatures beyond 15 minutes; lock dates would be off by as much).
-MAX_CLOCK_SKEW = 300.0
-
-
-def clock_skew(answer: dict[str, Any]) -> float | None:
-    """Seconds the bucket's clock (its ``Date`` header) is ahead of this one; None if unknown."""
-    header = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    if not header:
-        return None
-    try:
-        theirs = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return None
-    return (theirs - datetime.now(UTC)).total_seconds()
-
-
-def _check_object_lock(client: Any, parsed: BucketAddress, address: str) -> None:
-    """A location that locks its copies needs a bucket with versioning and Object Lock on; a
-    bucket whose settings were changed behind the appliance's back is unavailable, in words."""
-    try:
-        versioning = client.get_bucket_versioning(Bucket=parsed.bucket).get("Status")
-        config = client.get_object_lock_configuration(Bucket=parsed.bucket)
-        enabled = config.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
-    except ClientError as exc:
-        if error_code(exc) != "ObjectLockConfigurationNotFoundError":
-            raise LocationUnavailable(
-                f"bucket {parsed.bucket}: its Object Lock settings cannot be read "
-                f"({error_code(exc)}); the appliance needs s3:GetBucketObjectLockConfiguration",
-                location=address,
-            ) from exc
-        versioning, enabled = "?", None
-    except BotoCoreError as exc:
-        raise LocationUnavailable(
-            f"bucket {parsed.bucket} cannot be reached: {exc}", location=address
-        ) from exc
-    if enabled != "Enabled" or versioning != "Enabled":
-        raise LocationUnavailable(
-            f"bucket {parsed.bucket} does not have Object Lock enabled (versioning: "
-            f"{versioning or 'off'}): copies there could be deleted early. Use a bucket created "
-            "with Object Lock, or a location without a lock mode",
-            location=address,
-        )
