@@ -7,9 +7,11 @@ committed, in this order (a crash at any step leaves the target consistent, and 
 1. the store's own objects (``config``, ``keys/*``), copied when the target lacks them;
 2. the packs the point needs (:func:`appliance.point_packs.point_packs`) that the target lacks:
    each is copied whole and read back from the target, and its name (the BLAKE3 of its bytes)
-   must match, before the next one; a rerun skips packs already there. A data pack put in a
-   cold class (a bucket's GLACIER) cannot be read back until thawed: the upload's checksum,
-   verified by the medium, and the stored size stand in for the read-back;
+   must match, before the next one; a rerun skips packs already there (on their own or in a
+   bundle). A data pack put in a cold class (a bucket's GLACIER) cannot be read back until
+   thawed: the upload's checksum, verified by the medium, and the stored size stand in for the
+   read-back. Small data packs going to a cold class are put together in bundles
+   (:mod:`.bundles`: fewer objects, each charged for), a bundle before its directory;
 3. index files at the target for every pack the point needs, so the copy is self-describing
    (``catalog rebuild`` from it alone works);
 4. the manifest, last: a point exists at the target only once everything it needs is there.
@@ -38,6 +40,7 @@ from appliance.errors import (
     ObjectMissing,
     StoreError,
 )
+from appliance.locations import bundles
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
 from appliance.store.backend import (
@@ -53,7 +56,8 @@ from appliance.store.packs import IndexEntry, pack_name_matches, pack_object_nam
 from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-#: Packs a copy has in flight at once (each held in memory whole: at most this many packs).
+#: Packs a copy has in flight at once (each held in memory whole: at most this many packs, or
+#: bundles of about one pack each).
 COPY_THREADS = 3
 
 
@@ -64,6 +68,9 @@ class CopyResult:
     packs_copied: int = 0
     bytes_copied: int = 0
     packs_present: int = 0
+    #: Bundles put (:mod:`.bundles`) and the packs in them (counted in ``packs_copied`` too).
+    bundles: int = 0
+    packs_bundled: int = 0
     index_files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,8 +125,11 @@ def copy_point(
     hot = PutOptions(retain_until=until) if until is not None else None
     for name in ["config", *(info.name for info in repo.backend.list("keys/"))]:
         _put_or_retain(target, name, functools.partial(repo.backend.get, name), hot)
-    sizes = {p: repo.backend.stat(pack_object_name(p, k)).size for p, k in needs.packs.items()}
+    stats = {p: repo.backend.stat(pack_object_name(p, k)) for p, k in needs.packs.items()}
+    sizes = {p: info.size for p, info in stats.items()}
     total = sum(sizes.values())
+    # Packs already in a bundle at the target count as there, like packs on their own.
+    target = bundles.with_bundles(target)
     # A bucket is listed once (one LIST answers for a thousand objects, a HEAD for one); its
     # puts are atomic and checked by the bucket (SHA-256), so a listed object of the right size
     # is there whole. A disk's packs are read back and hashed against their names.
@@ -134,23 +144,39 @@ def copy_point(
             return listed.get(name) == size
         return _already_there(target, name, pack, size, cold)
 
-    def send(pack: bytes, kind: int) -> int:
+    def source(pack: bytes, kind: int) -> tuple[str, bytes]:
         name = pack_object_name(pack, kind)
-        put_options = options if kind == fmt.PACK_KIND_DATA else hot
-        # A pack in a cold class cannot be read back until thawed: its size is checked.
-        cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
         data = repo.backend.get(name)
         if not pack_name_matches(pack, data):
             raise IntegrityError(
                 f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
             )
+        return name, data
+
+    def send(pack: bytes, kind: int) -> tuple[int, int, int]:
+        name, data = source(pack, kind)
+        put_options = options if kind == fmt.PACK_KIND_DATA else hot
+        # A pack in a cold class cannot be read back until thawed: its size is checked.
+        cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
         target.put(name, data, put_options)
         if not trusted and not there(name, pack, len(data), cold):
             raise IntegrityError(
                 f"pack {pack.hex()[:16]} read back from {target.describe()} differs",
                 pack=pack.hex(),
             )
-        return len(data)
+        return 1, len(data), 0
+
+    def send_bundle(group: list[bytes]) -> tuple[int, int, int]:
+        # One pack read at a time into the bundle: a bundle in flight costs its own size.
+        directory = target.put_bundle(
+            (source(pack, fmt.PACK_KIND_DATA) for pack in group), options, hot
+        )
+        if not trusted and target.backend.stat(directory.bundle).size != directory.size:
+            raise IntegrityError(
+                f"bundle {directory.bundle} read back from {target.describe()} differs",
+                bundle=directory.bundle,
+            )
+        return len(group), directory.size, 1
 
     todo: list[tuple[bytes, int]] = []
     for pack, kind in sorted(needs.packs.items()):
@@ -163,25 +189,34 @@ def copy_point(
                 target.retain(name, until)
         else:
             todo.append((pack, kind))
+    groups = _bundle_groups(target, options, todo, stats, repo.config.pack_size)
+    grouped = {pack for group in groups for pack in group}
+    jobs: list[Callable[[], tuple[int, int, int]]] = [
+        *(functools.partial(send_bundle, group) for group in groups),
+        *(functools.partial(send, pack, kind) for pack, kind in todo if pack not in grouped),
+    ]
     done = 0
 
-    def account(finished: set[Future[int]]) -> None:
+    def account(finished: set[Future[tuple[int, int, int]]]) -> None:
         nonlocal done
         for future in finished:
-            size = future.result()  # a failed pack fails the copy (a rerun resumes)
-            result.packs_copied += 1
+            # A failed pack fails the copy (a rerun resumes).
+            count, size, bundle = future.result()
+            result.packs_copied += count
             result.bytes_copied += size
+            result.bundles += bundle
+            result.packs_bundled += count if bundle else 0
             done += size
         if progress is not None:
             progress({"bytes_done": done, "bytes_total": total, "packs": result.packs_copied})
 
-    # A few packs in flight: reading and hashing the next overlaps the upload of the last.
+    # A few packs (or bundles) in flight: reading and hashing the next overlaps the upload.
     with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-        pending: set[Future[int]] = set()
-        for pack, kind in todo:
+        pending: set[Future[tuple[int, int, int]]] = set()
+        for job in jobs:
             if cancel is not None and cancel.is_set():
                 raise BackupCancelled("the copy was cancelled")
-            pending.add(pool.submit(send, pack, kind))
+            pending.add(pool.submit(job))
             if len(pending) >= COPY_THREADS:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 account(finished)
@@ -198,6 +233,33 @@ def copy_point(
     manifest_name = f"manifests/{point_id}"
     _put_or_retain(target, manifest_name, lambda: repo.backend.get(manifest_name), hot)
     return result
+
+
+def _bundle_groups(
+    target: Backend,
+    options: PutOptions | None,
+    todo: list[tuple[bytes, int]],
+    stats: dict[bytes, ObjectInfo],
+    pack_size: int,
+) -> list[list[bytes]]:
+    """The small data packs to send as bundles (:func:`.bundles.plan_bundles`): only when they go
+    to a cold class, ordered by when the source wrote them (a backup's packs stay together, so
+    a recall of what one backup wrote thaws few bundles)."""
+    if not (
+        target.capabilities.cold_objects
+        and options is not None
+        and options.storage_class not in (None, "STANDARD")
+    ):
+        return []
+    limit = bundles.small_pack_limit(pack_size)
+    small = sorted(
+        (stats[pack].mtime, pack)
+        for pack, kind in todo
+        if kind == fmt.PACK_KIND_DATA and stats[pack].size < limit
+    )
+    return bundles.plan_bundles(
+        [(pack, stats[pack].size) for _, pack in small], bundles.bundle_target(pack_size)
+    )
 
 
 def _put_or_retain(

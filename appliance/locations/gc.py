@@ -14,6 +14,12 @@ function the CLI, the jobs and the tests call:
   pack stays and that a later run deletes it. Index files listing deleted packs are rewritten
   with the live entries only (locked as long as the location's longest-kept copy) and the old
   ones deleted when their lock allows.
+
+Bundles (:mod:`.bundles`) are never rewritten (their data is cold): a bundle and its directory are
+deleted whole once none of its packs is needed by a manifest there, past the grace period and
+its lock (a locked one is reported with its date, like a pack); a bundle one needed pack keeps
+stays whole. A bundle whose directory cannot be read is left alone, and a bundle without a
+directory (a copy stopped between the two puts) is deleted after the grace period.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ApplianceError, InvalidInput, ObjectLocked, StoreError
+from appliance.locations.bundles import BundledBackend, unwrapped
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
 from appliance.store.backend import PutOptions
 from appliance.store.index import encode_index
-from appliance.store.packs import IndexEntry
+from appliance.store.packs import IndexEntry, pack_object_name
 from appliance.store.repository import Repository
 
 if TYPE_CHECKING:
@@ -49,6 +56,12 @@ class LocationGcReport:
     locked: list[dict[str, Any]] = field(default_factory=list)
     index_files_rewritten: int = 0
     index_files_kept_locked: int = 0
+    #: Bundles deleted (or, in a dry run, to delete); kept because a pack in them is needed;
+    #: still locked ``{bundle, until}``; whose directory cannot be read (left alone).
+    bundles_deleted: list[str] = field(default_factory=list)
+    bundles_kept: int = 0
+    bundles_locked: list[dict[str, Any]] = field(default_factory=list)
+    bundle_directories_unreadable: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +112,7 @@ def collect_location_garbage(
         raise InvalidInput("the home pool is collected by `appliance gc`")
     report = LocationGcReport(location.label, dry_run)
     backend = work.location_backend(app, location)
+    raw = unwrapped(backend)  # packs as the objects they are: bundled ones are not listed
     try:
         cache = work.location_cache(app, location.id)
         repo = Repository(backend, app.repo.config, app.repo.key, cache)
@@ -119,7 +133,7 @@ def collect_location_garbage(
         cutoff = time.time() - grace_seconds
         deleted: set[bytes] = set()
         for prefix in ("data/", "meta/"):
-            for info in list(backend.list(prefix)):
+            for info in list(raw.list(prefix)):
                 pack = bytes.fromhex(info.name.rsplit("/", 1)[1])
                 if pack in referenced or info.mtime > cutoff:
                     continue
@@ -128,7 +142,7 @@ def collect_location_garbage(
                     report.bytes_freed += info.size
                     continue
                 try:
-                    backend.delete(info.name)
+                    raw.delete(info.name)
                 except ObjectLocked as exc:
                     until = exc.details.get("retain_until")
                     report.locked.append({"pack": pack.hex(), "until": until})
@@ -136,11 +150,57 @@ def collect_location_garbage(
                 deleted.add(pack)
                 report.packs_deleted.append(pack.hex())
                 report.bytes_freed += info.size
+        if isinstance(backend, BundledBackend):
+            _collect_bundles(backend, referenced, cutoff, report, deleted)
         if deleted:
             _rewrite_index(app, location.id, repo, deleted, report)
     finally:
         backend.close()
     return report
+
+
+def _collect_bundles(
+    backend: BundledBackend,
+    referenced: set[bytes],
+    cutoff: float,
+    report: LocationGcReport,
+    deleted: set[bytes],
+) -> None:
+    """Delete the bundles none of whose packs is referenced (see the module doc); the packs of
+    deleted bundles join ``deleted`` (their index entries go)."""
+    bundles = backend.bundles()
+    raw = backend.backend
+    needed = {pack_object_name(pack, fmt.PACK_KIND_DATA) for pack in referenced}
+    report.bundle_directories_unreadable = list(bundles.damaged)
+    doomed: list[tuple[str, list[str], list[str]]] = []  # bundle, its objects, its packs
+    for name, directory in sorted(bundles.directories.items()):
+        packs = [pack for pack, _, _ in directory.packs]
+        if any(pack in needed for pack in packs):
+            report.bundles_kept += 1
+            continue
+        info = bundles.listed.get(name)
+        if info is not None and info.mtime > cutoff:
+            continue
+        objects = [name, directory.name] if info is not None else [directory.name]
+        doomed.append((name, objects, packs))
+    # An orphan younger than the grace period may be a copy between its two puts.
+    doomed.extend((o.name, [o.name], []) for o in bundles.orphans() if o.mtime <= cutoff)
+    for name, objects, packs in doomed:
+        info = bundles.listed.get(name)
+        if not report.dry_run:
+            try:
+                # The bundle first: a locked one stops here, whole. A directory left naming a
+                # deleted bundle reads as absent packs, and goes at the next run.
+                for object_name in objects:
+                    raw.delete(object_name)
+            except ObjectLocked as exc:
+                report.bundles_locked.append(
+                    {"bundle": name, "until": exc.details.get("retain_until")}
+                )
+                continue
+            deleted.update(bytes.fromhex(pack.rsplit("/", 1)[1]) for pack in packs)
+        report.bundles_deleted.append(name)
+        report.bytes_freed += info.size if info is not None else 0
 
 
 def _rewrite_index(

@@ -7,7 +7,8 @@ those holding one path of a files point -- are asked to be restored (``Backend.w
 location's tier. Until every one of them is readable the read waits; the copy is ``recalling``
 meanwhile, and ``archived`` again once thawed (the thawed objects stay readable for the
 location's ``restore_days``). Metadata (manifests, indexes, trees, chunk tables) is never cold,
-so computing what a read needs costs no thaw.
+so computing what a read needs costs no thaw. Small packs may lie in bundles (:mod:`.bundles`):
+then the bundles holding the packs a read needs are what is thawed, and counted, whole.
 
 :func:`prepare_read` asks and reports; it never blocks. Jobs turn a pending recall into a wait
 (:class:`appliance.errors.JobWaiting`) and run again when the poll time comes.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.catalog.records import LocationRecord
 from appliance.errors import NotFound, StoreError
+from appliance.locations.bundles import with_bundles
 from appliance.locations.choice import CopyOption, order_copies
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
@@ -52,8 +54,14 @@ class RecallStatus:
     location: str | None = None
     location_id: str | None = None
     tier: str | None = None
+    #: The data packs the read needs.
     packs: int = 0
+    #: The cold objects that hold them, which are thawed: packs on their own, and bundles.
+    objects: int = 0
+    bundles: int = 0
+    #: The size of those objects (a bundle counts whole).
     bytes: int = 0
+    #: Of the objects: readable now, still thawing.
     ready: int = 0
     pending: int = 0
     poll_seconds: float = 0.0
@@ -66,8 +74,14 @@ class RecallStatus:
         if self.location is None:
             return "a readable copy exists"
         mib = self.bytes / (1 << 20)
+        what = f"{self.packs} pack(s)"
+        if self.bundles:
+            what = (
+                f"{self.objects} object(s): {self.bundles} bundle(s) of small packs and "
+                f"{self.objects - self.bundles} pack(s) on their own, for {self.packs} pack(s)"
+            )
         return (
-            f"recalling {self.pending} of {self.packs} pack(s) ({mib:.1f} MiB) from "
+            f"recalling {self.pending} of {what} ({mib:.1f} MiB) from "
             f"{self.location} (tier {self.tier}, typically {TYPICAL_WAIT.get(self.tier or '', '?')})"
         )
 
@@ -100,11 +114,25 @@ def _read_order(
     return ordered, pairs
 
 
+@dataclass(frozen=True)
+class _ColdRead:
+    """What a read needs thawed: the cold objects (by name, with their sizes) holding its data
+    packs, of which some are bundles."""
+
+    packs: int
+    objects: dict[str, int]
+    bundles: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.objects.values())
+
+
 def _cold_packs(
     app: Appliance, backend: Backend, location_id: str, point_id: str, subpath: str | None
-) -> tuple[list[str], int]:
-    """The data packs a read of the point (``subpath`` of it) needs at a location, and their
-    total size; only data packs go cold, tree packs and everything else stay readable."""
+) -> _ColdRead:
+    """The cold objects a read of the point (``subpath`` of it) needs at a location: its data
+    packs, or the bundles holding them; tree packs and everything else stay readable."""
     from appliance.locations import work
 
     repo = Repository(backend, app.repo.config, app.repo.key, work.location_cache(app, location_id))
@@ -115,7 +143,17 @@ def _cold_packs(
         for pack, kind in needs.packs.items()
         if kind == fmt.PACK_KIND_DATA
     ]
-    return names, sum(backend.stat(name).size for name in names)
+    bundled = with_bundles(backend)
+    objects: dict[str, int] = {}
+    bundles = 0
+    for name in names:
+        placement = bundled.bundles().placement(name)
+        if placement is None:
+            objects[name] = backend.stat(name).size
+        elif placement.bundle not in objects:
+            objects[placement.bundle] = bundled.bundles().listed[placement.bundle].size
+            bundles += 1
+    return _ColdRead(len(names), objects, bundles)
 
 
 def prepare_read(
@@ -140,8 +178,8 @@ def prepare_read(
     location = pairs[archived.location_id]
     backend = work.location_backend(app, location)
     try:
-        names, size = _cold_packs(app, backend, location.id, point_id, subpath)
-        status = backend.warm_up(names)
+        cold = _cold_packs(app, backend, location.id, point_id, subpath)
+        status = backend.warm_up(sorted(cold.objects))
     finally:
         backend.close()
     settings = location.details.get("options", {})
@@ -152,8 +190,10 @@ def prepare_read(
         location=location.label,
         location_id=location.id,
         tier=tier,
-        packs=len(names),
-        bytes=size,
+        packs=cold.packs,
+        objects=len(cold.objects),
+        bundles=cold.bundles,
+        bytes=cold.bytes,
         ready=len(status.ready),
         pending=len(status.pending),
         poll_seconds=float(settings.get("recall_poll_seconds") or POLL_SECONDS.get(tier, 900)),
@@ -169,7 +209,8 @@ def recall_estimate(
 ) -> dict[str, Any]:
     """What reading ``point_id`` (``subpath`` of it; ``named`` copy first) would have to recall,
     without asking for anything: the copy :func:`prepare_read` would use, its restore tier and
-    typical wait, and the data packs the read needs with their sizes (``stat`` only).
+    typical wait, the data packs the read needs, and the cold objects holding them with their
+    sizes (``stat`` and the bundle listing only; ``objects``, of which ``bundles`` are bundles).
 
     Read-only: no ``warm_up``, nothing written to the catalog (the location is opened and its
     identity checked, but it is not marked online or offline). ``needed`` is False when a
@@ -189,6 +230,8 @@ def recall_estimate(
         "tier": None,
         "typical_wait": None,
         "packs": 0,
+        "objects": 0,
+        "bundles": 0,
         "bytes": 0,
         "poll_seconds": 0.0,
         "reason": None,
@@ -218,13 +261,20 @@ def recall_estimate(
         poll_seconds=float(settings.get("recall_poll_seconds") or POLL_SECONDS.get(tier, 900)),
     )
     try:
-        backend = compose(
-            open_backend(location.kind, location.address, **work.location_options(app, location))
+        backend = with_bundles(
+            compose(
+                open_backend(
+                    location.kind, location.address, **work.location_options(app, location)
+                )
+            ),
+            work.bundles_cache(app, location.id),
         )
         try:
             check_identity(backend, app.repo.store_id, location.id)
-            names, answer["bytes"] = _cold_packs(app, backend, location.id, point_id, subpath)
-            answer["packs"] = len(names)
+            cold = _cold_packs(app, backend, location.id, point_id, subpath)
+            answer.update(
+                packs=cold.packs, objects=len(cold.objects), bundles=cold.bundles, bytes=cold.bytes
+            )
         finally:
             backend.close()
     except StoreError as exc:  # unavailable, refused, not answering: said, not raised
@@ -237,8 +287,13 @@ def recall_estimate(
             f"which cannot be looked at now: {answer['reason']}"
         )
     else:
+        bundled = (
+            f" in {answer['objects']} object(s), {answer['bundles']} of them bundles of small packs"
+            if answer["bundles"]
+            else ""
+        )
         answer["message"] = (
-            f"{answer['packs']} pack(s) ({mib:.1f} MiB) to recall from {location.label} "
+            f"{answer['packs']} pack(s){bundled} ({mib:.1f} MiB) to recall from {location.label} "
             f"(tier {tier}, typically {wait})"
             + ("; a recall is already under way" if state == "recalling" else "")
         )

@@ -32,12 +32,19 @@ from appliance.errors import (
     NotFound,
     ObjectMissing,
 )
+from appliance.locations.bundles import (
+    cold_pack_problem,
+    describe_bundles,
+    load_bundles,
+    with_bundles,
+)
 from appliance.locations.choice import CopyOption, order_copies
 from appliance.locations.copy import FallbackBackend, copy_point
 from appliance.maintenance import verify_point
 from appliance.path_rules import check_location_dir
 from appliance.point_packs import point_packs
 from appliance.points import record_from_manifest
+from appliance.space import check_free_space, local_root
 from appliance.store.backend import Backend, PutOptions
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.packs import pack_object_name
@@ -116,11 +123,17 @@ def location_options(app: Appliance, location: LocationRecord) -> dict[str, Any]
     return {**location.details.get("options", {}), **_load_secrets(app, location.id)}
 
 
+def bundles_cache(app: Appliance, location_id: str) -> str:
+    """Where the bundle directories of a location are cached (:mod:`.bundles`)."""
+    return os.path.join(location_cache(app, location_id), "bundles.json")
+
+
 def location_backend(
     app: Appliance, location: LocationRecord, *, bandwidth: float | None = None
 ) -> Backend:
     """The location's backend, opened and identity-checked; marks the location online or
-    offline in the catalog as it answers. ``bandwidth``: bytes per second its uploads may use."""
+    offline in the catalog as it answers. ``bandwidth``: bytes per second its uploads may use.
+    Packs bundled there (:mod:`.bundles`) read as the pack objects they are."""
     if location.id == home_id(app):
         return app.repo.backend
     try:
@@ -136,7 +149,7 @@ def location_backend(
         raise
     if not location.online:
         app.catalog.update_location(location.id, online=True)
-    return backend
+    return with_bundles(backend, bundles_cache(app, location.id))
 
 
 def add_location(
@@ -215,6 +228,13 @@ def copy_to(
     if location.id == home_id(app):
         raise InvalidInput("the point's home pool is where it was made; name another location")
     target = location_backend(app, location, bandwidth=bandwidth)
+    root = local_root(target)
+    if root is not None:  # a full disk refuses before the copy is even recorded
+        try:
+            check_free_space(root, f"location {location.label}")
+        except BaseException:
+            target.close()
+            raise
     put = put_options(location, app.clock(), storage_class=storage_class, retain_until=retain_until)
     app.catalog.set_copy(point.id, location.id, "copying")
     try:
@@ -348,7 +368,8 @@ def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
 def _verify_cold_copy(app: Appliance, point_id: str, location: LocationRecord) -> dict[str, Any]:
     """Check a copy whose data packs are cold without thawing them: its manifest, trees and
     chunk tables (hot) are read and decrypted, its index lists every blob, and every data pack
-    is there with the size the home pool's pack has (when the home pool still has it)."""
+    is there with the size the home pool's pack has (when the home pool still has it): on its
+    own, or in a bundle listed with the size its directory says."""
     backend = location_backend(app, location)
     problems: list[str] = []
     checked = 0
@@ -366,23 +387,20 @@ def _verify_cold_copy(app: Appliance, point_id: str, location: LocationRecord) -
             for pack, kind in sorted(needs.packs.items()):
                 name = pack_object_name(pack, kind)
                 try:
-                    size = backend.stat(name).size
+                    expected: int | None = app.repo.backend.stat(name).size
                 except ObjectMissing:
-                    problems.append(f"pack {pack.hex()[:16]} is missing")
-                    continue
-                checked += 1
-                try:
-                    expected = app.repo.backend.stat(name).size
-                except ObjectMissing:
-                    continue  # the home pool dropped it: presence is what can be checked
-                if size != expected:
-                    problems.append(f"pack {pack.hex()[:16]} has {size} bytes, not {expected}")
+                    expected = None  # the home pool dropped it: presence is what can be checked
+                problem = cold_pack_problem(backend, name, expected)
+                if problem is None:
+                    checked += 1
+                else:
+                    problems.append(problem)
     finally:
         backend.close()
     return {
         "ok": not problems,
-        "mode": "cold: metadata read and checked, data packs present with their sizes "
-        "(cold data is not read)",
+        "mode": "cold: metadata read and checked, data packs present with their sizes, on "
+        "their own or in bundles (cold data is not read)",
         "packs_checked": checked,
         "points_checked": 1,
         "affected_points": {point_id: problems[:20]} if problems else {},
@@ -399,7 +417,8 @@ def adopt_location(
     """Add the points a location holds to the catalog as copies there (``catalog rebuild
     --from``): the location is registered under the identity its file names (with ``options``,
     credentials kept apart), points already in the catalog get one more copy, new ones are
-    added. Nothing is copied; only hot objects (identity, manifests, indexes) are read."""
+    added. Nothing is copied; only hot objects (identity, manifests, indexes, bundle
+    directories, which the location's cache keeps for its later reads) are read."""
     everything = dict(options or {})
     backend = open_backend(kind, address, **dict(everything))
     location_id = check_identity(backend, app.repo.store_id)
@@ -423,26 +442,32 @@ def adopt_location(
         )
     source = Repository(backend, app.repo.config, app.repo.key, location_cache(app, location.id))
     added, copies, damaged = 0, 0, []
-    for point_id in source.manifest_ids():
-        try:
-            manifest = source.get_manifest(point_id)
-        except Exception:  # a damaged manifest must not stop the others
-            damaged.append(point_id)
-            continue
-        try:
-            app.point(point_id)
-        except NotFound:
-            app.catalog.add_point(record_from_manifest(manifest), app.repo.store_id)
-            app.catalog.set_copy(point_id, home_id(app), "deleted")
-            added += 1
-        app.catalog.set_copy(point_id, location.id, "archived" if cold else "present")
-        copies += 1
+    try:
+        # Packs there may lie in bundles: their directories say which (and are cached now).
+        bundles = describe_bundles(load_bundles(backend, bundles_cache(app, location.id)))
+        for point_id in source.manifest_ids():
+            try:
+                manifest = source.get_manifest(point_id)
+            except Exception:  # a damaged manifest must not stop the others
+                damaged.append(point_id)
+                continue
+            try:
+                app.point(point_id)
+            except NotFound:
+                app.catalog.add_point(record_from_manifest(manifest), app.repo.store_id)
+                app.catalog.set_copy(point_id, home_id(app), "deleted")
+                added += 1
+            app.catalog.set_copy(point_id, location.id, "archived" if cold else "present")
+            copies += 1
+    finally:
+        source.close()
     return {
         "location": location.id,
         "label": location.label,
         "points_added": added,
         "copies": copies,
         "damaged_points": damaged,
+        **bundles,
     }
 
 
