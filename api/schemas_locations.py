@@ -193,9 +193,12 @@ class RecallEstimate(BaseModel):
     tier: str | None
     #: The tier's typical wait in words ("3-5 hours").
     typical_wait: str | None
-    #: The data packs the read needs and their bytes.
+    #: The data packs the read needs, and the cold objects holding them that are thawed
+    #: (packs on their own, and ``bundles`` of small packs, each counted whole) with their bytes.
     packs: int
     bytes: int
+    objects: int = 0
+    bundles: int = 0
     #: How often a waiting restore looks again.
     poll_seconds: float
     #: Why the cold copy could not be looked at now (packs and bytes are then 0).

@@ -74,7 +74,9 @@ def restore(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
             checkpoint={"recall": recall.to_dict()},
         )
     if recall.location is not None:
-        ctx.log("info", f"recalled {recall.packs} pack(s) from {recall.location}")
+        bundled = f" in {recall.objects} object(s), {recall.bundles} of them bundles"
+        what = f"{recall.packs} pack(s){bundled if recall.bundles else ''}"
+        ctx.log("info", f"recalled {what} from {recall.location}")
     ctx.log("info", f"restoring point {p['point']} to {checked.path} ({checked.kind})")
     result = app.restore(
         p["point"],

@@ -309,7 +309,8 @@ def _recall_price(app: Appliance, estimate: dict[str, Any]) -> dict[str, Any]:
     cost = None
     if estimate["reason"] is None:
         cost = recall_cost(
-            storage_class, str(estimate["tier"]), estimate["bytes"], estimate["packs"], prices
+            # One restore request per cold object: a bundle of small packs is thawed as one.
+            storage_class, str(estimate["tier"]), estimate["bytes"], estimate["objects"], prices
         )
     return {
         "storage_class": storage_class,

@@ -242,6 +242,26 @@ def _plain_client(endpoint: str) -> Any:
 # --- measurement ------------------------------------------------------------------------------
 
 
+def _bundled_packs(client: Any, bucket: str, prefix: str) -> dict[str, str]:
+    """Pack object name -> the bundle object holding it, from the bucket's bundle directories."""
+    from appliance.locations.bundles import parse_directory
+
+    holder: dict[str, str] = {}
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/bundles/"
+    )
+    for page in pages:
+        for item in page.get("Contents", []):
+            name = item["Key"][len(prefix) + 1 :]
+            if not name.endswith(".json"):
+                continue
+            data = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            directory = parse_directory(name, data)
+            for pack, _offset, _length in directory.packs:
+                holder[pack] = directory.bundle
+    return holder
+
+
 def _pack_files(store: Path) -> list[tuple[Path, str]]:
     out = []
     for folder in ("data", "meta"):
@@ -305,9 +325,9 @@ def _recall(
     work: Path,
     counter: RequestCounter,
     endpoint: str,
-    thawed: set[bytes],
+    thawed: set[str],
 ) -> Recall:
-    """Recall and restore one file; ``thawed``: the data packs earlier recalls asked for (the
+    """Recall and restore one file; ``thawed``: the cold objects earlier recalls asked for (the
     ones this one asks are added)."""
     from appliance.point_packs import data_blobs, point_packs
     from appliance.store import format as fmt
@@ -334,25 +354,35 @@ def _recall(
     if status.packs != len(mine_data):
         result.verify = f"asked {status.packs} packs, the file needs {len(mine_data)}"
         return result
-    # What the bucket was asked: of the point's data packs, exactly the file's (and those of
-    # earlier recalls) carry a restore header.
-    thawed.update(mine_data)
+    # What the bucket was asked: of the point's cold objects (data packs on their own, and
+    # bundles of small packs), exactly those holding the file's packs (and those of earlier
+    # recalls) carry a restore header.
     location = app.find_location(status.location_id)
     bucket, _, prefix = location.address[len("s3://") :].partition("/")
     client = _plain_client(endpoint)
     try:
-        asked = set()
-        for pack, kind in everything.packs.items():
-            if kind != fmt.PACK_KIND_DATA:
-                continue
-            key = f"{prefix}/{pack_object_name(pack, kind)}"
-            if client.head_object(Bucket=bucket, Key=key).get("Restore"):
-                asked.add(pack)
+        holder = _bundled_packs(client, bucket, prefix)
+        objects = {
+            holder.get(pack_object_name(p, k), pack_object_name(p, k))
+            for p, k in everything.packs.items()
+            if k == fmt.PACK_KIND_DATA
+        }
+        thawed.update(
+            holder.get(
+                pack_object_name(p, fmt.PACK_KIND_DATA), pack_object_name(p, fmt.PACK_KIND_DATA)
+            )
+            for p in mine_data
+        )
+        asked = {
+            name
+            for name in objects
+            if client.head_object(Bucket=bucket, Key=f"{prefix}/{name}").get("Restore")
+        }
     finally:
         client.close()
     if asked != thawed:
         result.verify = (
-            f"{len(asked)} packs have a restore asked, {len(thawed)} expected "
+            f"{len(asked)} objects have a restore asked, {len(thawed)} expected "
             f"({len(asked - thawed)} not needed)"
         )
         return result
@@ -479,7 +509,7 @@ def _run(
                             )
                 # Only the cold copies are left: every read must come from a bucket.
                 app.catalog.set_copy(points[0], home_location_id(app.repo.store_id), "deleted")
-                thawed: set[bytes] = set()
+                thawed: set[str] = set()
                 for what, rel, size in _pick_files(tree):
                     recall = _recall(
                         app, points[0], what, rel, size, tree, base, counter, endpoint, thawed
