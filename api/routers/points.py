@@ -310,7 +310,11 @@ def _recall_price(app: Appliance, estimate: dict[str, Any]) -> dict[str, Any]:
     if estimate["reason"] is None:
         cost = recall_cost(
             # One restore request per cold object: a bundle of small packs is thawed as one.
-            storage_class, str(estimate["tier"]), estimate["bytes"], estimate["objects"], prices
+            storage_class,
+            str(estimate["tier"]),
+            estimate["bytes"],
+            estimate["objects"],
+            prices,
         )
     return {
         "storage_class": storage_class,
