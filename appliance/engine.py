@@ -55,6 +55,7 @@ from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.restore import restore_disk, restore_tar, restore_tree
 from appliance.restore_target import keep_aside, keep_stamp
 from appliance.retention import RetentionDecision, RetentionRules, apply_retention
+from appliance.space import check_free_space
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
 from appliance.vmspec import default_spec, load_spec, normalise, parse_vm_source
@@ -222,6 +223,8 @@ class Appliance(LocationsMixin):
         cancel: threading.Event | None = None,
     ) -> BackupOutcome:
         source = os.path.abspath(source)
+        # A full pool refuses before anything is written (appliance.space).
+        check_free_space(self.data_dir.store_path, f"pool {DEFAULT_POOL}")
         with self.locks.shared(), self.locks.asset(asset):
             created = self.clock()
             mode, base = self._base(asset, "files", mode)
@@ -275,6 +278,7 @@ class Appliance(LocationsMixin):
         in its failover folder), not named by a request."""
         if not disks:
             raise InvalidInput("name at least one disk image")
+        check_free_space(self.data_dir.store_path, f"pool {DEFAULT_POOL}")
         if not own_disks:
             facts = self.block_facts()
             for d in disks:

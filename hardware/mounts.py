@@ -87,12 +87,19 @@ def filesystem_uuid(devnode: str) -> str | None:
 
 
 def devnodes_of(fs_uuid: str) -> list[str]:
-    """The device nodes holding the filesystem ``fs_uuid`` now (several for a btrfs pool)."""
+    """The device nodes holding the filesystem ``fs_uuid`` now (several for a btrfs pool),
+    probed afresh. blkid's cache is not asked: after a disk is pulled it still names the node
+    that went away, and a disk plugged in again may come back on another node while the old
+    one holds another disk."""
     try:
-        out = _run(["blkid", "-o", "device", "-t", f"UUID={fs_uuid}"], "finding a filesystem")
+        out = _run(
+            ["blkid", "-c", "/dev/null", "-o", "device", "-t", f"UUID={fs_uuid}"],
+            "finding a filesystem",
+        )
     except CommandFailed:
         return []
-    return sorted(line.strip() for line in out.splitlines() if line.strip())
+    found = (line.strip() for line in out.splitlines() if line.strip())
+    return sorted(d for d in found if filesystem_uuid(d) == fs_uuid)
 
 
 @dataclass(frozen=True)
@@ -148,9 +155,12 @@ def mount_filesystem(
         options.append("degraded")
     if read_only:
         options.append("ro")
+    if len(devices) > 1:  # btrfs: name every member, udev may not have registered them
+        options += [f"device={d}" for d in devices]
+    # The device just probed, not UUID=: mount would resolve that through blkid's cache.
     _run(
-        ["mount", "-o", ",".join(options), f"UUID={fs_uuid}", target],
-        f"mounting filesystem {fs_uuid} at {target}",
+        ["mount", "-o", ",".join(options), devices[0], target],
+        f"mounting filesystem {fs_uuid} ({devices[0]}) at {target}",
     )
     return devices[0]
 

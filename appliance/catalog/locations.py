@@ -30,6 +30,7 @@ from appliance.catalog.models import (
     LocationRow,
     MediaRow,
     PoolRow,
+    PoolUsageRow,
     StoreRow,
 )
 from appliance.catalog.records import (
@@ -37,15 +38,18 @@ from appliance.catalog.records import (
     LOCATION_ACCESS,
     LOCATION_KINDS,
     MEDIA_KINDS,
+    POOL_FS_TYPES,
+    POOL_PROFILES,
     STORE_HOME_LOCATIONS,
     STORE_LOCATION_KINDS,
     LocationRecord,
     MediaRecord,
     PoolRecord,
+    PoolUsageRecord,
     StoreRecord,
     home_location_id,
 )
-from appliance.errors import Conflict, NotFound
+from appliance.errors import Conflict, InvalidInput, NotFound
 
 #: Location kinds that are removable unless said otherwise.
 REMOVABLE_KINDS = frozenset({"removable", "tape_set"})
@@ -273,14 +277,52 @@ class LocationRepository:
 
     # --- pools and media -------------------------------------------------------------------------
 
-    def add_pool(self, name: str, path: str, store_id: str) -> PoolRecord:
+    def add_pool(
+        self,
+        name: str,
+        path: str,
+        store_id: str,
+        *,
+        fs_uuid: str | None = None,
+        fs_type: str | None = None,
+        profile: str | None = None,
+        members: list[str] | None = None,
+        location_id: str | None = None,
+        mountpoint: str | None = None,
+    ) -> PoolRecord:
+        """Record a pool: a directory pool (``path`` only), or a block pool with its
+        filesystem (``fs_uuid`` and the rest; see :class:`records.PoolRecord`). A taken name or
+        a filesystem already recorded as another pool is a :class:`Conflict`."""
         check_name(name, "pool name")
         check_name(store_id, "store ID")
+        if fs_uuid is not None:
+            check_name(fs_uuid, "filesystem UUID")
+        if fs_type is not None:
+            check_choice(fs_type, POOL_FS_TYPES, "pool filesystem")
+        if profile is not None:
+            check_choice(profile, POOL_PROFILES, "pool profile")
         conflict = f"pool {name} already exists"
         with self._db.session(write=True, conflict=conflict) as session:
             if session.get(PoolRow, name) is not None:
                 raise Conflict(conflict, pool=name)
-            row = PoolRow(name=name, path=path, store_id=store_id, created_at=self._db.now())
+            if fs_uuid is not None:
+                other = session.scalar(select(PoolRow.name).where(PoolRow.fs_uuid == fs_uuid))
+                if other is not None:
+                    raise Conflict(
+                        f"filesystem {fs_uuid} is already pool {other}", pool=other, fs_uuid=fs_uuid
+                    )
+            row = PoolRow(
+                name=name,
+                path=path,
+                store_id=store_id,
+                created_at=self._db.now(),
+                fs_uuid=fs_uuid,
+                fs_type=fs_type,
+                profile=profile,
+                members=list(members) if members is not None else None,
+                location_id=location_id,
+                mountpoint=mountpoint,
+            )
             session.add(row)
             return row.to_record()
 
@@ -297,12 +339,78 @@ class LocationRepository:
                 row.to_record() for row in session.scalars(select(PoolRow).order_by(PoolRow.name))
             ]
 
+    def update_pool(
+        self,
+        name: str,
+        *,
+        members: list[str] | None = None,
+        mountpoint: str | None = None,
+        location_id: str | None = None,
+        path: str | None = None,
+    ) -> PoolRecord:
+        """Change what may change of a pool (its disks after a replacement, where it is
+        mounted, its location); None leaves a field unchanged."""
+        with self._db.session(write=True) as session:
+            row = session.get(PoolRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"pool {name} does not exist", pool=name)
+            if members is not None:
+                row.members = list(members)
+            if mountpoint is not None:
+                row.mountpoint = mountpoint
+            if location_id is not None:
+                row.location_id = location_id
+            if path is not None:
+                row.path = path
+            return row.to_record()
+
     def delete_pool(self, name: str) -> None:
+        """Forget a pool and its usage history (its disks and their data are left alone)."""
         with self._db.session(write=True) as session:
             row = session.get(PoolRow, name)
             if row is None:
                 raise NotFound(f"pool {name} does not exist", pool=name)
+            session.execute(delete(PoolUsageRow).where(PoolUsageRow.pool == name))
             session.delete(row)
+
+    def add_pool_usage(
+        self, pool: str, at: datetime, used_bytes: int, total_bytes: int
+    ) -> PoolUsageRecord:
+        """Record a usage sample of ``pool`` taken at ``at``; a second sample at the same instant
+        replaces the first. Negative byte counts are :class:`InvalidInput`."""
+        at = utc(at, "sample time")
+        if used_bytes < 0 or total_bytes < 0:
+            raise InvalidInput("a usage sample counts bytes: they are never negative")
+        with self._db.session(write=True) as session:
+            if session.get(PoolRow, pool) is None:
+                raise NotFound(f"pool {pool} does not exist", pool=pool)
+            row = session.get(PoolUsageRow, (pool, at), with_for_update=True)
+            if row is None:
+                row = PoolUsageRow(pool=pool, at=at, used_bytes=used_bytes, total_bytes=total_bytes)
+                session.add(row)
+            else:
+                row.used_bytes = used_bytes
+                row.total_bytes = total_bytes
+            return row.to_record()
+
+    def list_pool_usage(
+        self, pool: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[PoolUsageRecord]:
+        """The usage samples of ``pool``, oldest first (``since`` and ``until`` inclusive)."""
+        query = select(PoolUsageRow).where(PoolUsageRow.pool == pool).order_by(PoolUsageRow.at)
+        if since is not None:
+            query = query.where(PoolUsageRow.at >= utc(since, "since"))
+        if until is not None:
+            query = query.where(PoolUsageRow.at <= utc(until, "until"))
+        with self._db.session(write=False) as session:
+            return [row.to_record() for row in session.scalars(query)]
+
+    def prune_pool_usage(self, before: datetime) -> int:
+        """Delete every pool's samples taken before ``before``; returns how many went."""
+        before = utc(before, "before")
+        with self._db.session(write=True) as session:
+            result = session.execute(delete(PoolUsageRow).where(PoolUsageRow.at < before))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def ensure_media(
         self, identity: str, kind: str, label: str, location_id: str | None = None

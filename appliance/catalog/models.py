@@ -59,6 +59,7 @@ from appliance.catalog.records import (
     PointRecord,
     PolicyRecord,
     PoolRecord,
+    PoolUsageRecord,
     SessionRecord,
     StoreRecord,
     TokenRecord,
@@ -368,16 +369,54 @@ class JobLogRow(Base):
 
 
 class PoolRow(Base):
+    """A disk pool; the filesystem columns (revision 0006) are NULL for a directory pool."""
+
     __tablename__ = "pools"
+    __table_args__ = (Index(None, "fs_uuid", unique=True),)
 
     name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     store_id: Mapped[str] = mapped_column(String(NAME))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    fs_uuid: Mapped[str | None] = mapped_column(String(NAME))
+    fs_type: Mapped[str | None] = mapped_column(String(STATE))
+    profile: Mapped[str | None] = mapped_column(String(STATE))
+    members: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    # No foreign key, like store_id: the pool is the filesystem's record, its location the
+    # store's; forgetting a location must not need the pool row gone first.
+    location_id: Mapped[str | None] = mapped_column(String(NAME))
+    mountpoint: Mapped[str | None] = mapped_column(Text)
 
     def to_record(self) -> PoolRecord:
         return PoolRecord(
-            name=self.name, path=self.path, store_id=self.store_id, created_at=self.created_at
+            name=self.name,
+            path=self.path,
+            store_id=self.store_id,
+            created_at=self.created_at,
+            fs_uuid=self.fs_uuid,
+            fs_type=self.fs_type,
+            profile=self.profile,
+            members=list(self.members or []),
+            location_id=self.location_id,
+            mountpoint=self.mountpoint,
+        )
+
+
+class PoolUsageRow(Base):
+    """A sample of a pool's usage (revision 0006); removed with its pool."""
+
+    __tablename__ = "pool_usage"
+
+    pool: Mapped[str] = mapped_column(
+        String(NAME), ForeignKey("pools.name", ondelete="CASCADE"), primary_key=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    used_bytes: Mapped[int] = mapped_column(BigInteger)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+
+    def to_record(self) -> PoolUsageRecord:
+        return PoolUsageRecord(
+            pool=self.pool, at=self.at, used_bytes=self.used_bytes, total_bytes=self.total_bytes
         )
 
 

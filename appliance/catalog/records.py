@@ -49,6 +49,10 @@ STORE_HOME_LOCATIONS: dict[str, tuple[str, str, bool]] = {
     "bucket": ("s3_bucket", "random", False),
     "peer": ("peer", "random", False),
 }
+#: Filesystems a block pool is made of, and its layouts (btrfs data and metadata profiles; a
+#: pool of one ext4 or xfs disk is ``single``).
+POOL_FS_TYPES = frozenset({"ext4", "xfs", "btrfs"})
+POOL_PROFILES = frozenset({"single", "raid1", "raid10"})
 MEDIA_KINDS = frozenset({"usb", "tape"})
 USER_ROLES = frozenset({"admin", "operator", "viewer"})
 LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
@@ -238,12 +242,42 @@ class PolicyRecord:
 
 @dataclass(frozen=True)
 class PoolRecord:
-    """A disk pool: a filesystem mounted at ``path`` that holds the store ``store_id``."""
+    """A disk pool: a place on the appliance's own disks that holds (a location of) the store
+    ``store_id``; ``path`` is the store's folder there.
+
+    The data directory's own pool (``default``) is a folder on the system disk: no ``fs_uuid``.
+    A *block pool* (revision 0006) is a filesystem of its own on its own disks: ``fs_type``
+    (:data:`POOL_FS_TYPES`) with ``profile`` (:data:`POOL_PROFILES`), mounted by ``fs_uuid`` at
+    ``mountpoint``, its store (``path``) registered as location ``location_id``. ``members`` are
+    the stable identities of its disks in btrfs device-id order: ``members[i]`` is device id
+    ``i + 1`` (mkfs numbers the disks in the order given; a replaced disk takes its place).
+    """
 
     name: str
     path: str
     store_id: str
     created_at: datetime
+    fs_uuid: str | None = None
+    fs_type: str | None = None
+    profile: str | None = None
+    members: list[str] = field(default_factory=list)
+    location_id: str | None = None
+    mountpoint: str | None = None
+
+    @property
+    def block(self) -> bool:
+        """A filesystem of its own on its own disks (not a folder of the system disk)."""
+        return self.fs_uuid is not None
+
+
+@dataclass(frozen=True)
+class PoolUsageRecord:
+    """One sample of a pool's filesystem usage (the history its growth forecast is made from)."""
+
+    pool: str
+    at: datetime
+    used_bytes: int
+    total_bytes: int
 
 
 @dataclass(frozen=True)
