@@ -33,6 +33,7 @@ from appliance.backup.images import backup_disk
 from appliance.catalog import Catalog
 from appliance.catalog.records import PointRecord, home_location_id
 from appliance.engine_locations import LocationsMixin
+from appliance.errors import Conflict as ConflictError
 from appliance.errors import (
     InvalidInput,
     NotFound,
@@ -352,7 +353,20 @@ class Appliance(LocationsMixin):
         return self.catalog.get_point(point_id)
 
     def manifest(self, point_id: str) -> dict[str, Any]:
-        return self.repo.get_manifest(self.point(point_id).id)
+        """The point's manifest: from the home pool, or from its best copy elsewhere when the
+        home copy left (manifests stay hot in cold buckets: no recall is needed)."""
+        point = self.point(point_id)
+        try:
+            return self.repo.get_manifest(point.id)
+        except ObjectMissing:
+            held = self.catalog.copies_of(point.id)
+            if not any(c.state in ("present", "archived", "recalling") for c in held):
+                raise
+        repo = self.reader(point.id)
+        try:
+            return repo.get_manifest(point.id)
+        finally:
+            repo.close()
 
     # --- restore targets ---------------------------------------------------------------------
 
@@ -565,13 +579,28 @@ class Appliance(LocationsMixin):
     def delete_points(
         self, point_ids: list[str], *, deleted: Callable[[str], None] | None = None
     ) -> None:
-        """Delete points: each one's manifest, then its catalog entry, under the store's
-        exclusive lock (LockHeld while a backup, restore or maintenance holds it). The data they
-        alone used is freed by the next GC."""
+        """Delete points from the home pool: each one's manifest, then its catalog entry, under
+        the store's exclusive lock (LockHeld while a backup, restore or maintenance holds it).
+        The data they alone used is freed by the next GC.
+
+        A point with copies at other locations keeps its catalog entry (its home copy becomes
+        ``deleted``): those copies leave by expiring at their location (``expire_copy``, never
+        before their lock ends), not by a delete here. A point held *only* elsewhere is refused
+        (:class:`~appliance.errors.Conflict`, naming the copies and until when they are locked), so that no one
+        with the appliance's admin rights makes a locked copy disappear from view."""
+        home = home_location_id(self.repo.store_id)
         with self.locks.exclusive():
             for point_id in point_ids:
+                copies = self.catalog.copies_of(point_id)
+                held = [c for c in copies if c.state not in ("deleted", "lost")]
+                elsewhere = [c for c in held if c.location_id != home]
+                if elsewhere and all(c.location_id != home for c in held):
+                    raise ConflictError(_held_elsewhere(self, point_id, elsewhere), point=point_id)
                 self.repo.delete_manifest(point_id)
-                self.catalog.delete_point(point_id)
+                if elsewhere:
+                    self.catalog.set_copy(point_id, home, "deleted")
+                else:
+                    self.catalog.delete_point(point_id)
                 if deleted is not None:
                     deleted(point_id)
 
@@ -587,7 +616,18 @@ class Appliance(LocationsMixin):
         if rules.empty():
             raise InvalidInput("a prune needs at least one keep rule")
         self.catalog.get_asset(asset)
-        decision = apply_retention(self.catalog.list_points(asset=asset), rules)
+        # Retention keeps the home pool: points whose home copy already left (tiering kept them
+        # elsewhere) are not the home pool's to keep or remove.
+        home = home_location_id(self.repo.store_id)
+        local = [
+            p
+            for p in self.catalog.list_points(asset=asset)
+            if any(
+                c.location_id == home and c.state not in ("deleted", "lost")
+                for c in self.catalog.copies_of(p.id)
+            )
+        ]
+        decision = apply_retention(local, rules)
         if not dry_run:
             self.delete_points(decision.remove, deleted=deleted)
         return decision
@@ -613,6 +653,21 @@ class Appliance(LocationsMixin):
             "damaged": len(damaged),
             "damaged_points": damaged,
         }
+
+
+def _held_elsewhere(app: Appliance, point_id: str, copies: list[Any]) -> str:
+    labels = {loc.id: loc.label for loc in app.catalog.list_locations(app.repo.store_id)}
+    now = app.clock()
+    held = []
+    for copy in copies:
+        where = labels.get(copy.location_id or "", copy.location_id or "?")
+        if copy.retain_until is not None and copy.retain_until > now:
+            where += f" (locked until {copy.retain_until.isoformat(timespec='minutes')})"
+        held.append(where)
+    return (
+        f"point {point_id} has no copy on the home pool; it is held at {', '.join(held)} "
+        "and leaves by expiring there (never before its lock ends)"
+    )
 
 
 def _disk_names(disks: list[str]) -> list[str]:

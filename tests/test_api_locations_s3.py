@@ -332,3 +332,61 @@ def test_the_api_offers_exactly_the_bucket_backends_choices() -> None:
     assert set(COLD_STORAGE_CLASSES) == set(s3.COLD_CLASSES)
     assert get_args(LockMode) == s3.LOCK_MODES
     assert get_args(RestoreTier) == s3.RESTORE_TIERS
+
+
+def test_an_admin_cannot_make_a_locked_copy_go_away(
+    server: LiveServer,
+    admin: httpx.Client,
+    operator: httpx.Client,
+    viewer: httpx.Client,
+    cold_location: dict[str, Any],
+    s3: S3Server,
+    tmp_path: Path,
+) -> None:
+    """Deleting a point removes its home copy only: a point held in a locked bucket stays listed
+    with that copy; once the bucket holds its only copy, a delete is refused until the lock ends,
+    and the bucket refuses the appliance's own credentials a delete of the locked objects."""
+    source = tmp_path / "ledger"
+    source.mkdir()
+    (source / "ledger.db").write_bytes(os.urandom(300_000))
+    r = admin.post("/api/assets", json={"name": "ledger", "kind": "files", "path": str(source)})
+    assert r.status_code == 201, r.text
+    job = wait_job(operator, operator.post("/api/assets/ledger/backup", json={}).json()["id"])
+    older = job["result"]["point"]
+    job = wait_job(operator, operator.post("/api/assets/ledger/backup", json={}).json()["id"])
+    assert job["state"] == "succeeded", job
+    r = operator.post(f"/api/points/{older}/copy", json={"location": "cold-site"})
+    assert wait_job(operator, r.json()["id"])["state"] == "succeeded"
+
+    # The delete takes the home copy; the locked one stays, and the point with it.
+    assert admin.delete(f"/api/points/{older}").status_code == 204
+    copies = {c["location"]: c for c in viewer.get(f"/api/points/{older}").json()["copies"]}
+    assert copies["cold-site"]["state"] == "archived", copies
+    assert copies["default"]["state"] == "deleted", copies
+    # Its folders are read from the bucket's hot metadata, without a recall.
+    listing = viewer.get(f"/api/points/{older}/files")
+    assert listing.status_code == 200, listing.text
+    assert [e["name"] for e in listing.json()["entries"]] == ["ledger.db"]
+
+    # Now the bucket holds its only copy: refused, saying until when it is locked.
+    r = admin.delete(f"/api/points/{older}")
+    assert r.status_code == 409, r.text
+    assert "locked until" in r.json()["message"] and "cold-site" in r.json()["message"]
+    assert viewer.get(f"/api/points/{older}").status_code == 200
+
+    # The appliance's credentials cannot delete the locked objects either (COMPLIANCE).
+    app = server.service.app
+    location = app.find_location("cold-site")
+    from appliance.errors import ObjectLocked
+    from appliance.locations.work import location_backend
+
+    backend = location_backend(app, location)
+    try:
+        with pytest.raises(ObjectLocked):
+            backend.delete(f"manifests/{older}")
+    finally:
+        backend.close()
+    client = s3.client()
+    head = client.head_object(Bucket=cold_location["bucket"], Key=f"site/manifests/{older}")
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+    assert head["ObjectLockRetainUntilDate"] > datetime.now(UTC) + timedelta(days=1)

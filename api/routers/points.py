@@ -11,6 +11,8 @@ bytes, not money (``appliance`` never imports ``tiering``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -45,10 +47,11 @@ from api.streams import (
 from api.views import copies_public, job_public, point_public
 from appliance.boot_verification import boot_test_result
 from appliance.catalog import Catalog
-from appliance.catalog.records import FailoverSessionRecord, PointRecord
+from appliance.catalog.records import FailoverSessionRecord, PointRecord, home_location_id
 from appliance.engine import Appliance
 from appliance.errors import InvalidInput
 from appliance.locations.recall import recall_estimate
+from appliance.store.repository import Repository
 from tiering.pricing import effective_prices, recall_cost
 from tiering.work import PRICES_KEY
 
@@ -115,7 +118,7 @@ def _summary(manifest: dict[str, Any]) -> ManifestSummary:
 def get_point(point_id: str, principal: Viewer, service: ServiceDep) -> PointDetail:
     app = service.app
     point = app.point(point_id)
-    manifest = app.repo.get_manifest(point.id)
+    manifest = app.manifest(point.id)
     return PointDetail(
         **_with_proof(point, _proof_of(app.catalog, point)).model_dump(),
         copies=copies_public(app.catalog, point.id),
@@ -123,12 +126,27 @@ def get_point(point_id: str, principal: Viewer, service: ServiceDep) -> PointDet
     )
 
 
+@contextmanager
+def _trees_of(app: Appliance, point_id: str) -> Iterator[Repository]:
+    """Where the point's folders are read: the home pool, or its best copy once the home copy
+    left (tree blobs lie in metadata packs, which stay hot in cold buckets)."""
+    home = home_location_id(app.repo.store_id)
+    if any(c.location_id == home and c.state == "present" for c in app.catalog.copies_of(point_id)):
+        yield app.repo
+        return
+    repo = app.reader(point_id)
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
 def _files_manifest(service: ServiceDep, point_id: str) -> tuple[str, dict[str, Any]]:
     app = service.app
     point = app.point(point_id)
     if point.kind != "files":
         raise InvalidInput("only file points have files to browse; restore a VM point instead")
-    return point.id, app.repo.get_manifest(point.id)
+    return point.id, app.manifest(point.id)
 
 
 @router.get("/points/{point_id}/files", response_model=DirectoryListing)
@@ -143,9 +161,8 @@ def browse(
     """One page of a folder of the point (``path`` relative, "" for the top)."""
     pid, manifest = _files_manifest(service, point_id)
     folder = normalise(path)
-    records, next_after = list_directory(
-        service.app.repo, manifest, folder, after=after, limit=limit
-    )
+    with _trees_of(service.app, pid) as repo:
+        records, next_after = list_directory(repo, manifest, folder, after=after, limit=limit)
     entries = [
         FileEntry(
             name=display(str(r["path"]).rsplit("/", 1)[-1]),
