@@ -3,6 +3,8 @@
 Shared by the failover tests and the scheduled boot verification tests: the guest image (built
 once and cached by content hash, :func:`image.testguest.build_test_guest`), its VM definition and
 the boot proof that fits it. Missing QEMU tools FAIL (never skip) with the install step.
+The USB probe guest (:func:`usb_probe_guest`) is the same kernel with udev and the USB disk
+drivers, for the tests of what udev says about a USB disk.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from appliance.errors import InvalidInput
+from image.probe_guest import PACKAGES as PROBE_PACKAGES
+from image.probe_guest import QEMU, ProbeGuest, build_probe_guest
 from image.testguest import MARKER, build_test_guest
 
 #: The guest's VM definition, as recorded with its backups.
@@ -35,3 +40,22 @@ def guest_image_path() -> str:
             pytrace=False,
         )
     return build_test_guest()
+
+
+def usb_probe_guest() -> ProbeGuest:
+    """The USB probe guest (:mod:`image.probe_guest`: the Debian kernel, busybox, udev), built
+    once and cached; fails the test, with the install step, when QEMU or a package it is built
+    from is missing."""
+    if not shutil.which(QEMU):
+        pytest.fail(
+            f"{QEMU} missing: run scripts/setup (apt-get install -y qemu-system-x86)",
+            pytrace=False,
+        )
+    try:
+        return build_probe_guest()
+    except InvalidInput as exc:
+        pytest.fail(
+            f"cannot build the USB probe guest: {exc.message} "
+            f"(scripts/setup installs {PROBE_PACKAGES})",
+            pytrace=False,
+        )
