@@ -230,7 +230,8 @@ def test_insert_exports_by_itself_verifies_and_says_safe_to_remove_and_a_fresh_a
     point = app.backup_files(str(tree), "docs").point.id
     disk = disks("offsite-a")
     blank = usb_record(disk.plug_in())
-    assert blank.usb and blank.serial == "QEMU_QEMU_HARDDISK_LABSTICK0001-0:0"
+    assert blank.usb and blank.serial == "LABSTICK0001"
+    assert blank.identity == "serial:QEMU_QEMU_HARDDISK_LABSTICK0001-0:0"
 
     medium = initialise_medium(app, blank, "OFFSITE-A", "Offsite")
     mountpoint = media_mountpoint(app.data_dir.path, medium.identity)

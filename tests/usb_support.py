@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hardware.records import BlockDevice
+from hardware.udev import record_from_properties
 
 FIXTURE = (
     Path(__file__).resolve().parent
@@ -59,29 +60,31 @@ def usb_record(
     fs_type: str | None = None,
 ) -> BlockDevice:
     """The recorded USB stick's record, on the real device ``devnode`` (its size and the
-    filesystem it holds now). ``serial_suffix`` makes another stick of the same model."""
+    filesystem it holds now), made by discovery's own converter from the recorded udev
+    properties. ``serial_suffix`` makes another stick of the same model."""
     p = recorded_device()
-    serial = p["ID_SERIAL"] + (serial_suffix or "")
     size = int(
         subprocess.run(
             ["blockdev", "--getsize64", devnode], capture_output=True, text=True, check=True
         ).stdout
     )
-    return BlockDevice(
-        identity=f"serial:{serial}",
-        devnode=devnode,
-        kind="disk" if p["DEVTYPE"] == "disk" else "partition",
-        size_bytes=size,
-        bus=p["ID_BUS"],
-        vendor=p["ID_VENDOR"],
-        model=p["ID_MODEL"],
-        serial=serial,
-        removable=p.get("attr:removable") == "1",
-        fs_type=fs_type,
-        fs_uuid=fs_uuid,
-        fs_label=fs_label,
-        links=(f"/dev/disk/by-id/usb-{serial}",),
+    suffix = serial_suffix or ""
+    properties = {k: v for k, v in p.items() if not k.startswith(("attr:", "ID_FS_"))}
+    # Converted as the recorded disk (a loop node would be taken for a loop device), then put
+    # on the real device that stands in for it.
+    properties.update(
+        ID_SERIAL=p["ID_SERIAL"] + suffix,
+        ID_SERIAL_SHORT=p["ID_SERIAL_SHORT"] + suffix,
+        DEVLINKS=f"/dev/disk/by-id/usb-{p['ID_SERIAL']}{suffix}",
     )
+    for key, value in (("ID_FS_UUID", fs_uuid), ("ID_FS_LABEL", fs_label), ("ID_FS_TYPE", fs_type)):
+        if value is not None:
+            properties[key] = value
+    attributes = {k[len("attr:") :]: v for k, v in p.items() if k.startswith("attr:")}
+    attributes.update(size=str(size // 512), ro="0")
+    record = record_from_properties(properties, attributes)
+    assert isinstance(record, BlockDevice), record
+    return replace(record, devnode=devnode)
 
 
 def probed(record: BlockDevice) -> BlockDevice:
