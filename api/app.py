@@ -25,6 +25,7 @@ from api.routers import (
     assets,
     auth,
     failover,
+    hardware,
     jobs,
     locations,
     maintenance,
@@ -137,6 +138,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         jobs,
         status,
         tiering,
+        hardware,
         users,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)

@@ -459,17 +459,65 @@ class JobLogLine(BaseModel):
 # --- pools, settings, audit, dashboard -------------------------------------------------------------------------
 
 
+class PoolUsageSample(BaseModel):
+    """A pool's usage on one day (the day's last hourly sample): the forecast's history."""
+
+    day: datetime
+    used_bytes: int
+    total_bytes: int
+
+
+class PoolMemberPublic(BaseModel):
+    """A disk of a block pool, by identity; where it is now if it is attached."""
+
+    identity: str
+    devnode: str | None = None
+    model: str | None = None
+    size_bytes: int | None = None
+    #: btrfs cannot find it (the pool runs degraded), or it is not attached.
+    missing: bool = False
+
+
 class PoolPublic(BaseModel):
     name: str
+    #: The store's folder on the pool.
     path: str
     store_id: str
+    #: Zero while a block pool's filesystem is not mounted (``mounted`` false).
     total_bytes: int
     free_bytes: int
     used_bytes: int
+    #: The store's size (a block pool holds nothing else: its filesystem's used bytes).
     store_bytes: int
+    #: Points with a copy in the pool.
     points: int
     growth_bytes_per_day: float
     days_until_full: float | None
+    #: ``directory`` (the data directory's own pool, a folder) or ``block`` (disks of its own).
+    kind: Literal["directory", "block"] = "directory"
+    fs_uuid: str | None = None
+    fs_type: str | None = None
+    #: ``single``, ``raid1`` or ``raid10``.
+    profile: str | None = None
+    mountpoint: str | None = None
+    location_id: str | None = None
+    members: list[PoolMemberPublic] = []
+    mounted: bool = True
+    #: ``ok``, ``warning``, ``degraded``, ``damaged`` or ``unavailable``, with the reasons.
+    health: str = "ok"
+    health_reasons: list[str] = []
+    #: Mounted with a disk missing, or holding data with one copy only.
+    degraded: bool = False
+    #: Members with non-zero btrfs error counters: ``{member, device, devid, counters}``.
+    device_errors: list[dict[str, Any]] = []
+    #: The last scrub's result (``corrected``, ``uncorrectable``, ...), if any.
+    last_scrub: dict[str, Any] | None = None
+    #: What must stay free: a backup or copy that would eat into it is refused.
+    reserve_bytes: int = 0
+    #: Such as "shares the system disk" (the default pool on the disk ``/`` is on).
+    warnings: list[str] = []
+    #: Daily usage over the last 30 days (the growth forecast's samples).
+    usage_history: list[PoolUsageSample] = []
 
 
 class SettingsUpdate(Request):

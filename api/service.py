@@ -12,25 +12,39 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
    to repeat (backups, verify, ...) are queued again and resume.
    The failover manager starts (``image.failover``): sessions a previous process left active
    are reconciled, and the failover job kinds are bound to it.
+   Before it starts, every disk pool is mounted (``hardware.pools.mount_pools``; a pool that
+   will not mount is logged and the others mount), and the pool and USB job kinds are
+   registered (``pool_create``, ``pool_scrub``, ``pool_replace``, ``pool_import``,
+   ``usb_export``, ``usb_eject``, and ``usb_initialise`` here).
 3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
-   service was down.
-4. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``
+   service was down. Besides policies and tiering it samples the pools' usage hourly and asks
+   for their monthly scrub (``hardware.pool_jobs.pool_tick``).
+4. The device monitor starts (``hardware.udev.DeviceMonitor``, unless ``device_monitor`` is
+   off): a first scan, then :func:`~hardware.usb_jobs.reconcile_media` over it (media pulled
+   while the service was down are ``out``, a medium found plugged in starts its export); after
+   that every rescan that differs (on a udev event, or every ``device_monitor_interval``
+   seconds; only the latter where udevd does not run) goes to
+   :func:`~hardware.usb_jobs.on_devices_changed`. The service keeps the latest scan for the
+   API (:meth:`Service.inventory`); without the monitor the API scans when it asks.
+5. While no admin exists, a one-time set-up code is written to ``<data>/secrets/setup-code``
    (0600) and printed in the log; every first-run request, loopback included, must present it.
 
-Shutdown reverses it: the scheduler stops, running jobs are interrupted (they resume on the next
-start), VMs still running from a backup export are stopped (migrated ones run on) and the
-appliance closes.
+Shutdown reverses it: the device monitor stops, the scheduler stops, running jobs are
+interrupted (they resume on the next start), VMs still running from a backup export are stopped
+(migrated ones run on) and the appliance closes. Pools and media stay mounted as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,11 +55,19 @@ from api.settings import Settings
 from appliance.engine import Appliance, DataDir, utcnow
 from appliance.errors import Conflict, InvalidInput, PassphraseRequired
 from appliance.file_modes import tighten_data_dir
-from appliance.jobs import JobRunner
+from appliance.job_context import JobView
+from appliance.jobs import JobKind, JobRunner, register_job_kind
 from appliance.path_rules import default_restore_area
 from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
+from hardware.pool_jobs import device_from_params, pool_tick, register_pool_jobs
+from hardware.pools import mount_pools
+from hardware.records import BlockDevice, DeviceDiff, Inventory, diff
+from hardware.rotation import DEFAULT_SET
+from hardware.udev import DeviceMonitor, record_from_properties, scan
+from hardware.usb import initialise_medium
+from hardware.usb_jobs import on_devices_changed, reconcile_media, register_usb_jobs
 from image.failover import FailoverManager, register_failover_jobs
 from tiering.schedule import tiering_tick
 from tiering.work import register_tiering_jobs
@@ -72,6 +94,12 @@ AUTH_TTL = 2.0
 JOB_ANSWER_TTL = 0.5
 #: How long the answer to a points list is reused; new points appear within this time.
 POINTS_ANSWER_TTL = 1.0
+#: Without the device monitor, how long one scan of the disks answers the API.
+INVENTORY_TTL = 2.0
+#: How long ``POST /api/disks/rescan`` waits for the monitor's rescan.
+RESCAN_WAIT = 15.0
+#: The job kind that makes a USB disk appliance media (see :func:`initialise_job`).
+INITIALISE_KIND = "usb_initialise"
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -83,6 +111,91 @@ def _write_secret(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- hardware: the initialise job, and the test-only USB overlay ---------------------------------
+
+
+def initialise_job(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
+    """The ``usb_initialise`` job: make the disk ``p["device"]`` (a record of the scan the
+    request was checked against; ``p["related"]``: its partitions in that scan) a USB medium of
+    set ``p["set"]`` labelled ``p["label"]`` (:func:`hardware.usb.initialise_medium`, which
+    checks the disk again first). Not resumed after a restart: the disk holds a new filesystem
+    by then and is refused ("scan again"), so an interrupted one stays interrupted."""
+    device = device_from_params(p["device"])
+    related = [device_from_params(d) for d in p.get("related") or []]
+    inventory = Inventory(block={d.identity: d for d in (device, *related)})
+    ctx.progress({"phase": "initialising"})
+    ctx.log("info", f"erasing {device.devnode} ({device.identity}) and making it appliance media")
+    state = initialise_medium(
+        app, device, p.get("label") or None, p.get("set") or DEFAULT_SET, inventory=inventory
+    )
+    ctx.log("info", f"USB disk {state.label} (set {state.set_name}) is ready and safe to remove")
+    return {**state.to_dict(), "medium": state.identity}
+
+
+def register_initialise_job() -> None:
+    register_job_kind(
+        INITIALISE_KIND,
+        JobKind(
+            initialise_job,
+            lambda p: [(f"disk:{p['device']['identity']}", True)],
+            False,
+            lambda p: f"initialise USB disk {p.get('label') or p['device']['identity']}",
+        ),
+    )
+
+
+def overlay_usb_properties(inventory: Inventory, overlay: Path) -> Inventory:
+    """TESTS ONLY (``Settings.test_usb_overlay``): the loop devices of the backing files named in
+    ``overlay`` (JSON ``{"<backing file>": {udev property: value, "attr:<sysfs name>": value}}``,
+    as recorded from a real USB disk) reported as that disk: the recorded properties with the
+    loop device's node, size and filesystem go through discovery's own converter
+    (:func:`hardware.udev.record_from_properties`, under the recorded node name: it takes a
+    ``loop`` node without a backing file for a free one), then the record gets the loop
+    device's node. A host without USB can then play a USB disk being plugged in (``losetup``)
+    and pulled (``losetup -d``)."""
+    try:
+        overlays = json.loads(overlay.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return inventory
+    except (OSError, ValueError) as exc:
+        log.warning("the test USB overlay %s cannot be read: %s", overlay, exc)
+        return inventory
+    block: dict[str, BlockDevice] = {}
+    for device in inventory.block.values():
+        recorded = overlays.get(device.backing_file or "") if device.kind == "loop" else None
+        if isinstance(recorded, dict):
+            properties = {
+                k: str(v)
+                for k, v in recorded.items()
+                if not k.startswith(("ID_FS_", "attr:", "DEV"))
+            }
+            # The recorded disk's own filesystem links name another filesystem: left out.
+            links = [
+                link
+                for link in str(recorded.get("DEVLINKS", "")).split()
+                if link.startswith(("/dev/disk/by-id/", "/dev/disk/by-path/"))
+            ]
+            own = {
+                "ID_FS_TYPE": device.fs_type,
+                "ID_FS_UUID": device.fs_uuid,
+                "ID_FS_LABEL": device.fs_label,
+                "DEVLINKS": " ".join(links),
+            }
+            properties.update({k: v for k, v in own.items() if v})
+            node = str(recorded.get("DEVNAME") or "/dev/sdz")
+            properties.update(SUBSYSTEM="block", DEVTYPE="disk", DEVNAME=node)
+            attributes = {
+                "size": str(device.size_bytes // 512),
+                "ro": "1" if device.read_only else "0",
+                "removable": str(recorded.get("attr:removable", "0")),
+            }
+            record = record_from_properties(properties, attributes)
+            if isinstance(record, BlockDevice):
+                device = replace(record, devnode=device.devnode)
+        block[device.identity] = device
+    return replace(inventory, block=block)
 
 
 class Service:
@@ -104,6 +217,12 @@ class Service:
         self.recent_jobs: TtlCache[dict[str, str]] = TtlCache(JOB_ANSWER_TTL, max_entries=1)
         self._store_size: tuple[float, int, int] | None = None  # (when, bytes, jobs ended)
         self._store_size_lock = threading.Lock()
+        self.monitor: DeviceMonitor | None = None
+        #: The latest scan of the disks: (inventory, when, monotonic time), and how many so far.
+        self._scan: tuple[Inventory, datetime, float] | None = None
+        self._scans = 0
+        self._scan_lock = threading.Lock()
+        self._rescan_lock = threading.Lock()
 
     @property
     def jobs_finished(self) -> int:
@@ -134,6 +253,10 @@ class Service:
             self._ensure_default_pool()
             register_policy_jobs()
             register_tiering_jobs()
+            register_pool_jobs()
+            register_usb_jobs()
+            register_initialise_job()
+            self._mount_pools()
             # isolate: backups and restores fork workers, unsafe in this many-threaded process.
             self.runner = JobRunner(app, max_parallel=s.max_parallel_jobs, isolate=True)
             # Failover sessions: reconcile VMs a previous process left, bind the job kinds.
@@ -151,9 +274,12 @@ class Service:
                 tz=timezone_named(str(doc["timezone"])),
             )
             self.scheduler.extra_ticks.append(tiering_tick(app, self.runner))
+            self.scheduler.extra_ticks.append(pool_tick(app, self.runner))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()
+            if s.device_monitor:
+                self._start_monitor()
             app.catalog.purge_sessions()
             self._prepare_setup_code()
         except BaseException:
@@ -161,6 +287,9 @@ class Service:
             raise
 
     def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.runner is not None:
@@ -178,6 +307,99 @@ class Service:
         if not any(p.name == "default" for p in app.catalog.list_pools()):
             with contextlib.suppress(Conflict):  # another process added it meanwhile
                 app.catalog.add_pool("default", app.data_dir.store_path, app.repo.store_id)
+
+    def _mount_pools(self) -> None:
+        """Mount every disk pool; one that will not mount is logged (its health says why) and
+        the others still mount."""
+        try:
+            reports = mount_pools(self.app)
+        except Exception:
+            log.exception("mounting the disk pools failed; each is mounted when it is used")
+            return
+        for report in reports:
+            if report["error"]:
+                log.warning("pool %s is not mounted: %s", report["pool"], report["error"])
+            elif report["degraded"]:
+                log.warning("pool %s is mounted degraded: a disk is missing", report["pool"])
+
+    # --- disks --------------------------------------------------------------------------------
+
+    def _scan_disks(self) -> Inventory:
+        """Scan the disks (the monitor's scanner too), remembering the result for the API."""
+        inventory = scan()
+        overlay = self.settings.test_usb_overlay
+        if overlay is not None:
+            inventory = overlay_usb_properties(inventory, overlay)
+        with self._scan_lock:
+            self._scan = (inventory, self.now(), time.monotonic())
+            self._scans += 1
+        return inventory
+
+    def _devices_changed(self, change: DeviceDiff, inventory: Inventory) -> None:
+        """A scan differed from the one before: USB media plugged in or pulled, disks offered."""
+        if self.appliance is None or self.runner is None:
+            return
+        for outcome in on_devices_changed(self.appliance, self.runner, change, inventory):
+            log.info(
+                "disk %s: %s (%s)",
+                outcome.get("label") or outcome.get("device"),
+                outcome.get("action"),
+                outcome.get("reason", ""),
+            )
+
+    def _start_monitor(self) -> None:
+        s = self.settings
+        monitor = DeviceMonitor(
+            self._devices_changed, interval=s.device_monitor_interval, scanner=self._scan_disks
+        )
+        try:
+            first = monitor.start()
+        except Exception:
+            log.exception("the device monitor did not start; disks are scanned on request only")
+            return
+        self.monitor = monitor
+        try:
+            for outcome in reconcile_media(self.app, self.jobs, first):
+                log.info("disk %s: %s", outcome.get("label") or outcome.get("device"), outcome)
+        except Exception:
+            log.exception("reconciling the USB media with the disks found failed")
+
+    def inventory(self) -> tuple[Inventory, datetime]:
+        """The latest scan of the disks and when it was made: the monitor's, or (without the
+        monitor) one made now, reused for ``INVENTORY_TTL`` seconds."""
+        with self._scan_lock:
+            last = self._scan
+        if last is not None and (
+            self.monitor is not None or time.monotonic() - last[2] < INVENTORY_TTL
+        ):
+            return last[0], last[1]
+        return self.rescan()
+
+    def rescan(self) -> tuple[Inventory, datetime]:
+        """Scan the disks now. With the monitor, its thread rescans (and acts on what changed)
+        and this waits for it; without, the scan is made here and what changed since the last
+        one is acted on the same way."""
+        if self.monitor is not None:
+            with self._scan_lock:
+                before = self._scans
+            self.monitor.rescan_soon()
+            deadline = time.monotonic() + RESCAN_WAIT
+            while self._scans == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with self._scan_lock:
+                assert self._scan is not None
+                return self._scan[0], self._scan[1]
+        with self._rescan_lock:
+            with self._scan_lock:
+                old = self._scan[0] if self._scan is not None else None
+            inventory = self._scan_disks()
+            if old is not None:
+                change = diff(old, inventory)
+                if not change.empty:
+                    self._devices_changed(change, inventory)
+            with self._scan_lock:
+                assert self._scan is not None
+                return self._scan[0], self._scan[1]
 
     def _prepare_setup_code(self) -> None:
         if self.admin_exists():

@@ -65,6 +65,18 @@ class Settings(BaseSettings):
     #: One log line per HTTP request. Off by default: the page polls, and the line costs more
     #: CPU than answering a cached poll; changes and downloads are in the audit log anyway.
     access_log: bool = False
+    #: Watch the disks (``hardware.udev.DeviceMonitor``): a USB medium plugged in starts its
+    #: export, an unknown USB disk is offered on the page. Off: the disks are scanned only when
+    #: the API asks (``GET /api/disks``, ``POST /api/disks/rescan``).
+    device_monitor: bool = True
+    #: Seconds between the monitor's periodic rescans (it also rescans on every udev event
+    #: while udevd runs; without udevd only these rescans see a disk come and go).
+    device_monitor_interval: float = Field(default=30.0, gt=0, le=3600)
+    #: TESTS ONLY: a JSON file ``{"<loop backing file>": {udev properties}}``. A loop device of
+    #: such a file is reported with those properties (recorded from a real USB disk) laid over
+    #: its own node, size and filesystem, so a loop device stands in for a USB disk on a host
+    #: without USB. Never set on an appliance.
+    test_usb_overlay: Path | None = None
 
     @model_validator(mode="after")
     def _plain_http_only_on_loopback(self) -> Settings:

@@ -1,4 +1,5 @@
-"""Read-mostly views of the whole appliance: dashboard, pools, settings, audit log, metrics.
+"""Read-mostly views of the whole appliance: dashboard, settings, audit log, metrics (the pools
+are in :mod:`api.routers.hardware`, with the disks they are made of).
 
 The dashboard and ``/metrics`` take their numbers from :mod:`appliance.protection` (RPO status,
 growth trend) with the service's clock, so tests pin "now". Boot verification comes from the
@@ -25,7 +26,6 @@ from api.schemas import (
     CapacitySample,
     DashboardPublic,
     JobCounts,
-    PoolPublic,
     SettingsPublic,
     SettingsUpdate,
 )
@@ -194,36 +194,6 @@ def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
         ),
         alerts=dashboard_alerts(assets),
     )
-
-
-@router.get("/pools", response_model=list[PoolPublic])
-def pools(principal: Viewer, service: ServiceDep) -> list[PoolPublic]:
-    """Disk pools with capacity (statvfs), the store's size and the growth trend."""
-    app = service.app
-    now = service.now()
-    out = []
-    for pool in app.catalog.list_pools():
-        points = app.catalog.list_points(store_id=pool.store_id)
-        try:
-            usage = filesystem_usage(pool.path)
-        except OSError:
-            continue  # a pool whose disk is gone is listed by the hardware views, not here
-        trend = growth(points, now, GROWTH_DAYS)
-        out.append(
-            PoolPublic(
-                name=pool.name,
-                path=pool.path,
-                store_id=pool.store_id,
-                total_bytes=usage.total_bytes,
-                free_bytes=usage.free_bytes,
-                used_bytes=usage.used_bytes,
-                store_bytes=service.store_bytes() if pool.store_id == app.repo.store_id else 0,
-                points=len(points),
-                growth_bytes_per_day=round(trend.bytes_per_day, 1),
-                days_until_full=trend.days_until_full(usage.free_bytes),
-            )
-        )
-    return out
 
 
 @router.get("/settings", response_model=SettingsPublic)

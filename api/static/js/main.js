@@ -13,6 +13,8 @@ import browse from "./views/browse.js";
 import { jobDetail, jobList } from "./views/jobs.js";
 import { failoverList, failoverSession } from "./views/failover.js";
 import pools from "./views/pools.js";
+import disks from "./views/disks.js";
+import media from "./views/media.js";
 import tiering from "./views/tiering.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
@@ -26,7 +28,7 @@ const NAV = [
   { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
   { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
-  { href: "#/pools", label: "Pools", iconName: "pools", match: /^\/pools/ },
+  { href: "#/pools", label: "Pools & disks", iconName: "pools", match: /^\/(pools|disks|media)/ },
   { href: "#/tiering", label: "Tiering", iconName: "copy", match: /^\/tiering/ },
   { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
   { href: "#/audit", label: "Audit log", iconName: "audit", match: /^\/audit/, role: "admin" },
@@ -42,7 +44,9 @@ const ROUTES = [
   [/^\/failover\/([^/]+)$/, failoverSession, "Failover session"],
   [/^\/jobs$/, jobList, "Jobs"],
   [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
-  [/^\/pools$/, pools, "Pools"],
+  [/^\/pools$/, pools, "Storage: pools"],
+  [/^\/disks$/, disks, "Storage: disks"],
+  [/^\/media$/, media, "Storage: USB disks"],
   [/^\/tiering$/, tiering, "Tiering"],
   [/^\/users$/, users, "Users & tokens", "admin"],
   [/^\/audit$/, audit, "Audit log", "admin"],

@@ -1,10 +1,13 @@
-// Pools: the disks backups are stored on, their capacity and how fast they fill.
+// Storage › Pools: the disks backups are stored on, their capacity, health and how fast they
+// fill; making, scrubbing, repairing and importing pools; and every location that holds copies
+// (this appliance's pools, folders, disks and buckets).
 
 import { api, enc } from "../api.js";
-import { usableBytes } from "../chart.js";
+import { capacityChart, usableBytes } from "../chart.js";
 import { h, icon, replace } from "../dom.js";
-import { LOCATION_NAMES, bytes, count, percent } from "../format.js";
-import { busy, button, card, deleteButton, emptyState, field, formDialog, loading, pageHeader, pill, progressBar, select, table, toast } from "../ui.js";
+import { LOCATION_NAMES, bytes, capitalise, count, percent } from "../format.js";
+import { busy, button, card, deleteButton, emptyState, field, formDialog, loading, pill, progressBar, select, table, toast } from "../ui.js";
+import { createPoolDialog, startedJobs, storageHeader } from "./disks.js";
 
 function fullText(days) {
   if (days === null || days === undefined) return "Not at the current rate";
@@ -12,23 +15,91 @@ function fullText(days) {
   return `~${Math.max(1, Math.round(days))} days at this rate`;
 }
 
-function poolCard(p) {
+const HEALTH = {
+  ok: ["Healthy", "good"],
+  warning: ["Warning", "warn"],
+  degraded: ["Degraded", "warn"],
+  damaged: ["Damaged", "bad"],
+  unavailable: ["Unavailable", "bad"],
+};
+
+function sentence(text) {
+  const t = capitalise(String(text || "").trim());
+  return /[.!?]$/.test(t) ? t : `${t}.`;
+}
+
+function layoutText(p) {
+  if (p.kind !== "block") return "A folder in the data directory";
+  const n = p.members.length;
+  const how = { single: "one copy", raid1: "mirrored: two copies of every block", raid10: "mirrored and striped" }[p.profile] || p.profile;
+  return `${p.fs_type} on ${count(n, "disk")}, ${how}`;
+}
+
+/** The pool's growth chart (js/chart.js) from its daily usage samples. */
+function growthChart(p) {
+  const series = (p.usage_history || []).map((s) => ({ day: s.day, bytes: s.used_bytes }));
+  if (series.length < 2) return h("p", { class: "muted small pool-chart", text: "The growth chart and forecast appear once the pool's usage has been sampled on two days (it is sampled every hour)." });
+  const chart = capacityChart({ used_bytes: p.used_bytes, free_bytes: p.free_bytes, growth_bytes_per_day: p.growth_bytes_per_day, days_until_full: p.days_until_full, series }, Date.now());
+  return h("div", { class: "pool-chart" }, chart);
+}
+
+function membersList(p) {
+  return h(
+    "ul",
+    { class: "plain small pool-members" },
+    p.members.map((m) =>
+      h(
+        "li",
+        { dataset: { member: m.identity } },
+        m.missing ? pill("Missing", "bad") : pill("Present", "good"),
+        " ",
+        h("span", { class: "mono", text: m.identity }),
+        m.devnode ? h("span", { class: "muted", text: ` at ${m.devnode}${m.size_bytes ? `, ${bytes(m.size_bytes)}` : ""}` }) : null,
+      ),
+    ),
+  );
+}
+
+function scrubText(last) {
+  if (!last) return "Never";
+  const found = last.uncorrectable ? `${last.uncorrectable} error(s) could not be repaired` : last.corrected ? `${last.corrected} bad block(s) repaired` : "no errors";
+  return `${capitalise(last.status || "finished")}${last.started ? ` (started ${last.started})` : ""}: ${found}`;
+}
+
+function poolCard(p, ctx) {
   const total = usableBytes(p);
   const fraction = p.used_bytes / total;
   const tone = fraction >= 0.9 ? "bad" : fraction >= 0.75 ? "warn" : "good";
   const full = p.days_until_full;
+  const [healthWords, healthTone] = HEALTH[p.health] || [capitalise(p.health), "neutral"];
+  const btrfs = p.kind === "block" && p.fs_type === "btrfs";
+  const mirrored = btrfs && ["raid1", "raid10"].includes(p.profile);
+  const actions = [
+    btrfs && ctx.view.can("operator") ? button("Scrub", { kind: "small", "aria-label": `Scrub pool ${p.name}`, title: "Read every copy of every block and repair bad copies from good ones", onClick: (e) => ctx.scrub(p, e.currentTarget) }) : null,
+    mirrored && ctx.view.can("admin") ? button("Replace disk", { kind: "small", "aria-label": `Replace a disk of pool ${p.name}`, onClick: () => ctx.replace(p) }) : null,
+  ].filter(Boolean);
+  const system = p.warnings.includes("shares the system disk");
   return card(
     null,
     { className: "pool" },
     h(
       "div",
-      { class: "pool-head" },
+      { class: "pool-head", dataset: { pool: p.name } },
       h("span", { class: "pool-icon" }, icon("pools")),
-      h("div", { class: "stack" }, h("h2", { text: p.name }), h("span", { class: "muted small mono break", text: p.path })),
-      pill(fraction >= 0.9 ? "Almost full" : fraction >= 0.75 ? "Filling up" : "Healthy", tone),
+      h("div", { class: "stack" }, h("h2", { text: p.name }), h("span", { class: "muted small", text: layoutText(p) }), h("span", { class: "muted small mono break", text: p.mountpoint || p.path })),
+      pill(healthWords, healthTone, p.health_reasons.join(" ") || null),
     ),
-    h("div", { class: `pool-bar pool-${tone}` }, progressBar(fraction, `Space used on ${p.name}`)),
-    h("p", { class: "pool-usage" }, h("strong", { text: `${bytes(p.used_bytes)} used` }), ` of ${bytes(total)} usable (${percent(fraction)}); ${bytes(p.free_bytes)} free`),
+    system
+      ? h("div", { class: "banner banner-warning", role: "note" }, icon("alert", "banner-icon"), h("div", { class: "banner-body" }, h("strong", { text: "Shares the system disk." }), " When that disk fails, the points here go with it: add a pool on disks of its own, or copy the points elsewhere."))
+      : null,
+    p.health_reasons.length ? h("ul", { class: "plain pool-reasons" }, p.health_reasons.map((r) => h("li", { class: healthTone === "bad" ? "error-text" : "warn-text", text: sentence(r) }))) : null,
+    p.mounted
+      ? [
+          h("div", { class: `pool-bar pool-${tone}` }, progressBar(fraction, `Space used on ${p.name}`)),
+          h("p", { class: "pool-usage" }, h("strong", { text: `${bytes(p.used_bytes)} used` }), ` of ${bytes(total)} usable (${percent(fraction)}); ${bytes(p.free_bytes)} free`),
+          growthChart(p),
+        ]
+      : h("p", { class: "error-text", text: "Not mounted: its capacity is unknown until its disks are back." }),
     h(
       "dl",
       { class: "dl dl-grid" },
@@ -42,10 +113,65 @@ function poolCard(p) {
       h("dd", { class: full !== null && full < 30 ? "error-text" : null, text: fullText(full) }),
       h("dt", { text: "Disk size" }),
       h("dd", { text: bytes(p.total_bytes) }),
+      p.kind === "block" ? [h("dt", { text: "Last scrub" }), h("dd", { text: btrfs ? scrubText(p.last_scrub) : "Not scrubbed (no checksums)" })] : null,
       h("dt", { text: "Store ID" }),
       h("dd", { class: "mono small", text: p.store_id }),
     ),
+    p.kind === "block" ? h("div", { class: "pool-disks" }, h("h3", { text: `Disks (${p.members.length})` }), membersList(p)) : null,
+    actions.length ? h("div", { class: "pool-actions row-actions" }, actions) : null,
   );
+}
+
+/** Rebuild a missing or failing member of a mirrored pool onto a new disk (administrators). */
+async function replaceDialog(p, ctx) {
+  let disks;
+  try {
+    disks = (await api.get("/api/disks")).disks.filter((d) => d.eligible);
+  } catch (err) {
+    ctx.view.banner.error(err);
+    return;
+  }
+  const members = [...p.members].sort((a, b) => Number(b.missing) - Number(a.missing));
+  formDialog({
+    title: `Replace a disk of ${p.name}`,
+    description: "The pool's other copy is rebuilt onto the new disk, which takes the old one's place; the pool stays in use meanwhile. The new disk is erased.",
+    submitLabel: "Replace disk",
+    danger: true,
+    body: h(
+      "div",
+      field({ label: "Disk to replace", control: select("member", members.map((m) => [m.identity, `${m.identity}${m.missing ? " (missing)" : m.devnode ? ` at ${m.devnode}` : ""}`]), members.length ? members[0].identity : "") }),
+      field({
+        label: "New disk",
+        control: select("disk", disks.length ? disks.map((d) => [d.identity, `${d.devnode} · ${bytes(d.size_bytes)} · ${d.identity}`]) : [["", "No disk may join a pool now (see Disks)"]], ""),
+        help: "Only disks that may join a pool are offered; it must be at least as large as the one it replaces.",
+      }),
+    ),
+    onSubmit: async (form) => {
+      const body = { member: form.elements.member.value, disk: form.elements.disk.value };
+      await ctx.jobs.submit(`/api/pools/${enc(p.name)}/replace`, body, `Replacing a disk of pool ${p.name}`);
+    },
+  });
+}
+
+/** Pools found on the disks that this appliance does not know (administrators import them). */
+function importCard(found, ctx) {
+  const rows = found.length
+    ? table(
+        [
+          { label: "Pool", cell: (f) => h("div", { class: "stack" }, h("strong", { text: f.name }), h("span", { class: "muted small mono", text: f.fs_uuid })) },
+          { label: "Filesystem", cell: (f) => `${f.fs_type} “${f.label}”` },
+          { label: "Disks", cell: (f) => h("ul", { class: "plain small" }, f.disks.map((d) => h("li", { text: `${d.devnode} · ${bytes(d.size_bytes)}` }))) },
+          {
+            label: "Actions",
+            className: "actions",
+            cell: (f) => button("Import", { kind: "small", "aria-label": `Import pool ${f.name}`, onClick: (e) => busy(e.currentTarget, ctx.view.banner, () => ctx.jobs.submit("/api/pools/import", { fs_uuid: f.fs_uuid }, `Import of pool ${f.name}`)) }),
+          },
+        ],
+        found,
+        { caption: "Pools found on the disks", rowAttrs: (f) => ({ dataset: { importable: f.fs_uuid } }) },
+      )
+    : h("p", { class: "muted", text: "No pool of another appliance (or of this one before a reinstall) is on the attached disks." });
+  return card("Pools found on the disks", { subtitle: "Importing mounts the pool, adds its points to the catalog and keeps using it. A pool of another store needs a fresh data directory: appliance pool import." }, rows);
 }
 
 const COLD_CLASSES = [
@@ -230,23 +356,43 @@ function locationsCard(locations, view, reload, redraw) {
 
 export default async function poolsView(view) {
   const body = h("div", loading());
-  replace(view.el, pageHeader("Pools", "The disks recovery points are stored on, and every place that holds copies."), body);
-  let pools;
-  let locations;
-  try {
-    [pools, locations] = await Promise.all([api.get("/api/pools"), api.get("/api/locations")]);
-  } catch (err) {
-    view.banner.error(err);
-    replace(body);
-    return;
+  const isAdmin = view.can("admin");
+  const jobs = startedJobs(view, { onEnd: () => load() });
+  const create = isAdmin ? button("Create pool", { iconName: "plus", kind: "primary", onClick: () => openCreate() }) : null;
+  replace(view.el, storageHeader("pools", "The disks recovery points are stored on, and every place that holds copies.", ...[create].filter(Boolean)), jobs.el, body);
+  const ctx = {
+    view,
+    jobs,
+    scrub: (p, btn) => busy(btn, view.banner, () => jobs.submit(`/api/pools/${enc(p.name)}/scrub`, {}, `Scrub of pool ${p.name}`)),
+    replace: (p) => replaceDialog(p, ctx),
+  };
+  async function openCreate() {
+    try {
+      createPoolDialog((await api.get("/api/disks")).disks, jobs);
+    } catch (err) {
+      view.banner.error(err);
+    }
   }
+  const poolsBox = h("div", { class: "pools" });
+  const importBox = h("div", { class: "import-box" });
   const locationsBox = h("div", { class: "locations-box" });
-  replace(
-    body,
-    pools.length ? h("div", { class: "pools" }, pools.map(poolCard)) : card(null, {}, emptyState("pools", "No pools", "The appliance stores points in its data directory's pool; if it is missing, check the disk it lives on.")),
-    locationsBox,
-  );
+  replace(body, poolsBox, importBox, locationsBox);
   const reload = () => view.navigate(location.hash);
   const redraw = (list) => replace(locationsBox, locationsCard(list, view, reload, redraw));
-  redraw(locations);
+
+  async function load() {
+    let pools;
+    let locations;
+    let found = [];
+    try {
+      [pools, locations, found] = await Promise.all([api.get("/api/pools"), api.get("/api/locations"), isAdmin ? api.get("/api/pools/importable") : Promise.resolve([])]);
+    } catch (err) {
+      view.banner.error(err);
+      return;
+    }
+    replace(poolsBox, pools.length ? pools.map((p) => poolCard(p, ctx)) : card(null, {}, emptyState("pools", "No pools", "The appliance stores points in its data directory's pool; if it is missing, check the disk it lives on.")));
+    replace(importBox, isAdmin ? importCard(found, ctx) : null);
+    redraw(locations);
+  }
+  await load();
 }
