@@ -465,8 +465,38 @@ class Appliance(LocationsMixin):
         (the service: :meth:`check_restore_target`). ``block_device=False`` refuses to write to
         a block device; ``keep_both`` renames what is in the way instead of replacing it. The
         point is read from its best copy (``location``: the one the user named first), falling
-        back to the next when a read fails; ``log`` is told which copies were used."""
-        repo = self.reader(point_id, named=location, log=log)
+        back to the next when a read fails; ``log`` is told which copies were used. The copies
+        opened elsewhere are closed when it ends, whichever way it ends."""
+        with contextlib.closing(self.reader(point_id, named=location, log=log)) as repo:
+            return self._restore_from(
+                repo,
+                point_id,
+                target,
+                subpath=subpath,
+                disk=disk,
+                target_format=target_format,
+                on_conflict=on_conflict,
+                block_device=block_device,
+                workers=workers,
+                progress=progress,
+                cancel=cancel,
+            )
+
+    def _restore_from(
+        self,
+        repo: Repository,
+        point_id: str,
+        target: str,
+        *,
+        subpath: str | None,
+        disk: str | None,
+        target_format: str,
+        on_conflict: Conflict,
+        block_device: bool,
+        workers: int | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> dict[str, Any]:
         manifest = repo.get_manifest(self.point(point_id).id)
         with self.locks.shared():
             if manifest["kind"] == "files":
@@ -521,12 +551,12 @@ class Appliance(LocationsMixin):
             }
 
     def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:
-        repo = self.reader(point_id)
-        manifest = repo.get_manifest(self.point(point_id).id)
-        if manifest["kind"] != "files":
-            raise InvalidInput("only file points can be streamed as tar")
-        with self.locks.shared():
-            return restore_tar(repo, manifest, out, subpath=subpath)
+        with contextlib.closing(self.reader(point_id)) as repo:
+            manifest = repo.get_manifest(self.point(point_id).id)
+            if manifest["kind"] != "files":
+                raise InvalidInput("only file points can be streamed as tar")
+            with self.locks.shared():
+                return restore_tar(repo, manifest, out, subpath=subpath)
 
     # --- catalog ----------------------------------------------------------------------------------
 

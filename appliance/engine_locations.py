@@ -40,7 +40,9 @@ class LocationsMixin:
         log: Callable[[str], None] | None = None,
     ) -> Repository:
         """The repository to read ``point_id`` from: its best copy first, the others after
-        (``appliance.locations``); ``log`` is told when a read moves to another copy."""
+        (``appliance.locations``); ``log`` is told when a read moves to another copy. The
+        caller closes it (``contextlib.closing``): that closes the copies it opened elsewhere,
+        never the home repository."""
 
         def switched(old: str, new: str, exc: Exception) -> None:
             if log is not None:

@@ -15,7 +15,10 @@ folder on the system disk is never read or written as the pool.
 :func:`pool_capacity`, :func:`pool_health` and :func:`forecast` describe a pool record (mounting
 it when needed); health is the worst of its reasons (:func:`health_state`): a missing disk or
 data with one copy only is ``degraded``, errors a scrub could not repair ``damaged``, non-zero
-device error counters a ``warning``. Decisions are pure and tested with explicit values.
+device error counters or a member disk that SMART says is failing (:func:`smart_reasons`) a
+``warning``. Decisions are pure and tested with explicit values. SMART is read through
+:data:`SMART_READINGS`, at most once an hour per disk: ``smartctl -a`` can take seconds and
+wakes a sleeping disk, and health is asked for on every page view.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
@@ -42,6 +47,7 @@ from hardware.mounts import (
     unmount,
     uuids_of_mount,
 )
+from hardware.smart import Health, read_health
 
 #: The store's folder on a pool's filesystem (frozen: existing pools are found by it).
 STORE_DIR = "store"
@@ -219,9 +225,83 @@ class PoolHealth:
     #: Members with non-zero error counters: ``{member, device, devid, counters}``.
     device_errors: list[dict[str, Any]] = field(default_factory=list)
     last_scrub: dict[str, Any] | None = None
+    #: SMART of each member attached: ``{member, device, status, reason, warnings}``;
+    #: ``status`` ``unknown`` (a loop or virtio disk, no smartctl) says nothing against the pool.
+    smart: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# --- SMART of the members ------------------------------------------------------------------------
+
+#: Seconds a member's SMART reading is reused before smartctl is asked again.
+SMART_INTERVAL = 3600.0
+
+
+def smart_reasons(readings: Sequence[tuple[str, Health]]) -> list[str]:
+    """The ``warning`` reasons SMART gives a pool: one for each member (``(member, health)``)
+    whose SMART says it is failing, naming the disk and why. ``ok`` disks (with or without
+    warnings such as reallocated sectors) and ``unknown`` ones (no SMART: a loop or virtio disk,
+    a USB bridge that hides it, no smartctl) add none: only a disk's own verdict that it fails
+    counts against the pool; the details list everything."""
+    return [
+        f"disk {member} is failing according to SMART ({health.reason}): replace it"
+        for member, health in readings
+        if health.status == "failing"
+    ]
+
+
+def smart_details(readings: Sequence[tuple[str, str, Health]]) -> list[dict[str, Any]]:
+    """``(member, device, health)`` as the pool's health shows them."""
+    return [
+        {
+            "member": member,
+            "device": device,
+            "status": health.status,
+            "reason": health.reason,
+            "warnings": list(health.warnings),
+        }
+        for member, device, health in readings
+    ]
+
+
+class SmartReadings:
+    """SMART of devices, read at most once per ``interval`` seconds each (keyed by the disk's
+    identity and its node: a disk that comes back on another node is read again). Thread-safe;
+    smartctl runs outside the lock, so a slow disk does not hold up the others."""
+
+    def __init__(
+        self,
+        read: Callable[[str], Health] = read_health,
+        *,
+        interval: float = SMART_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.read = read
+        self.interval = interval
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, Health]] = {}
+        self._lock = threading.Lock()
+
+    def health(self, identity: str, devnode: str) -> Health:
+        key = (identity, devnode)
+        with self._lock:
+            seen = self._seen.get(key)
+        if seen is not None and self.clock() - seen[0] < self.interval:
+            return seen[1]
+        health = self.read(devnode)
+        with self._lock:
+            self._seen[key] = (self.clock(), health)
+        return health
+
+
+#: The readings :func:`pool_health` uses (one per process).
+SMART_READINGS = SmartReadings()
+
+
+def _member_smart(attached: Sequence[tuple[str, str]]) -> list[tuple[str, str, Health]]:
+    return [(m, dev, SMART_READINGS.health(m, dev)) for m, dev in attached]
 
 
 def forecast(
@@ -292,7 +372,8 @@ def save_pool_state(app: Appliance, name: str, **changes: Any) -> None:
 
 def pool_health(app: Appliance, pool: PoolRecord) -> PoolHealth:
     """Mounted (degraded?), missing members, error counters, data without its second copy,
-    the last scrub. Mounts a block pool that is not mounted yet."""
+    the last scrub, the members' SMART (:data:`SMART_READINGS`). Mounts a block pool that is
+    not mounted yet."""
     if not pool.block:
         ok = os.path.isdir(pool.path)
         return PoolHealth(
@@ -304,9 +385,17 @@ def pool_health(app: Appliance, pool: PoolRecord) -> PoolHealth:
     except LocationUnavailable as exc:
         return PoolHealth("unavailable", [exc.message])
     reasons: dict[str, list[str]] = {}
-    if pool.fs_type != "btrfs":
-        return PoolHealth("ok", [], True, mounted.degraded)
     members = list(pool.members)
+    if pool.fs_type != "btrfs":
+        smart = _member_smart([(members[0] if members else mounted.device, mounted.device)])
+        reasons["warning"] = smart_reasons([(m, h) for m, _, h in smart])
+        return PoolHealth(
+            health_state(reasons),
+            reasons["warning"],
+            True,
+            mounted.degraded,
+            smart=smart_details(smart),
+        )
 
     def member(devid: int | None) -> str:
         if devid is not None and 0 < devid <= len(members):
@@ -326,6 +415,8 @@ def pool_health(app: Appliance, pool: PoolRecord) -> PoolHealth:
             last = None if status.status == "never" else status.to_dict()
     except CommandFailed as exc:
         return PoolHealth("warning", [f"its state cannot be read: {exc.message}"], True)
+    attached = [(member(d.devid), d.path) for d in fs.devices if d.path] if fs is not None else []
+    smart = _member_smart(attached)
     if missing:
         reasons.setdefault("degraded", []).append(
             f"{len(missing)} disk(s) missing ({', '.join(missing)}): the pool serves from the "
@@ -340,6 +431,7 @@ def pool_health(app: Appliance, pool: PoolRecord) -> PoolHealth:
             )
             said = ", ".join(f"{k} {v}" for k, v in device.nonzero().items())
             reasons.setdefault("warning", []).append(f"disk {who} has reported errors ({said})")
+    reasons.setdefault("warning", []).extend(smart_reasons([(m, h) for m, _, h in smart]))
     unredundant = btrfs.unredundant_chunks(chunks, pool.profile or "single")
     if unredundant:
         kinds = sorted({c.kind.lower() for c in unredundant})
@@ -354,7 +446,9 @@ def pool_health(app: Appliance, pool: PoolRecord) -> PoolHealth:
         )
     state = health_state(reasons)
     flat = [r for s in reversed(HEALTH_STATES) for r in reasons.get(s, [])]
-    return PoolHealth(state, flat, True, mounted.degraded, missing, errors, last)
+    return PoolHealth(
+        state, flat, True, mounted.degraded, missing, errors, last, smart_details(smart)
+    )
 
 
 # --- the pools and their status ---------------------------------------------------------------

@@ -229,8 +229,7 @@ def initialise_medium(
             _save_states(app, states)
         withdraw_offer(app, device.identity)
     finally:
-        close_open_backends(mountpoint)
-        unmount(mountpoint)
+        unmount(mountpoint)  # add_location closed the backend it opened: nothing holds the disk
     return update_medium(app, fs_uuid, state="safe_to_remove")
 
 
@@ -253,8 +252,9 @@ def attach_medium(app: Appliance, identity: str) -> str:
 
 
 def release_medium(app: Appliance, identity: str, *, lazy: bool = False) -> None:
-    """Close what the appliance holds open on the medium, flush it and unmount it. ``lazy``:
-    the disk is gone already (the kernel lets go once nothing uses it)."""
+    """Close what is still open on the medium (a reader held elsewhere: an eject or a pull wins
+    over it), flush it and unmount it. ``lazy``: the disk is gone already (the kernel lets go
+    once nothing uses it)."""
     mountpoint = media_mountpoint(app.data_dir.path, identity)
     close_open_backends(mountpoint)
     if mounted_at(mountpoint) is None:
@@ -279,8 +279,12 @@ def eject(app: Appliance, medium: str) -> MediumState:
 
 def offer_disk(app: Appliance, device: BlockDevice) -> bool:
     """Remember a USB disk the appliance did not initialise, for the page (nothing is done to
-    the disk); True when it was not offered yet."""
+    the disk); True when it was not offered yet. False, and nothing remembered, when its
+    filesystem is a medium by now: discovery can see the filesystem an initialisation made
+    before the initialisation has recorded the medium, and hand it over after."""
     with _state_lock:
+        if device.fs_uuid is not None and device.fs_uuid in medium_states(app):
+            return False
         offered = app.catalog.get_settings(OFFERED_KEY).get("offered", {})
         new = device.identity not in offered
         offered[device.identity] = {

@@ -11,16 +11,18 @@ never an empty store. Every operation checks again that the mountpoint is still 
 disk pulled (or lazily unmounted) under a running copy makes the next operation unavailable
 rather than write into the bare mountpoint.
 
-The file descriptors a backend caches for reads keep the filesystem busy, and a location's
-reader is not always closed by whoever opened it: a backend dropped closes them itself, and the
-live ones are remembered (weakly) by mountpoint, so that :func:`close_open_backends` closes
-them before the disk is unmounted.
+The file descriptors a backend caches for reads keep the filesystem busy. The engine's work
+functions close every backend they open (``appliance.locations.work``), so an export, its
+verification, a restore or an adoption leaves nothing open on the disk. An eject or a pull must
+win even over a reader someone else still holds (a failover session keeps its reader for its
+lifetime): the live backends are remembered (weakly) by mountpoint, and
+:func:`close_open_backends` closes their descriptors before the disk is unmounted; their next
+operation then finds the disk gone. A backend dropped without being closed closes itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import threading
 import weakref
@@ -55,8 +57,8 @@ class RemovableDiskBackend(LocalDirectoryBackend):
         return f"USB disk {self.label}"
 
     def __del__(self) -> None:
-        # A reader's backend is often dropped without close(): its cached descriptors must not
-        # outlive it, or they keep the disk's filesystem busy and it cannot be unmounted.
+        # A holder that drops its reader without closing it (see the module doc) must not leave
+        # descriptors behind: nothing could close them, and the disk would stay busy.
         with contextlib.suppress(Exception):
             self.close()
 
@@ -102,10 +104,10 @@ def mount_medium(fs_uuid: str, mountpoint: str, label: str) -> str:
 
 
 def close_open_backends(mountpoint: str) -> int:
-    """Close the cached descriptors of every backend opened on ``mountpoint`` (they reopen what
-    they need if used again); returns how many backends there were."""
+    """Close the cached descriptors of every live backend opened on ``mountpoint`` (they reopen
+    what they need if used again, which fails once the disk is unmounted); returns how many
+    backends there were. For an eject or a pull: the engine closes its own backends."""
     target = os.path.abspath(mountpoint)
-    gc.collect()  # backends dropped in a reference cycle close their descriptors now
     with _open_lock:
         backends = [b for b in _open if b.mountpoint == target]
     for backend in backends:

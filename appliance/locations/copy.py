@@ -23,6 +23,7 @@ object missing, an I/O error) is retried at the next, and the switch is reported
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -294,16 +295,22 @@ class FallbackBackend:
     Reads go to the current location; when one fails (see :data:`FALLBACK_ERRORS`), the next
     location is tried and becomes current, and ``switched(from, to, error)`` is called so that
     the job log can say so. Writes are refused: a read of a point never changes a copy.
+
+    It owns its sources: :meth:`close` closes each of them, except the ``borrowed`` ones (the
+    home repository's backend, which the appliance keeps open for everything else).
     """
 
     def __init__(
         self,
         sources: list[tuple[str, Backend]],
         switched: Callable[[str, str, Exception], None] | None = None,
+        *,
+        borrowed: Iterable[Backend] = (),
     ) -> None:
         if not sources:
             raise InvalidInput("no copy of this point can be read")
         self.sources = sources
+        self._borrowed = {id(b) for b in borrowed}
         self.current = 0
         self._switched = switched
         self._lock = threading.Lock()
@@ -389,5 +396,8 @@ class FallbackBackend:
         return " then ".join(label for label, _ in self.sources)
 
     def close(self) -> None:
-        for _, backend in self.sources:
-            backend.close()
+        """Close every source it owns (all of them are tried, even when one fails)."""
+        with contextlib.ExitStack() as stack:
+            for _, backend in self.sources:
+                if id(backend) not in self._borrowed:
+                    stack.callback(backend.close)

@@ -24,6 +24,7 @@ directory (a copy stopped between the two puts) is deleted after the grace perio
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,11 +86,8 @@ def expire_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
             f"{copy.retain_until.isoformat()}",
             retain_until=copy.retain_until.isoformat(),
         )
-    backend = work.location_backend(app, location)
-    try:
+    with contextlib.closing(work.location_backend(app, location)) as backend:
         backend.delete(f"manifests/{point_id}")
-    finally:
-        backend.close()
     app.catalog.set_copy(point_id, location.id, "deleted")
     held = [c for c in app.catalog.copies_of(point_id) if c.state not in ("deleted", "lost")]
     if not held:
@@ -111,11 +109,12 @@ def collect_location_garbage(
     if location.id == work.home_id(app):
         raise InvalidInput("the home pool is collected by `appliance gc`")
     report = LocationGcReport(location.label, dry_run)
-    backend = work.location_backend(app, location)
-    raw = unwrapped(backend)  # packs as the objects they are: bundled ones are not listed
-    try:
+    with contextlib.ExitStack() as opened:  # the backend and the index, closed on every path
+        backend = opened.enter_context(contextlib.closing(work.location_backend(app, location)))
+        raw = unwrapped(backend)  # packs as the objects they are: bundled ones are not listed
         cache = work.location_cache(app, location.id)
         repo = Repository(backend, app.repo.config, app.repo.key, cache)
+        opened.callback(repo.index.close)
         repo.sync_index()
         referenced: set[bytes] = set()
         for point_id in repo.manifest_ids():
@@ -154,8 +153,6 @@ def collect_location_garbage(
             _collect_bundles(backend, referenced, cutoff, report, deleted)
         if deleted:
             _rewrite_index(app, location.id, repo, deleted, report)
-    finally:
-        backend.close()
     return report
 
 

@@ -16,6 +16,7 @@ then the bundles holding the packs a read needs are what is thawed, and counted,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -136,8 +137,9 @@ def _cold_packs(
     from appliance.locations import work
 
     repo = Repository(backend, app.repo.config, app.repo.key, work.location_cache(app, location_id))
-    repo.sync_index()
-    needs = point_packs(repo, repo.get_manifest(point_id), subpath)
+    with contextlib.closing(repo.index):  # the backend is the caller's to close
+        repo.sync_index()
+        needs = point_packs(repo, repo.get_manifest(point_id), subpath)
     names = [
         pack_object_name(pack, kind)
         for pack, kind in needs.packs.items()
@@ -176,12 +178,9 @@ def prepare_read(
     if archived is None:
         return RecallStatus()  # an offline copy: the read will say it is unavailable
     location = pairs[archived.location_id]
-    backend = work.location_backend(app, location)
-    try:
+    with contextlib.closing(work.location_backend(app, location)) as backend:
         cold = _cold_packs(app, backend, location.id, point_id, subpath)
         status = backend.warm_up(sorted(cold.objects))
-    finally:
-        backend.close()
     settings = location.details.get("options", {})
     tier = str(settings.get("restore_tier", "Standard"))
     state = "archived" if status.done else "recalling"

@@ -10,6 +10,11 @@ on the grounds of a location that did not answer.
 
 The store's *home location* is the data directory's own pool (``home_location_id``): its backend
 is the repository's own.
+
+Whoever opens a location's backend closes it, on every path, failures included: a read
+descriptor left open keeps a pool's or a USB disk's filesystem busy, and it cannot be unmounted.
+What :func:`location_backend` and :func:`reader` return is the caller's to close; closing it
+never closes the home repository (``app.repo``), whose backend a reader only borrows.
 """
 
 from __future__ import annotations
@@ -142,14 +147,22 @@ def location_backend(
             open_backend(location.kind, location.address, **location_options(app, location)),
             rate_limit=RateLimit(put_bytes_per_second=bandwidth) if bandwidth else None,
         )
-        check_identity(backend, app.repo.store_id, location.id)
+        try:
+            check_identity(backend, app.repo.store_id, location.id)
+        except BaseException:
+            backend.close()  # it read the identity file: its descriptor must not stay open
+            raise
     except LocationUnavailable:
         if location.online:
             app.catalog.update_location(location.id, online=False)
         raise
-    if not location.online:
-        app.catalog.update_location(location.id, online=True)
-    return with_bundles(backend, bundles_cache(app, location.id))
+    try:
+        if not location.online:
+            app.catalog.update_location(location.id, online=True)
+        return with_bundles(backend, bundles_cache(app, location.id))
+    except BaseException:
+        backend.close()
+        raise
 
 
 def add_location(
@@ -227,23 +240,18 @@ def copy_to(
     location = find_location(app, name)
     if location.id == home_id(app):
         raise InvalidInput("the point's home pool is where it was made; name another location")
-    target = location_backend(app, location, bandwidth=bandwidth)
-    root = local_root(target)
-    if root is not None:  # a full disk refuses before the copy is even recorded
-        try:
+    with contextlib.closing(location_backend(app, location, bandwidth=bandwidth)) as target:
+        root = local_root(target)
+        if root is not None:  # a full disk refuses before the copy is even recorded
             check_free_space(root, f"location {location.label}")
-        except BaseException:
-            target.close()
-            raise
-    put = put_options(location, app.clock(), storage_class=storage_class, retain_until=retain_until)
-    app.catalog.set_copy(point.id, location.id, "copying")
-    try:
+        put = put_options(
+            location, app.clock(), storage_class=storage_class, retain_until=retain_until
+        )
+        app.catalog.set_copy(point.id, location.id, "copying")
         with app.locks.shared():
             result = copy_point(
                 app.repo, point.id, target, progress=progress, cancel=cancel, options=put
             )
-    finally:
-        target.close()
     # A copy whose data sits in a cold class is "archived": readable after a recall.
     state = "archived" if location.access == "cold" else "present"
     app.catalog.set_copy(
@@ -311,8 +319,11 @@ def reader(
     switched: Switched | None = None,
 ) -> Repository:
     """A repository that reads ``point_id`` from its best copy and falls back to the next when
-    a read fails (``switched`` is told); ``only``: the named copy and nothing else. The home
-    pool alone: the repository itself."""
+    a read fails (``switched`` is told); ``only``: the named copy and nothing else.
+
+    The caller closes it (``repo.close()``, or ``with contextlib.closing(...)``): that closes
+    the backends it opened at other locations and never the home repository, whose backend it
+    borrows (the home pool alone is read through it too)."""
     found = copy_options(app, point_id)
     pairs = {opt.location_id: loc for opt, loc in found}
     if named is not None:
@@ -321,21 +332,27 @@ def reader(
     if not ordered:
         raise NotFound(f"point {point_id} has no copy that can be read", point=point_id)
     home = home_id(app)
-    if [o.location_id for o in ordered] == [home]:
-        return app.repo
     sources: list[tuple[str, Backend]] = []
-    for option in ordered:
-        try:
-            sources.append((option.location_name, location_backend(app, pairs[option.location_id])))
-        except LocationUnavailable as exc:
-            if switched is not None:
-                switched(option.location_name, "the next copy", exc)
-    fallback = FallbackBackend(sources, switched)
-    first = ordered[0].location_id
-    if first == home:  # the home pool's index knows every pack of points made here
-        return Repository(fallback, app.repo.config, app.repo.key, app.repo.cache_dir)
-    repo = Repository(fallback, app.repo.config, app.repo.key, location_cache(app, first))
-    repo.sync_index()
+    with contextlib.ExitStack() as opened:  # closed unless the reader is handed over
+        for option in ordered:
+            try:
+                backend = location_backend(app, pairs[option.location_id])
+            except LocationUnavailable as exc:
+                if switched is not None:
+                    switched(option.location_name, "the next copy", exc)
+                continue
+            if backend is not app.repo.backend:
+                opened.callback(backend.close)
+            sources.append((option.location_name, backend))
+        fallback = FallbackBackend(sources, switched, borrowed=[app.repo.backend])
+        first = ordered[0].location_id
+        # The home pool's index knows every pack of points made here.
+        cache = app.repo.cache_dir if first == home else location_cache(app, first)
+        repo = Repository(fallback, app.repo.config, app.repo.key, cache)
+        opened.callback(repo.index.close)
+        if first != home:
+            repo.sync_index()
+        opened.pop_all()
     return repo
 
 
@@ -356,8 +373,8 @@ def verify_copy(app: Appliance, point_id: str, name: str) -> dict[str, Any]:
     if location.access == "cold":
         result = _verify_cold_copy(app, point.id, location)
     else:
-        repo = reader(app, point.id, named=location.id, only=True)
-        result = verify_point(repo, point.id).to_dict()
+        with contextlib.closing(reader(app, point.id, named=location.id, only=True)) as repo:
+            result = verify_point(repo, point.id).to_dict()
     if result["ok"]:
         app.catalog.mark_copy_verified(point.id, location.id, app.clock())
     else:
@@ -370,33 +387,31 @@ def _verify_cold_copy(app: Appliance, point_id: str, location: LocationRecord) -
     chunk tables (hot) are read and decrypted, its index lists every blob, and every data pack
     is there with the size the home pool's pack has (when the home pool still has it): on its
     own, or in a bundle listed with the size its directory says."""
-    backend = location_backend(app, location)
     problems: list[str] = []
     checked = 0
-    try:
+    with contextlib.closing(location_backend(app, location)) as backend:
         repo = Repository(backend, app.repo.config, app.repo.key, location_cache(app, location.id))
-        repo.sync_index()
-        try:
-            needs = point_packs(repo, repo.get_manifest(point_id))
-        except (IntegrityError, ObjectMissing) as exc:
-            problems.append(f"unreadable: {exc}")
-        else:
-            if not needs.complete:
-                missing = len(needs.missing_metadata) + len(needs.missing)
-                problems.append(f"missing: {missing} blob(s) not in the copy's index")
-            for pack, kind in sorted(needs.packs.items()):
-                name = pack_object_name(pack, kind)
-                try:
-                    expected: int | None = app.repo.backend.stat(name).size
-                except ObjectMissing:
-                    expected = None  # the home pool dropped it: presence is what can be checked
-                problem = cold_pack_problem(backend, name, expected)
-                if problem is None:
-                    checked += 1
-                else:
-                    problems.append(problem)
-    finally:
-        backend.close()
+        with contextlib.closing(repo.index):
+            repo.sync_index()
+            try:
+                needs = point_packs(repo, repo.get_manifest(point_id))
+            except (IntegrityError, ObjectMissing) as exc:
+                problems.append(f"unreadable: {exc}")
+            else:
+                if not needs.complete:
+                    missing = len(needs.missing_metadata) + len(needs.missing)
+                    problems.append(f"missing: {missing} blob(s) not in the copy's index")
+                for pack, kind in sorted(needs.packs.items()):
+                    name = pack_object_name(pack, kind)
+                    try:
+                        expected: int | None = app.repo.backend.stat(name).size
+                    except ObjectMissing:
+                        expected = None  # the home pool dropped it: presence is what can be checked
+                    problem = cold_pack_problem(backend, name, expected)
+                    if problem is None:
+                        checked += 1
+                    else:
+                        problems.append(problem)
     return {
         "ok": not problems,
         "mode": "cold: metadata read and checked, data packs present with their sizes, on "
@@ -420,7 +435,14 @@ def adopt_location(
     added. Nothing is copied; only hot objects (identity, manifests, indexes, bundle
     directories, which the location's cache keeps for its later reads) are read."""
     everything = dict(options or {})
-    backend = open_backend(kind, address, **dict(everything))
+    with contextlib.closing(open_backend(kind, address, **dict(everything))) as backend:
+        return _adopt(app, backend, address, kind, everything)
+
+
+def _adopt(
+    app: Appliance, backend: Backend, address: str, kind: str, everything: dict[str, Any]
+) -> dict[str, Any]:
+    """:func:`adopt_location` on the location's opened ``backend`` (which the caller closes)."""
     location_id = check_identity(backend, app.repo.store_id)
     cold = bool(everything.get("cold"))
     try:
@@ -442,7 +464,7 @@ def adopt_location(
         )
     source = Repository(backend, app.repo.config, app.repo.key, location_cache(app, location.id))
     added, copies, damaged = 0, 0, []
-    try:
+    with contextlib.closing(source.index):
         # Packs there may lie in bundles: their directories say which (and are cached now).
         bundles = describe_bundles(load_bundles(backend, bundles_cache(app, location.id)))
         for point_id in source.manifest_ids():
@@ -459,8 +481,6 @@ def adopt_location(
                 added += 1
             app.catalog.set_copy(point_id, location.id, "archived" if cold else "present")
             copies += 1
-    finally:
-        source.close()
     return {
         "location": location.id,
         "label": location.label,
