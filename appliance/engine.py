@@ -4,7 +4,7 @@ Every long operation (backup, restore, verify, prune, GC, catalog rebuild) is a 
 knows nothing about HTTP or terminals: it takes plain arguments, an optional progress callback and
 an optional cancel event, and returns a result. The CLI, the API's jobs, the scheduler and the
 tests call them the same way. The location methods (copies, recall, location GC) live in
-:mod:`appliance.engine_locations`.
+:mod:`appliance.engine_locations`, the restores in :mod:`appliance.engine_restore`.
 
 Data directory layout::
 
@@ -21,45 +21,35 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
 from appliance.backup.files import backup_tree
 from appliance.backup.images import backup_disk
 from appliance.catalog import Catalog
 from appliance.catalog.records import PointRecord, home_location_id
 from appliance.engine_locations import LocationsMixin
+from appliance.engine_restore import RestoreMixin
 from appliance.errors import Conflict as ConflictError
 from appliance.errors import (
     InvalidInput,
     NotFound,
     ObjectMissing,
-    PathRefused,
 )
 from appliance.maintenance import VerifyReport, verify_point, verify_store
 from appliance.path_rules import (
-    BlockFacts,
-    Conflict,
-    RestoreKind,
-    RestoreRules,
-    RestoreTarget,
     check_disk_source,
-    default_restore_area,
-    read_block_facts,
-    restore_target,
 )
 from appliance.points import new_manifest, new_point_id, record_from_manifest
-from appliance.restore import restore_disk, restore_tar, restore_tree
-from appliance.restore_target import keep_aside, keep_stamp
 from appliance.retention import RetentionDecision, RetentionRules, apply_retention
 from appliance.space import check_free_space
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
-from appliance.vmspec import default_spec, load_spec, normalise, parse_vm_source
+from appliance.vmspec import default_spec, load_spec, normalise
+from appliance.workers import default_workers
 
 Clock = Callable[[], datetime]
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -67,7 +57,6 @@ MODES = ("full", "incremental", "differential")
 #: The data directory's own pool (the store's home location).
 DEFAULT_POOL = "default"
 #: The catalog settings key of the restore areas and devices (``{"areas": [], "devices": []}``).
-RESTORE_SETTINGS_KEY = "restore"
 
 
 def utcnow() -> datetime:
@@ -109,11 +98,7 @@ class BackupOutcome:
     warnings: list[dict[str, str]] = field(default_factory=list)
 
 
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-class Appliance(LocationsMixin):
+class Appliance(LocationsMixin, RestoreMixin):
     def __init__(
         self, data_dir: DataDir, repo: Repository, catalog: Catalog, clock: Clock = utcnow
     ) -> None:
@@ -368,196 +353,6 @@ class Appliance(LocationsMixin):
         finally:
             repo.close()
 
-    # --- restore targets ---------------------------------------------------------------------
-
-    def block_facts(self) -> BlockFacts:
-        """The kernel's view of block devices now; the pools' devices count as in use."""
-        return read_block_facts(p.path for p in self.catalog.list_pools())
-
-    def restore_rules(self) -> RestoreRules:
-        """Where restores may write, from the settings (``restore`` key); the data directory's
-        own ``restores`` folder is always an area."""
-        stored = self.catalog.get_settings(RESTORE_SETTINGS_KEY)
-        default = default_restore_area(self.data_dir.path)
-        areas = [default, *(a for a in stored.get("areas", []) if a != default)]
-        return RestoreRules(
-            data_dir=self.data_dir.path,
-            areas=tuple(str(a) for a in areas),
-            devices=tuple(str(d) for d in stored.get("devices", [])),
-        )
-
-    def check_restore_target(
-        self,
-        point_id: str,
-        destination: RestoreKind,
-        *,
-        target: str | None = None,
-        on_conflict: Conflict | None = None,
-        disk: str | None = None,
-    ) -> RestoreTarget:
-        """Check a requested restore target against the path rules (``path_rules``); the service
-        calls it when a restore is asked for and again when its job starts."""
-        point = self.point(point_id)
-        source: str | None = None
-        if destination == "source":
-            source = self._restore_source(point, disk)
-        return restore_target(
-            destination,
-            point_kind=point.kind,
-            rules=self.restore_rules(),
-            facts=self.block_facts(),
-            target=target,
-            on_conflict=on_conflict,
-            source=source,
-        )
-
-    def _restore_source(self, point: PointRecord, disk: str | None) -> str:
-        """The asset's registered source that an in-place restore of ``point`` writes to."""
-        try:
-            asset = self.catalog.get_asset(point.asset)
-        except NotFound:
-            raise PathRefused(
-                f"asset {point.asset} is no longer registered: it has no source to restore to",
-                rule="no_source",
-                path="",
-            ) from None
-        if point.kind == "files":
-            return asset.source
-        disks = self.manifest(point.id)["disks"]
-        if disk is not None:
-            disks = [d for d in disks if d["name"] == disk]
-        if len(disks) != 1:
-            raise PathRefused(
-                "an in-place restore of a VM point writes one disk: name it with 'disk'",
-                rule="disk_missing",
-                path="",
-            )
-        registered = {os.path.realpath(p) for p in parse_vm_source(asset.source)[0]}
-        source = os.path.realpath(str(disks[0].get("source", "")))
-        if source not in registered:
-            raise PathRefused(
-                f"disk {disks[0]['name']} was backed up from {source}, which is not one of the "
-                "asset's registered disks any more",
-                rule="no_source",
-                path=source,
-            )
-        return source
-
-    # --- restores -------------------------------------------------------------------------------
-
-    def restore(
-        self,
-        point_id: str,
-        target: str,
-        *,
-        subpath: str | None = None,
-        disk: str | None = None,
-        target_format: str = "raw",
-        on_conflict: Conflict = "overwrite",
-        block_device: bool = True,
-        location: str | None = None,
-        log: Callable[[str], None] | None = None,
-        workers: int | None = None,
-        progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> dict[str, Any]:
-        """Restore a point (or a path or disk of it) to ``target``, which the caller has checked
-        (the service: :meth:`check_restore_target`). ``block_device=False`` refuses to write to
-        a block device; ``keep_both`` renames what is in the way instead of replacing it. The
-        point is read from its best copy (``location``: the one the user named first), falling
-        back to the next when a read fails; ``log`` is told which copies were used. The copies
-        opened elsewhere are closed when it ends, whichever way it ends."""
-        with contextlib.closing(self.reader(point_id, named=location, log=log)) as repo:
-            return self._restore_from(
-                repo,
-                point_id,
-                target,
-                subpath=subpath,
-                disk=disk,
-                target_format=target_format,
-                on_conflict=on_conflict,
-                block_device=block_device,
-                workers=workers,
-                progress=progress,
-                cancel=cancel,
-            )
-
-    def _restore_from(
-        self,
-        repo: Repository,
-        point_id: str,
-        target: str,
-        *,
-        subpath: str | None,
-        disk: str | None,
-        target_format: str,
-        on_conflict: Conflict,
-        block_device: bool,
-        workers: int | None,
-        progress: ProgressCallback | None,
-        cancel: threading.Event | None,
-    ) -> dict[str, Any]:
-        manifest = repo.get_manifest(self.point(point_id).id)
-        with self.locks.shared():
-            if manifest["kind"] == "files":
-                counts = restore_tree(
-                    repo,
-                    manifest,
-                    target,
-                    subpath=subpath,
-                    on_conflict=on_conflict,
-                    now=self.clock(),
-                    workers=workers or default_workers(),
-                    progress=progress,
-                    cancel=cancel,
-                )
-                return {"point": manifest["point_id"], "target": target, **counts}
-            disks = manifest["disks"]
-            if disk is not None:
-                disks = [d for d in disks if d["name"] == disk]
-                if not disks:
-                    raise NotFound(f"point {point_id} has no disk named {disk!r}")
-            written = []
-            kept: list[str] = []
-            if len(disks) == 1 and not os.path.isdir(target):
-                outputs = [(disks[0], target)]
-            else:
-                os.makedirs(target, exist_ok=True)
-                suffix = "img" if target_format == "raw" else target_format
-                outputs = [(d, os.path.join(target, f"{d['name']}.{suffix}")) for d in disks]
-            for d, out in outputs:
-                if _is_block_device(out) and not block_device:
-                    raise PathRefused(
-                        f"{out} is a block device, which only a registered restore device may be",
-                        rule="device_not_registered",
-                        path=out,
-                    )
-                if on_conflict == "keep_both" and os.path.lexists(out):
-                    kept.append(keep_aside(out, keep_stamp(self.clock())))
-                restore_disk(
-                    repo,
-                    d,
-                    out,
-                    target_format=target_format,
-                    progress=progress,
-                    threads=workers or default_workers(),
-                )
-                written.append(out)
-            return {
-                "point": manifest["point_id"],
-                "disks": written,
-                "kept": kept,
-                "vm": manifest.get("vm"),
-            }
-
-    def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:
-        with contextlib.closing(self.reader(point_id)) as repo:
-            manifest = repo.get_manifest(self.point(point_id).id)
-            if manifest["kind"] != "files":
-                raise InvalidInput("only file points can be streamed as tar")
-            with self.locks.shared():
-                return restore_tar(repo, manifest, out, subpath=subpath)
-
     # --- catalog ----------------------------------------------------------------------------------
 
     # --- verify, prune, delete ------------------------------------------------------------------
@@ -711,10 +506,3 @@ def _disk_names(disks: list[str]) -> list[str]:
             name = f"{base}-{n}"
         names.append(name)
     return names
-
-
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False

@@ -16,9 +16,15 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import multiprocessing.context
+import os
 import signal
 
 _PR_SET_PDEATHSIG = 1
+
+
+def default_workers() -> int:
+    """Worker processes of a backup or restore when not given: the cores, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def die_with_parent() -> None:

@@ -12,7 +12,8 @@ from fastapi import APIRouter
 
 from api.deps import Admin, Operator, ServiceDep
 from api.schemas import RestoreChoices, RestoreDevicePublic, RestoreSettings, RestoreSettingsPublic
-from appliance.engine import RESTORE_SETTINGS_KEY, Appliance
+from appliance.engine import Appliance
+from appliance.engine_restore import RESTORE_SETTINGS_KEY
 from appliance.errors import PathRefused
 from appliance.path_rules import (
     check_restore_area,
