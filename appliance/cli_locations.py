@@ -203,9 +203,15 @@ def seed_from_location(
     if os.path.exists(os.path.join(store_path, "config")):
         return False
     source = open_backend(kind, address, **dict(options or {}))
-    os.makedirs(store_path, exist_ok=True)
-    home = LocalDirectoryBackend(store_path)
-    for name in ["config", *(info.name for info in source.list("keys/"))]:
-        home.put(name, source.get(name))
+    try:
+        os.makedirs(store_path, exist_ok=True)
+        home = LocalDirectoryBackend(store_path)
+        try:
+            for name in ["config", *(info.name for info in source.list("keys/"))]:
+                home.put(name, source.get(name))
+        finally:
+            home.close()
+    finally:
+        source.close()
     print(f"the data directory's pool now belongs to the store at {address}", file=sys.stderr)
     return True

@@ -214,7 +214,10 @@ def test_a_damaged_pack_at_one_copy_is_read_from_the_next(site: dict, tmp_path: 
     out = tmp_path / "out"
     restore_tree(reader, reader.get_manifest(site["files"]), str(out), workers=1)
     compare_trees(snapshot(site["tree"]), snapshot(out))
+    # Every pack damaged now (the one above stays damaged: flipping it again would mend it).
     for pack in (p for p in sorted((site["a"] / "data").rglob("*")) if p.is_file()):
+        if pack == damaged:
+            continue
         raw = bytearray(pack.read_bytes())
         for i in range(100, len(raw), 4096):
             raw[i] ^= 0xFF
