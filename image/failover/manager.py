@@ -151,8 +151,12 @@ class FailoverManager:
     # --- sessions ---
 
     def _forget(self, session: FailoverSession) -> None:
+        """The session ended (its exports are stopped): drop it and close its reader, whose
+        open files would otherwise keep a pool or USB disk it read from busy."""
         with self._lock:
             self._sessions.pop(session.id, None)
+        if session.repo is not self.app.repo:
+            session.repo.close()
 
     def session(self, session_id: str) -> FailoverSession:
         with self._lock:
