@@ -29,8 +29,10 @@ from api.routers import (
     jobs,
     locations,
     maintenance,
+    peers,
     points,
     policies,
+    replication,
     restores,
     status,
     tiering,
@@ -133,6 +135,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         policies,
         points,
         locations,
+        peers,
         restores,
         maintenance,
         jobs,
@@ -140,6 +143,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         tiering,
         hardware,
         users,
+        replication,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

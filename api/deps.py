@@ -10,7 +10,14 @@ Authentication, in order:
    browser send the cookies, but cannot read them to copy one into a header.
 
 A route declares the least role it needs with ``Viewer``, ``Operator`` or ``Admin``; only
-``/api/health``, ``/api/setup`` and ``/api/login`` take no principal.
+``/api/health``, ``/api/setup``, ``/api/login`` and ``/api/replication/pair`` (the pairing code
+is the credential) take no principal.
+
+A replication token (role ``replication``, docs/replication.md) is refused by all of those with
+403, and each refusal is audited as ``replication.refused`` with the request's method and path.
+The replication object routes take ``ReplicationPeer`` instead: a replication token, and only
+while it is the current token of a paired source and carries that source's store scope; the
+route gets the source's record, so it can reach no other source's store.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from anyio import to_thread
 from fastapi import Depends, Request
 
 from api.errors import AuthenticationRequired, CsrfFailed, PermissionDenied
+from api.pairing import SourceRecord, source_of_token, touch_source
 from api.security import (
     CSRF_COOKIE,
     CSRF_HEADER,
+    REPLICATION_ROLE,
     SAFE_METHODS,
     SESSION_COOKIE,
     Principal,
@@ -139,9 +148,34 @@ async def authenticate(request: Request, service: ServiceDep) -> AsyncIterator[P
             service.changed()
 
 
-def _requiring(role: str) -> Callable[[Principal], Awaitable[Principal]]:
-    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+def refuse_replication(service: Service, principal: Principal, request: Request) -> None:
+    """Audit a replication token used where it is not accepted (``replication.refused``)."""
+    route = getattr(request.scope.get("route"), "path", None)
+    details: dict[str, object] = {**principal.audit_details}
+    if isinstance(route, str):
+        details["route"] = route
+    service.app.catalog.audit(
+        principal.name,
+        "replication.refused",
+        f"{request.method} {request.url.path}"[:300],
+        details,
+    )
+
+
+def _requiring(role: str) -> Callable[..., Awaitable[Principal]]:
+    async def check(
+        request: Request,
+        service: ServiceDep,
+        principal: Annotated[Principal, Depends(authenticate)],
+    ) -> Principal:
         if not role_allows(principal.role, role):
+            if principal.role == REPLICATION_ROLE:
+                await to_thread.run_sync(refuse_replication, service, principal, request)
+                raise PermissionDenied(
+                    "a replication token is accepted only by the replication object routes",
+                    needed=role,
+                    role=principal.role,
+                )
             raise PermissionDenied(
                 f"this needs the {role} role; you are signed in as {principal.role}",
                 needed=role,
@@ -156,6 +190,40 @@ def _requiring(role: str) -> Callable[[Principal], Awaitable[Principal]]:
 Viewer = Annotated[Principal, Depends(_requiring("viewer"))]
 Operator = Annotated[Principal, Depends(_requiring("operator"))]
 Admin = Annotated[Principal, Depends(_requiring("admin"))]
+
+
+def replication_source(
+    request: Request,
+    service: ServiceDep,
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> SourceRecord:
+    """The paired source whose replication token made this request.
+
+    Any other caller is 403. A replication token that is not its source's current one, or whose
+    store scope is not its source's store, is 403 too, and audited (``replication.refused``).
+    """
+    if principal.role != REPLICATION_ROLE:
+        raise PermissionDenied(
+            "only a replication token of a paired source may use the replication store",
+            needed=REPLICATION_ROLE,
+            role=principal.role,
+        )
+    app = service.app
+    source = source_of_token(app, principal.token_id)
+    scopes: list[str] = []
+    if source is not None:
+        scopes = next(
+            (t.scopes for t in app.catalog.list_tokens(principal.name) if t.id == source.token_id),
+            [],
+        )
+    if source is None or source.user != principal.name or source.store_scope not in scopes:
+        refuse_replication(service, principal, request)
+        raise PermissionDenied("this replication token belongs to no paired source's store")
+    touch_source(app, source, service.now())
+    return source
+
+
+ReplicationPeer = Annotated[SourceRecord, Depends(replication_source)]
 
 
 def client_address(request: Request) -> str:

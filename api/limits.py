@@ -1,9 +1,11 @@
 """A cap on request bodies: no client makes the service read more than it will ever accept.
 
 The JSON API's largest legitimate body (an asset with 64 disk paths, a policy with 50 schedule
-entries) is a few hundred KiB at most, and there are no upload routes, so every request body is
-capped at :data:`MAX_BODY_BYTES`. :class:`BodySizeLimit` is a plain ASGI middleware that never
-buffers:
+entries) is a few hundred KiB at most, so every request body is capped at :data:`MAX_BODY_BYTES`.
+The one upload route is the exception (:data:`LARGE_BODY_ROUTES`): a replication source puts the
+store's objects, packs of up to :data:`MAX_REPLICA_OBJECT_BYTES`, with
+``PUT /api/replication/store/objects/{name}`` (docs/replication.md). :class:`BodySizeLimit` is a
+plain ASGI middleware that never buffers:
 
 - a ``Content-Length`` over the cap is answered 413 ``too_large`` at once, before a byte of the
   body is read, and the connection is closed (``Connection: close``) so uvicorn does not read the
@@ -26,6 +28,13 @@ from api.errors import error_body
 
 #: The most bytes any request body may have (1 MiB).
 MAX_BODY_BYTES = 1 << 20
+#: The most bytes one object of a replica store may have: a pack is cut at 16 MiB and may overrun
+#: by one blob; 64 MiB leaves room for a store made with bigger packs, plus 1 MiB of margin.
+MAX_REPLICA_OBJECT_BYTES = (64 << 20) + (1 << 20)
+#: (method, path prefix, cap): the routes whose bodies may exceed :data:`MAX_BODY_BYTES`.
+LARGE_BODY_ROUTES: tuple[tuple[str, str, int], ...] = (
+    ("PUT", "/api/replication/store/objects/", MAX_REPLICA_OBJECT_BYTES),
+)
 
 
 def _too_large_message(limit: int) -> str:
@@ -35,20 +44,34 @@ def _too_large_message(limit: int) -> str:
 class BodySizeLimit:
     """Refuses request bodies over ``max_bytes`` with 413, early when their length says so."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = MAX_BODY_BYTES,
+        large_routes: tuple[tuple[str, str, int], ...] = LARGE_BODY_ROUTES,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.large_routes = large_routes
+
+    def limit_for(self, scope: Scope) -> int:
+        """The cap of this request: a large-body route's own, else ``max_bytes``."""
+        method, path = scope.get("method", ""), str(scope.get("path", ""))
+        for route_method, prefix, cap in self.large_routes:
+            if method == route_method and path.startswith(prefix):
+                return cap
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await _refuse(send, self.max_bytes)
+        if declared is not None and declared > limit:
+            await _refuse(send, limit)
             return
         received = 0
-        limit = self.max_bytes
         responding = False
 
         async def counting_receive() -> Message:

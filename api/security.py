@@ -8,6 +8,8 @@
   anyone in.
 - Roles are ordered: viewer < operator < admin. An API token carries a role no higher than its
   user's; the effective role is the lower of the two, so demoting a user demotes their tokens.
+  :data:`REPLICATION_ROLE` stands outside that order (rank -1: below viewer, so every route that
+  asks for a role refuses it); only the replication object routes take it (``api.deps``).
 - Login throttling is per (user, client address): after ``free_failures`` failures each further
   attempt waits 2^(n - free) seconds (capped at 15 minutes) and is answered 429 meanwhile,
   before the password is even checked. A success clears the count. On top, a client address
@@ -36,6 +38,8 @@ from api.errors import LoginThrottled
 
 ROLES = ("viewer", "operator", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+#: The role of a peer's system user for one replication source (docs/replication.md).
+REPLICATION_ROLE = "replication"
 TOKEN_PREFIX = "apl_"
 SESSION_COOKIE = "appliance_session"
 CSRF_COOKIE = "appliance_csrf"

@@ -15,10 +15,12 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
    Before it starts, every disk pool is mounted (``hardware.pools.mount_pools``; a pool that
    will not mount is logged and the others mount), and the pool and USB job kinds are
    registered (``pool_create``, ``pool_scrub``, ``pool_replace``, ``pool_import``,
-   ``usb_export``, ``usb_eject``, and ``usb_initialise`` here).
+   ``usb_export``, ``usb_eject``, and ``usb_initialise`` here), and the ``replicate`` kind
+   (``api.replication_jobs``), which also hooks replication to the peers onto the backup kinds.
 3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
    service was down. Besides policies and tiering it samples the pools' usage hourly and asks
-   for their monthly scrub (``hardware.pool_jobs.pool_tick``).
+   for their monthly scrub (``hardware.pool_jobs.pool_tick``), and catches replication up
+   (``api.replication_jobs.replication_tick``: a peer back online wakes its waiting job).
 4. The device monitor starts (``hardware.udev.DeviceMonitor``, unless ``device_monitor`` is
    off): a first scan, then :func:`~hardware.usb_jobs.reconcile_media` over it (media pulled
    while the service was down are ``out``, a medium found plugged in starts its export); after
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from api.cache import TtlCache
+from api.replication_jobs import register_replication_jobs, replication_tick
 from api.security import LoginThrottle, Principal
 from api.settings import Settings
 from appliance.engine import Appliance, DataDir, utcnow
@@ -256,6 +259,8 @@ class Service:
             register_pool_jobs()
             register_usb_jobs()
             register_initialise_job()
+            # After the policy kinds: the backup kinds (policy_backup too) queue replication.
+            register_replication_jobs()
             self._mount_pools()
             # isolate: backups and restores fork workers, unsafe in this many-threaded process.
             self.runner = JobRunner(app, max_parallel=s.max_parallel_jobs, isolate=True)
@@ -275,6 +280,7 @@ class Service:
             )
             self.scheduler.extra_ticks.append(tiering_tick(app, self.runner))
             self.scheduler.extra_ticks.append(pool_tick(app, self.runner))
+            self.scheduler.extra_ticks.append(replication_tick(app, self.runner))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()

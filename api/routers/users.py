@@ -1,14 +1,23 @@
-"""Users and API tokens (admin only). The last admin can be neither demoted nor deleted."""
+"""Users and API tokens (admin only). The last admin can be neither demoted nor deleted.
+
+Replication accounts (role ``replication``, named ``peer-<source appliance id>``, one per paired
+source; see ``api.pairing``) are made and unmade by pairing alone: they are left out of the user
+list (``GET /api/replication/sources`` lists the sources instead), ``GET /api/users/{name}`` does
+not find them, changing or deleting one by hand is 409, and the ``peer-`` prefix is reserved.
+Their tokens show in the token list with the role ``replication``; revoking one by hand is
+allowed (it only cuts the link), making one by hand is not.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
 from api.deps import Admin, CatalogDep
+from api.pairing import PEER_USER_PREFIX
 from api.schemas import TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
-from api.security import ROLE_RANK, digest, hash_password, new_api_token
+from api.security import REPLICATION_ROLE, ROLE_RANK, digest, hash_password, new_api_token
 from appliance.catalog.records import TokenRecord, UserRecord
-from appliance.errors import Conflict, InvalidInput
+from appliance.errors import Conflict, InvalidInput, NotFound
 
 router = APIRouter(tags=["users"])
 
@@ -32,13 +41,32 @@ def _token(token: TokenRecord) -> TokenPublic:
     )
 
 
+def _refuse_replication_account(catalog: CatalogDep, name: str) -> None:
+    """409 for a replication account: pairing manages it, not the users page."""
+    try:
+        user = catalog.get_user(name)
+    except NotFound:
+        return
+    if user.role == REPLICATION_ROLE:
+        raise Conflict(
+            f"{name} is the replication account of a paired source; unpair the source on the "
+            "replication page instead",
+            user=name,
+        )
+
+
 @router.get("/users", response_model=list[UserPublic])
 def list_users(principal: Admin, catalog: CatalogDep) -> list[UserPublic]:
-    return [_user(u) for u in catalog.list_users()]
+    """The users, without replication accounts (see the module docstring)."""
+    return [_user(u) for u in catalog.list_users() if u.role != REPLICATION_ROLE]
 
 
 @router.post("/users", response_model=UserPublic, status_code=status.HTTP_201_CREATED)
 def create_user(body: UserCreate, principal: Admin, catalog: CatalogDep) -> UserPublic:
+    if body.name.lower().startswith(PEER_USER_PREFIX):
+        raise InvalidInput(
+            f"user names beginning {PEER_USER_PREFIX} are reserved for replication accounts"
+        )
     user = catalog.add_user(body.name, body.role, hash_password(body.password))
     catalog.audit(principal.name, "user.create", user.name, {"role": user.role})
     return _user(user)
@@ -46,7 +74,10 @@ def create_user(body: UserCreate, principal: Admin, catalog: CatalogDep) -> User
 
 @router.get("/users/{name}", response_model=UserPublic)
 def get_user(name: str, principal: Admin, catalog: CatalogDep) -> UserPublic:
-    return _user(catalog.get_user(name))
+    user = catalog.get_user(name)
+    if user.role == REPLICATION_ROLE:
+        raise NotFound(f"user {name} does not exist", user=name)
+    return _user(user)
 
 
 @router.patch("/users/{name}", response_model=UserPublic)
@@ -54,6 +85,7 @@ def update_user(name: str, body: UserUpdate, principal: Admin, catalog: CatalogD
     """Change a user's role, reset their password (ends every session of theirs; revokes their
     tokens unless ``revoke_tokens`` is false) or disable / enable the account (disabling ends
     every session and revokes every token)."""
+    _refuse_replication_account(catalog, name)
     if body.disabled and name == principal.name:
         raise Conflict("you cannot disable your own account; ask another admin")
     user = catalog.update_user(
@@ -78,6 +110,7 @@ def update_user(name: str, body: UserUpdate, principal: Admin, catalog: CatalogD
 def delete_user(name: str, principal: Admin, catalog: CatalogDep) -> Response:
     if name == principal.name:
         raise Conflict("you cannot delete your own account; ask another admin")
+    _refuse_replication_account(catalog, name)
     catalog.delete_user(name)
     catalog.audit(principal.name, "user.delete", name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -94,6 +127,10 @@ def list_tokens(
 def create_token(body: TokenCreate, principal: Admin, catalog: CatalogDep) -> TokenCreated:
     """A new API token; the response is the only time the token itself is shown."""
     owner = catalog.get_user(body.user or principal.name)
+    if owner.role == REPLICATION_ROLE:
+        raise Conflict(
+            f"{owner.name} is a replication account; its token is made by pairing", user=owner.name
+        )
     role = body.role or owner.role
     if ROLE_RANK[role] > ROLE_RANK[owner.role]:
         raise InvalidInput(f"a token of {owner.name} can have at most the {owner.role} role")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from appliance.errors import (
     BackupCancelled,
@@ -57,6 +57,8 @@ from appliance.store.packs import IndexEntry, pack_name_matches, pack_object_nam
 from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+#: The most names a copy asks a target's ``present_many`` about in one call (a peer's limit).
+PRESENT_BATCH = 10000
 #: Packs a copy has in flight at once (each held in memory whole: at most this many packs, or
 #: bundles of about one pack each).
 COPY_THREADS = 3
@@ -133,10 +135,17 @@ def copy_point(
     target = bundles.with_bundles(target)
     # A bucket is listed once (one LIST answers for a thousand objects, a HEAD for one); its
     # puts are atomic and checked by the bucket (SHA-256), so a listed object of the right size
-    # is there whole. A disk's packs are read back and hashed against their names.
+    # is there whole. A target that answers "which of these do you hold?" (a peer) is asked
+    # for the point's packs alone, in batches, rather than listed whole. A disk's packs are read
+    # back and hashed against their names.
     trusted = target.capabilities.listing_cost == "expensive"
     listed: dict[str, int] = {}
-    if trusted:
+    present_many = _present_many(target)
+    if trusted and present_many is not None:
+        names = [pack_object_name(p, k) for p, k in sorted(needs.packs.items())]
+        for start in range(0, len(names), PRESENT_BATCH):
+            listed.update(present_many(names[start : start + PRESENT_BATCH]))
+    elif trusted:
         for prefix in ("data/", "meta/"):
             listed.update((info.name, info.size) for info in target.list(prefix))
 
@@ -234,6 +243,23 @@ def copy_point(
     manifest_name = f"manifests/{point_id}"
     _put_or_retain(target, manifest_name, lambda: repo.backend.get(manifest_name), hot)
     return result
+
+
+def _present_many(target: Backend) -> Callable[[list[str]], dict[str, int]] | None:
+    """The target's batch presence query ``present_many(names) -> {name: size}`` (a peer's),
+    found on the backend below the wrappers (they do not forward it), or None.
+
+    Only a hot target's: bundles go to cold classes alone, and the query knows no bundles.
+    Not retried by the retry wrapper: a failure fails the copy, and its job resumes."""
+    if target.capabilities.cold_objects:
+        return None
+    layer: object = target
+    while layer is not None:
+        ask = getattr(layer, "present_many", None)
+        if callable(ask):
+            return cast(Callable[[list[str]], dict[str, int]], ask)
+        layer = getattr(layer, "backend", None)
+    return None
 
 
 def _bundle_groups(

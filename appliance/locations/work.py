@@ -95,8 +95,9 @@ def find_location(app: Appliance, name: str) -> LocationRecord:
 
 
 #: Options that are credentials: kept in ``<data dir>/secrets/<location>.json`` (mode 0600),
-#: never in the catalog (which may be a shared PostgreSQL, and is shown in the API).
-SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token")
+#: never in the catalog (which may be a shared PostgreSQL, and is shown in the API). ``token``:
+#: a peer's replication token.
+SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "token")
 
 
 def _secrets_file(app: Appliance, location_id: str) -> str:

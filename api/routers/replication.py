@@ -1,0 +1,440 @@
+"""Replication, the peer's side: pairing, the sources that replicate here, and their stores.
+
+docs/replication.md is the contract; the source's side is ``api.peers``. Three kinds of caller:
+
+- an admin of this appliance makes pairing codes, and unpairs sources; any signed-in user sees
+  the sources (``GET /api/replication/sources``: what each holds here and how fresh it is);
+- a source pairs with a code (``POST /api/replication/pair``, no login: the code is the
+  credential; failures are throttled per client address like failed sign-ins, and audited);
+- a source's replication token (``ReplicationPeer``) lists, reads and uploads the objects of its
+  own replica store and posts its points' summaries: nothing else, and no delete.
+
+The storage rules (names, checksums, no overwrite, the reserve) are :mod:`api.replica_store`'s.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from api.deps import Admin, ReplicationPeer, ServiceDep, Viewer, client_address
+from api.errors import LoginThrottled
+from api.identity import appliance_id, appliance_name, certificate_fingerprint
+from api.pairing import (
+    THROTTLE_KEY,
+    PairingRefused,
+    PairingThrottled,
+    SourceClaim,
+    SourceRecord,
+    list_sources,
+    new_pairing_code,
+    pair,
+    unpair,
+)
+from api.replica_store import (
+    MAX_BATCH,
+    check_point_id,
+    check_replica_name,
+    replica_store,
+    replicas_dir,
+)
+from api.schemas import MAX_BYTES
+from api.schemas import Request as RequestModel
+from api.security import LoginThrottle
+from api.service import Service
+from appliance import space
+from appliance.errors import InvalidInput
+
+router = APIRouter(tags=["replication"])
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+
+class PairingCodePublic(BaseModel):
+    #: The code to type on the source: 8 characters, one use.
+    code: str
+    expires_at: datetime
+    #: This appliance's TLS certificate (SHA-256 of the DER, ``AB:CD:...``); null without TLS.
+    fingerprint: str | None
+    appliance_id: str
+    name: str
+
+
+class SourceClaimCreate(RequestModel):
+    appliance_id: str = Field(max_length=64)
+    name: ShortText
+    store_id: str = Field(max_length=64)
+    fingerprint: str = Field(max_length=128)
+
+
+class PairCreate(RequestModel):
+    code: str = Field(min_length=1, max_length=64)
+    source: SourceClaimCreate
+
+
+class PeerPublic(BaseModel):
+    appliance_id: str
+    name: str
+    fingerprint: str | None
+
+
+class PairPublic(BaseModel):
+    peer: PeerPublic
+    #: The replication token: shown once; send it as ``Authorization: Bearer``.
+    token: str
+
+
+class SourcePointsPublic(BaseModel):
+    count: int
+    newest_created_at: datetime | None = None
+    #: Age of the newest point held, in seconds (the replication RPO as the peer sees it).
+    newest_age_seconds: float | None = None
+
+
+class SourcePublic(BaseModel):
+    appliance_id: str
+    name: str
+    store_id: str
+    fingerprint: str
+    paired_at: datetime | None
+    last_seen: datetime | None
+    bytes_held: int
+    points: SourcePointsPublic
+    #: Free bytes of the filesystem holding the replicas, and the reserve kept free on it.
+    free_bytes: int | None
+    reserve_bytes: int | None
+
+
+class ObjectPublic(BaseModel):
+    name: str
+    size: int
+
+
+class ObjectListPublic(BaseModel):
+    objects: list[ObjectPublic]
+    #: Pass as ``after`` for the next page; null on the last page.
+    next_after: str | None
+
+
+class PresentCreate(RequestModel):
+    names: list[Annotated[str, StringConstraints(max_length=256)]] = Field(max_length=MAX_BATCH)
+
+
+class PresentPublic(BaseModel):
+    #: The names asked about that the replica holds, with their sizes.
+    present: dict[str, int]
+
+
+class ObjectPutPublic(BaseModel):
+    name: str
+    size: int
+    #: False when the replica held the same bytes already (a repeated upload).
+    created: bool
+
+
+class PointSummaryCreate(BaseModel):
+    #: Fields a newer source adds are ignored, not refused: the two sides upgrade apart.
+    model_config = ConfigDict(extra="ignore")
+
+    asset: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    created_at: datetime
+    #: The point's size as the source counts it (null when it does not know).
+    bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
+
+
+class PointSummaryPublic(PointSummaryCreate):
+    id: str
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _data_dir(service: Service) -> str:
+    return service.app.data_dir.path
+
+
+def _fingerprint(service: Service) -> str | None:
+    """This appliance's certificate fingerprint; None when it serves no certificate."""
+    if not service.settings.tls:
+        return None
+    try:
+        return certificate_fingerprint(service.settings.cert_path)
+    except OSError:
+        return None
+
+
+def _pairing_throttle(request: Request, service: Service) -> LoginThrottle:
+    """The throttle of failed pairings: the login throttle's rules, counted on their own."""
+    state = request.app.state
+    throttle = getattr(state, "pairing_throttle", None)
+    if not isinstance(throttle, LoginThrottle):
+        throttle = LoginThrottle(
+            service.settings.login_throttle,
+            client_free_failures=service.settings.login_throttle_per_client,
+        )
+        state.pairing_throttle = throttle
+    return throttle
+
+
+def _time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _source_public(service: Service, record: SourceRecord) -> SourcePublic:
+    store = replica_store(_data_dir(service), record.store_id)
+    summaries = store.summaries()
+    newest = _time(str(summaries[-1].get("created_at"))) if summaries else None
+    age = (service.now() - newest).total_seconds() if newest and newest.tzinfo else None
+    free: int | None = None
+    reserve: int | None = None
+    try:
+        free, total = space.filesystem_space(replicas_dir(_data_dir(service)))
+        reserve = space.reserve_bytes(total)
+    except OSError:
+        pass
+    return SourcePublic(
+        appliance_id=record.appliance_id,
+        name=record.name,
+        store_id=record.store_id,
+        fingerprint=record.fingerprint,
+        paired_at=_time(record.paired_at),
+        last_seen=_time(record.last_seen),
+        bytes_held=store.bytes_held(),
+        points=SourcePointsPublic(
+            count=len(summaries), newest_created_at=newest, newest_age_seconds=age
+        ),
+        free_bytes=free,
+        reserve_bytes=reserve,
+    )
+
+
+# --- pairing and sources (this appliance's users) ---------------------------------------------
+
+
+@router.post(
+    "/replication/pairing-codes",
+    response_model=PairingCodePublic,
+    status_code=status.HTTP_201_CREATED,
+)
+def create_pairing_code(principal: Admin, service: ServiceDep) -> PairingCodePublic:
+    """A one-time pairing code, valid 10 minutes, to type on the source with this appliance's
+    address; compare the fingerprint shown here with the one the source shows."""
+    app = service.app
+    made = new_pairing_code(app, service.now(), principal.name)
+    app.catalog.audit(
+        principal.name,
+        "replication.pairing_code",
+        "pairing code",
+        {"expires_at": made.expires_at.isoformat(), **principal.audit_details},
+    )
+    return PairingCodePublic(
+        code=made.code,
+        expires_at=made.expires_at,
+        fingerprint=_fingerprint(service),
+        appliance_id=appliance_id(app),
+        name=appliance_name(app),
+    )
+
+
+@router.post("/replication/pair", response_model=PairPublic)
+def pair_source(body: PairCreate, request: Request, service: ServiceDep) -> PairPublic:
+    """A source pairs with a pairing code (no login: the code is the credential). A wrong,
+    expired or used code is 403 ``pairing_refused``; failures from one address are throttled
+    (429 ``pairing_throttled``). The answer's token is shown once."""
+    app = service.app
+    client = client_address(request)
+    throttle = _pairing_throttle(request, service)
+    try:
+        throttle.check(THROTTLE_KEY, client)
+    except LoginThrottled as exc:
+        wait = exc.details.get("retry_after")
+        seconds = int(wait + 0.999) if isinstance(wait, int | float) else 1
+        raise PairingThrottled(
+            f"too many wrong pairing codes from this address; try again in {seconds} s",
+            retry_after=wait,
+        ) from None
+    claim = SourceClaim(**body.source.model_dump())
+    try:
+        paired = pair(app, body.code, claim, service.now(), data_dir=_data_dir(service))
+    except PairingRefused:
+        throttle.failure(THROTTLE_KEY, client)
+        app.catalog.audit(
+            "anonymous",
+            "replication.pair_failed",
+            client,
+            {"source": claim.appliance_id, "name": claim.name},
+        )
+        raise
+    throttle.success(THROTTLE_KEY, client)
+    source = paired.source
+    app.catalog.audit(
+        source.user,
+        "replication.pair",
+        source.appliance_id,
+        {
+            "client": client,
+            "name": source.name,
+            "store_id": source.store_id,
+            "fingerprint": source.fingerprint,
+            "token": source.token_id[:8],
+        },
+    )
+    return PairPublic(
+        peer=PeerPublic(
+            appliance_id=appliance_id(app),
+            name=appliance_name(app),
+            fingerprint=_fingerprint(service),
+        ),
+        token=paired.token,
+    )
+
+
+@router.get("/replication/sources", response_model=list[SourcePublic])
+def get_sources(principal: Viewer, service: ServiceDep) -> list[SourcePublic]:
+    """The sources replicating into this appliance: what each holds here and how fresh it is."""
+    return [_source_public(service, record) for record in list_sources(service.app)]
+
+
+@router.delete("/replication/sources/{source_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_source(
+    source_id: Annotated[str, Path(max_length=64)],
+    principal: Admin,
+    service: ServiceDep,
+    delete_data: bool = False,
+) -> Response:
+    """Unpair a source: its replication token is revoked at once. Its replica store stays,
+    unless ``delete_data`` (then it is deleted with its point summaries)."""
+    app = service.app
+    record, revoked = unpair(app, source_id, data_dir=_data_dir(service), delete_data=delete_data)
+    app.catalog.audit(
+        principal.name,
+        "replication.unpair",
+        record.appliance_id,
+        {
+            "name": record.name,
+            "store_id": record.store_id,
+            "delete_data": delete_data,
+            "tokens_revoked": revoked,
+            **principal.audit_details,
+        },
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# --- the replica store (a source's replication token) -----------------------------------------
+
+
+@router.get("/replication/store/objects", response_model=ObjectListPublic)
+def list_objects(
+    source: ReplicationPeer,
+    service: ServiceDep,
+    prefix: Annotated[str, Query(max_length=256)] = "",
+    after: Annotated[str, Query(max_length=256)] = "",
+    limit: Annotated[int, Query(ge=1, le=MAX_BATCH)] = 1000,
+) -> ObjectListPublic:
+    """The replica's objects whose names start with ``prefix``, sorted by name, after
+    ``after``, at most ``limit``; ``next_after`` continues."""
+    listing = replica_store(_data_dir(service), source.store_id).list_objects(prefix, after, limit)
+    return ObjectListPublic(
+        objects=[ObjectPublic(name=n, size=s) for n, s in listing.objects],
+        next_after=listing.next_after,
+    )
+
+
+@router.post("/replication/store/present", response_model=PresentPublic)
+def present_objects(
+    body: PresentCreate, source: ReplicationPeer, service: ServiceDep
+) -> PresentPublic:
+    """Which of ``names`` the replica holds (the source then sends only the others)."""
+    held = replica_store(_data_dir(service), source.store_id).present(body.names)
+    return PresentPublic(present=held)
+
+
+def _object_response(service: Service, source: SourceRecord, name: str) -> FileResponse:
+    store = replica_store(_data_dir(service), source.store_id)
+    store.size(name)  # 404 (object_missing) before a response starts
+    return FileResponse(
+        store.path(name), media_type="application/octet-stream", content_disposition_type="inline"
+    )
+
+
+@router.head("/replication/store/objects/{name:path}", response_class=FileResponse)
+def head_object(name: str, source: ReplicationPeer, service: ServiceDep) -> FileResponse:
+    """The object's size (``Content-Length``); 404 when the replica lacks it."""
+    return _object_response(service, source, name)
+
+
+@router.get("/replication/store/objects/{name:path}", response_class=FileResponse)
+def get_object(name: str, source: ReplicationPeer, service: ServiceDep) -> FileResponse:
+    """The object's bytes; ``Range: bytes=a-b`` answers 206 with that part."""
+    return _object_response(service, source, name)
+
+
+_PUT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put(
+    "/replication/store/objects/{name:path}",
+    response_model=ObjectPutPublic,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_PUT_BODY,
+)
+async def put_object(
+    name: str,
+    request: Request,
+    source: ReplicationPeer,
+    service: ServiceDep,
+    x_content_sha256: Annotated[str | None, Header(max_length=128)] = None,
+) -> ObjectPutPublic:
+    """Upload one object (the body), checked against ``X-Content-SHA256``: 400
+    ``checksum_mismatch`` (or ``name_mismatch`` for a pack whose bytes do not hash to its
+    name), 409 ``object_exists`` when the replica holds the name with other bytes (the same
+    bytes again: 201 with ``created: false``), 507 ``peer_full`` when it would eat into this
+    appliance's free-space reserve."""
+    check_replica_name(name)
+    if x_content_sha256 is None or not _SHA256.match(x_content_sha256):
+        raise InvalidInput("send the body's SHA-256 as 64 hex digits in X-Content-SHA256")
+    data = await request.body()
+    store = replica_store(_data_dir(service), source.store_id)
+    created = await to_thread.run_sync(store.put, name, data, x_content_sha256)
+    return ObjectPutPublic(name=name, size=len(data), created=created)
+
+
+@router.post("/replication/store/points/{point_id}", response_model=PointSummaryPublic)
+def post_point_summary(
+    point_id: Annotated[str, Path(max_length=64)],
+    body: PointSummaryCreate,
+    source: ReplicationPeer,
+    service: ServiceDep,
+) -> PointSummaryPublic:
+    """Keep a replicated point's plaintext summary (asset, kind, created_at, bytes) for this
+    appliance's page; posting it again replaces it."""
+    check_point_id(point_id)
+    created = body.created_at
+    # Kept in UTC, so the summaries sort by their text (a time without a zone is taken as UTC).
+    created = (created if created.tzinfo else created.replace(tzinfo=UTC)).astimezone(UTC)
+    summary = body.model_copy(update={"created_at": created})
+    store = replica_store(_data_dir(service), source.store_id)
+    store.put_summary(point_id, summary.model_dump(mode="json"))
+    return PointSummaryPublic(id=point_id, **summary.model_dump())
