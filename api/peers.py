@@ -60,7 +60,7 @@ from api.tls import ensure_certificate
 from appliance.catalog.records import HELD_COPY_STATES, LocationRecord
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, Conflict, InvalidInput, StoreError, StoreExists
-from appliance.locations.work import _save_secrets
+from appliance.locations.work import save_location_secrets
 
 #: Where the peer takes a pairing code.
 PAIR_ROUTE = "/api/replication/pair"
@@ -211,7 +211,7 @@ def _repaired(
             "first",
             location=location.id,
         )
-    _save_secrets(app, location.id, {"token": token})
+    save_location_secrets(app, location.id, {"token": token})
     return app.catalog.update_location(
         location.id,
         label=label or None,

@@ -104,7 +104,7 @@ def _secrets_file(app: Appliance, location_id: str) -> str:
     return os.path.join(app.data_dir.secrets_path, f"{location_id}.json")
 
 
-def _save_secrets(app: Appliance, location_id: str, secrets: dict[str, Any]) -> None:
+def save_location_secrets(app: Appliance, location_id: str, secrets: dict[str, Any]) -> None:
     os.makedirs(app.data_dir.secrets_path, mode=0o700, exist_ok=True)
     path = _secrets_file(app, location_id)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -193,7 +193,7 @@ def add_location(
         backend.close()
     secrets = {k: everything.pop(k) for k in SECRET_OPTIONS if k in everything}
     if secrets:
-        _save_secrets(app, location_id, secrets)
+        save_location_secrets(app, location_id, secrets)
     access = ACCESS_BY_KIND.get(kind, "random")
     if kind == "s3_bucket" and not everything.get("cold"):
         access = "random"  # a hot bucket: every object readable at once
@@ -451,7 +451,7 @@ def _adopt(
     except NotFound:
         secrets = {k: everything.pop(k) for k in SECRET_OPTIONS if k in everything}
         if secrets:
-            _save_secrets(app, location_id, secrets)
+            save_location_secrets(app, location_id, secrets)
         location = app.catalog.add_location(
             app.repo.store_id,
             kind,
