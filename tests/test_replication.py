@@ -18,35 +18,35 @@ unpairing. The tests run in file order and share the pair (each still passes alo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from api_support import (
     LiveServer,
-    MovableClock,
-    bootstrap_accounts,
     bootstrapped_server,
     free_port,
-    service_settings,
     wait_job,
     weak_kdf_env,
 )
+from replication_support import (
+    Pairing,
+    Peer,
+    data_packs,
+    digest_tree,
+    files_of,
+    packs_of,
+    until,
+)
 
-from api.app import create_app
 from api.identity import certificate_fingerprint
 from api.peer_backend import (
     PeerCertificateChanged,
@@ -55,7 +55,6 @@ from api.peer_backend import (
     open_peer,
     pinned_context,
 )
-from api.serve import uvicorn_config
 from api.tls import ensure_certificate
 from appliance.catalog.records import home_location_id
 from appliance.errors import InvalidInput, ObjectMissing
@@ -69,95 +68,6 @@ pytestmark = pytest.mark.slow
 MIB = 1 << 20
 #: A line no ciphertext contains by chance: the replica is searched for it.
 MARKER = b"replication-plaintext-marker-4f1c9e"
-
-
-@dataclass
-class TlsServer(LiveServer):
-    """A live service over TLS; its clients trust its own certificate alone."""
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        cert = self.settings.cert_path.read_text()
-        return httpx.Client(base_url=self.url, timeout=60, verify=pinned_context(cert), **kwargs)
-
-
-@contextlib.contextmanager
-def tls_server(
-    data_dir: Path, port: int, tokens: dict[str, str] | None = None
-) -> Iterator[TlsServer]:
-    """The service as ``appliance serve`` runs it (``api.serve.uvicorn_config``: TLS, a
-    generated certificate) on ``port``; ``tokens``: the role tokens of an earlier run."""
-    settings = service_settings(data_dir, tls=True, port=port, device_monitor=False)
-    clock = MovableClock()
-    app = create_app(settings, clock=clock)
-    server = uvicorn.Server(uvicorn_config(settings, app))
-    thread = threading.Thread(target=server.run, name="uvicorn-peer", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the peer did not start")
-        time.sleep(0.02)
-    live = TlsServer(app, f"https://127.0.0.1:{port}", clock, settings, thread, server)
-    live.tokens.update(tokens or {})
-    try:
-        yield live
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
-class Peer:
-    """The peer appliance: started, stopped and started again on one data directory and port."""
-
-    def __init__(self, root: Path) -> None:
-        self.data_dir = root / "data"
-        self.port = free_port()
-        self.tokens: dict[str, str] = {}
-        self._stack: contextlib.ExitStack | None = None
-        self.live: TlsServer | None = None
-
-    @property
-    def address(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> TlsServer:
-        stack = contextlib.ExitStack()
-        self.live = stack.enter_context(tls_server(self.data_dir, self.port, self.tokens))
-        self._stack = stack
-        if not self.tokens:
-            bootstrap_accounts(self.live)
-            self.tokens.update(self.live.tokens)
-        return self.live
-
-    def stop(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
-        self._stack = None
-        self.live = None
-
-    def admin(self) -> httpx.Client:
-        assert self.live is not None
-        return self.live.as_role("admin")
-
-    def replica(self, store_id: str) -> Path:
-        return self.data_dir / "replicas" / store_id
-
-
-@dataclass
-class Pairing:
-    source: LiveServer
-    peer: Peer
-    location_id: str
-    tree: Path
-    asset: str = "projects"
-
-    @property
-    def app(self) -> Any:
-        return self.source.service.app
-
-    @property
-    def replica(self) -> Path:
-        return self.peer.replica(self.app.repo.store_id)
 
 
 @pytest.fixture(scope="module")
@@ -181,37 +91,6 @@ def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
 def source(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     with bootstrapped_server(tmp_path_factory.mktemp("source")) as live:
         yield live
-
-
-def _until(predicate: Callable[[], Any], timeout: float = 120.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in time"
-        time.sleep(0.05)
-
-
-def _files(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
-
-
-def _data_packs(root: Path) -> int:
-    """Data packs there (not the temporary files of a write under way)."""
-    return sum(1 for p in (root / "data").rglob("*") if p.is_file() and ".tmp-" not in p.name)
-
-
-def _packs(store: Path) -> dict[str, int]:
-    return {n: s for n, s in _files(store).items() if n.startswith(("data/", "meta/"))}
-
-
-def _digest_tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _backup(pairing: Pairing) -> tuple[str, dict[str, Any]]:
@@ -306,14 +185,14 @@ def test_backups_replicate_by_themselves_resume_after_the_peer_returns_and_resto
     assert status["last_replication"]["outcome"] == "succeeded"
 
     # 2. A small change sends only its new packs.
-    packs_before, replica_before = _packs(store), _files(paired.replica)
+    packs_before, replica_before = packs_of(store), files_of(paired.replica)
     (paired.tree / "docs" / "new.bin").write_bytes(os.urandom(300 * 1024))
     second, job = _backup(paired)
     with source.as_role("operator") as operator:
         job = wait_job(operator, job["id"])
     assert job["state"] == "succeeded", job
-    new_packs = {n: s for n, s in _packs(store).items() if n not in packs_before}
-    arrived = {n: s for n, s in _files(paired.replica).items() if n not in replica_before}
+    new_packs = {n: s for n, s in packs_of(store).items() if n not in packs_before}
+    arrived = {n: s for n, s in files_of(paired.replica).items() if n not in replica_before}
     assert {n: s for n, s in arrived.items() if n.startswith(("data/", "meta/"))} == new_packs
     others = sum(s for n, s in arrived.items() if not n.startswith(("data/", "meta/")))
     new_bytes, sent = sum(new_packs.values()), job["result"]["bytes_sent"]
@@ -331,15 +210,15 @@ def test_backups_replicate_by_themselves_resume_after_the_peer_returns_and_resto
         changed = admin.patch(f"/api/peers/{paired.location_id}", json={"bandwidth_mib_s": 2})
         assert changed.json()["bandwidth_mib_s"] == 2
     (paired.tree / "big.bin").write_bytes(os.urandom(20 * MIB))
-    data_before = _data_packs(paired.replica)
+    data_before = data_packs(paired.replica)
     third, job = _backup(paired)
-    _until(
-        lambda: _data_packs(paired.replica) > data_before,
+    until(
+        lambda: data_packs(paired.replica) > data_before,
         what="a first pack of the big point at the peer",
     )
     peer.stop()
     with source.as_role("operator") as operator:
-        waiting = _until(
+        waiting = until(
             lambda: (
                 (j := operator.get(f"/api/jobs/{job['id']}").json())["state"] == "waiting" and j
             ),
@@ -374,8 +253,8 @@ def test_backups_replicate_by_themselves_resume_after_the_peer_returns_and_resto
         assert r.status_code == 202, r.text
         restored = wait_job(operator, r.json()["id"], timeout=180)
         assert restored["state"] == "succeeded", restored
-    original = _digest_tree(paired.tree)
-    assert _digest_tree(target) == {
+    original = digest_tree(paired.tree)
+    assert digest_tree(target) == {
         k: v for k, v in original.items() if k in ("docs/secret.txt", "base.bin")
     }
 
@@ -540,14 +419,14 @@ def test_a_replication_killed_mid_transfer_resumes_after_a_restart(
     try:
         started = json.loads(child.stdout.readline())  # type: ignore[union-attr]
         replica = peer.replica(started["store"])
-        _until(lambda: _data_packs(replica) >= 3, what="three packs at the peer")
+        until(lambda: data_packs(replica) >= 3, what="three packs at the peer")
         child.kill()  # SIGKILL: the job is left "running" in the catalog, the copy "copying"
         child.wait(30)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(30)
-    arrived = _data_packs(replica)
+    arrived = data_packs(replica)
     resumed = subprocess.run(
         [*command, "resume", str(data), started["job"], started["point"], started["location"]],
         capture_output=True,
