@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from appliance.locations.copy import FallbackBackend, copy_point
 from appliance.maintenance import verify_point
 from appliance.point_packs import point_packs
 from appliance.restore import restore_disk, restore_tree
-from appliance.store.backend import LocalDirectoryBackend
+from appliance.store.backend import LocalDirectoryBackend, MemoryBackend
 from appliance.store.identity import check_identity, write_identity
 from appliance.store.repository import Repository
 
@@ -227,6 +228,30 @@ def test_a_damaged_pack_at_one_copy_is_read_from_the_next(site: dict, tmp_path: 
     restore_disk(reader, disk, str(tmp_path / "disk.out"))  # threads: in this process
     assert (tmp_path / "disk.out").read_bytes() == site["disk"].read_bytes()
     assert any(n.startswith("reading from a failed") for n in notes), notes
+
+
+def test_a_reread_moves_on_from_the_copy_that_gave_the_bytes() -> None:
+    """Two threads read damaged bytes from the first copy; the first to find out moves the
+    reader to the next copy, and the second still gets good bytes from there (it used to find
+    'no copy left', because it moved on from the current copy rather than from its own)."""
+    damaged, good = MemoryBackend(), MemoryBackend()
+    damaged.put("data/ab/pack", b"XXXX")
+    good.put("data/ab/pack", b"good")
+    reader = FallbackBackend([("first", damaged), ("second", good)])
+    assert reader.get("data/ab/pack") == b"XXXX"  # this thread read the first copy
+    other: list[bytes | None] = []
+
+    def elsewhere() -> None:
+        other.append(reader.get("data/ab/pack"))
+        other.append(reader.reread("data/ab/pack", 0, None, ValueError("damaged")))
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    worker.join()
+    assert other == [b"XXXX", b"good"] and reader.current == 1
+    assert reader.reread("data/ab/pack", 0, None, ValueError("damaged")) == b"good"
+    # Bytes from the last copy have nowhere further to go.
+    assert reader.reread("data/ab/pack", 0, None, ValueError("damaged")) is None
 
 
 def test_verifying_one_copy_reads_that_copy_alone(site: dict) -> None:

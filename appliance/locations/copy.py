@@ -340,6 +340,9 @@ class FallbackBackend:
         self.current = 0
         self._switched = switched
         self._lock = threading.Lock()
+        # Which copy gave this thread its last bytes: a damaged read moves on from that copy,
+        # not from the current one, which another thread may have moved already.
+        self._last = threading.local()
         # Restore workers are forked with this object: a switch seen there is not reported
         # (the callback writes the job log, which a forked worker must not touch).
         self._pid = os.getpid()
@@ -352,9 +355,10 @@ class FallbackBackend:
     def label(self) -> str:
         return self.sources[self.current][0]
 
-    def _read(self, call: Callable[[Backend], Any]) -> Any:
-        with self._lock:
-            start = self.current
+    def _read(self, call: Callable[[Backend], Any], start: int | None = None) -> Any:
+        if start is None:
+            with self._lock:
+                start = self.current
         last: Exception | None = None
         for i in range(start, len(self.sources)):
             label, backend = self.sources[i]
@@ -368,6 +372,7 @@ class FallbackBackend:
                             self.current = i + 1
                     self._report(label, self.sources[i + 1][0], exc)
                 continue
+            self._last.index = i
             return value
         assert last is not None
         raise last
@@ -382,12 +387,16 @@ class FallbackBackend:
         """The same bytes from the next copy, after the current one returned damaged data
         (the repository found it did not decrypt or match its ID); None when no copy is left."""
         with self._lock:
-            current = self.current
-            if current + 1 >= len(self.sources):
+            gave = getattr(self._last, "index", self.current)
+            if gave + 1 >= len(self.sources):
                 return None
-            self.current = current + 1
-        self._report(self.sources[current][0], self.sources[current + 1][0], damaged)
-        return self.get(name, offset, length)
+            moved = self.current <= gave
+            if moved:
+                self.current = gave + 1
+        if moved:
+            self._report(self.sources[gave][0], self.sources[gave + 1][0], damaged)
+        data: bytes = self._read(lambda b: b.get(name, offset, length), start=gave + 1)
+        return data
 
     def _report(self, old: str, new: str, exc: Exception) -> None:
         if self._switched is not None and os.getpid() == self._pid:
