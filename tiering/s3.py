@@ -1,4 +1,4 @@
-"""An S3 bucket as a backend: the only module that imports boto3.
+"""An S3 bucket as a backend (with :mod:`tiering.s3_client`, the only modules that import boto3).
 
 A bucket location is addressed ``s3://BUCKET[/PREFIX]``; every object of the store lives under
 the prefix, named as the backend contract names it. The bucket may be AWS S3 or any
@@ -41,12 +41,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
 from appliance.errors import (
@@ -68,6 +65,14 @@ from appliance.store.backend import (
 )
 from tiering import s3_checks
 from tiering.s3_checks import LockSettings, OpenUpload, check_bucket, open_retries
+from tiering.s3_client import (
+    MISSING_CODES,
+    UNAVAILABLE_CODES,
+    BucketAddress,
+    error_code,
+    is_transient,
+    make_client,
+)
 
 #: The storage classes S3 knows; a class outside this set is stored in the default class.
 STORAGE_CLASSES = frozenset(
@@ -98,124 +103,6 @@ BACKEND_OPTIONS = frozenset({"cold", "lock_mode", "restore_tier", "restore_days"
 #: Options of a bucket location that the appliance uses above the backend: the class and lock
 #: of a copy's data packs, how often a recall looks (``appliance.locations``).
 LOCATION_OPTIONS = frozenset({"data_class", "lock_days", "recall_poll_seconds"})
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "503",
-        "500",
-        "502",
-        "504",
-    }
-)
-_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
-_UNAVAILABLE_CODES = frozenset(
-    {
-        "NoSuchBucket",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "InvalidToken",
-        "AccountProblem",
-        "AllAccessDisabled",
-    }
-)
-
-
-@dataclass(frozen=True)
-class BucketAddress:
-    bucket: str
-    prefix: str  # "" or ending in "/"
-
-    @classmethod
-    def parse(cls, address: str) -> BucketAddress:
-        """``s3://BUCKET[/PREFIX]`` (the prefix's segments are valid object-name segments)."""
-        if not address.startswith("s3://"):
-            raise InvalidInput(f"a bucket location is s3://BUCKET[/PREFIX], not {address!r}")
-        bucket, _, prefix = address[len("s3://") :].partition("/")
-        prefix = prefix.strip("/")
-        if not (3 <= len(bucket) <= 63) or not all(c.isalnum() or c in "-." for c in bucket):
-            raise InvalidInput(f"{bucket!r} is not a valid bucket name", address=address)
-        if prefix:
-            check_name(prefix)
-            prefix += "/"
-        return cls(bucket, prefix)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-
-_SESSIONS: dict[str | None, Any] = {}
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _session(profile: str | None) -> Any:
-    """One boto3 session per profile: a new session loads the S3 service model again (~0.1 s
-    per client), and a copy opens its location's client each time. Call with the lock held:
-    sessions are not thread-safe (their clients are)."""
-    if profile not in _SESSIONS:
-        _SESSIONS[profile] = boto3.session.Session(profile_name=profile)
-    return _SESSIONS[profile]
-
-
-def make_client(
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    access_key_id: str | None = None,
-    secret_access_key: str | None = None,
-    session_token: str | None = None,
-    profile: str | None = None,
-    addressing_style: str = "auto",
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-) -> Any:
-    """A boto3 S3 client. Retries are the appliance's (a wrapper), so boto3's own are off."""
-    with _SESSIONS_LOCK:
-        session = _session(profile)
-    config = Config(
-        region_name=region,
-        s3={"addressing_style": addressing_style},
-        # total_max_attempts counts the first try; botocore's max_attempts counts retries.
-        retries={"total_max_attempts": 1, "mode": "standard"},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_pool_connections=32,
-        # Checksums only where the appliance asks for them (every upload does).
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    with _SESSIONS_LOCK:
-        return session.client(
-            "s3",
-            endpoint_url=endpoint_url or None,
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            aws_session_token=session_token or None,
-            config=config,
-        )
-
-
-def error_code(exc: ClientError) -> str:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code") or "")
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code or str(status or "")
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def _transient(exc: ClientError) -> bool:
-    return error_code(exc) in _TRANSIENT_CODES or _status(exc) >= 500
 
 
 class S3Backend:
@@ -276,13 +163,13 @@ class S3Backend:
         what = f"{name} in {self.describe()}" if name else self.describe()
         if isinstance(exc, ClientError):
             code = error_code(exc)
-            if code in _MISSING_CODES:
+            if code in MISSING_CODES:
                 raise ObjectMissing(f"{what} does not exist", **details) from exc
             if code == "InvalidObjectState":
                 raise ObjectArchived(
                     f"{what} is archived (cold storage); recall it before reading", **details
                 ) from exc
-            if code in _UNAVAILABLE_CODES:
+            if code in UNAVAILABLE_CODES:
                 raise LocationUnavailable(
                     f"{self.describe()} cannot be used: {code} ({exc.response['Error'].get('Message', '')})",
                     code_from_bucket=code,
@@ -297,7 +184,7 @@ class S3Backend:
                     code_from_bucket=code,
                     **details,
                 ) from exc
-            if _transient(exc):
+            if is_transient(exc):
                 raise TransientBackendError(
                     f"{self.describe()} answered {code} to a {action}; retrying may help",
                     code_from_bucket=code,
@@ -538,7 +425,7 @@ class S3Backend:
     def _check_failed(self, exc: Exception, request: str, permission: str) -> NoReturn:
         """A check at open failed: transient (retried) when it may pass, otherwise the location
         is unavailable, in words."""
-        if not isinstance(exc, ClientError) or _transient(exc):
+        if not isinstance(exc, ClientError) or is_transient(exc):
             self._fail(exc, None, request)
         code = error_code(exc)
         # A HEAD answer has no body: its code is its status, its message the status's words.
@@ -550,7 +437,7 @@ class S3Backend:
                 f"refuses these credentials ({code} to {request}: a wrong or expired key, or "
                 f"no {permission} permission)"
             )
-        elif code in _UNAVAILABLE_CODES:
+        elif code in UNAVAILABLE_CODES:
             reason = f"refuses these credentials ({code} to {request})"
         elif code == "400":  # what S3 answers a HEAD signed with an expired session token
             reason = f"answered 400 to {request}: an expired session token, or a wrong region"
