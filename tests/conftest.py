@@ -102,3 +102,12 @@ def s3() -> Iterator[Any]:
 
     with s3_server(restore_seconds=2.0) as server:
         yield server
+
+
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[Any]:
+    """A fault proxy (``servers/s3_fault_proxy.py``) in front of the session's S3 server."""
+    from servers.s3_fault_proxy import fault_proxy
+
+    with fault_proxy(s3.endpoint) as running:
+        yield running

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from servers.listening import listening_process
@@ -76,3 +77,11 @@ def s3_server(restore_seconds: float = 2.0, *, authenticate: bool = False) -> It
         what="the S3 test server",
     ) as process:
         yield S3Server(f"http://127.0.0.1:{port}", process)
+
+
+def random_tree(path: Path, files: int, size: int) -> Path:
+    """A folder of ``files`` incompressible files of ``size`` bytes (packs that do not shrink)."""
+    path.mkdir()
+    for i in range(files):
+        (path / f"f{i:02d}.bin").write_bytes(os.urandom(size))
+    return path
