@@ -31,7 +31,7 @@ from appliance.cli_locations import (
 )
 from appliance.cli_locations import register as register_location_commands
 from appliance.engine import Appliance
-from appliance.errors import ApplianceError, InvalidInput, PassphraseRequired
+from appliance.errors import ApplianceError, InvalidInput, JobWaiting, PassphraseRequired
 from appliance.file_modes import PRIVATE_UMASK
 from appliance.locations.work import copies_public
 from appliance.maintenance import collect_garbage, repair_store
@@ -139,6 +139,27 @@ def _emit(args: argparse.Namespace, document: Any, text: str | Callable[[], str]
 #: name, and print a result as JSON (``--json``) or as text.
 open_from_args = _open
 emit = _emit
+
+
+def run_logged(
+    args: argparse.Namespace,
+    work: Callable[[Appliance, Callable[[str, str], None]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run a job's work function in this process, its log lines on stderr (text mode) and in
+    the result's ``log``; a job that would wait answers ``{"waiting": reason}`` instead."""
+    lines: list[str] = []
+
+    def log(level: str, message: str) -> None:
+        lines.append(f"{level}: {message}")
+        if not args.json:
+            print(f"{level}: {message}", file=sys.stderr)
+
+    with _open(args) as app:
+        try:
+            result = work(app, log)
+        except JobWaiting as wait:
+            result = {"waiting": wait.reason}
+    return {**result, "log": lines}
 
 
 # --- commands -----------------------------------------------------------------------------------

@@ -357,9 +357,31 @@ def create_pool(
     os.makedirs(os.path.join(mountpoint, STORE_DIR), mode=0o700, exist_ok=True)
     members = [d.identity for d in devices]
     location_id = _pool_location(app, fs_uuid, name, mountpoint)
+    pool = _register_pool(
+        app, name, mountpoint, fs_uuid, fs_type, profile, members, location_id, marker={}
+    )
+    log("info", f"pool {name} is ready: location {location_id[:10]}")
+    return pool
+
+
+def _register_pool(
+    app: Appliance,
+    name: str,
+    mountpoint: str,
+    fs_uuid: str,
+    fs_type: str,
+    profile: str,
+    members: list[str],
+    location_id: str,
+    *,
+    marker: dict[str, Any],
+) -> PoolRecord:
+    """Write the pool's marker (keeping what an earlier one held), then its catalog row: a crash
+    between the two leaves a marked filesystem that an import finds again."""
     write_marker(
         mountpoint,
         {
+            **{k: v for k, v in marker.items() if k not in ("kind", "version")},
             "name": name,
             "fs_uuid": fs_uuid,
             "fs_type": fs_type,
@@ -369,7 +391,7 @@ def create_pool(
             "location_id": location_id,
         },
     )
-    pool = app.catalog.add_pool(
+    return app.catalog.add_pool(
         name,
         os.path.join(mountpoint, STORE_DIR),
         app.repo.store_id,
@@ -380,8 +402,6 @@ def create_pool(
         location_id=location_id,
         mountpoint=mountpoint,
     )
-    log("info", f"pool {name} is ready: location {location_id[:10]}")
-    return pool
 
 
 # --- import --------------------------------------------------------------------------------------
@@ -473,29 +493,8 @@ def import_pool(
     adopted = adopt_location(app, fs_uuid, kind="block_pool", options=options)
     location_id = str(adopted["location"])
     app.catalog.update_location(location_id, label=chosen, details={"options": options})
-    pool = app.catalog.add_pool(
-        chosen,
-        os.path.join(mountpoint, STORE_DIR),
-        app.repo.store_id,
-        fs_uuid=fs_uuid,
-        fs_type=fs_type,
-        profile=profile,
-        members=members,
-        location_id=location_id,
-        mountpoint=mountpoint,
-    )
-    write_marker(
-        mountpoint,
-        {
-            **{k: v for k, v in marker.items() if k not in ("kind", "version")},
-            "name": chosen,
-            "fs_uuid": fs_uuid,
-            "fs_type": fs_type,
-            "profile": profile,
-            "members": members,
-            "store_id": app.repo.store_id,
-            "location_id": location_id,
-        },
+    pool = _register_pool(
+        app, chosen, mountpoint, fs_uuid, fs_type, profile, members, location_id, marker=marker
     )
     log(
         "info",

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from appliance.cli import emit, open_from_args
-from appliance.errors import InvalidInput, JobWaiting, NotFound
+from appliance.cli import emit, open_from_args, run_logged
+from appliance.errors import InvalidInput, NotFound
 from hardware.mounts import filesystem_uuid
 from hardware.rotation import DEFAULT_SET
 from hardware.usb import (
@@ -118,21 +117,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Run the export in this process (the service runs it as the ``usb_export`` job)."""
-    lines: list[str] = []
-
-    def log(level: str, message: str) -> None:
-        lines.append(f"{level}: {message}")
-        if not args.json:
-            print(f"{level}: {message}", file=sys.stderr)
-
-    with open_from_args(args) as app:
-        try:
-            result: dict[str, Any] = export_to_medium(app, args.medium, log=log)
-        except JobWaiting as wait:
-            result = {"waiting": wait.reason}
+    result = run_logged(args, lambda app, log: export_to_medium(app, args.medium, log=log))
     emit(
         args,
-        {**result, "log": lines},
+        result,
         lambda: (
             result.get("waiting")
             or f"{len(result['copied'])} point(s) copied to {result['label']}"

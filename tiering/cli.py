@@ -11,8 +11,7 @@ import json
 import sys
 from typing import Any
 
-from appliance.cli import emit, open_from_args
-from appliance.errors import JobWaiting
+from appliance.cli import emit, open_from_args, run_logged
 from tiering.work import load_settings, preview, run_tiering, save_settings
 
 
@@ -81,21 +80,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the plan in this process (the service runs it as the ``tier`` job instead)."""
-    lines: list[str] = []
-
-    def log(level: str, message: str) -> None:
-        lines.append(f"{level}: {message}")
-        if not args.json:
-            print(f"{level}: {message}", file=sys.stderr)
-
-    with open_from_args(args) as app:
-        try:
-            result: dict[str, Any] = run_tiering(app, log=log)
-        except JobWaiting as wait:
-            result = {"waiting": wait.reason}
+    result = run_logged(args, lambda app, log: run_tiering(app, log=log))
     emit(
         args,
-        {**result, "log": lines},
+        result,
         lambda: (
             result.get("waiting")
             or f"{len(result['copied'])} copied, {len(result['dropped'])} local copies dropped, "
