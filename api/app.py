@@ -35,6 +35,7 @@ from api.routers import (
     replication,
     restores,
     status,
+    takeover,
     tiering,
     users,
 )
@@ -144,6 +145,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         hardware,
         users,
         replication,
+        takeover,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from anyio import to_thread
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from api.errors import AuthenticationRequired, CsrfFailed, PermissionDenied
 from api.pairing import SourceRecord, source_of_token, touch_source
@@ -187,7 +187,8 @@ def _requiring(role: str) -> Callable[..., Awaitable[Principal]]:
     return check
 
 
-Viewer = Annotated[Principal, Depends(_requiring("viewer"))]
+_viewer = _requiring("viewer")
+Viewer = Annotated[Principal, Depends(_viewer)]
 Operator = Annotated[Principal, Depends(_requiring("operator"))]
 Admin = Annotated[Principal, Depends(_requiring("admin"))]
 
@@ -224,6 +225,27 @@ def replication_source(
 
 
 ReplicationPeer = Annotated[SourceRecord, Depends(replication_source)]
+
+
+async def store_service(
+    service: ServiceDep,
+    principal: Annotated[Principal, Depends(_viewer)],
+    store: Annotated[str | None, Query(max_length=64, pattern="^[0-9a-f]{8,64}$")] = None,
+) -> Service:
+    """The service, or with ``?store=<store id>`` the view of a source store this peer took
+    over (its appliance, job runner and failover manager; docs/replication.md, "Take over").
+
+    Routes take it in place of ``ServiceDep`` for the store they act on; who may call them is
+    still decided by their role dependency, against the service's own accounts (the same
+    ``Viewer`` check runs first here, once per request, so a replication token is refused and
+    audited before a store is looked up). A store not taken over is 404 ``store_not_open``.
+    """
+    if store is None:
+        return service
+    return service.takeovers.get(store).view
+
+
+StoreService = Annotated[Service, Depends(store_service)]
 
 
 def client_address(request: Request) -> str:

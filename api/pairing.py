@@ -18,6 +18,9 @@ docs/replication.md is the contract. On the peer (the appliance that receives):
    :class:`PairingRefused`, the same answer for all three; the router throttles failures per
    client like failed sign-ins.
 3. :func:`unpair` revokes the token and disables the user; the replica stays unless asked.
+   A source that unpairs itself (:func:`unpaired_by_source`, its own token asking) gets the
+   same revocation, and its record stays, marked ``unpaired_at`` / ``unpaired_by: "source"``,
+   so the peer's page still shows whose replica it keeps until its admin removes it.
 
 Read-modify-write of both documents holds :data:`_LOCK` (one service process writes them).
 """
@@ -102,6 +105,9 @@ class SourceRecord:
     token_id: str
     paired_at: str
     last_seen: str | None = None
+    #: Set when the source unpaired itself: the token is revoked, the replica kept.
+    unpaired_at: str | None = None
+    unpaired_by: str | None = None
 
     @property
     def user(self) -> str:
@@ -121,6 +127,8 @@ class SourceRecord:
             token_id=str(d.get("token_id", "")),
             paired_at=str(d.get("paired_at", "")),
             last_seen=d.get("last_seen") if isinstance(d.get("last_seen"), str) else None,
+            unpaired_at=str(d["unpaired_at"]) if d.get("unpaired_at") else None,
+            unpaired_by=str(d["unpaired_by"]) if d.get("unpaired_by") else None,
         )
 
 
@@ -218,7 +226,7 @@ def source_of_token(app: Appliance, token_id: str | None) -> SourceRecord | None
     if token_id is None:
         return None
     for record in list_sources(app):
-        if record.token_id == token_id:
+        if record.token_id == token_id and record.unpaired_at is None:
             return record
     return None
 
@@ -303,6 +311,21 @@ def unpair(
     if delete_data:
         replica_store(data_dir, record.store_id).remove()
     return record, revoked
+
+
+def unpaired_by_source(app: Appliance, record: SourceRecord, now: datetime) -> int:
+    """The source revokes its own token (``POST /api/replication/store/unpair``): the token is
+    revoked, the account disabled, the record marked unpaired; the replica stays. Returns how
+    many tokens were revoked."""
+    with _LOCK:
+        sources = _sources_document(app)
+        current = sources.get(record.appliance_id)
+        revoked = app.catalog.revoke_tokens(record.user)
+        app.catalog.update_user(record.user, disabled=True)
+        if current is not None:
+            current.update(unpaired_at=now.isoformat(), unpaired_by="source")
+            app.catalog.put_settings(SOURCES_KEY, {"sources": sources})
+    return revoked
 
 
 def touch_source(app: Appliance, record: SourceRecord, now: datetime) -> None:

@@ -29,8 +29,9 @@ What the contract asks, and how the peer gives it:
 - Bandwidth: limited by the ``RateLimit`` wrapper that ``location_backend`` composes around every
   location (``put_bytes_per_second``), not here.
 
-:data:`TRAFFIC` counts the bytes each peer address was sent and answered (bodies and headers),
-so a replication can say what it cost on the wire.
+:mod:`api.peer_wire` counts the bytes each peer address was sent and answered, and keeps how
+far the peer's clock is from ours: every request carries our time in ``X-Appliance-Time``, and
+every answer is read for the peer's (that header, else ``Date``).
 """
 
 from __future__ import annotations
@@ -39,17 +40,16 @@ import email.utils
 import hashlib
 import socket
 import ssl
-import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from api import peer_wire
 from appliance.errors import (
     IntegrityError,
     InvalidInput,
@@ -80,7 +80,7 @@ REQUEST_TIMEOUT = 120.0
 BACKEND_OPTIONS = frozenset({"cert_pem", "fingerprint", "token", "peer_name", "timeout"})
 #: Options of a peer location used above the backend (pairing, the replicate job, the page).
 LOCATION_OPTIONS = frozenset(
-    {"peer_appliance_id", "replicate_new", "bandwidth_mib_s", "catch_up_minutes"}
+    {"peer_appliance_id", "replicate_new", "bandwidth_mib_s", "catch_up_minutes", "window"}
 )
 #: Object folders a replica never holds: bundles go to cold classes only, never to a peer.
 NEVER_AT_PEER = ("bundles/",)
@@ -180,44 +180,6 @@ def fetch_certificate(address: str, timeout: float = CONNECT_TIMEOUT) -> str:
         ) from exc
 
 
-# --- traffic ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Traffic:
-    """Bytes sent to and received from one peer address by this process (bodies and headers)."""
-
-    sent: int = 0
-    received: int = 0
-    requests: int = 0
-
-
-TRAFFIC: dict[str, Traffic] = {}
-_TRAFFIC_LOCK = threading.Lock()
-
-
-def traffic(address: str) -> Traffic:
-    """A snapshot of the bytes exchanged with ``address`` so far."""
-    with _TRAFFIC_LOCK:
-        counted = TRAFFIC.get(address, Traffic())
-        return Traffic(counted.sent, counted.received, counted.requests)
-
-
-def _count(address: str, request: httpx.Request, response: httpx.Response | None) -> None:
-    sent = len(request.method) + len(request.url.raw_path) + 12  # the request line
-    sent += sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
-    sent += len(request.content) + 2
-    received = 0
-    if response is not None:
-        received = 17 + sum(len(k) + len(v) + 4 for k, v in response.headers.raw)
-        received += len(response.content) + 2
-    with _TRAFFIC_LOCK:
-        counted = TRAFFIC.setdefault(address, Traffic())
-        counted.sent += sent
-        counted.received += received
-        counted.requests += 1
-
-
 # --- the link -----------------------------------------------------------------------------------------
 
 
@@ -275,15 +237,27 @@ class PeerLink:
     ) -> httpx.Response:
         """Send one request; an answer whose status is not in ``ok`` raises its domain error."""
         request = self._client.build_request(method, path, **kwargs)
+        sent = datetime.now(UTC)
+        request.headers[peer_wire.TIME_HEADER] = peer_wire.time_header(sent)
         try:
             response = self._client.send(request)
         except httpx.TransportError as exc:
-            _count(self.address, request, None)
+            peer_wire.count(self.address, request, None)
             self._connection_failed(exc, what, name)
-        _count(self.address, request, response)
+        peer_wire.count(self.address, request, response)
+        self._read_clock(response, sent)
         if response.status_code not in set(ok):
             self.refused(response, what, name)
         return response
+
+    def _read_clock(self, response: httpx.Response, sent: datetime) -> None:
+        # The wall clock, not the service's: in production they are one, and the link is also
+        # opened where no service clock is at hand (a location's backend).
+        peer_time = peer_wire.answered_time(response.headers)
+        if peer_time is not None:
+            received = datetime.now(UTC)
+            skew = peer_wire.skew_seconds(peer_time, sent, received)
+            peer_wire.PEER_CLOCKS.note(self.address, skew, received)
 
     def _connection_failed(
         self, exc: httpx.TransportError, what: str, name: str | None
@@ -377,6 +351,12 @@ class PeerLink:
         if response.status_code == 204 or not response.content:
             return {}
         answer = _json(response, what, self.describe())
+        if not isinstance(answer, dict):
+            _malformed(self.describe(), what)
+        return answer
+
+    def get_json(self, path: str, *, what: str) -> dict[str, Any]:
+        answer = _json(self.request("GET", path, what=what), what, self.describe())
         if not isinstance(answer, dict):
             _malformed(self.describe(), what)
         return answer

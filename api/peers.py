@@ -20,13 +20,18 @@ with a peer (the appliance that receives):
    recorded as copies there.
 
 The RPO at the peer is the age of the newest point whose copy there is ``present``: "newest point
-at the peer is 35 min old".
+at the peer is 35 min old". Both times are the source's own (the point's creation and this
+appliance's clock), so a peer whose clock is off does not change it; the page shows that skew
+apart (``clock_skew_seconds``, a warning in words above five minutes). The page's ``status`` is
+the link's last known state in words (:func:`link_status`), from the last replication or the
+tick's link check: "the peer refused the token (unpaired?)" once the peer's admin unpaired us.
 
-Unpairing (:func:`unpair_peer`) forgets the peer here: its token is deleted with the location's
-secrets, its copies are marked ``deleted`` and the location removed. The protocol gives a
-replication token no route to revoke itself, so the peer's admin unpairs the source on the peer's
-page too (``DELETE /api/replication/sources/{id}``), which revokes the token there; the replica
-stays on the peer until its admin deletes it.
+Unpairing (:func:`unpair_peer`) first asks the peer to revoke the token
+(``POST /api/replication/store/unpair`` with the token itself: the peer disables the account and
+marks the source unpaired, keeping the replica), then forgets the peer here: its token is deleted
+with the location's secrets, its copies are marked ``deleted`` and the location removed. A peer
+that cannot be reached (or does not know the route) is still forgotten here, and the answer says
+to unpair on the peer's page too; a peer that refuses the token had revoked it already.
 """
 
 from __future__ import annotations
@@ -40,12 +45,16 @@ from typing import Any
 from api.errors import LocationRefused
 from api.identity import APPLIANCE_ID, FINGERPRINT, appliance_id, certificate_fingerprint
 from api.peer_backend import (
+    STORE_ROUTES,
     PeerLink,
+    PeerTokenRefused,
     fetch_certificate,
+    open_link,
     parse_address,
     pem_fingerprint,
     short_fingerprint,
 )
+from api.peer_wire import PEER_CLOCKS, skew_words
 from api.replication_jobs import (
     DEFAULT_CATCH_UP_MINUTES,
     PEER_KIND,
@@ -55,15 +64,36 @@ from api.replication_jobs import (
     peer_options,
     pending_points,
     replication_state,
+    window_of,
 )
+from api.replication_window import local_timezone, parse_window, window_state
+from api.takeover_grant import takeover_status
 from api.tls import ensure_certificate
 from appliance.catalog.records import HELD_COPY_STATES, LocationRecord
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, Conflict, InvalidInput, StoreError, StoreExists
-from appliance.locations.work import save_location_secrets
+from appliance.locations.work import location_options, save_location_secrets
 
 #: Where the peer takes a pairing code.
 PAIR_ROUTE = "/api/replication/pair"
+#: Where a replication token revokes itself on the peer.
+UNPAIR_ROUTE = f"{STORE_ROUTES}unpair"
+#: Seconds the unpairing waits for the peer (a peer that is down must not hold the page long).
+UNPAIR_TIMEOUT = 15.0
+#: The link's states (``status_code`` on the page) and their words.
+LINK_WORDS = {
+    "ok": "answering",
+    "unreachable": "the peer does not answer",
+    "token_refused": "the peer refused the token (unpaired?)",
+    "certificate_changed": "the peer's certificate changed: re-pair to accept it",
+    "full": "the peer is full",
+}
+_LINK_CODES = {
+    "peer_token_refused": "token_refused",
+    "peer_certificate_changed": "certificate_changed",
+    "peer_full": "full",
+    "location_unavailable": "unreachable",
+}
 
 
 class PeerPairingRefused(ApplianceError):
@@ -236,9 +266,20 @@ def rpo_words(seconds: float | None) -> str:
     return f"newest point at the peer is {age} old"
 
 
+def link_status(online: bool, state: dict[str, Any]) -> tuple[str, str]:
+    """The link's state on the page, ``(code, words)`` (:data:`LINK_WORDS`), from the peer's
+    last recorded exchange (``state``: its ``replication`` details) and whether it answered: a
+    refused token, a changed certificate or a full peer is said until an exchange goes well."""
+    code = _LINK_CODES.get(str(state.get("link_code")), "ok")
+    if code in ("ok", "unreachable"):
+        code = "ok" if online else "unreachable"
+    return code, LINK_WORDS[code]
+
+
 def peer_status(app: Appliance, location: LocationRecord, now: datetime) -> dict[str, Any]:
     """One peer as the page shows it: who it is, whether it answered, the last replication, the
-    RPO at the peer and what is still to send."""
+    RPO at the peer (from this appliance's own times), what is still to send, its window and how
+    far its clock is from ours."""
     options = peer_options(location)
     present = {c.point_id for c in app.catalog.copies_at(location.id, state="present")}
     held = [p for p in app.catalog.list_points(store_id=app.repo.store_id) if p.id in present]
@@ -246,6 +287,12 @@ def peer_status(app: Appliance, location: LocationRecord, now: datetime) -> dict
     age = (now - newest.created_at).total_seconds() if newest is not None else None
     jobs = sorted(active_jobs(app, location.id), key=lambda j: j.created_at)
     state = replication_state(location)
+    window = window_of(location)
+    opens = window_state(now, window, local_timezone(app))
+    reading = PEER_CLOCKS.get(parse_address(location.address)[0])
+    skew = reading.skew_seconds if reading is not None else state.get("clock_skew_seconds")
+    skew = round(float(skew), 3) if isinstance(skew, int | float) else None
+    status_code, status_words = link_status(location.online, state)
     return {
         "id": location.id,
         "label": location.label,
@@ -258,6 +305,13 @@ def peer_status(app: Appliance, location: LocationRecord, now: datetime) -> dict
         "replicate_new": bool(options.get("replicate_new", True)),
         "bandwidth_mib_s": options.get("bandwidth_mib_s"),
         "catch_up_minutes": int(options.get("catch_up_minutes", DEFAULT_CATCH_UP_MINUTES)),
+        "window": window.to_option() if window is not None else None,
+        "window_open": opens.open,
+        "window_opens_at": opens.next_open,
+        "status": status_words,
+        "status_code": status_code,
+        "clock_skew_seconds": skew,
+        "clock_skew": skew_words(skew),
         "points_at_peer": len(present),
         "points_pending": len(pending_points(app, location.id)),
         "newest_point_id": newest.id if newest is not None else None,
@@ -277,6 +331,7 @@ def peer_status(app: Appliance, location: LocationRecord, now: datetime) -> dict
             if jobs
             else None
         ),
+        "takeover": takeover_status(location),
     }
 
 
@@ -293,8 +348,11 @@ def update_peer(
     bandwidth_mib_s: float | None = None,
     clear_bandwidth: bool = False,
     catch_up_minutes: int | None = None,
+    window: dict[str, str] | None = None,
+    clear_window: bool = False,
 ) -> LocationRecord:
-    """Change a peer's label and replication settings (None leaves one as it is)."""
+    """Change a peer's label and replication settings (None leaves one as it is; the window
+    is checked, :func:`api.replication_window.parse_window`)."""
     location = find_peer(app, name)
     options = peer_options(location)
     if replicate_new is not None:
@@ -307,6 +365,11 @@ def update_peer(
         options["bandwidth_mib_s"] = None
     if catch_up_minutes is not None:
         options["catch_up_minutes"] = catch_up_minutes
+    if window is not None:
+        checked = parse_window(window)
+        options["window"] = checked.to_option() if checked is not None else None
+    elif clear_window:
+        options["window"] = None
     return app.catalog.update_location(location.id, label=label, details={"options": options})
 
 
@@ -344,6 +407,7 @@ def unpair_peer(
     if cancel is not None:
         for job in active_jobs(app, location.id):
             cancel(job.id)
+    revoked, said = revoke_at_peer(app, location)
     for copy in held_here:
         if copy.state != "deleted":
             app.catalog.set_copy(copy.point_id, location.id, "deleted")
@@ -352,8 +416,26 @@ def unpair_peer(
         "id": location.id,
         "label": location.label,
         "token_deleted": True,
+        "revoked_at_peer": revoked,
+        "peer_answer": said,
         "copies_forgotten": len(held_here),
         "peer_still_holds_replica": True,
-        "next": "unpair this appliance on the peer's page too: that revokes the token there; "
-        "the replica stays on the peer until its admin deletes it",
+        "next": None
+        if revoked
+        else f"the peer could not revoke the token ({said}): unpair this appliance on the "
+        "peer's page too; the replica stays on the peer until its admin deletes it",
     }
+
+
+def revoke_at_peer(app: Appliance, location: LocationRecord) -> tuple[bool, str]:
+    """Ask the peer to revoke our token (the token itself asks); returns whether it is revoked
+    there now and what the peer said, in words. A refused token was revoked already."""
+    options = {**location_options(app, location), "timeout": UNPAIR_TIMEOUT}
+    try:
+        with contextlib.closing(open_link(location.address, **options)) as link:
+            link.post_json(UNPAIR_ROUTE, {}, what="the unpairing")
+    except PeerTokenRefused:
+        return True, "the peer had refused the token already (unpaired there)"
+    except ApplianceError as exc:
+        return False, exc.message
+    return True, "the peer revoked the token and keeps the replica until its admin deletes it"

@@ -26,12 +26,23 @@ queued or waiting for that peer (it will take the new point too). The hook wraps
 functions (:func:`replicate_after_backups`), so it runs where the backup ran (in the isolated
 child, whose ``submit`` is relayed to the runner) and ``appliance`` knows nothing of peers.
 
+A peer's ``window`` (:mod:`api.replication_window`) says when replication may run: a job that
+starts outside it, or finds it closed between two points (it finishes the point it is copying
+first), *waits* until the window opens (``wake_at``; checkpoint ``wait: "window"``). A job with
+``ignore_window`` ("replicate now" asked so) runs at once.
+
 The scheduler's :func:`replication_tick` catches up: every ``catch_up_minutes`` (a peer's option,
 default :data:`DEFAULT_CATCH_UP_MINUTES`, 0: off) it submits a job for a peer with points still to
-send, and on every tick it wakes a waiting job whose peer answers again.
+send, inside the peer's window only. On every tick it wakes a job waiting for its window once the
+window is open (a window changed meanwhile counts), and a job waiting for its peer once the peer
+answers. Every :data:`LINK_CHECK_INTERVAL` (and while a job waits for it) it checks the link with
+the token (:func:`check_link`): whether the peer answers, takes the token, has the pinned
+certificate; that, and the peer's clock read on the way (:mod:`api.peer_wire`), is what the
+peers page shows between replications.
 
 What the last replication did is kept in the location's details (``replication``: when, job,
-outcome, error, bytes sent), which the peers page shows with the RPO at the peer.
+outcome, error, bytes sent; and the link's last state: ``link_code``, ``link_error``,
+``link_checked_at``, ``clock_skew_seconds``), which the peers page shows with the RPO at the peer.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from api.peer_backend import (
+    STORE_ROUTES,
     PeerBackend,
     PeerCertificateChanged,
     PeerFull,
@@ -51,7 +63,15 @@ from api.peer_backend import (
     PeerUnreachable,
     open_link,
     parse_address,
-    traffic,
+)
+from api.peer_wire import PEER_CLOCKS, traffic
+from api.pull_back import register_pull_back_job, waiting_pulls
+from api.replication_window import (
+    Window,
+    local_timezone,
+    parse_window,
+    wait_words,
+    window_state,
 )
 from appliance.catalog.records import LocationRecord, PointRecord, home_location_id
 from appliance.engine import Appliance
@@ -77,6 +97,11 @@ DEFAULT_CATCH_UP_MINUTES = 15
 #: Job states in which a replicate job will still send what is pending.
 _ACTIVE = ("queued", "running", "waiting")
 MIB = 1 << 20
+#: How often the tick checks each peer's link (token, certificate, clock) between replications.
+LINK_CHECK_INTERVAL = timedelta(minutes=5)
+#: What a waiting job waits for (its checkpoint's ``wait``).
+WAIT_WINDOW = "window"
+WAIT_PEER = "peer"
 
 _STATE_LOCK = threading.Lock()
 
@@ -146,6 +171,42 @@ def record_state(app: Appliance, location_id: str, **fields: Any) -> None:
         )
 
 
+def link_fields(error: ApplianceError | None, now: datetime) -> dict[str, Any]:
+    """The link state to record after an exchange with the peer: ``error`` None when it went
+    well, else what the peer did (its code says which: refused token, changed certificate...)."""
+    return {
+        "link_code": error.code if error is not None else "ok",
+        "link_error": error.message if error is not None else None,
+        "link_checked_at": now.isoformat(),
+    }
+
+
+def window_of(location: LocationRecord) -> Window | None:
+    """The peer's replication window (None: any time; an unreadable one counts as none, and
+    is refused where it is set)."""
+    try:
+        return parse_window(peer_options(location).get("window"))
+    except InvalidInput:
+        return None
+
+
+def _window_closed(
+    app: Appliance, location_id: str, checkpoint: dict[str, Any]
+) -> JobWaiting | None:
+    """The wait for the peer's window when it is closed now (None while open)."""
+    location = app.catalog.get_location(location_id)  # read again: it may have changed
+    window = window_of(location)
+    tz = local_timezone(app)
+    state = window_state(app.clock(), window, tz)
+    if state.open or window is None or state.next_open is None:
+        return None
+    return JobWaiting(
+        wait_words(window, state.next_open, tz),
+        wake_at=state.next_open,
+        checkpoint={**checkpoint, "wait": WAIT_WINDOW},
+    )
+
+
 # --- the job --------------------------------------------------------------------------------------
 
 
@@ -165,6 +226,7 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
         )
     else:
         ctx.log("info", f"replicating {len(todo)} point(s) to {location.label}{limit}")
+    ignore_window = bool(p.get("ignore_window"))
     before = traffic(address)
     totals = {"packs_copied": 0, "bytes_copied": 0, "packs_present": 0}
     failed: list[str] = []
@@ -175,6 +237,16 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
         for number, point in enumerate(todo, 1):
             if ctx.cancel.is_set():
                 raise BackupCancelled("the replication was cancelled")
+            # Asked before each point: a window that closes mid-point lets that point finish.
+            closed = (
+                None
+                if ignore_window
+                else _window_closed(app, location.id, {"replicated": done + replicated})
+            )
+            if closed is not None:
+                if replicated:
+                    ctx.log("info", f"{closed.reason}; {len(replicated)} point(s) sent so far")
+                raise closed
 
             def progress(
                 info: dict[str, Any], number: int = number, point_id: str = point.id
@@ -196,6 +268,7 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
                     last_job=ctx.job_id,
                     last_outcome="failed",
                     last_error=exc.message,
+                    **link_fields(exc, app.clock()),
                 )
                 raise
             except LocationUnavailable as exc:
@@ -207,12 +280,13 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
                     last_job=ctx.job_id,
                     last_outcome="waiting",
                     last_error=exc.message,
+                    **link_fields(exc, app.clock()),
                 )
                 raise JobWaiting(
                     f"the peer {location.label} is unreachable ({exc.message}); the replication "
                     "goes on when it answers",
                     wake_at=app.clock() + LOCATION_RETRY,
-                    checkpoint={"replicated": done + replicated},
+                    checkpoint={"replicated": done + replicated, "wait": WAIT_PEER},
                 ) from exc
             except (BackupCancelled, TransientBackendError):
                 raise  # a transient failure: the job runs again after a backoff
@@ -233,6 +307,7 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
             ctx.save_checkpoint({"replicated": done + replicated})
     after = traffic(address)
     sent = after.sent - before.sent
+    reading = PEER_CLOCKS.get(address)
     record_state(
         app,
         location.id,
@@ -242,6 +317,8 @@ def replicate(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]
         last_at=app.clock().isoformat(),
         last_points=len(replicated),
         last_bytes_sent=sent,
+        **link_fields(None, app.clock()),
+        **({"clock_skew_seconds": reading.skew_seconds} if reading is not None else {}),
     )
     if failed:
         ctx.log("warning", f"{len(failed)} point(s) failed; the next replication tries again")
@@ -351,36 +428,66 @@ def replicate_after_backups() -> None:
 # --- the catch-up tick ----------------------------------------------------------------------------
 
 
-def _answers(app: Appliance, location: LocationRecord) -> bool:
-    """Whether the peer answers now (a certificate it should not present counts: the job then
-    fails loudly instead of waiting for ever)."""
+def check_link(app: Appliance, location: LocationRecord, now: datetime) -> bool:
+    """Ask the peer an empty presence question with the token over the pinned link, and record
+    what it did (:func:`link_fields`, its clock, online or not). Returns whether it answered
+    (a changed certificate or a refused token count as answering: a job then fails loudly
+    instead of waiting for ever)."""
+    address = parse_address(location.address)[0]
+    error: ApplianceError | None = None
     try:
         with contextlib.closing(
             open_link(location.address, **location_options(app, location))
         ) as link:
-            link.probe()
-    except PeerUnreachable:
-        return False
-    except ApplianceError:
+            link.post_json(f"{STORE_ROUTES}present", {"names": []}, what="a link check")
+    except ApplianceError as exc:
+        error = exc
+    answered = not isinstance(error, PeerUnreachable)
+    if answered != location.online:
+        app.catalog.update_location(location.id, online=answered)
+    reading = PEER_CLOCKS.get(address)
+    record_state(
+        app,
+        location.id,
+        **link_fields(error, now),
+        **({"clock_skew_seconds": reading.skew_seconds} if reading is not None else {}),
+    )
+    return answered
+
+
+def _link_check_due(location: LocationRecord, now: datetime) -> bool:
+    last = replication_state(location).get("link_checked_at")
+    try:
+        return last is None or now - datetime.fromisoformat(last) >= LINK_CHECK_INTERVAL
+    except (TypeError, ValueError):
         return True
-    return True
 
 
 def replication_tick(app: Appliance, runner: JobRunner) -> Callable[[datetime], list[str]]:
-    """The scheduler's hook: wake waiting replications whose peer answers again, and submit a
-    catch-up replication for a peer whose ``catch_up_minutes`` passed with points to send."""
+    """The scheduler's hook: wake waiting replications whose window opened or whose peer answers
+    again, check the links now and then, and submit a catch-up replication for a peer whose
+    ``catch_up_minutes`` passed with points to send, inside its window."""
 
     def tick(now: datetime) -> list[str]:
         created: list[str] = []
+        tz = local_timezone(app)
         for location in peer_locations(app):
             active = active_jobs(app, location.id)
+            window_open = window_state(now, window_of(location), tz).open
             waiting = [job for job in active if job.state == "waiting"]
-            if waiting and _answers(app, location):
-                for job in waiting:
+            for_window = [job for job in waiting if job.checkpoint.get("wait") == WAIT_WINDOW]
+            for_peer = [job for job in waiting if job not in for_window]
+            for_peer += waiting_pulls(app, location.id)  # a failback's pull waits for the peer too
+            if window_open:
+                for job in for_window:
+                    runner.wake(job.id)
+            checked = for_peer or _link_check_due(location, now)
+            if checked and check_link(app, location, now):
+                for job in for_peer:
                     runner.wake(job.id)
             minutes = peer_options(location).get("catch_up_minutes", DEFAULT_CATCH_UP_MINUTES)
-            if not minutes:
-                continue
+            if not minutes or not window_open:
+                continue  # outside the window, the catch-up runs once it opens
             last = replication_state(location).get("last_catch_up")
             if last is not None and now - datetime.fromisoformat(last) < timedelta(
                 minutes=float(minutes)
@@ -410,4 +517,5 @@ def register_replication_jobs() -> None:
             backoff=60.0,
         ),
     )
+    register_pull_back_job()  # failback: the points made on a peer come home (api.pull_back)
     replicate_after_backups()

@@ -11,7 +11,8 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
 2. The job runner starts: jobs a crash left ``running`` become ``interrupted``, and those safe
    to repeat (backups, verify, ...) are queued again and resume.
    The failover manager starts (``image.failover``): sessions a previous process left active
-   are reconciled, and the failover job kinds are bound to it.
+   are reconciled, and the failover job kinds are bound to it. Source stores this peer had
+   taken over are opened again (``api.takeover``; each with its own runner and manager).
    Before it starts, every disk pool is mounted (``hardware.pools.mount_pools``; a pool that
    will not mount is logged and the others mount), and the pool and USB job kinds are
    registered (``pool_create``, ``pool_scrub``, ``pool_replace``, ``pool_import``,
@@ -55,6 +56,7 @@ from api.cache import TtlCache
 from api.replication_jobs import register_replication_jobs, replication_tick
 from api.security import LoginThrottle, Principal
 from api.settings import Settings
+from api.takeover_grant import takeover_tick
 from appliance.engine import Appliance, DataDir, utcnow
 from appliance.errors import Conflict, InvalidInput, PassphraseRequired
 from appliance.file_modes import tighten_data_dir
@@ -209,6 +211,13 @@ class Service:
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
         self.failover: FailoverManager | None = None
+        # Imported here: api.takeover reads api.identity, which reads this module's settings.
+        from api.takeover import Takeovers
+
+        #: Source stores this peer took over (docs/replication.md, "Take over").
+        self.takeovers = Takeovers(self)
+        #: Set on the view of a taken-over store (``api.takeover``): the store's id.
+        self.store_taken_over: str | None = None
         self.setup_code: str | None = None
         self.throttle = LoginThrottle(
             settings.login_throttle, client_free_failures=settings.login_throttle_per_client
@@ -270,6 +279,7 @@ class Service:
             requeued = self.runner.start()
             if requeued:
                 log.warning("resuming %d interrupted job(s): %s", len(requeued), requeued)
+            self.takeovers.reopen()
             doc = self.settings_document()
             self.scheduler = Scheduler(
                 app,
@@ -281,6 +291,7 @@ class Service:
             self.scheduler.extra_ticks.append(tiering_tick(app, self.runner))
             self.scheduler.extra_ticks.append(pool_tick(app, self.runner))
             self.scheduler.extra_ticks.append(replication_tick(app, self.runner))
+            self.scheduler.extra_ticks.append(takeover_tick(app))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()
@@ -298,6 +309,8 @@ class Service:
             self.monitor = None
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.appliance is not None:
+            self.takeovers.shutdown()  # their VMs and jobs stop; reopened at the next start
         if self.runner is not None:
             self.runner.shutdown()
         if self.failover is not None:

@@ -66,9 +66,14 @@ def utcnow() -> datetime:
 @dataclass(frozen=True)
 class DataDir:
     path: str
+    #: The store's folder when it is not the default pool's: a peer that takes over a source's
+    #: replica opens it in place, with this data directory's rules, cache and locks.
+    store_dir: str | None = None
 
     @property
     def store_path(self) -> str:
+        if self.store_dir is not None:
+            return self.store_dir
         return os.path.join(self.path, "pools", "default", "store")
 
     @property

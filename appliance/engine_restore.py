@@ -17,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 from appliance.catalog.records import PointRecord
 from appliance.errors import (
+    ApplianceError,
     InvalidInput,
     NotFound,
     PathRefused,
@@ -106,7 +107,8 @@ class RestoreMixin:
             ) from None
         if point.kind == "files":
             return asset.source
-        disks = self._engine.manifest(point.id)["disks"]
+        manifest = self._engine.manifest(point.id)
+        disks = manifest["disks"]
         if disk is not None:
             disks = [d for d in disks if d["name"] == disk]
         if len(disks) != 1:
@@ -116,15 +118,30 @@ class RestoreMixin:
                 path="",
             )
         registered = {os.path.realpath(p) for p in parse_vm_source(asset.source)[0]}
-        source = os.path.realpath(str(disks[0].get("source", "")))
-        if source not in registered:
-            raise PathRefused(
-                f"disk {disks[0]['name']} was backed up from {source}, which is not one of the "
-                "asset's registered disks any more",
-                rule="no_source",
-                path=source,
-            )
-        return source
+        name = disks[0]["name"]
+        recorded = source = os.path.realpath(str(disks[0].get("source", "")))
+        # A point a failback made (here, or on a peer that took over, pulled back since) read
+        # the VM's disk from a session file: the disk's original is the registered one its
+        # nearest ancestor read. Only a registered disk is ever returned.
+        parent = manifest.get("parent")
+        for _ in range(1000):
+            if source in registered:
+                return source
+            if not parent:
+                break
+            try:
+                ancestor = self._engine.manifest(parent)
+            except ApplianceError:
+                break  # pruned or unreadable: nothing older says where the disk was
+            named = [d for d in ancestor.get("disks", []) if d.get("name") == name]
+            source = os.path.realpath(str(named[0].get("source", ""))) if named else ""
+            parent = ancestor.get("parent")
+        raise PathRefused(
+            f"disk {name} was backed up from {recorded}, which is not one of the asset's "
+            "registered disks any more",
+            rule="no_source",
+            path=recorded,
+        )
 
     # --- restores -------------------------------------------------------------------------------
 

@@ -680,8 +680,14 @@ def test_the_store_routes_never_fail_with_5xx(server: LiveServer, admin: httpx.C
     raw = admin.get("/api/openapi.json").json()
     schema = schemathesis.openapi.from_dict(raw).include(path_regex=r"^/api/replication/store/")
     failures: list[str] = []
-    operations = [r.ok() for r in schema.get_all_operations() if isinstance(r, Ok)]
-    assert len(operations) == 6
+    # The unpair route is left out: it takes no input, and its one valid call revokes the token
+    # the fuzzing uses (the unpairing tests call it).
+    operations = [
+        r.ok()
+        for r in schema.get_all_operations()
+        if isinstance(r, Ok) and not r.ok().label.endswith("/unpair")
+    ]
+    assert len(operations) == 9  # the object protocol's 6, and the take-over's 3
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
         for operation in operations:
 

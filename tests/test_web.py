@@ -601,7 +601,7 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Cl
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    expect(menu.get_by_role("link")).to_have_count(7)
+    expect(menu.get_by_role("link")).to_have_count(8)  # Replication is every role's to read
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)

@@ -6,7 +6,7 @@ import os
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import Admin, CatalogDep, Operator, ServiceDep, Viewer
+from api.deps import Admin, CatalogDep, Operator, ServiceDep, StoreService, Viewer
 from api.schemas import AssetCreate, AssetPublic, AssetUpdate, BackupCreate, JobPublic
 from api.service import Service
 from api.views import job_public
@@ -73,7 +73,8 @@ def _policies_by_asset(catalog: CatalogDep) -> dict[str, list[str]]:
 
 
 @router.get("/assets", response_model=list[AssetPublic])
-def list_assets(principal: Viewer, catalog: CatalogDep) -> list[AssetPublic]:
+def list_assets(principal: Viewer, service: StoreService) -> list[AssetPublic]:
+    catalog = service.app.catalog
     policies = _policies_by_asset(catalog)
     return [asset_public(a, policies.get(a.name, [])) for a in catalog.list_assets()]
 
@@ -96,7 +97,8 @@ def create_asset(body: AssetCreate, principal: Admin, service: ServiceDep) -> As
 
 
 @router.get("/assets/{name}", response_model=AssetPublic)
-def get_asset(name: str, principal: Viewer, catalog: CatalogDep) -> AssetPublic:
+def get_asset(name: str, principal: Viewer, service: StoreService) -> AssetPublic:
+    catalog = service.app.catalog
     return asset_public(catalog.get_asset(name), _policies_by_asset(catalog).get(name, []))
 
 

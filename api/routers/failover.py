@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import FileResponse, PlainTextResponse
 
-from api.deps import Admin, Operator, ServiceDep, Viewer
+from api.deps import Admin, Operator, StoreService, Viewer
 from api.schemas import JobPublic
 from api.schemas_failover import (
     BootTestCreate,
@@ -127,7 +127,7 @@ def _submit(
 def fail_over(
     name: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
     body: FailoverCreate | None = None,
 ) -> JobPublic:
@@ -153,7 +153,7 @@ def fail_over(
 def boot_test(
     name: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
     body: BootTestCreate | None = None,
 ) -> JobPublic:
@@ -175,7 +175,7 @@ def _settings_public(name: str, stored: dict[str, Any]) -> FailoverSettingsPubli
 
 @router.get("/assets/{name}/failover-settings", response_model=FailoverSettingsPublic)
 def get_failover_settings(
-    name: str, principal: Viewer, service: ServiceDep
+    name: str, principal: Viewer, service: StoreService
 ) -> FailoverSettingsPublic:
     """How the asset's failovers prove their boot, and their network."""
     service.app.catalog.get_asset(name)  # 404 for an unknown asset
@@ -184,7 +184,7 @@ def get_failover_settings(
 
 @router.put("/assets/{name}/failover-settings", response_model=FailoverSettingsPublic)
 def put_failover_settings(
-    name: str, body: FailoverSettingsUpdate, principal: Admin, service: ServiceDep
+    name: str, body: FailoverSettingsUpdate, principal: Admin, service: StoreService
 ) -> FailoverSettingsPublic:
     """Set the boot proof and/or network of the asset's failovers (a part left out is kept)."""
     asset = service.app.catalog.get_asset(name)
@@ -204,7 +204,7 @@ def put_failover_settings(
 
 @router.get("/failover", response_model=list[FailoverSessionPublic])
 def list_failovers(
-    principal: Viewer, service: ServiceDep, asset: str | None = None
+    principal: Viewer, service: StoreService, asset: str | None = None
 ) -> list[FailoverSessionPublic]:
     """Failover sessions and boot tests, newest first."""
     manager = service.failovers
@@ -212,7 +212,7 @@ def list_failovers(
 
 
 @router.get("/failover/{session_id}", response_model=FailoverDetail)
-def get_failover(session_id: str, principal: Viewer, service: ServiceDep) -> FailoverDetail:
+def get_failover(session_id: str, principal: Viewer, service: StoreService) -> FailoverDetail:
     """One session, with the tail of the guest's serial console."""
     manager = service.failovers
     public = session_public(manager.get(session_id))
@@ -222,7 +222,7 @@ def get_failover(session_id: str, principal: Viewer, service: ServiceDep) -> Fai
 @router.get(
     "/failover/{session_id}/screenshot", response_class=FileResponse, responses=PNG_RESPONSE
 )
-def failover_screenshot(session_id: str, principal: Viewer, service: ServiceDep) -> FileResponse:
+def failover_screenshot(session_id: str, principal: Viewer, service: StoreService) -> FileResponse:
     """The console: fresh while the VM runs, else the last one kept (404 if there is none)."""
     path = service.failovers.screenshot(session_id)
     if path is None:
@@ -236,7 +236,7 @@ def failover_screenshot(session_id: str, principal: Viewer, service: ServiceDep)
 def failover_serial(
     session_id: str,
     principal: Viewer,
-    service: ServiceDep,
+    service: StoreService,
     max_bytes: int = Query(default=65536, ge=1, le=1 << 20),
 ) -> PlainTextResponse:
     """The tail of the guest's serial console (empty until QEMU has written to it)."""
@@ -266,7 +266,7 @@ def _session_job(
 def stop_failover(
     session_id: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
     body: FailoverStop | None = None,
 ) -> JobPublic:
@@ -285,7 +285,7 @@ def stop_failover(
 def migrate_failover(
     session_id: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
     body: FailoverMigrate | None = None,
 ) -> JobPublic:
@@ -308,7 +308,7 @@ def migrate_failover(
 def failback_failover(
     session_id: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
     body: FailbackCreate | None = None,
 ) -> JobPublic:
@@ -318,6 +318,11 @@ def failback_failover(
     if not body.new_point and not body.write_to:
         raise InvalidInput("a failback makes a new point, writes the disks back, or both")
     params: dict[str, Any] = {"new_point": body.new_point, "format": body.format}
+    if body.write_to == "original" and service.store_taken_over:
+        # The disks the source backed up are the source's paths, not this appliance's.
+        raise InvalidInput(
+            "a taken-over store's VM has no original disks here: write to a restore area"
+        )
     if body.write_to:
         if body.write_to != "original":
             # A new image goes into a restore area or onto a registered restore device.

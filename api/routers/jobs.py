@@ -23,7 +23,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import CatalogDep, Operator, ServiceDep, Viewer
+from api.deps import Operator, ServiceDep, StoreService, Viewer
 from api.schemas import SQL_INT_MAX, JobLogLine, JobPublic
 from api.service import Service
 from api.views import job_public, log_line
@@ -51,7 +51,7 @@ def _event(kind: str, data: str, event_id: int | None = None) -> str:
 @router.get("/jobs", response_model=list[JobPublic])
 def list_jobs(
     principal: Viewer,
-    service: ServiceDep,
+    service: StoreService,
     state: JobState | None = None,
     kind: Annotated[str | None, Query(max_length=255)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -67,7 +67,7 @@ def _job_answer(service: Service, job_id: str) -> bytes:
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-async def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> Response:
+async def get_job(job_id: str, principal: Viewer, service: StoreService) -> Response:
     """One job. The page polls this: the answer is shared by all callers for up to
     ``JOB_ANSWER_TTL`` seconds (see ``api.cache``)."""
     key = (job_id, service.jobs_finished)  # a job ending shows at once
@@ -79,15 +79,15 @@ async def get_job(job_id: str, principal: Viewer, service: ServiceDep) -> Respon
 def job_log(
     job_id: str,
     principal: Viewer,
-    catalog: CatalogDep,
+    service: StoreService,
     after_seq: Seq = 0,
 ) -> list[JobLogLine]:
     """The job's log lines after ``after_seq`` (poll with the last seq seen)."""
-    return [log_line(line) for line in catalog.job_log(job_id, after_seq)]
+    return [log_line(line) for line in service.app.catalog.job_log(job_id, after_seq)]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, principal: Operator, service: ServiceDep) -> JobPublic:
+def cancel_job(job_id: str, principal: Operator, service: StoreService) -> JobPublic:
     """Cancel a queued or running job (a running one stops at its next check)."""
     job = service.jobs.cancel(job_id)
     service.app.catalog.audit(principal.name, "job.cancel", job_id, principal.audit_details)
@@ -96,7 +96,7 @@ def cancel_job(job_id: str, principal: Operator, service: ServiceDep) -> JobPubl
 
 @router.post("/jobs/{job_id}/retry", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
 def retry_job(
-    job_id: str, principal: Operator, service: ServiceDep, response: Response
+    job_id: str, principal: Operator, service: StoreService, response: Response
 ) -> JobPublic:
     """Resume an interrupted job, or run a failed/cancelled one again as a new job."""
     job = service.jobs.retry(job_id)
@@ -129,7 +129,7 @@ def _stream(body: AsyncIterator[str]) -> StreamingResponse:
 async def job_events(
     job_id: str,
     principal: Viewer,
-    service: ServiceDep,
+    service: StoreService,
     request: Request,
     after_seq: Seq = 0,
     max_seconds: Annotated[float, Query(gt=0, le=86400)] = 3600.0,

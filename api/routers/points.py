@@ -20,7 +20,7 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter
 
-from api.deps import Admin, Operator, ServiceDep, Viewer
+from api.deps import Admin, Operator, ServiceDep, StoreService, Viewer
 from api.routers.status import boot_test_public
 from api.schemas import (
     DirectoryListing,
@@ -70,7 +70,7 @@ def _points_answer(catalog: Catalog, asset: str | None, limit: int) -> bytes:
 @router.get("/points", response_model=list[PointPublic])
 async def list_points(
     principal: Viewer,
-    service: ServiceDep,
+    service: StoreService,
     asset: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
@@ -115,7 +115,7 @@ def _summary(manifest: dict[str, Any]) -> ManifestSummary:
 
 
 @router.get("/points/{point_id}", response_model=PointDetail)
-def get_point(point_id: str, principal: Viewer, service: ServiceDep) -> PointDetail:
+def get_point(point_id: str, principal: Viewer, service: StoreService) -> PointDetail:
     app = service.app
     point = app.point(point_id)
     manifest = app.manifest(point.id)
@@ -141,7 +141,7 @@ def _trees_of(app: Appliance, point_id: str) -> Iterator[Repository]:
         repo.close()
 
 
-def _files_manifest(service: ServiceDep, point_id: str) -> tuple[str, dict[str, Any]]:
+def _files_manifest(service: StoreService, point_id: str) -> tuple[str, dict[str, Any]]:
     app = service.app
     point = app.point(point_id)
     if point.kind != "files":
@@ -153,7 +153,7 @@ def _files_manifest(service: ServiceDep, point_id: str) -> tuple[str, dict[str, 
 def browse(
     point_id: str,
     principal: Viewer,
-    service: ServiceDep,
+    service: StoreService,
     path: Annotated[str, Query(max_length=4096)] = "",
     after: Annotated[str | None, Query(max_length=4096)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -196,7 +196,7 @@ def _attachment(name: str) -> str:
 def download(
     point_id: str,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     path: Annotated[str, Query(max_length=4096)] = "",
     format: Literal["auto", "tar", "zip"] = "auto",
 ) -> StreamingResponse:
@@ -239,7 +239,7 @@ def restore(
     point_id: str,
     body: RestoreCreate,
     principal: Operator,
-    service: ServiceDep,
+    service: StoreService,
     response: Response,
 ) -> JobPublic:
     """Restore the point (or one path / disk of it) as a job: into a restore area, back over the

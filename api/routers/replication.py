@@ -10,17 +10,25 @@ docs/replication.md is the contract; the source's side is ``api.peers``. Three k
   own replica store and posts its points' summaries: nothing else, and no delete.
 
 The storage rules (names, checksums, no overwrite, the reserve) are :mod:`api.replica_store`'s.
+
+Clocks (:mod:`api.peer_wire`): every answer of these routes carries this appliance's own time
+(its service clock) in ``X-Appliance-Time``, so a source can tell how far apart the clocks are;
+the store routes read the source's time from the same header of its requests and keep the skew
+per source (``clock_skew_seconds`` in the sources listing). A source may revoke its own token
+(``POST /api/replication/store/unpair``): it is then listed as unpaired, its replica kept.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.deps import Admin, ReplicationPeer, ServiceDep, Viewer, client_address
@@ -36,7 +44,9 @@ from api.pairing import (
     new_pairing_code,
     pair,
     unpair,
+    unpaired_by_source,
 )
+from api.peer_wire import TIME_HEADER, ClockBook, parse_time_header, skew_words, time_header
 from api.replica_store import (
     MAX_BATCH,
     check_point_id,
@@ -48,10 +58,28 @@ from api.schemas import MAX_BYTES
 from api.schemas import Request as RequestModel
 from api.security import LoginThrottle
 from api.service import Service
+from api.takeover import takeover_state
 from appliance import space
 from appliance.errors import InvalidInput
 
-router = APIRouter(tags=["replication"])
+
+class _TimedRoute(APIRoute):
+    """A route whose answers carry this appliance's time (its service clock, which the web
+    server's ``Date`` does not follow) in :data:`api.peer_wire.TIME_HEADER`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def timed(request: Request) -> Response:
+            response = await handler(request)
+            service: Service = request.app.state.service
+            response.headers[TIME_HEADER] = time_header(service.now())
+            return response
+
+        return timed
+
+
+router = APIRouter(tags=["replication"], route_class=_TimedRoute)
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=100)]
@@ -113,6 +141,16 @@ class SourcePublic(BaseModel):
     #: Free bytes of the filesystem holding the replicas, and the reserve kept free on it.
     free_bytes: int | None
     reserve_bytes: int | None
+    #: Set when the source unpaired itself (its token revoked, its replica kept here).
+    unpaired_at: datetime | None = None
+    unpaired_by: str | None = None
+    #: The source's clock minus this appliance's, read from its last request (None: unknown).
+    clock_skew_seconds: float | None = None
+    #: A warning in words above 5 minutes: "the source's clock is 12 min behind this appliance's".
+    clock_skew: str | None = None
+    #: ``{granted, granted_at, open, opened_at}``: may this appliance take the store over, and
+    #: has it (docs/replication.md, "Take over").
+    takeover: dict[str, Any] | None = None
 
 
 class ObjectPublic(BaseModel):
@@ -196,13 +234,37 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def _source_public(service: Service, record: SourceRecord) -> SourcePublic:
+def _source_clocks(request: Request) -> ClockBook:
+    """This service's readings of its sources' clocks, by source appliance id."""
+    state = request.app.state
+    book = getattr(state, "source_clocks", None)
+    if not isinstance(book, ClockBook):
+        book = ClockBook()
+        state.source_clocks = book
+    return book
+
+
+def clocked_source(source: ReplicationPeer, request: Request, service: ServiceDep) -> SourceRecord:
+    """The source of a store request, whose clock is read from its ``X-Appliance-Time``."""
+    sent = parse_time_header(request.headers.get(TIME_HEADER))
+    if sent is not None:
+        now = service.now()
+        _source_clocks(request).note(source.appliance_id, (sent - now).total_seconds(), now)
+    return source
+
+
+ClockedPeer = Annotated[SourceRecord, Depends(clocked_source)]
+
+
+def _source_public(service: Service, record: SourceRecord, clocks: ClockBook) -> SourcePublic:
     store = replica_store(_data_dir(service), record.store_id)
     summaries = store.summaries()
     newest = _time(str(summaries[-1].get("created_at"))) if summaries else None
     age = (service.now() - newest).total_seconds() if newest and newest.tzinfo else None
     free: int | None = None
     reserve: int | None = None
+    reading = clocks.get(record.appliance_id)
+    skew = round(reading.skew_seconds, 3) if reading is not None else None
     try:
         free, total = space.filesystem_space(replicas_dir(_data_dir(service)))
         reserve = space.reserve_bytes(total)
@@ -221,6 +283,11 @@ def _source_public(service: Service, record: SourceRecord) -> SourcePublic:
         ),
         free_bytes=free,
         reserve_bytes=reserve,
+        takeover=takeover_state(service, record),
+        unpaired_at=_time(record.unpaired_at),
+        unpaired_by=record.unpaired_by,
+        clock_skew_seconds=skew,
+        clock_skew=skew_words(skew, "the source's clock"),
     )
 
 
@@ -306,9 +373,11 @@ def pair_source(body: PairCreate, request: Request, service: ServiceDep) -> Pair
 
 
 @router.get("/replication/sources", response_model=list[SourcePublic])
-def get_sources(principal: Viewer, service: ServiceDep) -> list[SourcePublic]:
-    """The sources replicating into this appliance: what each holds here and how fresh it is."""
-    return [_source_public(service, record) for record in list_sources(service.app)]
+def get_sources(principal: Viewer, service: ServiceDep, request: Request) -> list[SourcePublic]:
+    """The sources replicating into this appliance: what each holds here, how fresh it is and
+    how far its clock is from ours."""
+    clocks = _source_clocks(request)
+    return [_source_public(service, record, clocks) for record in list_sources(service.app)]
 
 
 @router.delete("/replication/sources/{source_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -340,9 +409,29 @@ def delete_source(
 # --- the replica store (a source's replication token) -----------------------------------------
 
 
+@router.post("/replication/store/unpair", status_code=status.HTTP_204_NO_CONTENT)
+def unpair_by_source(source: ClockedPeer, service: ServiceDep) -> Response:
+    """The source unpairs: its token (the one asking) is revoked, its account disabled, and it
+    is listed as unpaired; its replica stays here until an admin deletes it."""
+    app = service.app
+    revoked = unpaired_by_source(app, source, service.now())
+    app.catalog.audit(
+        source.user,
+        "replication.unpair",
+        source.appliance_id,
+        {
+            "by": "the source",
+            "name": source.name,
+            "store_id": source.store_id,
+            "tokens_revoked": revoked,
+        },
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get("/replication/store/objects", response_model=ObjectListPublic)
 def list_objects(
-    source: ReplicationPeer,
+    source: ClockedPeer,
     service: ServiceDep,
     prefix: Annotated[str, Query(max_length=256)] = "",
     after: Annotated[str, Query(max_length=256)] = "",
@@ -358,9 +447,7 @@ def list_objects(
 
 
 @router.post("/replication/store/present", response_model=PresentPublic)
-def present_objects(
-    body: PresentCreate, source: ReplicationPeer, service: ServiceDep
-) -> PresentPublic:
+def present_objects(body: PresentCreate, source: ClockedPeer, service: ServiceDep) -> PresentPublic:
     """Which of ``names`` the replica holds (the source then sends only the others)."""
     held = replica_store(_data_dir(service), source.store_id).present(body.names)
     return PresentPublic(present=held)
@@ -375,13 +462,13 @@ def _object_response(service: Service, source: SourceRecord, name: str) -> FileR
 
 
 @router.head("/replication/store/objects/{name:path}", response_class=FileResponse)
-def head_object(name: str, source: ReplicationPeer, service: ServiceDep) -> FileResponse:
+def head_object(name: str, source: ClockedPeer, service: ServiceDep) -> FileResponse:
     """The object's size (``Content-Length``); 404 when the replica lacks it."""
     return _object_response(service, source, name)
 
 
 @router.get("/replication/store/objects/{name:path}", response_class=FileResponse)
-def get_object(name: str, source: ReplicationPeer, service: ServiceDep) -> FileResponse:
+def get_object(name: str, source: ClockedPeer, service: ServiceDep) -> FileResponse:
     """The object's bytes; ``Range: bytes=a-b`` answers 206 with that part."""
     return _object_response(service, source, name)
 
@@ -403,7 +490,7 @@ _PUT_BODY: dict[str, Any] = {
 async def put_object(
     name: str,
     request: Request,
-    source: ReplicationPeer,
+    source: ClockedPeer,
     service: ServiceDep,
     x_content_sha256: Annotated[str | None, Header(max_length=128)] = None,
 ) -> ObjectPutPublic:
@@ -425,7 +512,7 @@ async def put_object(
 def post_point_summary(
     point_id: Annotated[str, Path(max_length=64)],
     body: PointSummaryCreate,
-    source: ReplicationPeer,
+    source: ClockedPeer,
     service: ServiceDep,
 ) -> PointSummaryPublic:
     """Keep a replicated point's plaintext summary (asset, kind, created_at, bytes) for this

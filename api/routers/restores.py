@@ -10,7 +10,7 @@ import os
 
 from fastapi import APIRouter
 
-from api.deps import Admin, Operator, ServiceDep
+from api.deps import Admin, Operator, ServiceDep, StoreService
 from api.schemas import RestoreChoices, RestoreDevicePublic, RestoreSettings, RestoreSettingsPublic
 from appliance.engine import Appliance
 from appliance.engine_restore import RESTORE_SETTINGS_KEY
@@ -87,7 +87,7 @@ def put_restore_settings(
 
 
 @router.get("/points/{point_id}/restore-targets", response_model=RestoreChoices)
-def restore_choices(point_id: str, principal: Operator, service: ServiceDep) -> RestoreChoices:
+def restore_choices(point_id: str, principal: Operator, service: StoreService) -> RestoreChoices:
     """The targets a restore of this point may go to, for the restore dialog."""
     app = service.app
     point = app.point(point_id)

@@ -13,6 +13,12 @@ Only :class:`TransientBackendError` is retried. Every other error (a missing obj
 an archived or locked object, an unavailable location, a corrupt range) is permanent and passes
 through at once: retrying cannot change its answer. Retrying is safe because the backend contract
 makes ``put`` (same bytes) and ``delete`` idempotent.
+
+A backend may offer more than the contract: ``present_many(names) -> {name: size}``, the batch
+question "which of these do you hold?" that a copy asks a peer instead of listing it. Each
+wrapper passes it through when, and only when, the backend it wraps has it (a read-only question:
+retried, rate-limited and fault-injected like ``stat``), so ``getattr(wrapped, "present_many",
+None)`` answers for the whole stack.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from appliance.errors import StoreError, TransientBackendError
 from appliance.store.backend import (
@@ -38,6 +44,16 @@ T = TypeVar("T")
 
 Sleep = Callable[[float], None]
 Clock = Callable[[], float]
+PresentMany = Callable[[Iterable[str]], dict[str, int]]
+
+
+def inner_present_many(backend: Backend) -> PresentMany:
+    """``backend``'s ``present_many``; AttributeError when it has none (so that a wrapper's
+    ``present_many`` property is absent too, to ``getattr`` and ``hasattr``)."""
+    ask = getattr(backend, "present_many", None)
+    if not callable(ask):
+        raise AttributeError(f"{type(backend).__name__} has no present_many")
+    return cast(PresentMany, ask)
 
 
 class _Delegating:
@@ -162,6 +178,17 @@ class RetryingBackend(_Delegating):
 
     def retain(self, name: str, until: datetime) -> None:
         self._call("retain", lambda: self.backend.retain(name, until))
+
+    @property
+    def present_many(self) -> PresentMany:
+        """The wrapped backend's batch presence query, retried (see the module docstring)."""
+        ask = inner_present_many(self.backend)
+
+        def present_many(names: Iterable[str]) -> dict[str, int]:
+            wanted = list(names)
+            return self._call("present_many", lambda: ask(wanted))
+
+        return present_many
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         start = self._clock()
@@ -297,13 +324,26 @@ class RateLimitedBackend(_Delegating):
     def retain(self, name: str, until: datetime) -> None:
         self._call(lambda: self.backend.retain(name, until))
 
+    @property
+    def present_many(self) -> PresentMany:
+        """The wrapped backend's batch presence query, one call under the limits."""
+        ask = inner_present_many(self.backend)
+
+        def present_many(names: Iterable[str]) -> dict[str, int]:
+            wanted = list(names)
+            return self._call(lambda: ask(wanted))
+
+        return present_many
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         yield from self._call(lambda: list(self.backend.list(prefix)))
 
 
 # --- fault injection -------------------------------------------------------------------------------
 
-OPERATIONS = frozenset({"put", "get", "stat", "list", "delete", "warm_up", "wait_warm"})
+OPERATIONS = frozenset(
+    {"put", "get", "stat", "list", "delete", "warm_up", "wait_warm", "present_many"}
+)
 
 
 class FaultyBackend(_Delegating):
@@ -393,6 +433,17 @@ class FaultyBackend(_Delegating):
 
     def retain(self, name: str, until: datetime) -> None:
         self._call("retain", name, lambda: self.backend.retain(name, until))
+
+    @property
+    def present_many(self) -> PresentMany:
+        """The wrapped backend's batch presence query, failing on command like the others."""
+        ask = inner_present_many(self.backend)
+
+        def present_many(names: Iterable[str]) -> dict[str, int]:
+            wanted = list(names)
+            return self._call("present_many", ",".join(wanted), lambda: ask(wanted))
+
+        return present_many
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # The fault strikes when the listing starts; a listing is one call.

@@ -39,7 +39,12 @@ from image.failover.errors import (
     PointNotLocal,
 )
 from image.failover.failback import changed_ranges_from_map, write_disk_image
-from image.failover.jobs import boot_test_resources, register_failover_jobs
+from image.failover.jobs import (
+    bind_failover_manager,
+    boot_test_resources,
+    register_failover_jobs,
+    unbind_failover_manager,
+)
 from image.failover.manager import FailoverManager
 from image.failover.network import network_from_dict, network_to_dict, resolve_forwards
 from image.failover.process import STOP_GRACE, QemuProcess
@@ -65,6 +70,7 @@ __all__ = [
     "ProgressCallback",
     "QemuProcess",
     "asset_failover_settings",
+    "bind_failover_manager",
     "boot_test_resources",
     "changed_ranges_from_map",
     "check_memory",
@@ -75,5 +81,6 @@ __all__ = [
     "put_asset_failover_settings",
     "register_failover_jobs",
     "resolve_forwards",
+    "unbind_failover_manager",
     "write_disk_image",
 ]

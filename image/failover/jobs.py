@@ -10,11 +10,19 @@ work runs in a worker that can be cancelled). What each job holds while it runs:
 - ``boot_test``: its asset exclusively (:func:`boot_test_resources`), and the store, shared.
 
 A job's creation time is the click the RTO counts from.
+
+One process may run several appliances (a peer that took over a source's replica store runs one
+per store, each with its own job runner and manager), while job kinds are registered once, by
+name. So the work functions do not close over a manager: each finds the manager bound to the
+``app`` its runner gives it (:func:`bind_failover_manager`), falling back to the one
+:func:`register_failover_jobs` was given last.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any
 
 from appliance.engine import Appliance
@@ -45,6 +53,36 @@ def boot_test_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
     return [(f"asset:{p['asset']}", True), ("store", False)]
 
 
+# Keyed by the appliance's id, holding the manager weakly: the service or take-over that made a
+# manager keeps it alive, and a lookup checks ``manager.app is app`` (an id may be reused).
+_bound: weakref.WeakValueDictionary[int, FailoverManager] = weakref.WeakValueDictionary()
+_bound_lock = threading.Lock()
+_default: list[FailoverManager] = []
+
+
+def bind_failover_manager(manager: FailoverManager) -> None:
+    """Let the failover job kinds run on ``manager.app`` with ``manager``."""
+    with _bound_lock:
+        _bound[id(manager.app)] = manager
+
+
+def unbind_failover_manager(manager: FailoverManager) -> None:
+    with _bound_lock:
+        if _bound.get(id(manager.app)) is manager:
+            del _bound[id(manager.app)]
+
+
+def manager_for(app: Appliance) -> FailoverManager:
+    """The manager of ``app``: the one bound to it, else the one registered last."""
+    with _bound_lock:
+        manager = _bound.get(id(app))
+        if manager is None or manager.app is not app:
+            manager = _default[0] if _default else None
+    if manager is None:
+        raise InvalidInput("no failover manager runs in this process")
+    return manager
+
+
 def register_failover_jobs(manager: FailoverManager) -> None:
     """Register the failover job kinds, bound to ``manager`` (call once at service start-up).
 
@@ -54,9 +92,15 @@ def register_failover_jobs(manager: FailoverManager) -> None:
     - ``failover_migrate`` {session, target_dir?}: mirror the disks to local storage and pivot.
     - ``failover_failback`` {session, new_point?=true, write_to?: "original"|path, format?}.
     - ``boot_test`` {asset, point?, location?, proof?}: isolated boot, RTO and screenshot, then discard.
+
+    ``manager`` is bound to its appliance and becomes the fallback of appliances bound to none.
     """
+    bind_failover_manager(manager)
+    with _bound_lock:
+        _default[:] = [manager]
 
     def start(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        manager = manager_for(app)
         ctx.log(
             "info",
             f"failing over {p['asset']}" + (f" to point {p['point']}" if p.get("point") else ""),
@@ -87,6 +131,7 @@ def register_failover_jobs(manager: FailoverManager) -> None:
         }
 
     def stop(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        manager = manager_for(app)
         record = manager.stop(p["session"])
         if p.get("discard"):
             record = manager.discard(p["session"])
@@ -94,6 +139,7 @@ def register_failover_jobs(manager: FailoverManager) -> None:
         return {"session": record.id, "state": record.state}
 
     def migrate(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        manager = manager_for(app)
         record = manager.migrate(
             p["session"], p.get("target_dir"), progress=ctx.progress, cancel=ctx.cancel
         )
@@ -101,6 +147,7 @@ def register_failover_jobs(manager: FailoverManager) -> None:
         return {"session": record.id, "local_disks": record.details.get("local_disks")}
 
     def failback(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        manager = manager_for(app)
         result = manager.failback(
             p["session"],
             new_point=bool(p.get("new_point", True)),
@@ -116,6 +163,7 @@ def register_failover_jobs(manager: FailoverManager) -> None:
         return result
 
     def boot_test(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        manager = manager_for(app)
         result = manager.boot_test(
             p["asset"],
             p.get("point"),

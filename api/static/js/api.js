@@ -32,7 +32,51 @@ export function whenSessionEnds(callback) {
   onSessionEnded = callback;
 }
 
+// --- the store context: working on a taken-over source's store -----------------------------------
+//
+// After a take-over (docs/replication.md), the Points and Failover screens work on another
+// appliance's store held here. The router sets the context from the address ("#/points?store=<id>");
+// it then stays until the user goes back to this appliance (the banner every screen shows), and
+// every API request carries `store=<id>`, except those about this appliance itself (sessions,
+// users, settings, peers and replication), which have no store. Kept in sessionStorage so a
+// reload stays in the same context.
+
+const STORE_KEY = "appliance.store-context";
+const APPLIANCE_PATHS = /^\/api\/(me|login|logout|setup|settings|health|users|tokens|audit|peers|replication)(\/|$)/;
+let storeContext = null;
+try {
+  storeContext = JSON.parse(sessionStorage.getItem(STORE_KEY) || "null");
+} catch {
+  storeContext = null;
+}
+
+/** The store being worked on: {id, name} of a taken-over source, or null (this appliance's). */
+export function currentStore() {
+  return storeContext;
+}
+
+/** Work on a taken-over store ({id, name}), or on this appliance's own again (null). */
+export function setStore(context) {
+  storeContext = context && context.id ? { id: String(context.id), name: context.name || null } : null;
+  try {
+    if (storeContext) sessionStorage.setItem(STORE_KEY, JSON.stringify(storeContext));
+    else sessionStorage.removeItem(STORE_KEY);
+  } catch {
+    // private windows may refuse storage: the context then lasts until a reload
+  }
+}
+
+/** `path` with `store=<id>` added while a store context is set (and the path concerns a store). */
+export function scoped(path) {
+  if (!storeContext || !String(path).startsWith("/api/")) return path;
+  const url = new URL(path, window.location.origin);
+  if (APPLIANCE_PATHS.test(url.pathname) || url.searchParams.has("store")) return path;
+  url.searchParams.set("store", storeContext.id);
+  return `${url.pathname}${url.search}`;
+}
+
 export async function request(method, path, body, { quietAuth = false } = {}) {
+  path = scoped(path);
   const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (!SAFE.has(method)) {
@@ -99,7 +143,7 @@ export const enc = encodeURIComponent;
 
 /** Server-sent events: onEvent(kind, data) for every event; returns a function that closes. */
 export function subscribe(path, handlers) {
-  const source = new EventSource(path, { withCredentials: true });
+  const source = new EventSource(scoped(path), { withCredentials: true });
   for (const [kind, handler] of Object.entries(handlers)) {
     if (kind === "open") source.addEventListener("open", () => handler());
     else if (kind === "error") source.addEventListener("error", () => handler(source.readyState));

@@ -1,7 +1,7 @@
 // The admin page: decides between first-run, sign-in and the app, draws the layout (sidebar and
 // header) and routes "#/..." addresses to the screens in views/.
 
-import { api, humanError, whenSessionEnds } from "./api.js";
+import { api, currentStore, humanError, setStore, whenSessionEnds } from "./api.js";
 import { clear, h, icon, replace } from "./dom.js";
 import { ROLE_NAMES } from "./format.js";
 import { bannerSlot } from "./ui.js";
@@ -16,6 +16,7 @@ import pools from "./views/pools.js";
 import disks from "./views/disks.js";
 import media from "./views/media.js";
 import tiering from "./views/tiering.js";
+import replication from "./views/replication.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
 import settingsView from "./views/settings.js";
@@ -30,6 +31,7 @@ const NAV = [
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
   { href: "#/pools", label: "Pools & disks", iconName: "pools", match: /^\/(pools|disks|media)/ },
   { href: "#/tiering", label: "Tiering", iconName: "copy", match: /^\/tiering/ },
+  { href: "#/replication", label: "Replication", iconName: "link", match: /^\/replication/ },
   { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
   { href: "#/audit", label: "Audit log", iconName: "audit", match: /^\/audit/, role: "admin" },
   { href: "#/settings", label: "Settings", iconName: "settings", match: /^\/settings/, role: "admin" },
@@ -48,6 +50,7 @@ const ROUTES = [
   [/^\/disks$/, disks, "Storage: disks"],
   [/^\/media$/, media, "Storage: USB disks"],
   [/^\/tiering$/, tiering, "Tiering"],
+  [/^\/replication$/, replication, "Replication"],
   [/^\/users$/, users, "Users & tokens", "admin"],
   [/^\/audit$/, audit, "Audit log", "admin"],
   [/^\/settings$/, settingsView, "Settings", "admin"],
@@ -137,17 +140,41 @@ function markNav(path) {
   }
 }
 
+/** An address with `store=<id>` works on a taken-over store from then on (api.js setStore). */
+function enterStore(id) {
+  const known = currentStore();
+  setStore({ id, name: known && known.id === id ? known.name : null });
+}
+
+/** While a taken-over store is worked on, every screen says so first, with the way back. */
+function storeBanner() {
+  const store = currentStore();
+  if (!store) return null;
+  const whose = store.name ? `${store.name}'s store` : `the store ${store.id.slice(0, 8)}`;
+  const back = h("a", {
+    href: "#/replication",
+    text: "back to this appliance",
+    onClick: (event) => {
+      event.preventDefault();
+      setStore(null);
+      navigate("#/replication");
+    },
+  });
+  return h("div", { class: "banner banner-warning store-banner", role: "status" }, icon("alert", "banner-icon"), h("div", { class: "banner-body" }, h("strong", { text: `Working on ${whose} (taken over)` }), " — ", back));
+}
+
 async function route() {
   if (!state.session) return;
   if (!state.shell) buildShell();
   dispose();
   const generation = state.generation;
   const { path, query } = parseHash();
+  if (query.get("store")) enterStore(query.get("store"));
   markNav(path);
   const main = state.shell.main;
   const banner = bannerSlot();
   const content = h("div", { class: "content" });
-  replace(main, banner.el, content);
+  replace(main, storeBanner(), banner.el, content);
   const found = ROUTES.map(([re, render, title, role]) => ({ m: re.exec(path), render, title, role })).find((r) => r.m);
   if (!found) {
     content.appendChild(h("div", { class: "empty" }, h("p", { class: "empty-title", text: "This page does not exist" }), h("a", { href: "#/", class: "btn", text: "Go to the dashboard" })));
@@ -206,6 +233,7 @@ async function logout() {
 
 function showLogin(notice = null) {
   dispose();
+  setStore(null);
   state.session = null;
   state.shell = null;
   document.title = `Sign in · ${state.applianceName}`;

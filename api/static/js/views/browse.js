@@ -1,6 +1,6 @@
 // The file browser of a recovery point: folders, breadcrumbs, downloads, restore.
 
-import { api, enc, q } from "../api.js";
+import { api, enc, q, scoped } from "../api.js";
 import { h, icon, replace } from "../dom.js";
 import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince } from "../format.js";
 import { button, card, emptyState, loading, pageHeader, table } from "../ui.js";
@@ -9,7 +9,7 @@ import { copiesList, pointStatus, restoreDialog, verifyPoint } from "./points.js
 const PAGE = 500;
 
 function downloadHref(pointId, path, format = "auto") {
-  return q(`/api/points/${enc(pointId)}/download`, { path, format: format === "auto" ? "" : format });
+  return scoped(q(`/api/points/${enc(pointId)}/download`, { path, format: format === "auto" ? "" : format }));
 }
 
 function browseHref(pointId, path) {

@@ -7,7 +7,7 @@
 // and the console picture and serial log are files, not events. Every timer is cleared when the
 // screen is left (view.onDispose).
 
-import { ApiError, api, enc, humanError, q } from "../api.js";
+import { ApiError, api, enc, humanError, q, scoped } from "../api.js";
 import { h, replace } from "../dom.js";
 import { capitalise, dateTime, duration, secondsSince, shortId, time } from "../format.js";
 import { button, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
@@ -120,7 +120,7 @@ export async function failoverList(view) {
 // --- one session -------------------------------------------------------------------------------------
 
 async function getText(path) {
-  const response = await fetch(path, { credentials: "same-origin", cache: "no-store", headers: { Accept: "text/plain" } });
+  const response = await fetch(scoped(path), { credentials: "same-origin", cache: "no-store", headers: { Accept: "text/plain" } });
   if (!response.ok) throw new ApiError(response.status, `http_${response.status}`, response.statusText);
   return response.text();
 }
@@ -219,7 +219,7 @@ export async function failoverSession(view) {
   });
   const loadPicture = () => {
     picture.alt = `Console of ${info.asset}`;
-    picture.src = `${base}/screenshot?t=${Date.now()}`;
+    picture.src = scoped(`${base}/screenshot?t=${Date.now()}`);
   };
   const consoleCard = card("Console", { subtitle: "What the VM's screen shows", className: "fo-console" }, h("div", { class: "card-body" }, h("div", { class: "fo-screen-frame" }, picture), pictureNote));
 

@@ -1,6 +1,6 @@
 // Recovery points: the list per asset, and restore / verify / delete of a point.
 
-import { ApiError, api, enc, humanError, q } from "../api.js";
+import { ApiError, api, enc, humanError, q, scoped } from "../api.js";
 import { h, replace } from "../dom.js";
 import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
 import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
@@ -183,7 +183,7 @@ export async function restoreDialog(point, { path = "", onStarted = null } = {})
       if (destination === "download") {
         const params = new URLSearchParams({ format: form.elements.archive.value });
         if (selected) params.set("path", selected);
-        window.location.assign(`/api/points/${enc(point.id)}/download?${params}`);
+        window.location.assign(scoped(`/api/points/${enc(point.id)}/download?${params}`));
         return;
       }
       let estimate = null;
