@@ -373,7 +373,8 @@ def test_fields_being_added_are_drawn_and_a_taken_over_store_is_worked_on(
         "/api/peers",
         lambda p: {
             "window": {"start": "22:00", "end": "06:00"},
-            "clock_skew_seconds": 300,
+            "clock_skew_seconds": 720,
+            "clock_skew": "the peer's clock is 12 min ahead of this appliance's",
             "takeover": {"allowed": True, "granted_at": "2026-12-01T10:00:00+00:00"},
         },
     )
@@ -383,7 +384,7 @@ def test_fields_being_added_are_drawn_and_a_taken_over_store_is_worked_on(
     expect(card.locator("[data-fact=window]")).to_contain_text(
         "From 22:00 to 06:00 (this appliance's time)"
     )
-    expect(card.locator("[data-fact=skew]")).to_contain_text("5 min ahead of this appliance")
+    expect(card.locator("[data-fact=skew]")).to_contain_text("12 min ahead of this appliance")
     expect(card.locator("[data-fact=skew]").get_by_role("note")).to_be_visible()
     takeover = card.locator("[data-fact=takeover]")
     expect(takeover).to_contain_text("Allowed")

@@ -247,10 +247,10 @@ def copy_point(
 
 def _present_many(target: Backend) -> Callable[[list[str]], dict[str, int]] | None:
     """The target's batch presence query ``present_many(names) -> {name: size}`` (a peer's),
-    found on the backend below the wrappers (they do not forward it), or None.
+    found on the outermost layer that offers it (the wrappers forward it, retried and rate
+    limited like any call, when the backend below has it), or None.
 
-    Only a hot target's: bundles go to cold classes alone, and the query knows no bundles.
-    Not retried by the retry wrapper: a failure fails the copy, and its job resumes."""
+    Only a hot target's: bundles go to cold classes alone, and the query knows no bundles."""
     if target.capabilities.cold_objects:
         return None
     layer: object = target
