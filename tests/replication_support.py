@@ -99,6 +99,17 @@ class Peer:
         return self.data_dir / "replicas" / store_id
 
 
+@contextlib.contextmanager
+def running_peer(root: Path) -> Iterator[Peer]:
+    """A started peer on ``root``, stopped at the end (module fixtures wrap it)."""
+    peer = Peer(root)
+    peer.start()
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
 @dataclass
 class Pairing:
     source: LiveServer

@@ -44,6 +44,7 @@ from replication_support import (
     digest_tree,
     files_of,
     packs_of,
+    running_peer,
     until,
 )
 
@@ -79,12 +80,8 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    peer = Peer(tmp_path_factory.mktemp("peer"))
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+    with running_peer(tmp_path_factory.mktemp("peer")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from api_support import LiveServer, bootstrapped_server, wait_job, weak_kdf_env
-from replication_support import Peer, pair, until
+from replication_support import Peer, pair, running_peer, until
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,8 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    peer = Peer(tmp_path_factory.mktemp("peer"))
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+    with running_peer(tmp_path_factory.mktemp("peer")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from api_support import LiveServer, bootstrapped_server, wait_job, weak_kdf_env
-from replication_support import Peer, data_packs, files_of, packs_of, pair, until
+from replication_support import Peer, data_packs, files_of, packs_of, pair, running_peer, until
 
 from appliance.catalog import Catalog
 from appliance.catalog.records import home_location_id
@@ -51,12 +51,8 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    peer = Peer(tmp_path_factory.mktemp("peer"))
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+    with running_peer(tmp_path_factory.mktemp("peer")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

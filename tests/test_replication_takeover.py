@@ -36,7 +36,7 @@ import httpx
 import pytest
 from api_support import LiveServer, bootstrapped_server, weak_kdf_env
 from guest_support import PROOF, VM, guest_image_path
-from replication_support import Peer, pair, until
+from replication_support import Peer, pair, running_peer, until
 
 from api.identity import appliance_id
 from api.takeover_grant import takeover_tick
@@ -62,12 +62,8 @@ def guest_image() -> str:
 
 @pytest.fixture(scope="module")
 def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    peer = Peer(tmp_path_factory.mktemp("peer"))
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+    with running_peer(tmp_path_factory.mktemp("peer")) as started:
+        yield started
 
 
 def wait_store_job(client: httpx.Client, job_id: str, store: str, timeout: float = 300) -> Any:

@@ -40,7 +40,7 @@ from api_support import (
     wait_job,
     weak_kdf_env,
 )
-from replication_support import Peer, pair
+from replication_support import Peer, pair, running_peer
 from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, Screenshots, expect
 
 from api.identity import certificate_fingerprint
@@ -59,12 +59,8 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def peer(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
-    peer = Peer(tmp_path_factory.mktemp("peer"))
-    peer.start()
-    try:
-        yield peer
-    finally:
-        peer.stop()
+    with running_peer(tmp_path_factory.mktemp("peer")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
