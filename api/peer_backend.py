@@ -333,6 +333,10 @@ class PeerLink:
                 f"{where} holds other bytes under {name or 'that name'} ({what} refused){said}",
                 **details,
             )
+        if status == 400 and code == "name_mismatch":
+            raise IntegrityError(
+                f"{where} refused {what}: its bytes do not hash to its name{said}", **details
+            )
         if status == 400 and "checksum" in f"{code} {message}".lower():
             # The body was damaged on the way: sending it again may work.
             raise TransientBackendError(
@@ -416,7 +420,9 @@ def _error_of(response: httpx.Response) -> tuple[str, str]:
 class PeerBackend:
     """The source's store at a peer, through the object protocol; see the module docstring."""
 
-    capabilities = BackendCapabilities(ranged_reads=True, listing_cost="expensive")
+    capabilities = BackendCapabilities(
+        ranged_reads=True, listing_cost="expensive", checks_pack_names=True, puts_in_flight=1
+    )
 
     def __init__(self, link: PeerLink) -> None:
         self.link = link
@@ -435,8 +441,13 @@ class PeerBackend:
         self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
     ) -> None:
         """See the module docstring; ``options`` are ignored (the peer keeps its own retention,
-        in its one class)."""
+        in its one class). A pack goes without ``X-Content-SHA256``: the peer checks its bytes
+        against its name (BLAKE3), the stronger check, and one hash of 16 MiB fewer on each side
+        is a tenth of the transfer's CPU on a small box."""
         body = bytes(data)
+        headers = {"Content-Type": "application/octet-stream"}
+        if not name.startswith(("data/", "meta/")):
+            headers["X-Content-SHA256"] = hashlib.sha256(body).hexdigest()
         self.link.request(
             "PUT",
             self._path(name),
@@ -444,10 +455,7 @@ class PeerBackend:
             name=name,
             ok=(200, 201, 204),
             content=body,
-            headers={
-                "X-Content-SHA256": hashlib.sha256(body).hexdigest(),
-                "Content-Type": "application/octet-stream",
-            },
+            headers=headers,
         )
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

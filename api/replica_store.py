@@ -13,9 +13,10 @@ Invariants, each kept by :class:`ReplicaStore`:
   name's first two digits), ``index/<hex>``, ``manifests/<point id>``. Anything else (``bundles/``,
   ``..``, an absolute path, a NUL, upper case) is :class:`~appliance.errors.InvalidName` (400), so
   nothing a source sends reaches outside its replica directory.
-- **Every upload is checked**: its SHA-256 must equal the one the source sent
-  (:class:`ChecksumMismatch`), and a pack's bytes must hash (BLAKE3) to its name, as a pack's name
-  is its content's hash (:class:`NameMismatch`); both 400.
+- **Every upload is checked**: a pack's bytes must hash (BLAKE3) to its name, as a pack's name
+  is its content's hash (:class:`NameMismatch`); any other object's SHA-256 must equal the one
+  the source sent (:class:`ChecksumMismatch`), as must a pack's when the source sent one; both
+  400. A pack needs no second checksum: its name already says what its bytes are.
 - **Nothing is overwritten**: a name that exists with the same bytes is a repeated upload and
   succeeds without writing; with other bytes it is :class:`ObjectExists` (409). The check and
   the write of one name hold one lock, so two racing uploads of a name cannot both land.
@@ -54,6 +55,7 @@ from appliance import space
 from appliance.errors import ApplianceError, InvalidInput, InvalidName, ObjectMissing, StoreFull
 from appliance.protection import directory_bytes
 from appliance.store.backend import LocalDirectoryBackend
+from appliance.store.staged import StagedObject
 
 #: The folder of the data directory holding every replica store.
 REPLICAS_DIR = "replicas"
@@ -157,6 +159,70 @@ class Listing:
     next_after: str | None
 
 
+def is_pack_name(name: str) -> bool:
+    """Whether ``name`` (a checked name) is a pack's: its last part is its content's BLAKE3."""
+    return name.startswith(("data/", "meta/"))
+
+
+@dataclass
+class BodyDigests:
+    """Hex digests of an upload's body, taken while it arrives (:meth:`update`) or at once
+    (:meth:`of`); a digest not asked for stays None."""
+
+    sha256: str | None = None
+    blake3: str | None = None
+    _sha: Any = None
+    _blake: Any = None
+
+    @classmethod
+    def start(cls, *, sha256: bool, blake: bool) -> BodyDigests:
+        return cls(
+            _sha=hashlib.sha256() if sha256 else None, _blake=blake3.blake3() if blake else None
+        )
+
+    @classmethod
+    def of(cls, data: bytes, *, sha256: bool, blake: bool) -> BodyDigests:
+        digests = cls.start(sha256=sha256, blake=blake)
+        digests.update(data)
+        return digests.finish()
+
+    def update(self, chunk: bytes) -> None:
+        if self._sha is not None:
+            self._sha.update(chunk)
+        if self._blake is not None:
+            self._blake.update(chunk)
+
+    def finish(self) -> BodyDigests:
+        if self._sha is not None:
+            self.sha256 = self._sha.hexdigest()
+        if self._blake is not None:
+            self.blake3 = self._blake.hexdigest()
+        return self
+
+
+@dataclass
+class Upload:
+    """An object on its way in (:meth:`ReplicaStore.begin`): written to a staged file as it
+    arrives and hashed on the way, so the checks are done when its last byte is in."""
+
+    name: str
+    sha256: str | None
+    limit: int
+    digests: BodyDigests
+    staged: StagedObject
+
+    def write(self, chunk: bytes) -> None:
+        self.digests.update(chunk)
+        self.staged.write(chunk)
+
+    def __enter__(self) -> Upload:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.staged.published:
+            self.staged.abort()
+
+
 class ReplicaStore:
     """One source's replica store; see the module docstring. Get it with :func:`replica_store`
     (one instance per folder and process, so the per-name locks are shared)."""
@@ -256,55 +322,91 @@ class ReplicaStore:
 
     # --- writes -----------------------------------------------------------------------------
 
-    def put(self, name: str, data: bytes, sha256: str) -> bool:
+    def put(self, name: str, data: bytes, sha256: str | None) -> bool:
         """Store ``data`` as ``name`` after checking it; True if written, False if the replica
-        held the very same bytes already. See the module docstring for the refusals."""
+        held the very same bytes already. See the module docstring for the refusals, and
+        :meth:`begin` for ``sha256``."""
+        upload = self.begin(name, len(data), sha256)
+        with upload:
+            upload.write(data)
+            return self.commit(upload)
+
+    def begin(self, name: str, size: int | None, sha256: str | None) -> Upload:
+        """An upload of ``name`` to be written as it arrives (:meth:`Upload.write`, hashed on
+        the way) and checked and published by :meth:`commit`; leaving its ``with`` block
+        without committing drops it. ``size`` is the announced length (None: unknown), checked
+        against the object size limit and the free-space reserve before a byte is written.
+        ``sha256`` is the checksum the source sent; a pack (``data/``, ``meta/``) may come
+        without one, its name being the stronger check."""
         check_replica_name(name)
-        if len(data) > MAX_REPLICA_OBJECT_BYTES or (
-            name == IDENTITY_NAME and len(data) > MAX_IDENTITY_BYTES
-        ):
-            raise InvalidInput(f"{name} is too large ({len(data)} bytes)", name=name)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256.lower():
+        limit = MAX_IDENTITY_BYTES if name == IDENTITY_NAME else MAX_REPLICA_OBJECT_BYTES
+        if size is not None and size > limit:
+            raise InvalidInput(f"{name} is too large ({size} bytes)", name=name)
+        pack = is_pack_name(name)
+        if sha256 is None and not pack:
             raise ChecksumMismatch(
-                f"the bytes of {name} do not match X-Content-SHA256: they hash to {digest}",
+                f"send the SHA-256 of {name} in X-Content-SHA256 (only a pack may come without)",
                 name=name,
-                sha256=digest,
             )
-        if (
-            name.startswith(("data/", "meta/"))
-            and blake3.blake3(data).hexdigest() != (name.rsplit("/", 1)[1])
-        ):
+        self._check_space(limit if size is None else size)
+        try:
+            staged = self.backend.stage(name)
+        except StoreFull as exc:
+            raise PeerFull(f"{self.describe()} ran out of space writing {name}") from exc
+        digests = BodyDigests.start(sha256=sha256 is not None, blake=pack)
+        return Upload(name, sha256.lower() if sha256 else None, limit, digests, staged)
+
+    def commit(self, upload: Upload) -> bool:
+        """Check what :meth:`begin`'s upload received and publish it; True if written, False
+        when the replica held the very same bytes already (the upload is dropped)."""
+        name, digests = upload.name, upload.digests.finish()
+        if upload.staged.size > upload.limit:
+            raise InvalidInput(f"{name} is too large ({upload.staged.size} bytes)", name=name)
+        if upload.sha256 is not None and digests.sha256 != upload.sha256:
+            raise ChecksumMismatch(
+                f"the bytes of {name} do not match X-Content-SHA256: they hash to {digests.sha256}",
+                name=name,
+                sha256=digests.sha256,
+            )
+        if digests.blake3 is not None and digests.blake3 != name.rsplit("/", 1)[1]:
             raise NameMismatch(f"the bytes of pack {name} do not hash to its name", name=name)
-        with self._lock(name):
-            existing = self._digest_of(name)
-            if existing is not None:
-                if existing == digest:
+        try:
+            upload.staged.finish()
+            with self._lock(name):
+                if self._holds_same(name, digests):
+                    upload.staged.abort()
                     return False
-                raise ObjectExists(
-                    f"{self.describe()} holds {name} with other bytes; objects are never "
-                    "overwritten",
-                    name=name,
-                )
-            self._check_space(len(data))
-            try:
-                self.backend.put(name, data)
-            except StoreFull as exc:
-                raise PeerFull(f"{self.describe()} ran out of space writing {name}") from exc
+                upload.staged.publish()
+        except StoreFull as exc:
+            raise PeerFull(f"{self.describe()} ran out of space writing {name}") from exc
         self._size = None
         return True
 
-    def _lock(self, name: str) -> threading.Lock:
-        return self._locks[zlib.crc32(name.encode()) % self._STRIPES]
-
-    def _digest_of(self, name: str) -> str | None:
-        """SHA-256 of the object's bytes; None when there is no such object."""
+    def _holds_same(self, name: str, digests: BodyDigests) -> bool:
+        """False when the replica lacks ``name``; True when it holds the bytes ``digests``
+        describe; :class:`ObjectExists` when it holds other bytes. A pack already checked
+        against its name is the same as the one held when that one, too, hashes to the name."""
         try:
             fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            return False
         with os.fdopen(fd, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            if digests.blake3 is not None:
+                held = blake3.blake3()
+                while chunk := f.read(1 << 20):
+                    held.update(chunk)
+                same = held.hexdigest() == digests.blake3
+            else:
+                same = hashlib.file_digest(f, "sha256").hexdigest() == digests.sha256
+        if same:
+            return True
+        raise ObjectExists(
+            f"{self.describe()} holds {name} with other bytes; objects are never overwritten",
+            name=name,
+        )
+
+    def _lock(self, name: str) -> threading.Lock:
+        return self._locks[zlib.crc32(name.encode()) % self._STRIPES]
 
     def _check_space(self, needed: int) -> None:
         """:class:`PeerFull` unless ``needed`` bytes leave the replicas' filesystem its reserve."""

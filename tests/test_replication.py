@@ -11,7 +11,7 @@ makes the job wait, and the peer back makes it resume and finish; every copy ver
 a restore reads from the peer byte for byte. Then: the scheduler's catch-up; a copy asking a
 peer-shaped target in batches instead of listing it; a replaced certificate refused, never
 re-pinned; a replication killed with SIGKILL in a child process, resumed by the next start; the
-backend's error mapping on its own; pairing again (a new certificate, an adopted replica) and
+backend's error mapping on its own; a pack damaged at the source named as such; pairing again (a new certificate, an adopted replica) and
 unpairing. The tests run in file order and share the pair (each still passes alone).
 """
 
@@ -58,7 +58,7 @@ from api.peer_backend import (
 )
 from api.tls import ensure_certificate
 from appliance.catalog.records import home_location_id
-from appliance.errors import InvalidInput, ObjectMissing
+from appliance.errors import IntegrityError, InvalidInput, ObjectMissing
 from appliance.locations import copy as copy_module
 from appliance.locations.copy import copy_point
 from appliance.store.backend import BackendCapabilities, MemoryBackend, ObjectInfo
@@ -443,24 +443,68 @@ def test_a_replication_killed_mid_transfer_resumes_after_a_restart(
 # --- the backend alone ------------------------------------------------------------------------------
 
 
-def test_the_backend_maps_what_the_peer_answers(paired: Pairing, tmp_path: Path) -> None:
-    """Against the paired peer (whatever its certificate is now: the pin is re-read here) and a
-    port nobody listens on."""
-    peer = paired.peer
+def _token_as_another_source(peer: Peer, store_id: str) -> tuple[str, str]:
+    """(certificate PEM, token) of a pairing made straight on the peer's API for a made-up
+    source with store ``store_id``."""
     assert peer.live is not None
     cert = peer.live.settings.cert_path.read_text()
     with peer.admin() as peer_admin:
         code = peer_admin.post("/api/replication/pairing-codes").json()["code"]
     other = {
-        "appliance_id": "0" * 31 + "1",
-        "name": "Test source",
-        "store_id": "ab" * 8,
+        "appliance_id": "0" * 31 + store_id[-1],
+        "name": f"Test source {store_id[:4]}",
+        "store_id": store_id,
         "fingerprint": certificate_fingerprint(peer.live.settings.cert_path),
     }
     with httpx.Client(verify=pinned_context(cert), base_url=peer.address) as client:
         answer = client.post("/api/replication/pair", json={"code": code, "source": other})
         assert answer.status_code == 200, answer.text
-        token = answer.json()["token"]
+        return cert, answer.json()["token"]
+
+
+def test_a_pack_damaged_at_the_source_is_named_as_such(
+    paired: Pairing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source does not hash packs before sending them to a peer (the peer checks each
+    against its name); when the peer refuses one, the source finds out whose bytes were bad."""
+    app = paired.app
+    points = app.catalog.list_points(store_id=app.repo.store_id)
+    if points:
+        point = points[-1].id
+    else:  # run alone: a point, and its own replication done before the reads go bad
+        point, job = _backup(paired)
+        with paired.source.as_role("viewer") as viewer:
+            assert wait_job(viewer, job["id"])["state"] == "succeeded"
+    cert, token = _token_as_another_source(paired.peer, "cd" * 8)
+    backend = open_peer(paired.peer.address, cert_pem=cert, token=token, peer_name="dr")
+    read = app.repo.backend.get
+    damaged: list[str] = []
+
+    def rotten(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = read(name, offset, length)
+        if name.startswith("data/") and not damaged:
+            damaged.append(name)
+            return data[:-1] + bytes([data[-1] ^ 1])
+        return data
+
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(app.repo.backend, "get", rotten)
+            with pytest.raises(IntegrityError, match="damaged at the source"):
+                copy_point(app.repo, point, compose(backend))
+        assert damaged and damaged[0] not in backend.present_many(damaged)
+        done = copy_point(app.repo, point, compose(backend))  # the disk "repaired": all goes
+        assert done.packs_copied + done.packs_present == done.packs_needed > 0
+        assert damaged[0] in backend.present_many(damaged)
+    finally:
+        backend.close()
+
+
+def test_the_backend_maps_what_the_peer_answers(paired: Pairing, tmp_path: Path) -> None:
+    """Against the paired peer (whatever its certificate is now: the pin is re-read here) and a
+    port nobody listens on."""
+    peer = paired.peer
+    cert, token = _token_as_another_source(peer, "ab" * 8)
     backend = open_peer(peer.address, cert_pem=cert, token=token, peer_name="dr")
     try:
         data = os.urandom(5000)
@@ -481,6 +525,8 @@ def test_the_backend_maps_what_the_peer_answers(paired: Pairing, tmp_path: Path)
         backend.retain("config", paired.app.clock())  # a no-op
         with pytest.raises(Exception, match="other bytes"):
             backend.put("config", os.urandom(10))
+        with pytest.raises(IntegrityError, match="do not hash to its name"):
+            backend.put(f"data/ab/ab{'0' * 62}", data)  # a pack goes without a SHA-256
     finally:
         backend.close()
     refused = open_peer(peer.address, cert_pem=cert, token="apl_not-a-token")

@@ -376,14 +376,24 @@ def test_uploads_are_checked(server: LiveServer, admin: httpx.Client) -> None:
     with source.client() as client:
         wrong = _put(client, name, data, sha=hashlib.sha256(b"other").hexdigest())
         assert wrong.status_code == 400 and wrong.json()["code"] == "checksum_mismatch"
-        no_header = client.put(f"{STORE}/objects/{name}", content=data)
-        assert no_header.status_code == 400
-        # A pack is named by its BLAKE3: bytes that do not hash to the name are refused.
+        # Anything but a pack needs its SHA-256.
+        unchecked = client.put(f"{STORE}/objects/manifests/{'1' * 16}", content=b"m")
+        assert unchecked.status_code == 400
+        assert client.head(f"{STORE}/objects/manifests/{'1' * 16}").status_code == 404
+        # A pack is named by its BLAKE3: bytes that do not hash to the name are refused, with
+        # or without a SHA-256 beside.
         other = f"data/{'ab'}/ab{'0' * 62}"
         renamed = _put(client, other, data)
         assert renamed.status_code == 400 and renamed.json()["code"] == "name_mismatch"
+        bare = client.put(f"{STORE}/objects/{other}", content=data)
+        assert bare.status_code == 400 and bare.json()["code"] == "name_mismatch"
         assert client.head(f"{STORE}/objects/{name}").status_code == 404
         assert client.head(f"{STORE}/objects/{other}").status_code == 404
+        # A pack without a SHA-256 is taken on its name alone, and again as a repeat.
+        for created in (True, False):
+            no_header = client.put(f"{STORE}/objects/{name}", content=data)
+            assert no_header.status_code == 201 and no_header.json()["created"] is created
+        assert client.get(f"{STORE}/objects/{name}").content == data
         # An object is never overwritten with other bytes.
         manifest = f"manifests/{secrets.token_hex(8)}"
         assert _put(client, manifest, b"first").status_code == 201

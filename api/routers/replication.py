@@ -51,6 +51,7 @@ from api.replica_store import (
     MAX_BATCH,
     check_point_id,
     check_replica_name,
+    is_pack_name,
     replica_store,
     replicas_dir,
 )
@@ -78,6 +79,9 @@ class _TimedRoute(APIRoute):
 
         return timed
 
+
+#: An upload is written to its staged file in pieces of about this size.
+WRITE_BATCH = 1 << 20
 
 router = APIRouter(tags=["replication"], route_class=_TimedRoute)
 
@@ -494,18 +498,35 @@ async def put_object(
     service: ServiceDep,
     x_content_sha256: Annotated[str | None, Header(max_length=128)] = None,
 ) -> ObjectPutPublic:
-    """Upload one object (the body), checked against ``X-Content-SHA256``: 400
-    ``checksum_mismatch`` (or ``name_mismatch`` for a pack whose bytes do not hash to its
-    name), 409 ``object_exists`` when the replica holds the name with other bytes (the same
-    bytes again: 201 with ``created: false``), 507 ``peer_full`` when it would eat into this
-    appliance's free-space reserve."""
+    """Upload one object (the body), checked against ``X-Content-SHA256`` (optional for a
+    pack, whose name is its content's BLAKE3): 400 ``checksum_mismatch`` (or ``name_mismatch``
+    for a pack whose bytes do not hash to its name), 409 ``object_exists`` when the replica
+    holds the name with other bytes (the same bytes again: 201 with ``created: false``), 507
+    ``peer_full`` when it would eat into this appliance's free-space reserve."""
     check_replica_name(name)
-    if x_content_sha256 is None or not _SHA256.match(x_content_sha256):
+    if x_content_sha256 is not None and not _SHA256.match(x_content_sha256):
         raise InvalidInput("send the body's SHA-256 as 64 hex digits in X-Content-SHA256")
-    data = await request.body()
+    if x_content_sha256 is None and not is_pack_name(name):
+        raise InvalidInput(f"send the SHA-256 of {name} as 64 hex digits in X-Content-SHA256")
     store = replica_store(_data_dir(service), source.store_id)
-    created = await to_thread.run_sync(store.put, name, data, x_content_sha256)
-    return ObjectPutPublic(name=name, size=len(data), created=created)
+    length = request.headers.get("content-length")
+    size = int(length) if length and length.isdigit() else None
+    upload = await to_thread.run_sync(store.begin, name, size, x_content_sha256)
+    with upload:
+        # Written (a thread's work) a few chunks at a time and hashed as the body arrives, so
+        # when its last byte is in only the fsync and the checks' verdict remain.
+        held: list[bytes] = []
+        pending = 0
+        async for chunk in request.stream():
+            held.append(chunk)
+            pending += len(chunk)
+            if pending >= WRITE_BATCH:
+                await to_thread.run_sync(upload.write, b"".join(held))
+                held, pending = [], 0
+        if held:
+            await to_thread.run_sync(upload.write, b"".join(held))
+        created = await to_thread.run_sync(store.commit, upload)
+    return ObjectPutPublic(name=name, size=upload.staged.size, created=created)
 
 
 @router.post("/replication/store/points/{point_id}", response_model=PointSummaryPublic)

@@ -154,21 +154,34 @@ def copy_point(
             return listed.get(name) == size
         return _already_there(target, name, pack, size, cold)
 
-    def source(pack: bytes, kind: int) -> tuple[str, bytes]:
+    # A target that checks each pack against its name (a peer) refuses a damaged one anyway:
+    # the source's own check runs only when the target refuses.
+    checked_there = target.capabilities.checks_pack_names
+    # Reads overlap the uploads; the puts themselves are as many at once as the target takes.
+    put_slots = threading.BoundedSemaphore(target.capabilities.puts_in_flight or COPY_THREADS)
+
+    def damaged(pack: bytes) -> IntegrityError:
+        return IntegrityError(f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex())
+
+    def source(pack: bytes, kind: int, check: bool = True) -> tuple[str, bytes]:
         name = pack_object_name(pack, kind)
         data = repo.backend.get(name)
-        if not pack_name_matches(pack, data):
-            raise IntegrityError(
-                f"pack {pack.hex()[:16]} is damaged at the source", pack=pack.hex()
-            )
+        if check and not pack_name_matches(pack, data):
+            raise damaged(pack)
         return name, data
 
     def send(pack: bytes, kind: int) -> tuple[int, int, int]:
-        name, data = source(pack, kind)
+        name, data = source(pack, kind, check=not checked_there)
         put_options = options if kind == fmt.PACK_KIND_DATA else hot
         # A pack in a cold class cannot be read back until thawed: its size is checked.
         cold = bool(target.capabilities.cold_objects and put_options and put_options.storage_class)
-        target.put(name, data, put_options)
+        try:
+            with put_slots:
+                target.put(name, data, put_options)
+        except IntegrityError as exc:
+            if checked_there and not pack_name_matches(pack, data):
+                raise damaged(pack) from exc
+            raise
         if not trusted and not there(name, pack, len(data), cold):
             raise IntegrityError(
                 f"pack {pack.hex()[:16]} read back from {target.describe()} differs",

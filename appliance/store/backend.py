@@ -44,7 +44,6 @@ Contract (every implementation, checked by one conformance suite in
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -67,6 +66,7 @@ from appliance.errors import (
     StoreFull,
     TransientBackendError,
 )
+from appliance.store.staged import StagedObject
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*(/[a-z0-9][a-z0-9_.-]*)*$")
 _TMP_MARK = ".tmp-"
@@ -100,6 +100,13 @@ class BackendCapabilities:
     sequential_only: bool = False
     #: Objects can be locked against deletion until a retain-until date (``PutOptions``).
     immutable_objects: bool = False
+    #: ``put`` refuses a pack (``data/``, ``meta/``) whose bytes do not hash to its name (a
+    #: peer checks every pack it takes), so a copy need not hash a pack before sending it.
+    checks_pack_names: bool = False
+    #: At most this many ``put`` calls in flight help (None: no limit but the caller's). A peer
+    #: takes one at a time: each of its puts ends in an fsync, and puts racing on one small
+    #: box cost it more CPU than they overlap (a copy still reads the next packs meanwhile).
+    puts_in_flight: int | None = None
 
 
 #: The capabilities of a local disk or memory.
@@ -339,6 +346,13 @@ class LocalDirectoryBackend:
         self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
     ) -> None:
         """See :class:`Backend`; ``options`` are ignored (one class, no object lock)."""
+        with self.stage(name) as staged:
+            staged.write(data)
+            staged.publish()
+
+    def stage(self, name: str) -> StagedObject:
+        """``name`` to be written in pieces and published at once (:mod:`.staged`); the
+        folders below the root are made now."""
         parts = check_name(name).split("/")
         if not self.require_root:
             try:
@@ -346,37 +360,22 @@ class LocalDirectoryBackend:
             except OSError as exc:
                 raise self._failure(exc, "write", name) from exc
         root_fd = self._open_root()
-        dir_fd = -1
-        tmp = f"{parts[-1]}{_TMP_MARK}{secrets.token_hex(6)}"
         try:
             dir_fd = self._make_dirs(root_fd, parts[:-1])
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
-            )
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            if self._fsync:
-                os.fsync(dir_fd)
-        except BaseException as exc:
-            if dir_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-            if isinstance(exc, OSError):
-                raise self._failure(exc, "write", name) from exc
-            raise
-        finally:
-            if dir_fd >= 0 and dir_fd != root_fd:
-                os.close(dir_fd)
+        except OSError as exc:
             os.close(root_fd)
-        self._forget_fd(name)
+            raise self._failure(exc, "write", name) from exc
+        if dir_fd == root_fd:
+            dir_fd = os.dup(root_fd)
+        os.close(root_fd)
+        return StagedObject(
+            dir_fd,
+            f"{parts[-1]}{_TMP_MARK}{secrets.token_hex(6)}",
+            parts[-1],
+            fsync=self._fsync,
+            on_error=lambda exc: self._failure(exc, "write", name),
+            on_published=lambda: self._forget_fd(name),
+        )
 
     def _make_dirs(self, root_fd: int, segments: list[str]) -> int:
         """A descriptor of the folder ``segments`` below the root, created as needed.
