@@ -92,6 +92,13 @@ class TakeoverNotGranted(ApplianceError):
     kind = "conflict"
 
 
+class TakeoverOpen(ApplianceError):
+    """The source's store is taken over here: its replica cannot be deleted until it is closed."""
+
+    code = "takeover_open"
+    kind = "conflict"
+
+
 class StoreNotOpen(ApplianceError):
     """No taken-over store of that id is open on this appliance."""
 

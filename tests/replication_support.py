@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blake3
 import httpx
 import uvicorn
 from api_support import (
@@ -23,6 +26,7 @@ from api_support import (
 )
 
 from api.app import create_app
+from api.identity import der_fingerprint
 from api.peer_backend import pinned_context
 from api.serve import uvicorn_config
 
@@ -173,3 +177,76 @@ def pair(source: LiveServer, peer: Peer, label: str = "dr") -> dict[str, Any]:
     public: dict[str, Any] = r.json()
     assert public["fingerprint"] == offered.json()["fingerprint"]
     return public
+
+
+# --- a made-up source on a peer's store routes ------------------------------------------------
+
+#: The routes of the replica store (a replication token's).
+STORE_ROUTES = "/api/replication/store"
+
+
+@dataclass
+class Source:
+    """A source faked with plain HTTP calls shaped as the contract says, paired straight on a
+    peer's API (``pair_source``)."""
+
+    appliance_id: str
+    store_id: str
+    name: str
+    token: str
+    server: LiveServer
+
+    def client(self) -> httpx.Client:
+        return self.server.client(headers={"Authorization": f"Bearer {self.token}"})
+
+    @property
+    def replica(self) -> Path:
+        return Path(self.server.settings.data_dir) / "replicas" / self.store_id
+
+
+def source_claim(**overrides: Any) -> dict[str, Any]:
+    claim = {
+        "appliance_id": uuid.uuid4().hex,
+        "name": "Branch office",
+        "store_id": secrets.token_hex(8),
+        "fingerprint": der_fingerprint(secrets.token_bytes(64)),
+    }
+    claim.update(overrides)
+    return claim
+
+
+def new_pairing_code(admin: httpx.Client) -> str:
+    r = admin.post("/api/replication/pairing-codes")
+    assert r.status_code == 201, r.text
+    return str(r.json()["code"])
+
+
+def pair_source(server: LiveServer, admin: httpx.Client, **claim_overrides: Any) -> Source:
+    claim = source_claim(**claim_overrides)
+    with server.client() as anonymous:
+        r = anonymous.post(
+            "/api/replication/pair", json={"code": new_pairing_code(admin), "source": claim}
+        )
+    assert r.status_code == 200, r.text
+    return Source(
+        claim["appliance_id"], claim["store_id"], claim["name"], r.json()["token"], server
+    )
+
+
+def put_object(
+    client: httpx.Client, name: str, data: bytes, sha: str | None = None
+) -> httpx.Response:
+    digest = sha if sha is not None else hashlib.sha256(data).hexdigest()
+    return client.put(
+        f"{STORE_ROUTES}/objects/{name}", content=data, headers={"X-Content-SHA256": digest}
+    )
+
+
+def random_pack(kind: str = "data", size: int = 3000) -> tuple[str, bytes]:
+    data = secrets.token_bytes(size)
+    name = blake3.blake3(data).hexdigest()
+    return f"{kind}/{name[:2]}/{name}", data
+
+
+def audit_entries(server: LiveServer, action: str) -> list[Any]:
+    return [a for a in server.service.app.catalog.list_audit(500) if a.action == action]

@@ -1,10 +1,10 @@
 """Replication, the peer's side (docs/replication.md), against a live service on 127.0.0.1.
 
-Pairing codes and pairing (wrong, expired, reused codes; throttling; a code surviving a restart),
-the replication token's store routes (byte-exact round trip, ranges, paging, the present batch,
+The replication token's store routes (byte-exact round trip, ranges, paging, the present batch,
 checksums, no overwrite, hostile names, a full peer, the body cap), the token refused and audited
 everywhere else and on another source's store, replication accounts kept out of the users page,
-the sources listing and unpairing. The source's side is faked here with plain HTTP calls shaped
+the sources listing and unpairing (pairing itself: ``test_replication_pairing.py``). The
+source's side is faked here with plain HTTP calls shaped
 as the contract says; the pure name rules are tested on :mod:`api.replica_store` directly.
 
 One server serves the module; each test pairs sources of its own (fresh appliance and store
@@ -17,34 +17,31 @@ import hashlib
 import os
 import secrets
 import socket
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import blake3
 import httpx
 import pytest
-from api_support import LiveServer, bootstrapped_server, live_server, service_settings, weak_kdf_env
+from api_support import LiveServer, bootstrapped_server
+from replication_support import STORE_ROUTES as STORE
+from replication_support import (
+    audit_entries,
+    pair_source,
+    put_object,
+    random_pack,
+)
 
 from api.identity import (
-    APPLIANCE_ID,
     FINGERPRINT,
-    appliance_id,
-    certificate_fingerprint,
-    der_fingerprint,
 )
 from api.limits import MAX_BODY_BYTES, MAX_REPLICA_OBJECT_BYTES
-from api.pairing import CODE_ALPHABET, CODES_KEY
 from api.replica_store import check_replica_name
-from api.tls import ensure_certificate
 from appliance import space
 from appliance.errors import InvalidName
 
 FREE_FAILURES = 3
-STORE = "/api/replication/store"
 
 
 @pytest.fixture(scope="module")
@@ -63,229 +60,13 @@ def fresh_pairing_throttle(server: LiveServer) -> None:
         del state.pairing_throttle
 
 
-@dataclass
-class Source:
-    appliance_id: str
-    store_id: str
-    name: str
-    token: str
-    server: LiveServer
-
-    def client(self) -> httpx.Client:
-        return self.server.client(headers={"Authorization": f"Bearer {self.token}"})
-
-    @property
-    def replica(self) -> Path:
-        return Path(self.server.settings.data_dir) / "replicas" / self.store_id
-
-
-def _claim(**overrides: Any) -> dict[str, Any]:
-    claim = {
-        "appliance_id": uuid.uuid4().hex,
-        "name": "Branch office",
-        "store_id": secrets.token_hex(8),
-        "fingerprint": der_fingerprint(secrets.token_bytes(64)),
-    }
-    claim.update(overrides)
-    return claim
-
-
-def _new_code(admin: httpx.Client) -> str:
-    r = admin.post("/api/replication/pairing-codes")
-    assert r.status_code == 201, r.text
-    return str(r.json()["code"])
-
-
-def _pair(server: LiveServer, admin: httpx.Client, **claim_overrides: Any) -> Source:
-    claim = _claim(**claim_overrides)
-    with server.client() as anonymous:
-        r = anonymous.post(
-            "/api/replication/pair", json={"code": _new_code(admin), "source": claim}
-        )
-    assert r.status_code == 200, r.text
-    return Source(
-        claim["appliance_id"], claim["store_id"], claim["name"], r.json()["token"], server
-    )
-
-
-def _put(client: httpx.Client, name: str, data: bytes, sha: str | None = None) -> httpx.Response:
-    digest = sha if sha is not None else hashlib.sha256(data).hexdigest()
-    return client.put(f"{STORE}/objects/{name}", content=data, headers={"X-Content-SHA256": digest})
-
-
-def _pack(kind: str = "data", size: int = 3000) -> tuple[str, bytes]:
-    data = secrets.token_bytes(size)
-    name = blake3.blake3(data).hexdigest()
-    return f"{kind}/{name[:2]}/{name}", data
-
-
-def _audit(server: LiveServer, action: str) -> list[Any]:
-    return [a for a in server.service.app.catalog.list_audit(500) if a.action == action]
-
-
-# --- identity and pairing codes -------------------------------------------------------------
-
-
-def test_identity_helpers(server: LiveServer, tmp_path: Path) -> None:
-    app = server.service.app
-    first = appliance_id(app)
-    assert APPLIANCE_ID.match(first) and appliance_id(app) == first
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    assert ensure_certificate(cert, key)
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-    fingerprint = certificate_fingerprint(cert)
-    assert FINGERPRINT.match(fingerprint)
-    assert fingerprint == ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
-    (tmp_path / "cert.der").write_bytes(der)
-    assert certificate_fingerprint(tmp_path / "cert.der") == fingerprint
-
-
-def test_a_pairing_code_is_short_lived_and_stored_hashed(
-    server: LiveServer, admin: httpx.Client
-) -> None:
-    r = admin.post("/api/replication/pairing-codes")
-    assert r.status_code == 201, r.text
-    body = r.json()
-    assert len(body["code"]) == 8 and set(body["code"]) <= set(CODE_ALPHABET)
-    assert body["appliance_id"] == appliance_id(server.service.app)
-    assert body["name"] == "Backup appliance"
-    assert body["fingerprint"] is None  # this test server speaks plain HTTP: no certificate
-    expires = datetime.fromisoformat(body["expires_at"])
-    assert timedelta(minutes=9) < expires - datetime.now(UTC) <= timedelta(minutes=10, seconds=5)
-    stored = server.service.app.catalog.get_settings(CODES_KEY)
-    assert body["code"] not in str(stored)
-    assert hashlib.sha256(body["code"].encode()).hexdigest() in str(stored)
-    assert any(a.actor == "admin" for a in _audit(server, "replication.pairing_code"))
-
-
-def test_pairing_codes_are_admin_only(operator: httpx.Client, viewer: httpx.Client) -> None:
-    for client in (operator, viewer):
-        assert client.post("/api/replication/pairing-codes").status_code == 403
-
-
-def test_pairing_answers_the_peer_and_a_working_token(
-    server: LiveServer, admin: httpx.Client
-) -> None:
-    claim = _claim(name="Head office")
-    code = _new_code(admin)
-    with server.client() as anonymous:
-        # Case, spaces and dashes as a person might type them do not matter.
-        typed = f"{code[:4].lower()}-{code[4:]}"
-        r = anonymous.post("/api/replication/pair", json={"code": typed, "source": claim})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["peer"] == {
-        "appliance_id": appliance_id(server.service.app),
-        "name": "Backup appliance",
-        "fingerprint": None,
-    }
-    assert body["token"].startswith("apl_")
-    user = f"peer-{claim['appliance_id']}"
-    catalog = server.service.app.catalog
-    assert catalog.get_user(user).role == "replication"
-    tokens = catalog.list_tokens(user)
-    assert [t.scopes for t in tokens] == [["replication", f"store:{claim['store_id']}"]]
-    replica = Path(server.settings.data_dir) / "replicas" / claim["store_id"]
-    assert replica.is_dir()
-    source = Source(claim["appliance_id"], claim["store_id"], claim["name"], body["token"], server)
-    with source.client() as client:
-        listed = client.get(f"{STORE}/objects")
-        assert listed.status_code == 200, listed.text
-        assert listed.json() == {"objects": [], "next_after": None}
-    paired = [a for a in _audit(server, "replication.pair") if a.target == claim["appliance_id"]]
-    assert paired and paired[0].actor == user and paired[0].details["store_id"] == claim["store_id"]
-
-
-def test_wrong_expired_and_reused_codes_are_refused(
-    server: LiveServer, admin: httpx.Client
-) -> None:
-    with server.client() as anonymous:
-
-        def attempt(code: str) -> httpx.Response:
-            return anonymous.post("/api/replication/pair", json={"code": code, "source": _claim()})
-
-        wrong = attempt("ABCDEFGH")
-        assert wrong.status_code == 403 and wrong.json()["code"] == "pairing_refused"
-        code = _new_code(admin)
-        assert attempt(code).status_code == 200
-        reused = attempt(code)
-        assert reused.status_code == 403 and reused.json()["code"] == "pairing_refused"
-        code = _new_code(admin)
-        server.clock.offset = timedelta(minutes=10, seconds=1)
-        try:
-            expired = attempt(code)
-        finally:
-            server.clock.offset = timedelta(0)
-        assert expired.status_code == 403 and expired.json()["code"] == "pairing_refused"
-    assert len(_audit(server, "replication.pair_failed")) >= 3
-
-
-def test_failed_pairings_are_throttled(server: LiveServer, admin: httpx.Client) -> None:
-    code = _new_code(admin)
-    with server.client() as anonymous:
-        for _ in range(FREE_FAILURES):
-            r = anonymous.post(
-                "/api/replication/pair", json={"code": "WRONG234", "source": _claim()}
-            )
-            assert r.status_code == 403
-        r = anonymous.post("/api/replication/pair", json={"code": "WRONG234", "source": _claim()})
-        assert r.status_code == 429 and r.json()["code"] == "pairing_throttled"
-        assert int(r.headers["retry-after"]) >= 1
-        # The right code waits too: the throttle answers before the code is looked at ...
-        r = anonymous.post("/api/replication/pair", json={"code": code, "source": _claim()})
-        assert r.status_code == 429
-    # ... and it was not consumed.
-    del server.app.state.pairing_throttle
-    with server.client() as anonymous:
-        r = anonymous.post("/api/replication/pair", json={"code": code, "source": _claim()})
-        assert r.status_code == 200, r.text
-
-
-def test_pairing_validates_what_the_source_claims(server: LiveServer, admin: httpx.Client) -> None:
-    code = _new_code(admin)
-    own = appliance_id(server.service.app)
-    with server.client() as anonymous:
-        for claim in (
-            _claim(appliance_id="not-hex"),
-            _claim(store_id="../../etc"),
-            _claim(fingerprint="AA:BB"),
-            _claim(appliance_id=own),
-        ):
-            r = anonymous.post("/api/replication/pair", json={"code": code, "source": claim})
-            assert r.status_code == 400, r.text
-        # Another appliance claiming a store that already replicates here is a conflict.
-        taken = _pair(server, admin)
-        r = anonymous.post(
-            "/api/replication/pair", json={"code": code, "source": _claim(store_id=taken.store_id)}
-        )
-        assert r.status_code == 409, r.text
-        # None of that used the code up.
-        r = anonymous.post("/api/replication/pair", json={"code": code, "source": _claim()})
-        assert r.status_code == 200, r.text
-
-
-def test_a_pairing_code_survives_a_restart(tmp_path: Path) -> None:
-    with bootstrapped_server(tmp_path) as first, first.as_role("admin") as admin:
-        code = _new_code(admin)
-        peer_id = appliance_id(first.service.app)
-    with pytest.MonkeyPatch.context() as mp:
-        weak_kdf_env(mp)
-        with live_server(service_settings(tmp_path / "data")) as again, again.client() as c:
-            r = c.post("/api/replication/pair", json={"code": code, "source": _claim()})
-            assert r.status_code == 200, r.text
-            assert r.json()["peer"]["appliance_id"] == peer_id
-
-
 # --- the replica store ---------------------------------------------------------------------
 
 
 def test_objects_round_trip_byte_exact(server: LiveServer, admin: httpx.Client) -> None:
-    source = _pair(server, admin)
-    data_pack, data_bytes = _pack("data", 200_000)
-    meta_pack, meta_bytes = _pack("meta")
+    source = pair_source(server, admin)
+    data_pack, data_bytes = random_pack("data", 200_000)
+    meta_pack, meta_bytes = random_pack("meta")
     objects = {
         "config": secrets.token_bytes(300),
         "location.json": b'{"kind": "appliance-location"}\n',
@@ -297,7 +78,7 @@ def test_objects_round_trip_byte_exact(server: LiveServer, admin: httpx.Client) 
     }
     with source.client() as client:
         for name, data in objects.items():
-            r = _put(client, name, data)
+            r = put_object(client, name, data)
             assert r.status_code == 201, (name, r.text)
             assert r.json() == {"name": name, "size": len(data), "created": True}
         for name, data in objects.items():
@@ -317,7 +98,7 @@ def test_objects_round_trip_byte_exact(server: LiveServer, admin: httpx.Client) 
         assert missing.status_code == 404 and missing.json()["code"] == "object_missing"
         assert client.head(f"{STORE}/objects/manifests/{secrets.token_hex(8)}").status_code == 404
         # The same bytes again: a repeated upload (a retry), nothing written.
-        again = _put(client, data_pack, data_bytes)
+        again = put_object(client, data_pack, data_bytes)
         assert again.status_code == 201 and again.json()["created"] is False
         listed = client.get(f"{STORE}/objects").json()
         assert listed["objects"] == [{"name": n, "size": len(objects[n])} for n in sorted(objects)]
@@ -336,16 +117,16 @@ def test_objects_round_trip_byte_exact(server: LiveServer, admin: httpx.Client) 
 def test_listing_pages_through_a_prefix_in_name_order(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
+    source = pair_source(server, admin)
     names = []
     with source.client() as client:
         for i in range(12):
-            name, data = _pack("data" if i % 3 else "meta", 64)
-            assert _put(client, name, data).status_code == 201
+            name, data = random_pack("data" if i % 3 else "meta", 64)
+            assert put_object(client, name, data).status_code == 201
             names.append(name)
         for _ in range(3):
             name = f"index/{secrets.token_hex(32)}"
-            assert _put(client, name, b"i").status_code == 201
+            assert put_object(client, name, b"i").status_code == 201
             names.append(name)
 
         def walk(prefix: str, limit: int) -> list[str]:
@@ -371,10 +152,10 @@ def test_listing_pages_through_a_prefix_in_name_order(
 
 
 def test_uploads_are_checked(server: LiveServer, admin: httpx.Client) -> None:
-    source = _pair(server, admin)
-    name, data = _pack()
+    source = pair_source(server, admin)
+    name, data = random_pack()
     with source.client() as client:
-        wrong = _put(client, name, data, sha=hashlib.sha256(b"other").hexdigest())
+        wrong = put_object(client, name, data, sha=hashlib.sha256(b"other").hexdigest())
         assert wrong.status_code == 400 and wrong.json()["code"] == "checksum_mismatch"
         # Anything but a pack needs its SHA-256.
         unchecked = client.put(f"{STORE}/objects/manifests/{'1' * 16}", content=b"m")
@@ -383,7 +164,7 @@ def test_uploads_are_checked(server: LiveServer, admin: httpx.Client) -> None:
         # A pack is named by its BLAKE3: bytes that do not hash to the name are refused, with
         # or without a SHA-256 beside.
         other = f"data/{'ab'}/ab{'0' * 62}"
-        renamed = _put(client, other, data)
+        renamed = put_object(client, other, data)
         assert renamed.status_code == 400 and renamed.json()["code"] == "name_mismatch"
         bare = client.put(f"{STORE}/objects/{other}", content=data)
         assert bare.status_code == 400 and bare.json()["code"] == "name_mismatch"
@@ -396,8 +177,8 @@ def test_uploads_are_checked(server: LiveServer, admin: httpx.Client) -> None:
         assert client.get(f"{STORE}/objects/{name}").content == data
         # An object is never overwritten with other bytes.
         manifest = f"manifests/{secrets.token_hex(8)}"
-        assert _put(client, manifest, b"first").status_code == 201
-        clash = _put(client, manifest, b"second")
+        assert put_object(client, manifest, b"first").status_code == 201
+        clash = put_object(client, manifest, b"second")
         assert clash.status_code == 409 and clash.json()["code"] == "object_exists"
         assert client.get(f"{STORE}/objects/{manifest}").content == b"first"
 
@@ -424,7 +205,7 @@ HOSTILE = [
 def test_hostile_names_are_refused_and_nothing_lands_outside(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
+    source = pair_source(server, admin)
     data_dir = Path(server.settings.data_dir)
     before = {p for p in data_dir.rglob("*") if "replicas" not in p.parts}
     with source.client() as client:
@@ -470,24 +251,24 @@ def test_other_names_fail(name: str) -> None:
 def test_a_full_peer_answers_507_and_writes_nothing(
     server: LiveServer, admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = _pair(server, admin)
-    name, data = _pack()
+    source = pair_source(server, admin)
+    name, data = random_pack()
     monkeypatch.setattr(space, "reserve_bytes", lambda total: total + 1)
     with source.client() as client:
-        r = _put(client, name, data)
+        r = put_object(client, name, data)
         assert r.status_code == 507 and r.json()["code"] == "peer_full"
         assert client.head(f"{STORE}/objects/{name}").status_code == 404
         monkeypatch.undo()
-        assert _put(client, name, data).status_code == 201
+        assert put_object(client, name, data).status_code == 201
 
 
 def test_objects_bigger_than_the_json_cap_pass_up_to_their_own(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
-    name, data = _pack("data", 3 * MAX_BODY_BYTES)
+    source = pair_source(server, admin)
+    name, data = random_pack("data", 3 * MAX_BODY_BYTES)
     with source.client() as client:
-        assert _put(client, name, data).status_code == 201
+        assert put_object(client, name, data).status_code == 201
         assert client.get(f"{STORE}/objects/{name}").content == data
     # A length over the route's own cap is refused before a byte of the body is read.
     port = int(server.url.rsplit(":", 1)[1])
@@ -508,15 +289,15 @@ def test_objects_bigger_than_the_json_cap_pass_up_to_their_own(
 def test_point_summaries_and_the_sources_listing(
     server: LiveServer, admin: httpx.Client, viewer: httpx.Client
 ) -> None:
-    source = _pair(server, admin, name="Summary branch")
+    source = pair_source(server, admin, name="Summary branch")
     created = datetime.now(UTC) - timedelta(minutes=35)
     older = created - timedelta(hours=1)
     # The newest as a source eight hours behind UTC writes it: its text sorts before the older
     # one's, its time after.
     pacific = created.astimezone(timezone(timedelta(hours=-8)))
     with source.client() as client:
-        name, data = _pack()
-        assert _put(client, name, data).status_code == 201
+        name, data = random_pack()
+        assert put_object(client, name, data).status_code == 201
         for point_id, when in (("0123456789abcdef", older), ("0123456789abcdf0", pacific)):
             r = client.post(
                 f"{STORE}/points/{point_id}",
@@ -567,7 +348,7 @@ ORDINARY = [
 def test_the_replication_token_is_refused_elsewhere_and_audited(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
+    source = pair_source(server, admin)
     with source.client() as client:
         for method, path in ORDINARY:
             r = client.request(method, path, json={} if method == "POST" else None)
@@ -575,7 +356,7 @@ def test_the_replication_token_is_refused_elsewhere_and_audited(
             assert r.json()["code"] == "forbidden"
     refused = {
         a.target
-        for a in _audit(server, "replication.refused")
+        for a in audit_entries(server, "replication.refused")
         if a.actor == f"peer-{source.appliance_id}"
     }
     assert {f"{m} {p}" for m, p in ORDINARY} <= refused
@@ -589,17 +370,17 @@ def test_the_replication_token_is_refused_elsewhere_and_audited(
 def test_a_source_cannot_reach_another_sources_store(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    first = _pair(server, admin)
-    second = _pair(server, admin)
-    name, data = _pack()
+    first = pair_source(server, admin)
+    second = pair_source(server, admin)
+    name, data = random_pack()
     with first.client() as a, second.client() as b:
-        assert _put(a, name, data).status_code == 201
+        assert put_object(a, name, data).status_code == 201
         assert b.get(f"{STORE}/objects/{name}").status_code == 404
         assert b.head(f"{STORE}/objects/{name}").status_code == 404
         assert b.get(f"{STORE}/objects").json()["objects"] == []
         assert b.post(f"{STORE}/present", json={"names": [name]}).json() == {"present": {}}
         manifest = f"manifests/{secrets.token_hex(8)}"
-        assert _put(b, manifest, b"second's").status_code == 201
+        assert put_object(b, manifest, b"second's").status_code == 201
         assert a.get(f"{STORE}/objects/{manifest}").status_code == 404
         assert not (first.replica / manifest).exists()
         # A token whose store scope is not its source's store is refused and audited.
@@ -616,14 +397,14 @@ def test_a_source_cannot_reach_another_sources_store(
         assert a.get(f"{STORE}/objects").status_code == 200
     assert any(
         a.actor == f"peer-{first.appliance_id}" and a.target == f"GET {STORE}/objects"
-        for a in _audit(server, "replication.refused")
+        for a in audit_entries(server, "replication.refused")
     )
 
 
 def test_replication_accounts_stay_out_of_the_users_page(
     server: LiveServer, admin: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
+    source = pair_source(server, admin)
     user = f"peer-{source.appliance_id}"
     assert user not in {u["name"] for u in admin.get("/api/users").json()}
     assert admin.get(f"/api/users/{user}").status_code == 404
@@ -642,10 +423,10 @@ def test_replication_accounts_stay_out_of_the_users_page(
 def test_unpairing_revokes_the_token_and_keeps_the_replica(
     server: LiveServer, admin: httpx.Client, operator: httpx.Client
 ) -> None:
-    source = _pair(server, admin)
-    name, data = _pack()
+    source = pair_source(server, admin)
+    name, data = random_pack()
     with source.client() as client:
-        assert _put(client, name, data).status_code == 201
+        assert put_object(client, name, data).status_code == 201
         assert operator.delete(f"/api/replication/sources/{source.appliance_id}").status_code == 403
         r = admin.delete(f"/api/replication/sources/{source.appliance_id}")
         assert r.status_code == 204, r.text
@@ -655,10 +436,12 @@ def test_unpairing_revokes_the_token_and_keeps_the_replica(
     listed = {s["appliance_id"] for s in admin.get("/api/replication/sources").json()}
     assert source.appliance_id not in listed
     assert admin.delete(f"/api/replication/sources/{source.appliance_id}").status_code == 404
-    unpaired = [a for a in _audit(server, "replication.unpair") if a.target == source.appliance_id]
+    unpaired = [
+        a for a in audit_entries(server, "replication.unpair") if a.target == source.appliance_id
+    ]
     assert unpaired and unpaired[0].details["delete_data"] is False
     # Pairing again (same appliance, same store) finds the replica as it was.
-    again = _pair(server, admin, appliance_id=source.appliance_id, store_id=source.store_id)
+    again = pair_source(server, admin, appliance_id=source.appliance_id, store_id=source.store_id)
     with again.client() as client:
         assert client.get(f"{STORE}/objects/{name}").content == data
         assert (
@@ -686,7 +469,7 @@ def test_the_store_routes_never_fail_with_5xx(server: LiveServer, admin: httpx.C
     from schemathesis import GenerationMode
     from schemathesis.core.result import Ok
 
-    source = _pair(server, admin)
+    source = pair_source(server, admin)
     raw = admin.get("/api/openapi.json").json()
     schema = schemathesis.openapi.from_dict(raw).include(path_regex=r"^/api/replication/store/")
     failures: list[str] = []

@@ -353,6 +353,12 @@ def test_6_a_take_over_is_reopened_when_the_peer_restarts(
         }
         # The failback's point is in the replica: the source pulls it back from there.
         assert listed == {*world["points"].values()}
+        # The replica cannot be deleted from under an open take-over.
+        r = admin.delete(
+            f"/api/replication/sources/{world['source_id']}", params={"delete_data": "1"}
+        )
+        assert r.status_code == 409 and r.json()["code"] == "takeover_open", r.text
+        assert _source_entry(peer, world)["takeover"]["open"] is True
         r = admin.delete(f"/api/replication/sources/{world['source_id']}/takeover")
         assert r.status_code == 204, r.text
 

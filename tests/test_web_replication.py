@@ -215,6 +215,8 @@ def test_an_admin_pairs_from_the_pages_and_both_show_the_same_fingerprint(
     assert listed["fingerprint"] == certificate_fingerprint(source.settings.cert_path)
     source_card = on_peer.locator(f"[data-source='{listed['appliance_id']}']")
     expect(source_card.locator("[data-fingerprint]")).to_have_text(listed["fingerprint"])
+    # ... the one the source's page shows as its own, without a pairing code.
+    expect(on_source.locator("[data-fact=own-fingerprint]")).to_have_text(listed["fingerprint"])
     expect(source_card.locator("[data-fact=store]")).to_have_text(listed["store_id"])
     expect(source_card.locator("[data-fact=points]")).to_have_text(
         "0 points; no point held here yet"
@@ -333,9 +335,9 @@ def test_viewers_read_both_pages_without_controls(
                     expect(replicate).to_have_count(1 if role == "operator" else 0)
                 else:
                     expect(page.locator("[data-source]")).to_have_count(1)
-                    expect(
-                        page.get_by_text("An administrator sees it with a pairing code.")
-                    ).to_be_visible()
+                    # A viewer sees the appliance's own fingerprint too, to compare.
+                    own = certificate_fingerprint(peer.data_dir / "tls" / "cert.pem")
+                    expect(page.locator("[data-fact=own-fingerprint]")).to_have_text(own)
     finally:
         for page, watch in opened:
             page.context.close()

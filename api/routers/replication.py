@@ -40,6 +40,7 @@ from api.pairing import (
     PairingThrottled,
     SourceClaim,
     SourceRecord,
+    get_source,
     list_sources,
     new_pairing_code,
     pair,
@@ -59,7 +60,7 @@ from api.schemas import MAX_BYTES
 from api.schemas import Request as RequestModel
 from api.security import LoginThrottle
 from api.service import Service
-from api.takeover import takeover_state
+from api.takeover import TakeoverOpen, takeover_state
 from appliance import space
 from appliance.errors import InvalidInput
 
@@ -298,6 +299,32 @@ def _source_public(service: Service, record: SourceRecord, clocks: ClockBook) ->
 # --- pairing and sources (this appliance's users) ---------------------------------------------
 
 
+class IdentityPublic(BaseModel):
+    """This appliance as its peers and sources see it: compare the fingerprint with theirs."""
+
+    #: This appliance's certificate (SHA-256 of the DER, ``AB:CD:...``), the one it shows its
+    #: peers; null when it has none yet.
+    fingerprint: str | None
+    appliance_id: str
+    name: str
+
+
+@router.get("/replication/identity", response_model=IdentityPublic)
+def get_identity(principal: Viewer, service: ServiceDep) -> IdentityPublic:
+    """This appliance's fingerprint, id and name, shown on its Replication page so a person can
+    compare them with what a paired appliance's page shows."""
+    app = service.app
+    # The certificate a source shows its peers when it pairs, served or not (a source behind
+    # a TLS proxy serves none itself): the one their pages list for it.
+    try:
+        fingerprint: str | None = certificate_fingerprint(service.settings.cert_path)
+    except OSError:
+        fingerprint = None
+    return IdentityPublic(
+        fingerprint=fingerprint, appliance_id=appliance_id(app), name=appliance_name(app)
+    )
+
+
 @router.post(
     "/replication/pairing-codes",
     response_model=PairingCodePublic,
@@ -392,8 +419,17 @@ def delete_source(
     delete_data: bool = False,
 ) -> Response:
     """Unpair a source: its replication token is revoked at once. Its replica store stays,
-    unless ``delete_data`` (then it is deleted with its point summaries)."""
+    unless ``delete_data`` (then it is deleted with its point summaries; 409 ``takeover_open``
+    while this appliance has it taken over: close that first)."""
     app = service.app
+    if delete_data:
+        store_id = get_source(app, source_id).store_id
+        if service.takeovers.opened(store_id) is not None:
+            raise TakeoverOpen(
+                "this appliance has taken over that store: close the take-over before "
+                "deleting its replica",
+                store_id=store_id,
+            )
     record, revoked = unpair(app, source_id, data_dir=_data_dir(service), delete_data=delete_data)
     app.catalog.audit(
         principal.name,

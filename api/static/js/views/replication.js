@@ -269,6 +269,11 @@ export default async function replicationView(view) {
       if (s.status === "fulfilled") sources = s.value;
       else failed = failed || s.reason;
       if (failed) view.banner.error(failed);
+      // Until it has one: pairing as a source makes this appliance's certificate.
+      if (!ctx.identity || !ctx.identity.fingerprint) {
+        ctx.identity = await api.get("/api/replication/identity").catch(() => ctx.identity);
+        ctx.drawIdentity();
+      }
       draw();
       schedule();
     },

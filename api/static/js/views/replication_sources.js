@@ -60,7 +60,7 @@ export function identityCard(ctx) {
     replace(
       known,
       facts([
-        ["This appliance's fingerprint", id ? fingerprintEl(id.fingerprint, "This appliance's fingerprint") : h("span", { class: "muted", text: ctx.isAdmin ? "Shown with a pairing code." : "An administrator sees it with a pairing code." }), "own-fingerprint"],
+        ["This appliance's fingerprint", id ? fingerprintEl(id.fingerprint, "This appliance's fingerprint") : h("span", { class: "muted", text: "Loading…" }), "own-fingerprint"],
         id && id.appliance_id ? ["Appliance id", h("span", { class: "mono small", text: id.appliance_id })] : null,
       ]),
     );
