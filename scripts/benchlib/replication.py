@@ -12,13 +12,16 @@ Per repetition (the order of the transfers rotates):
    (N = 512 x scale), backed up (not measured) with "replicate new points" off, then:
    ``ours`` is "replicate now" (``POST /api/peers/{id}/replicate``), timed by the job's own
    ``started_at``..``finished_at`` (opening the link, finding what is pending, ``copy_point``
-   with the peer's presence query, the uploads the peer checks by SHA-256 and BLAKE3, index,
-   manifest, the point's summary); ``plain`` is httpx streaming PUTs of the same new pack files,
+   with the peer's presence query, the uploads the peer checks (a pack by its BLAKE3 name, the
+   rest by SHA-256), index, manifest, the point's summary; one put in flight to a peer while the
+   copy's threads read the next packs); ``plain`` is httpx streaming PUTs of the same new pack files,
    one after another on one keep-alive connection, from this process to a minimal uvicorn app
    (``https_sink.py``: same uvicorn configuration and certificate type, each body written to a
    file with fsync: what a peer does minus our protocol); ``plain3`` the same with as many PUTs
-   in flight as a copy keeps (``COPY_THREADS``, 3), so that ours is also compared with a plain
-   client that overlaps the same way. MiB/s counts the new pack bytes, the same for all.
+   in flight as a copy has threads (``COPY_THREADS``, 3). Before each transfer: ``sync`` and a
+   wait until the three server processes are idle (the catalog and index work a backup leaves
+   behind it done), so each starts on a quiet machine. MiB/s counts the new pack bytes, the
+   same for all.
 2. **Incremental bytes and RPO.** "Replicate new points" on, a new random file of 5 % of the
    tree added and backed up; the backup queues the replicate job itself. Bytes on the wire are
    the job's ``bytes_sent`` (``api.peer_backend.TRAFFIC``: request lines, headers and bodies of
@@ -74,9 +77,11 @@ METHOD = (
     "code. Throughput: a point of N MiB of new random data (N = 512 x scale) replicated by "
     '"replicate now", timed by the replicate job\'s start and end, against plain httpx '
     "streaming PUTs of the same new pack files (one after another on one keep-alive connection; "
-    "and, as ours keeps 3 packs in flight, 3 at a time) to a minimal uvicorn TLS app (same "
-    "configuration and certificate type) that writes each body to a file with fsync; order "
-    "rotating per repetition; MiB/s counts the new pack bytes. "
+    "and 3 at a time, as many as a copy's threads read ahead; ours has one put in flight to a "
+    "peer) to a minimal uvicorn TLS app (same configuration and certificate type) that writes "
+    "each body to a file with fsync; order rotating per repetition; before each transfer a "
+    "`sync` and a wait until the three server processes are idle; MiB/s counts the new pack "
+    "bytes. "
     "CPU: seconds of the client process (source / bench) and the server process (peer / sink). "
     "Incremental: 5 % of the tree added as a new random file and backed up with replication "
     "after backups on; bytes sent on the wire (the job's `bytes_sent`: request lines, headers, "
@@ -171,6 +176,21 @@ def _free_port() -> int:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _settle(
+    pids: list[int], quiet: float = 0.05, window: float = 0.5, limit: float = 20.0
+) -> float:
+    """Wait until the services use under ``quiet`` CPU seconds in ``window`` seconds (what a
+    backup leaves running behind it, catalog and index work, is done), at most ``limit``
+    seconds; returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        before = sum(_cpu_seconds(pid) for pid in pids)
+        time.sleep(window)
+        if sum(_cpu_seconds(pid) for pid in pids) - before < quiet:
+            break
+    return time.perf_counter() - started
 
 
 def _own_cpu() -> float:
@@ -536,8 +556,10 @@ def _run(
                 shift = rep % len(TRANSFERS)
                 for which in TRANSFERS[shift:] + TRANSFERS[:shift]:
                     # No dirty page of the backup or of the transfer before is written back
-                    # during this one (every fsync would wait behind it).
+                    # during this one (every fsync would wait behind it), and the work a
+                    # backup leaves behind it is done: each transfer starts on a quiet machine.
                     os.sync()
+                    _settle([source.pid, peer.pid, sink_pid])
                     if which == "ours":
                         t = _ours(source, peer, location)
                     else:
