@@ -26,7 +26,7 @@ from appliance.backup.images import read_table
 from appliance.boot_verification import boot_test_result
 from appliance.catalog.records import home_location_id
 from appliance.engine import Appliance
-from appliance.errors import Conflict, LockHeld
+from appliance.errors import Conflict, InvalidInput, LockHeld
 from appliance.jobs import JobRunner
 from appliance.store.packs import pack_object_name
 from image.boot_proof import png_file_is_blank
@@ -190,6 +190,15 @@ def test_failback_from_the_overlay_reads_only_what_the_guest_wrote(appliance, pr
     assert record.state == "running"
     stopped = manager.stop(record.id)
     assert stopped.state == "stopped" and stopped.details["stopped_by"] == "powered off"
+    # "Original" is a disk the asset registers, never just a path a manifest names: with the
+    # asset pointing elsewhere, the recorded path is not written.
+    asset = app.catalog.get_asset(ASSET)
+    app.catalog.update_asset(ASSET, str(tmp_path / "elsewhere.raw"), asset.description)
+    before = sha256(original)
+    with pytest.raises(InvalidInput, match="registered disk paths"):
+        manager.failback(record.id, write_to="original")
+    assert sha256(original) == before
+    app.catalog.update_asset(ASSET, asset.source, asset.description)
     result = manager.failback(record.id, write_to="original")
     assert result["read_only_changes"] is True
     assert result["stats"]["bytes_read"] <= 2 * 1024 * 1024

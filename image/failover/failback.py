@@ -7,7 +7,8 @@ wrote (the overlay's allocated clusters, :func:`changed_ranges_from_map`) are re
 (b) The disks are written, byte-exact, to their original image paths or to new files
 (``qemu-img convert`` of the chain, into a temp file renamed into place; a block device is written
 in place, raw only). The original path is the one the point recorded or, for a point a failback
-made (whose source is a session file), the one its nearest ancestor recorded.
+made (whose source is a session file, here or on the peer it was pulled back from), the one its
+nearest ancestor recorded; either way only a disk path the asset registers in the catalog.
 
 A running session is stopped first. The session keeps its overlays afterwards (until discarded),
 so a failback can be repeated.
@@ -24,6 +25,7 @@ from typing import Any
 
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES
 from appliance.errors import ApplianceError, InvalidInput, NotFound
+from appliance.vmspec import parse_vm_source
 from image.failover.records import now_iso
 from image.failover.session import FailoverSession, ProgressCallback, SessionDisk
 from image.qemu import convert_argv, overlay_map_argv, run_tool
@@ -77,13 +79,15 @@ def fail_back(
         disks = guest_disks(session)
         needs_export = any(disk.local_copy is None for disk, _, _ in disks)
         result: dict[str, Any] = {"session": session.id}
+        # Where the disks go is settled first: a refused target leaves no half-done failback.
+        targets = _write_targets(session, disks, write_to, target_format) if write_to else []
         try:
             if needs_export:
                 session.start_exports()
             if new_point:
                 result.update(_failback_point(session, disks, progress, cancel))
             if write_to:
-                result["written"] = _write_back(session, disks, write_to, target_format)
+                result["written"] = _write_back(disks, targets, target_format)
         finally:
             session.stop_exports()
         session.update(failback={**result, "at": now_iso()})
@@ -129,31 +133,40 @@ def _failback_point(
 
 
 def original_source(session: FailoverSession, disk_name: str) -> str:
-    """Where the VM's disk lived: the point's recorded source, or, for a point made by a
-    failback (whose source is a session file), the source of its nearest ancestor."""
+    """Where the VM's disk lived: the path the point recorded for it or, when that is not one
+    of the asset's registered disks (a point made by a failback, whose source is a session file
+    here or on the peer it was pulled back from), the nearest ancestor's. Only a disk the asset
+    registers is ever written: a manifest names a path, the catalog says which paths are ours."""
+    try:
+        registered = set(parse_vm_source(session.app.catalog.get_asset(session.asset).source)[0])
+    except NotFound:
+        registered = set()
     manifest: dict[str, Any] | None = session.manifest
-    state_dir = session.manager.state_dir + os.sep
     for _ in range(1000):
         if manifest is None:
             break
         for disk in manifest.get("disks", []):
             source = str(disk.get("source") or "")
-            if disk["name"] == disk_name and source and not source.startswith(state_dir):
+            if disk["name"] == disk_name and source in registered:
                 return source
         parent = manifest.get("parent")
         try:
             manifest = session.app.repo.get_manifest(parent) if parent else None
         except ApplianceError:
             manifest = None
-    raise InvalidInput(f"no point of {session.asset} records where disk {disk_name} was")
+    raise InvalidInput(
+        f"no point of {session.asset} records disk {disk_name} at one of the asset's registered "
+        "disk paths: write it to a restore area instead"
+    )
 
 
-def _write_back(
+def _write_targets(
     session: FailoverSession,
     disks: list[tuple[SessionDisk, str, str]],
     write_to: str,
     target_format: str,
 ) -> list[str]:
+    """The path each disk is written to, checked before anything is written."""
     if target_format not in ("raw", "qcow2"):
         raise InvalidInput("disks are written back as raw or qcow2")
     targets: list[str] = []
@@ -166,6 +179,12 @@ def _write_back(
             targets.append(os.path.join(write_to, f"{disk.name}.{suffix}"))
         else:
             targets.append(os.path.abspath(write_to))
+    return targets
+
+
+def _write_back(
+    disks: list[tuple[SessionDisk, str, str]], targets: list[str], target_format: str
+) -> list[str]:
     for (_disk, path, fmt), target in zip(disks, targets, strict=True):
         write_disk_image(path, fmt, target, target_format)
     return targets
