@@ -21,6 +21,7 @@ from api_support import (
     LiveServer,
     MovableClock,
     bootstrap_accounts,
+    bootstrapped_server,
     free_port,
     service_settings,
 )
@@ -250,3 +251,22 @@ def random_pack(kind: str = "data", size: int = 3000) -> tuple[str, bytes]:
 
 def audit_entries(server: LiveServer, action: str) -> list[Any]:
     return [a for a in server.service.app.catalog.list_audit(500) if a.action == action]
+
+
+#: Failed pairings from one address before the peer throttles them (its login throttle's).
+FREE_FAILURES = 3
+
+
+@contextlib.contextmanager
+def peer_server(root: Path) -> Iterator[LiveServer]:
+    """A plain service to pair made-up sources with (no jobs run), throttling failed pairings
+    after :data:`FREE_FAILURES`."""
+    with bootstrapped_server(root, login_throttle=FREE_FAILURES, max_parallel_jobs=0) as live:
+        yield live
+
+
+def forget_failed_pairings(server: LiveServer) -> None:
+    """No failed pairing counts against 127.0.0.1 any more."""
+    state = server.app.state
+    if hasattr(state, "pairing_throttle"):
+        del state.pairing_throttle

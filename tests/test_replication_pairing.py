@@ -20,14 +20,17 @@ import httpx
 import pytest
 from api_support import LiveServer, bootstrapped_server, live_server, service_settings, weak_kdf_env
 from replication_support import (
-    STORE_ROUTES as STORE,
-)
-from replication_support import (
+    FREE_FAILURES,
     Source,
     audit_entries,
+    forget_failed_pairings,
     new_pairing_code,
     pair_source,
+    peer_server,
     source_claim,
+)
+from replication_support import (
+    STORE_ROUTES as STORE,
 )
 
 from api.identity import (
@@ -39,23 +42,17 @@ from api.identity import (
 from api.pairing import CODE_ALPHABET, CODES_KEY
 from api.tls import ensure_certificate
 
-FREE_FAILURES = 3
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with bootstrapped_server(
-        tmp_path_factory.mktemp("peer"), login_throttle=FREE_FAILURES, max_parallel_jobs=0
-    ) as live:
+    with peer_server(tmp_path_factory.mktemp("peer")) as live:
         yield live
 
 
 @pytest.fixture(autouse=True)
 def fresh_pairing_throttle(server: LiveServer) -> None:
     """Every test starts with no failed pairings counted against 127.0.0.1."""
-    state = server.app.state
-    if hasattr(state, "pairing_throttle"):
-        del state.pairing_throttle
+    forget_failed_pairings(server)
 
 
 def test_identity_helpers(server: LiveServer, tmp_path: Path) -> None:

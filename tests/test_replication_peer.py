@@ -24,11 +24,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import LiveServer, bootstrapped_server
+from api_support import LiveServer
 from replication_support import STORE_ROUTES as STORE
 from replication_support import (
     audit_entries,
+    forget_failed_pairings,
     pair_source,
+    peer_server,
     put_object,
     random_pack,
 )
@@ -41,23 +43,17 @@ from api.replica_store import check_replica_name
 from appliance import space
 from appliance.errors import InvalidName
 
-FREE_FAILURES = 3
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with bootstrapped_server(
-        tmp_path_factory.mktemp("peer"), login_throttle=FREE_FAILURES, max_parallel_jobs=0
-    ) as live:
+    with peer_server(tmp_path_factory.mktemp("peer")) as live:
         yield live
 
 
 @pytest.fixture(autouse=True)
 def fresh_pairing_throttle(server: LiveServer) -> None:
     """Every test starts with no failed pairings counted against 127.0.0.1."""
-    state = server.app.state
-    if hasattr(state, "pairing_throttle"):
-        del state.pairing_throttle
+    forget_failed_pairings(server)
 
 
 # --- the replica store ---------------------------------------------------------------------
