@@ -84,6 +84,7 @@ from appliance.store.backend import (
     WarmUpStatus,
 )
 from appliance.store.repository import Repository
+from appliance.store.wrappers import ReadOnly
 
 PULL_BACK_KIND = "pull_back"
 PEER_KIND = "peer"
@@ -123,10 +124,13 @@ def points_to_pull(
 # --- the two sides of the copy --------------------------------------------------------------------
 
 
-class PeerThroughHome:
+class PeerThroughHome(ReadOnly):
     """The peer's store, read-only, with every content-named object the home pool holds read
     from the home pool instead (see the module docstring). Listing is the peer's: what the peer
     holds is the question. It owns ``peer`` (closed with it) and borrows ``home``."""
+
+    refusing = "a pull from a peer"
+    where = "the peer"
 
     def __init__(
         self, peer: Backend, home: Backend, *, bytes_per_second: float | None = None
@@ -185,23 +189,6 @@ class PeerThroughHome:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return self.peer.list(prefix)
-
-    def put(
-        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
-    ) -> None:
-        raise InvalidInput("a pull from a peer never writes to the peer")
-
-    def delete(self, name: str) -> None:
-        raise InvalidInput("a pull from a peer never deletes at the peer")
-
-    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
-        return WarmUpStatus(frozenset(names), frozenset())
-
-    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
-        return None
-
-    def retain(self, name: str, until: datetime) -> None:
-        raise InvalidInput("a pull from a peer never changes locks at the peer")
 
     def describe(self) -> str:
         return f"{self.peer.describe()} (objects the home pool holds read there)"

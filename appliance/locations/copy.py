@@ -30,7 +30,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, cast
 
 from appliance.errors import (
@@ -50,11 +49,11 @@ from appliance.store.backend import (
     BackendCapabilities,
     ObjectInfo,
     PutOptions,
-    WarmUpStatus,
 )
 from appliance.store.index import encode_index
 from appliance.store.packs import IndexEntry, pack_name_matches, pack_object_name
 from appliance.store.repository import INDEX_FILE_ENTRIES, Repository
+from appliance.store.wrappers import ReadOnly
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 #: The most names a copy asks a target's ``present_many`` about in one call (a peer's limit).
@@ -328,7 +327,7 @@ def _put_index(
 FALLBACK_ERRORS = (LocationUnavailable, ObjectMissing, StoreError, OSError)
 
 
-class FallbackBackend:
+class FallbackBackend(ReadOnly):
     """A read-only view of one store through several copies, best first.
 
     Reads go to the current location; when one fails (see :data:`FALLBACK_ERRORS`), the next
@@ -338,6 +337,9 @@ class FallbackBackend:
     It owns its sources: :meth:`close` closes each of them, except the ``borrowed`` ones (the
     home repository's backend, which the appliance keeps open for everything else).
     """
+
+    refusing = "reading a point from its copies"
+    where = "them"
 
     def __init__(
         self,
@@ -422,23 +424,6 @@ class FallbackBackend:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         listed: list[ObjectInfo] = self._read(lambda b: list(b.list(prefix)))
         return iter(listed)
-
-    def put(
-        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
-    ) -> None:
-        raise InvalidInput("reading a point from its copies never writes to them")
-
-    def delete(self, name: str) -> None:
-        raise InvalidInput("reading a point from its copies never deletes from them")
-
-    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
-        return WarmUpStatus(frozenset(names), frozenset())
-
-    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
-        return None
-
-    def retain(self, name: str, until: datetime) -> None:
-        raise InvalidInput("reading a point from its copies never changes their locks")
 
     def describe(self) -> str:
         return " then ".join(label for label, _ in self.sources)

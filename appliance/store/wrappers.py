@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar, cast
 
-from appliance.errors import StoreError, TransientBackendError
+from appliance.errors import InvalidInput, StoreError, TransientBackendError
 from appliance.store.backend import (
     Backend,
     BackendCapabilities,
@@ -480,3 +480,30 @@ def compose(
     if policy.attempts > 1:
         wrapped = RetryingBackend(wrapped, policy, sleep=sleep, clock=clock, rng=rng)
     return wrapped
+
+
+class ReadOnly:
+    """What a backend that only reads says to everything else: writes, deletes and locks are
+    refused with words naming ``refusing`` (e.g. "reading a point from its copies") and
+    ``where`` ("them", "the peer"); nothing is cold. Mixed into read-only views of other
+    backends (a copy's sources, a pull's peer)."""
+
+    refusing = "a read-only view"
+    where = "it"
+
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, options: PutOptions | None = None
+    ) -> None:
+        raise InvalidInput(f"{self.refusing} never writes to {self.where}", name=name)
+
+    def delete(self, name: str) -> None:
+        raise InvalidInput(f"{self.refusing} never deletes from {self.where}", name=name)
+
+    def retain(self, name: str, until: datetime) -> None:
+        raise InvalidInput(f"{self.refusing} never changes the locks of {self.where}", name=name)
+
+    def warm_up(self, names: Iterable[str]) -> WarmUpStatus:
+        return WarmUpStatus(frozenset(names), frozenset())
+
+    def wait_warm(self, names: Iterable[str], timeout: float) -> None:
+        return None
