@@ -313,3 +313,23 @@ def test_a_bandwidth_limit_paces_uploads_by_their_bytes() -> None:
     assert len(slept) == 1
     with pytest.raises(ValueError):
         RateLimit(put_bytes_per_second=0)
+
+
+def test_read_only_views_refuse_writes_deletes_and_locks_in_words() -> None:
+    from datetime import UTC, datetime
+
+    from appliance.errors import InvalidInput
+    from appliance.locations.copy import FallbackBackend
+
+    store = MemoryBackend()
+    store.put("config", b"x")
+    view = FallbackBackend([("pool", store)], borrowed=[store])
+    assert view.get("config") == b"x"
+    with pytest.raises(InvalidInput, match="reading a point from its copies never writes to them"):
+        view.put("config", b"y")
+    with pytest.raises(InvalidInput, match="never deletes from them"):
+        view.delete("config")
+    with pytest.raises(InvalidInput, match="never changes the locks of them"):
+        view.retain("config", datetime.now(UTC))
+    assert view.warm_up(["config"]).ready == frozenset({"config"})
+    assert store.get("config") == b"x"
