@@ -22,6 +22,7 @@ from api.deps import Viewer
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routers import (
+    alerts,
     assets,
     auth,
     failover,
@@ -32,12 +33,14 @@ from api.routers import (
     peers,
     points,
     policies,
+    protection,
     replication,
     restores,
     status,
     takeover,
     tiering,
     users,
+    verify_schedule,
 )
 from api.schemas import ErrorPublic
 from api.service import Clock, Service
@@ -141,11 +144,14 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         maintenance,
         jobs,
         status,
+        protection,
         tiering,
         hardware,
         users,
         replication,
         takeover,
+        alerts,
+        verify_schedule,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

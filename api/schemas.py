@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from appliance.errors import InvalidInput
@@ -212,12 +213,21 @@ class RetentionModel(Request):
 
 
 class PolicyUpdate(Request):
-    asset: Name
+    #: The assets the policy covers, in order; ``asset`` names one (the older form).
+    assets: list[Name] = Field(default_factory=list, max_length=100)
+    asset: Name | None = None
     schedule: ScheduleModel = Field(default_factory=ScheduleModel)
     mode: Mode = "incremental"
     retention: RetentionModel = Field(default_factory=RetentionModel)
     #: Recovery point objective: the newest good point must be at most this old (0: none).
     rpo_seconds: int = Field(default=0, ge=0, le=10 * 365 * 86400)
+
+    @model_validator(mode="after")
+    def _some_assets(self) -> PolicyUpdate:
+        self.assets = self.assets or ([self.asset] if self.asset else [])
+        if not self.assets or len(set(self.assets)) != len(self.assets):
+            raise ValueError("name one or more assets, each once")
+        return self
 
 
 class PolicyCreate(PolicyUpdate):
@@ -233,7 +243,8 @@ class ScheduleEntryPublic(BaseModel):
 
 class PolicyPublic(BaseModel):
     name: str
-    asset: str
+    assets: list[str]
+    asset: str  # the first of ``assets``
     schedule: dict[str, Any]
     mode: str
     retention: dict[str, int]

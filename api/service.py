@@ -21,7 +21,9 @@ routers reach it through the ``ServiceDep`` dependency. Start-up:
 3. The scheduler starts (unless disabled); its first tick catches up on slots missed while the
    service was down. Besides policies and tiering it samples the pools' usage hourly and asks
    for their monthly scrub (``hardware.pool_jobs.pool_tick``), and catches replication up
-   (``api.replication_jobs.replication_tick``: a peer back online wakes its waiting job).
+   (``api.replication_jobs.replication_tick``: a peer back online wakes its waiting job), and
+   evaluates the alert conditions (``api.alerting.AlertService.tick``; the alert service also
+   listens for ended jobs, so a failed backup is raised at once; docs/alerts.md).
 4. The device monitor starts (``hardware.udev.DeviceMonitor``, unless ``device_monitor`` is
    off): a first scan, then :func:`~hardware.usb_jobs.reconcile_media` over it (media pulled
    while the service was down are ``out``, a medium found plugged in starts its export); after
@@ -52,6 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from api.alerting import AlertService
 from api.cache import TtlCache
 from api.replication_jobs import register_replication_jobs, replication_tick
 from api.security import LoginThrottle, Principal
@@ -211,6 +214,7 @@ class Service:
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
         self.failover: FailoverManager | None = None
+        self.alerts: AlertService | None = None
         # Imported here: api.takeover reads api.identity, which reads this module's settings.
         from api.takeover import Takeovers
 
@@ -276,6 +280,15 @@ class Service:
             # Failover sessions: reconcile VMs a previous process left, bind the job kinds.
             self.failover = FailoverManager(app)
             register_failover_jobs(self.failover)
+            self.alerts = AlertService(
+                app,
+                s.secrets_dir,
+                clock=self.clock,
+                appliance_name=lambda: str(self.settings_document()["appliance_name"]),
+                tz=lambda: timezone_named(str(self.settings_document()["timezone"])),
+                certificate=s.cert_path if s.tls else None,
+            )
+            self.runner.end_listeners.append(self.alerts.job_ended)
             requeued = self.runner.start()
             if requeued:
                 log.warning("resuming %d interrupted job(s): %s", len(requeued), requeued)
@@ -292,6 +305,7 @@ class Service:
             self.scheduler.extra_ticks.append(pool_tick(app, self.runner))
             self.scheduler.extra_ticks.append(replication_tick(app, self.runner))
             self.scheduler.extra_ticks.append(takeover_tick(app))
+            self.scheduler.extra_ticks.append(self.alerts.tick)
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()

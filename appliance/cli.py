@@ -358,7 +358,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise InvalidInput("name at least one --keep-... rule")
     with _open(args) as app:
         decision = app.prune(args.asset, rules, dry_run=args.dry_run)
-    document = {"keep": decision.keep, "remove": decision.remove, "dry_run": args.dry_run}
+    document = {
+        "keep": decision.keep,
+        "remove": decision.remove,
+        "held": decision.held,
+        "dry_run": args.dry_run,
+    }
     verb = "would remove" if args.dry_run else "removed"
     _emit(
         args,

@@ -29,10 +29,12 @@ from typing import Any
 
 from appliance.backup.files import backup_tree
 from appliance.backup.images import backup_disk
+from appliance.backup.signals import SignalCounter
 from appliance.catalog import Catalog
 from appliance.catalog.records import PointRecord, home_location_id
 from appliance.engine_locations import LocationsMixin
 from appliance.engine_restore import RestoreMixin
+from appliance.engine_signals import SignalsMixin
 from appliance.errors import Conflict as ConflictError
 from appliance.errors import (
     InvalidInput,
@@ -44,7 +46,12 @@ from appliance.path_rules import (
     check_disk_source,
 )
 from appliance.points import new_manifest, new_point_id, record_from_manifest
-from appliance.retention import RetentionDecision, RetentionRules, apply_retention
+from appliance.retention import (
+    RetentionDecision,
+    RetentionRules,
+    apply_retention,
+    ransomware_holds,
+)
 from appliance.space import check_free_space
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
@@ -103,7 +110,7 @@ class BackupOutcome:
     warnings: list[dict[str, str]] = field(default_factory=list)
 
 
-class Appliance(LocationsMixin, RestoreMixin):
+class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
     def __init__(
         self, data_dir: DataDir, repo: Repository, catalog: Catalog, clock: Clock = utcnow
     ) -> None:
@@ -222,6 +229,7 @@ class Appliance(LocationsMixin, RestoreMixin):
             if base is not None and base.get("source") != source:
                 mode, base = "full", None  # another folder under the same name: start afresh
             point_id = new_point_id(created)
+            signals = SignalCounter(base["point_id"] if base else None)
             tree, stats, warnings = backup_tree(
                 self.repo,
                 source,
@@ -229,6 +237,7 @@ class Appliance(LocationsMixin, RestoreMixin):
                 workers=workers or default_workers(),
                 progress=progress,
                 cancel=cancel,
+                signals=signals,
             )
             manifest = new_manifest(
                 point_id=point_id,
@@ -245,7 +254,7 @@ class Appliance(LocationsMixin, RestoreMixin):
             manifest["stats"] = {**vars(stats), "logical_bytes": stats.bytes_total}
             manifest["warnings"] = warnings.items
             manifest["warning_count"] = warnings.count
-            point = self._record(manifest)
+            point = self.judge_point(self._record(manifest), signals.result())
             return BackupOutcome(point, manifest["stats"], warnings.items)
 
     def backup_image(
@@ -457,7 +466,8 @@ class Appliance(LocationsMixin, RestoreMixin):
                 for c in self.catalog.copies_of(p.id)
             )
         ]
-        decision = apply_retention(local, rules)
+        # A suspicious point holds the clean past (appliance.retention.ransomware_holds).
+        decision = apply_retention(local, rules, ransomware_holds(local))
         if not dry_run:
             self.delete_points(decision.remove, deleted=deleted)
         return decision

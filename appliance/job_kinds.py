@@ -34,11 +34,17 @@ def backup_files(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, A
     for warning in outcome.warnings[:100]:
         ctx.log("warning", f"{warning['path']}: {warning['message']}")
     ctx.progress({**ctx.latest, "percent": 100.0})
+    if outcome.point.suspicion:
+        ctx.log(
+            "warning", f"this backup looks like ransomware: {'; '.join(outcome.point.suspicion)}"
+        )
     return {
         "point": outcome.point.id,
         "mode": outcome.point.mode,
         "stats": outcome.stats,
         "warnings": len(outcome.warnings),
+        # The alerts raise their ransomware warning from this (appliance.engine_signals).
+        "suspicion": list(outcome.point.suspicion),
     }
 
 
@@ -77,7 +83,14 @@ def restore(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
         bundled = f" in {recall.objects} object(s), {recall.bundles} of them bundles"
         what = f"{recall.packs} pack(s){bundled if recall.bundles else ''}"
         ctx.log("info", f"recalled {what} from {recall.location}")
-    ctx.log("info", f"restoring point {p['point']} to {checked.path} ({checked.kind})")
+    point = app.point(p["point"])
+    # The log line and the result name the same resolved choices (where, and what happens to a
+    # file already there), so the job page cannot say one thing and the log another.
+    ctx.log(
+        "info",
+        f"restoring point {point.id} of {point.asset} to {checked.path} "
+        f"({checked.kind}, existing files: {checked.on_conflict.replace('_', ' ')})",
+    )
     result = app.restore(
         p["point"],
         checked.path,
@@ -91,7 +104,15 @@ def restore(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
         progress=ctx.progress,
         cancel=ctx.cancel,
     )
-    return result
+    return {
+        **result,
+        "asset": point.asset,
+        "point_created_at": point.created_at.isoformat(),
+        "destination": checked.kind,
+        "target": checked.path,
+        "on_conflict": checked.on_conflict,
+        "path": p.get("path"),
+    }
 
 
 def verify(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
@@ -110,7 +131,14 @@ def prune(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
         dry_run=dry_run,
         deleted=lambda point_id: ctx.log("info", f"removed point {point_id}"),
     )
-    return {"keep": decision.keep, "remove": decision.remove, "dry_run": dry_run}
+    for point_id, why in decision.held.items():
+        ctx.log("warning", f"kept point {point_id}: {why}")
+    return {
+        "keep": decision.keep,
+        "remove": decision.remove,
+        "held": decision.held,
+        "dry_run": dry_run,
+    }
 
 
 def copy(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:

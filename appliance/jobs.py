@@ -31,6 +31,7 @@ kinds' functions live in :mod:`appliance.job_kinds`; outer packages register the
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -51,6 +52,8 @@ from appliance.errors import (
 )
 from appliance.isolation import run_isolated
 from appliance.job_kinds import LOCATION_RETRY
+
+log = logging.getLogger(__name__)
 
 __all__ = ["JOB_KINDS", "LOCATION_RETRY", "JobContext", "JobKind", "JobRunner", "register_job_kind"]
 
@@ -200,6 +203,9 @@ class JobRunner:
         self._dispatcher: threading.Thread | None = None
         self._waiting_reason: dict[str, str] = {}
         self._finished = 0
+        #: Called with the record of every job that ends (alerts listen here); a listener's
+        #: error is logged and never reaches the job.
+        self.end_listeners: list[Callable[[JobRecord], None]] = []
 
     @property
     def finished_count(self) -> int:
@@ -428,9 +434,14 @@ class JobRunner:
         with self._lock:
             self._finished += 1
         self.catalog.append_job_log(job_id, level, message)
-        self.catalog.update_job(job_id, **fields)
+        ended = self.catalog.update_job(job_id, **fields)
         with self._lock:
             self._finished += 1
+        for listener in list(self.end_listeners):
+            try:
+                listener(ended)
+            except Exception:
+                log.exception("a job-end listener failed for job %s", job_id)
 
     def _run(
         self, job: JobRecord, spec: JobKind, ctx: JobContext, resources: list[tuple[str, bool]]

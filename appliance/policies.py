@@ -4,9 +4,11 @@ An asset's ``source`` in the catalog is the path of a file tree (``files`` asset
 ``vm`` asset, a JSON object ``{"disks": [paths...], "vm_spec": path or null}`` (the VM definition
 file is read at each backup, so a changed definition is recorded with the next point).
 
-``policy_backup`` is the job the scheduler and "run now" submit for a policy: it backs up the
-policy's asset with the mode it was given (else the policy's own) and, when it succeeded and the
-policy has retention rules, queues a ``prune`` job for the asset with those rules. The prune is
+``policy_backup`` is the job the scheduler and "run now" submit for each asset of a policy (a
+policy covers one or more assets; each gets its own job, so one failing does not hide the
+others): it backs up the asset ``asset`` with the mode it was given (else the policy's own) and,
+when it succeeded and the policy has retention rules, queues a ``prune`` job for the asset with
+those rules. The prune is
 a separate job because it needs the store exclusively, which a backup (holding it shared, like
 every other backup running beside it) cannot take.
 """
@@ -58,6 +60,10 @@ def retention_rules(document: dict[str, Any]) -> RetentionRules:
 
 def _policy_backup(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
     policy = app.catalog.get_policy(p["policy"])
+    if p["asset"] not in policy.assets:
+        raise InvalidInput(
+            f"policy {policy.name} no longer covers {p['asset']}", policy=policy.name
+        )
     asset = app.catalog.get_asset(p["asset"])
     mode = p.get("mode") or policy.mode
     kind, params = backup_job_for(asset, mode)

@@ -40,10 +40,13 @@ tested with explicit timestamps. The rules:
   ``now``: a schedule never fires for time before it existed.
 
 The :class:`Scheduler` thread ticks every ``interval`` seconds (and once at start, which is when
-catch-up happens), and submits ``policy_backup`` jobs (:mod:`appliance.policies`) and
-``boot_test`` jobs ``{asset, policy, trigger: "schedule"}`` through the job runner's catalog. A
-policy whose previous scheduled run of the same action is still queued gets no second queued
-run: the slot is recorded as fired and the queued job's log says it covers it. The backup part
+catch-up happens), runs the store's verify schedule (:mod:`appliance.verify_schedule`), and
+submits ``policy_backup`` jobs (:mod:`appliance.policies`) and
+``boot_test`` jobs ``{asset, policy, trigger: "schedule"}`` through the job runner's catalog:
+one job per asset of the policy (a boot test for each of its virtual machines), all created in
+the transaction that records the slot. An asset whose previous scheduled run of the same action
+by the same policy is still queued gets no second queued run: the slot is recorded as fired and
+the queued job's log says it covers it. The backup part
 and the boot-test part of a tick are two transactions: a crash between them leaves the boot
 test's slot unfired, so it runs (as a catch-up) after the restart. When the ``boot_test`` job
 kind is not registered (an engine used without the failover manager), a due boot test is
@@ -63,10 +66,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import CroniterBadDateError, croniter
 
 from appliance.catalog.records import PolicyRecord
+from appliance.cron import check_cron
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, InvalidInput
 from appliance.jobs import JOB_KINDS, JobRunner
 from appliance.policies import POLICY_JOB_KIND, register_policy_jobs
+from appliance.verify_schedule import verify_tick
+
+__all__ = ["check_cron"]  # re-exported: the API's schemas check cron fields with it
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +117,6 @@ class Schedule:
         }
 
 
-def check_cron(expression: object) -> str:
-    """``expression`` normalised (single spaces) if it is a five-field cron that ever fires."""
-    if not isinstance(expression, str):
-        raise InvalidInput("a cron expression must be a string")
-    fields = expression.split()
-    if len(fields) != 5:
-        raise InvalidInput(
-            f"cron expression {expression!r} needs five fields: minute hour day month weekday"
-        )
-    text = " ".join(fields)
-    try:
-        valid = croniter.is_valid(text)
-        if valid:
-            # An expression can be well-formed and still never fire (30 February).
-            croniter(text, datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
-    except CroniterBadDateError:
-        raise InvalidInput(f"cron expression {text!r} never fires") from None
-    except Exception:  # croniter raises assorted errors on odd input; all mean "invalid"
-        valid = False
-    if not valid:
-        raise InvalidInput(f"{expression!r} is not a valid cron expression")
-    return text
-
-
 def parse_schedule(document: object) -> Schedule:
     """Validate a policy's schedule document; :class:`InvalidInput` says what is wrong."""
     if not isinstance(document, Mapping):
@@ -173,6 +156,15 @@ def check_schedule_for_asset(schedule: Schedule, asset: str, asset_kind: str) ->
                 entry=index,
                 asset=asset,
             )
+
+
+def check_schedule_for_assets(schedule: Schedule, kinds: Mapping[str, str]) -> None:
+    """:func:`check_schedule_for_asset` for a policy of several assets (``{name: kind}``): a
+    boot-test entry needs at least one virtual machine among them (it boots each of them)."""
+    if any(kind == "vm" for kind in kinds.values()):
+        return
+    for name, kind in kinds.items():
+        check_schedule_for_asset(schedule, name, kind)
 
 
 def timezone_named(name: str) -> tzinfo:
@@ -406,10 +398,13 @@ class Scheduler:
             now = now or self.clock()
             catalog = self.app.catalog
             states = catalog.schedule_state()
-            queued: dict[str, set[str]] = {POLICY_JOB_KIND: set(), BOOT_TEST: set()}
+            queued: dict[str, set[tuple[str, str]]] = {POLICY_JOB_KIND: set(), BOOT_TEST: set()}
             for job in catalog.list_jobs(state="queued", limit=1000):
                 if job.kind in queued:
-                    queued[job.kind].add(str(job.params.get("policy")))
+                    queued[job.kind].add(
+                        (str(job.params.get("policy")), str(job.params.get("asset")))
+                    )
+            vms = {a.name for a in catalog.list_assets() if a.kind == "vm"}
             created: list[str] = []
             for policy in catalog.list_policies():
                 try:
@@ -428,15 +423,18 @@ class Scheduler:
                     )
                 for boot_test in (False, True):
                     kind = BOOT_TEST if boot_test else POLICY_JOB_KIND
+                    # A boot test runs for the policy's virtual machines only.
+                    assets = [a for a in policy.assets if not boot_test or a in vms]
+                    waiting = {a for a in assets if (policy.name, a) in queued[kind]}
                     try:
-                        job_id = self._fire(
-                            policy, decision, boot_test, policy.name in queued[kind]
-                        )
+                        created += self._fire(policy, decision, boot_test, assets, waiting)
                     except ApplianceError as exc:  # e.g. the policy was deleted meanwhile
                         log.warning("policy %s: scheduled run not submitted: %s", policy.name, exc)
                         break
-                    if job_id is not None:
-                        created.append(job_id)
+            try:
+                created += verify_tick(self.app, self.runner, now, self.tz)
+            except ApplianceError as exc:  # a bad verify schedule must not stop the policies'
+                log.warning("scheduled verify not submitted: %s", exc)
             for extra in self.extra_ticks:
                 try:
                     created += extra(now)
@@ -451,27 +449,30 @@ class Scheduler:
         policy: PolicyRecord,
         decision: ScheduleDecision,
         boot_test: bool,
-        already_queued: bool,
-    ) -> str | None:
-        """Fire the backup part (``boot_test`` False) or the boot-test part of ``decision``."""
+        assets: list[str],
+        already_queued: set[str],
+    ) -> list[str]:
+        """Fire the backup part (``boot_test`` False) or the boot-test part of ``decision``: one
+        job per asset of ``assets`` not in ``already_queued`` (whose queued job covers the slot
+        too); returns the new jobs' IDs."""
         catalog = self.app.catalog
         fired = decision.fired_part(boot_test)
         if not fired:
-            return None
+            return []
         runs = decision.run_boot_test if boot_test else decision.run_mode is not None
         kind = BOOT_TEST if boot_test else POLICY_JOB_KIND
         due = decision.boot_test_due if boot_test else decision.backup_due
-        if not runs:
+        if not runs or not assets:
             catalog.fire_schedule(policy.name, fired)
-            return None
+            return []
         if kind not in JOB_KINDS:
             # An engine used without the failover manager: say so, and do not retry the slot
             # every tick (it is recorded as fired, its slots named in the audit entry).
             catalog.fire_schedule(policy.name, fired)
             message = (
-                f"scheduled boot test of {policy.asset} (policy {policy.name}) did not run: the "
-                "boot_test job kind is not registered (this appliance runs without the failover "
-                "manager; start the service, or register_failover_jobs)"
+                f"scheduled boot test of {', '.join(assets)} (policy {policy.name}) did not run: "
+                "the boot_test job kind is not registered (this appliance runs without the "
+                "failover manager; start the service, or register_failover_jobs)"
             )
             log.warning(message)
             catalog.audit(
@@ -480,48 +481,48 @@ class Scheduler:
                 policy.name,
                 {"message": message, "slots": [d.describe() for d in due]},
             )
-            return None
+            return []
         if already_queued:
-            catalog.fire_schedule(policy.name, fired)
             for job in catalog.list_jobs(state="queued", limit=1000):
-                if job.kind == kind and job.params.get("policy") == policy.name:
+                if (
+                    job.kind == kind
+                    and job.params.get("policy") == policy.name
+                    and job.params.get("asset") in already_queued
+                ):
                     catalog.append_job_log(
                         job.id,
                         "info",
                         "this queued run also covers the slot(s) "
                         + "; ".join(d.describe() for d in due),
                     )
-                    break
-            return None
-        params: dict[str, Any]
-        if boot_test:
-            # No point is named: the failover manager picks it when the job starts (the newest
-            # verified image point, else the newest), so a backup that ends before the boot
-            # test starts (its job was queued first) is the one tested.
-            params = {
-                "asset": policy.asset,
-                "policy": policy.name,
-                "trigger": "schedule",
-                "missed": decision.boot_test_missed,
-            }
-            lines = decision.boot_test_log_lines()
-        else:
-            params = {
-                "policy": policy.name,
-                "asset": policy.asset,
-                "mode": decision.run_mode,
-                "trigger": "schedule",
-                "missed": decision.missed,
-                "apply_retention": True,
-            }
-            lines = decision.log_lines()
-        resources = JOB_KINDS[kind].resources(params)
-        created = catalog.fire_schedule(
-            policy.name,
-            fired,
-            job_kind=kind,
-            job_params=params,
-            job_resource=",".join(name for name, _ in resources),
-            log=lines,
+        jobs = []
+        for asset in assets:
+            if asset in already_queued:
+                continue
+            params: dict[str, Any]
+            if boot_test:
+                # No point is named: the failover manager picks it when the job starts (the
+                # newest verified image point, else the newest), so a backup that ends before
+                # the boot test starts (its job was queued first) is the one tested.
+                params = {
+                    "asset": asset,
+                    "policy": policy.name,
+                    "trigger": "schedule",
+                    "missed": decision.boot_test_missed,
+                }
+            else:
+                params = {
+                    "policy": policy.name,
+                    "asset": asset,
+                    "mode": decision.run_mode,
+                    "trigger": "schedule",
+                    "missed": decision.missed,
+                    "apply_retention": True,
+                }
+            resources = JOB_KINDS[kind].resources(params)
+            jobs.append((params, ",".join(name for name, _ in resources)))
+        lines = decision.boot_test_log_lines() if boot_test else decision.log_lines()
+        created = catalog.fire_schedule_jobs(
+            policy.name, fired, job_kind=kind if jobs else None, jobs=jobs, log=lines
         )
-        return None if created is None else created.id
+        return [job.id for job in created]

@@ -60,7 +60,7 @@ def test_a_scheduled_boot_test_boots_proves_and_records_against_the_point(
     manager: FailoverManager = protected["manager"]
     policy = PolicyRecord(
         name="web-verify",
-        asset="web",
+        assets=["web"],
         schedule={"entries": [{"cron": "* * * * *", "mode": "boot_test"}]},
         mode="incremental",
         retention={},

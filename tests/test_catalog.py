@@ -755,7 +755,7 @@ def test_values_the_database_cannot_store_are_invalid_input(catalog: Catalog) ->
 def test_policies_crud(catalog: Catalog) -> None:
     nightly = PolicyRecord(
         name="nightly",
-        asset="docs",
+        assets=["docs"],
         schedule={"cron": "0 2 * * *"},
         mode="incremental",
         retention={"daily": 7, "weekly": 4},

@@ -36,7 +36,7 @@ WEEKLY_FULL = ScheduleEntry("0 3 * * 0", "full")
 def policy(*entries: ScheduleEntry, catch_up: str = "once", name: str = "p") -> PolicyRecord:
     return PolicyRecord(
         name=name,
-        asset="docs",
+        assets=["docs"],
         schedule={
             "entries": [{"cron": e.cron, "mode": e.mode} for e in entries],
             "catch_up": catch_up,
@@ -265,7 +265,7 @@ def test_a_paused_scheduler_fires_nothing(appliance: Appliance) -> None:
 def test_a_scheduled_backup_runs_and_then_prunes_by_the_policy(appliance: Appliance) -> None:
     p = PolicyRecord(
         name="nightly",
-        asset="docs",
+        assets=["docs"],
         schedule={"entries": [{"cron": "0 1 * * *", "mode": "incremental"}]},
         mode="incremental",
         retention={"keep_last": 1},
@@ -310,7 +310,7 @@ DAILY_BOOT_TEST = ScheduleEntry("0 5 * * *", "boot_test")
 
 
 def vm_policy(*entries: ScheduleEntry, catch_up: str = "once", name: str = "vmp") -> PolicyRecord:
-    return replace(policy(*entries, catch_up=catch_up, name=name), asset="vm1")
+    return replace(policy(*entries, catch_up=catch_up, name=name), assets=["vm1"])
 
 
 def test_boot_test_entries_parse_and_round_trip_beside_backups() -> None:

@@ -526,7 +526,7 @@ def test_users_tokens_audit_and_pools(
     table = page.get_by_role("table", name="Audit log")
     expect(table).to_contain_text("Revoked an API token")
     expect(table).to_contain_text("Created an API token")
-    expect(table).to_contain_text("Added a user")
+    expect(table).to_contain_text("Added user olivia")
     page.get_by_label("Filter the audit log").fill("olivia")
     expect(table.locator("tbody tr").first).to_contain_text("olivia")
     shots.take(page, "audit")
@@ -601,7 +601,7 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Cl
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    expect(menu.get_by_role("link")).to_have_count(8)  # Replication is every role's to read
+    expect(menu.get_by_role("link")).to_have_count(9)  # Replication, Alerts: every role reads
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)
@@ -676,9 +676,12 @@ def test_dashboard_shows_the_last_proven_boot_and_a_failed_boot_test(
     page.get_by_role("button", name="Add policy").click()
     dialog = page.get_by_role("dialog")
     dialog.get_by_label("Name").fill("vm-web-verify")
-    dialog.locator("select[name=asset]").select_option("docs")
+    for box in dialog.get_by_role("checkbox").all():
+        box.uncheck()
+    dialog.get_by_role("checkbox", name="docs (folder)").check()
     expect(dialog.get_by_role("button", name="Add a boot test")).to_be_hidden()
-    dialog.locator("select[name=asset]").select_option("vm-web")
+    dialog.get_by_role("checkbox", name="docs (folder)").uncheck()
+    dialog.get_by_role("checkbox", name="vm-web (virtual machine)").check()
     dialog.get_by_role("button", name="Add a boot test").click()
     expect(dialog).to_contain_text("Boot test of the newest point")
     dialog.get_by_role("button", name="Add policy").click()

@@ -419,7 +419,9 @@ def test_fields_being_added_are_drawn_and_a_taken_over_store_is_worked_on(
     on_peer.reload()
     source_card = on_peer.locator(f"[data-source='{listed['appliance_id']}']")
     expect(source_card.locator("[data-fact=takeover]")).to_contain_text("Taken over")
-    expect(source_card.locator("[data-fact=skew]")).to_contain_text("2 s behind this appliance")
+    expect(source_card.locator("[data-fact=skew]")).to_contain_text(
+        "2 seconds behind this appliance"
+    )
     expect(
         source_card.get_by_role("button", name=re.compile("^Close the take-over"))
     ).to_be_visible()

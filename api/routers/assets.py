@@ -68,7 +68,8 @@ def _check_paths(service: Service, kind: str, path: str | None, disks: list[str]
 def _policies_by_asset(catalog: CatalogDep) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for policy in catalog.list_policies():
-        out.setdefault(policy.asset, []).append(policy.name)
+        for asset in policy.assets:
+            out.setdefault(asset, []).append(policy.name)
     return out
 
 

@@ -19,7 +19,7 @@ from api.views import job_public
 from appliance.catalog.records import JobRecord
 from appliance.errors import InvalidInput
 from appliance.policies import retention_rules
-from appliance.retention import apply_retention
+from appliance.retention import apply_retention, ransomware_holds
 
 router = APIRouter(tags=["maintenance"])
 
@@ -51,7 +51,7 @@ def _preview(service: Service, body: RetentionRequest) -> RetentionPreview:
     if rules.empty():
         raise InvalidInput("give at least one keep rule")
     points = catalog.list_points(asset=body.asset)
-    decision = apply_retention(points, rules)
+    decision = apply_retention(points, rules, ransomware_holds(points))
     created = {p.id: p.created_at for p in points}
     return RetentionPreview(
         asset=body.asset,

@@ -28,11 +28,15 @@ from api.schemas import (
     FileEntry,
     JobPublic,
     ManifestSummary,
-    PointDetail,
-    PointPublic,
     RestoreCreate,
 )
 from api.schemas_locations import RecallEstimate
+from api.schemas_signals import (
+    PointDetailWithSignals,
+    PointWithSignals,
+    ReviewCreate,
+    signal_fields,
+)
 from api.streams import (
     display,
     file_bytes,
@@ -58,7 +62,7 @@ from tiering.work import PRICES_KEY
 router = APIRouter(tags=["points"])
 
 
-POINT_LIST: TypeAdapter[list[PointPublic]] = TypeAdapter(list[PointPublic])
+POINT_LIST: TypeAdapter[list[PointWithSignals]] = TypeAdapter(list[PointWithSignals])
 
 
 def _points_answer(catalog: Catalog, asset: str | None, limit: int) -> bytes:
@@ -67,7 +71,7 @@ def _points_answer(catalog: Catalog, asset: str | None, limit: int) -> bytes:
     return POINT_LIST.dump_json([_with_proof(p, proofs.get(p.id)) for p in points])
 
 
-@router.get("/points", response_model=list[PointPublic])
+@router.get("/points", response_model=list[PointWithSignals])
 async def list_points(
     principal: Viewer,
     service: StoreService,
@@ -86,8 +90,8 @@ async def list_points(
     return Response(body, media_type="application/json")
 
 
-def _with_proof(point: PointRecord, session: FailoverSessionRecord | None) -> PointPublic:
-    public = point_public(point)
+def _with_proof(point: PointRecord, session: FailoverSessionRecord | None) -> PointWithSignals:
+    public = PointWithSignals(**point_public(point).model_dump(), **signal_fields(point))
     if session is not None:
         public.boot_proof = boot_test_public(boot_test_result(session))
     return public
@@ -114,12 +118,12 @@ def _summary(manifest: dict[str, Any]) -> ManifestSummary:
     )
 
 
-@router.get("/points/{point_id}", response_model=PointDetail)
-def get_point(point_id: str, principal: Viewer, service: StoreService) -> PointDetail:
+@router.get("/points/{point_id}", response_model=PointDetailWithSignals)
+def get_point(point_id: str, principal: Viewer, service: StoreService) -> PointDetailWithSignals:
     app = service.app
     point = app.point(point_id)
     manifest = app.manifest(point.id)
-    return PointDetail(
+    return PointDetailWithSignals(
         **_with_proof(point, _proof_of(app.catalog, point)).model_dump(),
         copies=copies_public(app.catalog, point.id),
         manifest=_summary(manifest),
@@ -415,3 +419,22 @@ def delete_point(point_id: str, principal: Admin, service: ServiceDep) -> Respon
         principal.name, "point.delete", point.id, {"asset": point.asset, **principal.audit_details}
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/points/{point_id}/review", response_model=PointWithSignals)
+def review_point(
+    point_id: str, body: ReviewCreate, principal: Operator, service: ServiceDep
+) -> PointWithSignals:
+    """A person looked at a suspicious point: ``expected`` ends the warning and lets retention
+    go on; ``attack`` keeps the point and the last clean one before it. 409 when the point is
+    not suspicious."""
+    app = service.app
+    point = app.review_point(app.point(point_id).id, principal.name, body.verdict)
+    app.catalog.audit(
+        principal.name,
+        "point.review",
+        point.id,
+        {"asset": point.asset, "verdict": body.verdict, **principal.audit_details},
+    )
+    service.points_answers.clear()
+    return _with_proof(point, _proof_of(app.catalog, point))

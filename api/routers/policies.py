@@ -1,8 +1,9 @@
-"""Protection policies: schedule (several cron entries), mode, retention and RPO of an asset.
+"""Protection policies: schedule (several cron entries), mode, retention and RPO of assets.
 
-A schedule entry runs a backup (its mode) or, for a VM asset, a boot test (mode ``boot_test``:
-an isolated test boot of the VM's newest point). A boot-test entry on a folder asset is a 422
-naming the entry.
+A policy covers one or more assets (``assets``, in order; ``asset`` alone names one, as before).
+A schedule entry runs a backup of each (its mode) or, for the VM assets among them, a boot test
+(mode ``boot_test``: an isolated test boot of each VM's newest point). A boot-test entry on a
+policy without a VM is a 422 naming the entry. "Run now" submits one job per asset.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from appliance.catalog import Catalog
 from appliance.catalog.records import PolicyRecord
 from appliance.errors import InvalidInput
 from appliance.policies import POLICY_JOB_KIND
-from appliance.schedule import check_schedule_for_asset, next_slot, parse_schedule
+from appliance.schedule import check_schedule_for_assets, next_slot, parse_schedule
 
 router = APIRouter(tags=["policies"])
 
@@ -53,6 +54,7 @@ def policy_public(
         )
     return PolicyPublic(
         name=policy.name,
+        assets=list(policy.assets),
         asset=policy.asset,
         schedule=schedule.document(),
         mode=policy.mode,
@@ -65,9 +67,9 @@ def policy_public(
 def _record(catalog: Catalog, name: str, body: PolicyUpdate) -> PolicyRecord:
     schedule = body.schedule.model_dump()
     parsed = parse_schedule(schedule)  # rules the model cannot express (no entry listed twice)
-    asset = catalog.get_asset(body.asset)  # 404 for an unknown asset
+    kinds = {a: catalog.get_asset(a).kind for a in body.assets}  # 404 for an unknown asset
     try:
-        check_schedule_for_asset(parsed, asset.name, asset.kind)
+        check_schedule_for_assets(parsed, kinds)
     except InvalidInput as exc:
         # A request the model could not check alone: answered like the model's own 422s.
         raise RequestValidationError(
@@ -81,7 +83,7 @@ def _record(catalog: Catalog, name: str, body: PolicyUpdate) -> PolicyRecord:
         ) from None
     return PolicyRecord(
         name=name,
-        asset=body.asset,
+        assets=list(body.assets),
         schedule=schedule,
         mode=body.mode,
         retention=body.retention.rules(),
@@ -112,7 +114,7 @@ def create_policy(body: PolicyCreate, principal: Admin, service: ServiceDep) -> 
         principal.name,
         "policy.create",
         policy.name,
-        {"asset": policy.asset, "schedule": policy.schedule, **principal.audit_details},
+        {"assets": policy.assets, "schedule": policy.schedule, **principal.audit_details},
     )
     return policy_public(service, policy)
 
@@ -133,7 +135,7 @@ def update_policy(
         principal.name,
         "policy.update",
         name,
-        {"asset": policy.asset, "schedule": policy.schedule, **principal.audit_details},
+        {"assets": policy.assets, "schedule": policy.schedule, **principal.audit_details},
     )
     return policy_public(service, policy)
 
@@ -153,23 +155,31 @@ def run_policy(
     response: Response,
     body: BackupCreate | None = None,
 ) -> JobPublic:
-    """Run the policy now: a backup job (the policy's mode unless one is given), followed by a
-    prune job with the policy's retention when the backup succeeds."""
+    """Run the policy now: a backup job per asset (the policy's mode unless one is given), each
+    followed by a prune job with the policy's retention when its backup succeeds. The answer is
+    the first asset's job; ``X-Job-Ids`` lists every one."""
     catalog = service.app.catalog
     policy = catalog.get_policy(name)
     mode = (body.mode if body else None) or policy.mode
-    job = service.jobs.submit(
-        POLICY_JOB_KIND,
-        {
-            "policy": policy.name,
-            "asset": policy.asset,
-            "mode": mode,
-            "trigger": "manual",
-            "apply_retention": True,
-        },
-    )
+    jobs = [
+        service.jobs.submit(
+            POLICY_JOB_KIND,
+            {
+                "policy": policy.name,
+                "asset": asset,
+                "mode": mode,
+                "trigger": "manual",
+                "apply_retention": True,
+            },
+        )
+        for asset in policy.assets
+    ]
     catalog.audit(
-        principal.name, "policy.run", name, {"job": job.id, "mode": mode, **principal.audit_details}
+        principal.name,
+        "policy.run",
+        name,
+        {"jobs": [j.id for j in jobs], "mode": mode, **principal.audit_details},
     )
-    response.headers["Location"] = f"/api/jobs/{job.id}"
-    return job_public(job)
+    response.headers["Location"] = f"/api/jobs/{jobs[0].id}"
+    response.headers["X-Job-Ids"] = ",".join(j.id for j in jobs)
+    return job_public(jobs[0])

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
 from api.deps import Admin, CatalogDep, ServiceDep, Viewer
+from api.protection_views import attention_public, legs_public, reason_public, summary_public
 from api.schemas import (
     AlertPublic,
     AssetStatus,
@@ -24,23 +25,19 @@ from api.schemas import (
     BootTestPublic,
     CapacityPublic,
     CapacitySample,
-    DashboardPublic,
     JobCounts,
     SettingsPublic,
     SettingsUpdate,
 )
+from api.schemas_protection import AssetProtectionPublic, ProtectionDashboardPublic
 from api.service import Service
 from api.views import copies_public
 from appliance.boot_verification import BootTestResult, boot_test_result
 from appliance.catalog import Catalog
 from appliance.catalog.records import FailoverSessionRecord, JobRecord, PointRecord
-from appliance.protection import (
-    filesystem_usage,
-    growth,
-    last_good_point,
-    rpo_status,
-    rpo_target,
-)
+from appliance.protection import filesystem_usage, growth, last_good_point, rpo_status
+from appliance.protection_facts import gather_facts
+from appliance.protection_status import AssetProtection, asset_status
 
 router = APIRouter(tags=["status"])
 metrics_router = APIRouter(tags=["status"])
@@ -136,55 +133,31 @@ def _capacity(service: Service, points: list[PointRecord], now: datetime) -> Cap
     )
 
 
-@router.get("/dashboard", response_model=DashboardPublic)
-def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
-    """Per asset: last good point, its age, RPO target and status, copies and sizes, and for a
-    VM its last boot test and last proven boot; alerts (failed boot tests, missed RPOs); the
-    pool's capacity with a 30-day growth trend; job counts."""
+@router.get("/dashboard", response_model=ProtectionDashboardPublic)
+def dashboard(principal: Viewer, service: ServiceDep) -> ProtectionDashboardPublic:
+    """Per asset: its verdict (state, reasons with their fixes, 3-2-1 legs), last good point,
+    its age, RPO target and status, copies and sizes, and for a VM its last boot test and last
+    proven boot; every asset that is not protected, worst first; alerts (failed boot tests,
+    missed RPOs); the pool's capacity with a 30-day growth trend; job counts."""
     catalog = service.app.catalog
     now = service.now()
     points = catalog.list_points()
-    by_asset: dict[str, list[PointRecord]] = defaultdict(list)
+    stored: dict[str, int] = defaultdict(int)
+    counts_by_asset: dict[str, int] = defaultdict(int)
     for point in points:
-        by_asset[point.asset].append(point)
-    policies = defaultdict(list)
-    for policy in catalog.list_policies():
-        policies[policy.asset].append(policy)
-    last_tests = catalog.last_boot_tests(per="asset")
-    last_proven = catalog.last_boot_tests(per="asset", proven_only=True)
-    assets = []
-    for asset in catalog.list_assets():
-        mine = by_asset.get(asset.name, [])
-        last = last_good_point(mine)
-        target = rpo_target(policies[asset.name])
-        boot_test, proven_boot = (
-            _boot_tests(last_tests.get(asset.name), last_proven.get(asset.name))
-            if asset.kind == "vm"
-            else (None, None)
-        )
-        assets.append(
-            AssetStatus(
-                asset=asset.name,
-                kind=asset.kind,
-                policies=[p.name for p in policies[asset.name]],
-                points=len(mine),
-                last_point_id=last.id if last else None,
-                last_point_at=last.created_at if last else None,
-                age_seconds=(now - last.created_at).total_seconds() if last else None,
-                rpo_seconds=target,
-                rpo_status=rpo_status(last, target, now),  # type: ignore[arg-type]
-                copies=copies_public(catalog, last.id) if last else [],
-                logical_bytes=last.logical_bytes if last else 0,
-                stored_bytes=sum(p.stored_bytes for p in mine),
-                last_boot_test=boot_test,
-                last_proven_boot=proven_boot,
-            )
-        )
+        stored[point.asset] += point.stored_bytes
+        counts_by_asset[point.asset] += 1
+    statuses = [asset_status(facts, now) for facts in gather_facts(catalog)]
+    assets = [
+        _asset_public(catalog, s, now, counts_by_asset[s.asset], stored[s.asset]) for s in statuses
+    ]
     counts = catalog.count_jobs()
-    return DashboardPublic(
+    return ProtectionDashboardPublic(
         generated_at=now,
         appliance_name=str(service.settings_document()["appliance_name"]),
         assets=assets,
+        summary=summary_public(statuses),
+        attention=attention_public(statuses),
         capacity=_capacity(service, points, now),
         jobs=JobCounts(
             queued=counts.get("queued", 0),
@@ -192,7 +165,38 @@ def dashboard(principal: Viewer, service: ServiceDep) -> DashboardPublic:
             failed=counts.get("failed", 0),
             interrupted=counts.get("interrupted", 0),
         ),
-        alerts=dashboard_alerts(assets),
+        alerts=dashboard_alerts(list(assets)),
+    )
+
+
+def _asset_public(
+    catalog: Catalog, s: AssetProtection, now: datetime, points: int, stored: int
+) -> AssetProtectionPublic:
+    last = s.last_good
+    last_test = last_proven = None
+    if s.kind == "vm":
+        last_test = boot_test_public(s.boot_test) if s.boot_test else BootTestPublic(state="never")
+        last_proven = boot_test_public(s.proven_boot) if s.proven_boot else None
+    return AssetProtectionPublic(
+        asset=s.asset,
+        kind=s.kind,
+        policies=s.policies,
+        points=points,
+        last_point_id=last.id if last else None,
+        last_point_at=last.created_at if last else None,
+        age_seconds=(now - last.created_at).total_seconds() if last else None,
+        rpo_seconds=s.rpo_seconds,
+        rpo_status=rpo_status(last, s.rpo_seconds, now),  # type: ignore[arg-type]
+        copies=copies_public(catalog, last.id) if last else [],
+        logical_bytes=last.logical_bytes if last else 0,
+        stored_bytes=stored,
+        last_boot_test=last_test,
+        last_proven_boot=last_proven,
+        state=s.state,  # type: ignore[arg-type]
+        reasons=[reason_public(r) for r in s.reasons],
+        legs=legs_public(s.legs),
+        last_verified_at=s.last_verified_at,
+        running_session=s.running_session,
     )
 
 

@@ -48,13 +48,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyfastcdc
 
-from appliance.backup.tree import Record, TreeWriter, iter_tree, path_key
+from appliance.backup.progress import REPORT_SECONDS, ProgressTotals, ReadMeter
+from appliance.backup.signals import SignalCounter
+from appliance.backup.tree import PreviousCursor, Record, TreeWriter, iter_tree
 from appliance.backup.walk import (
     ChangedError,
     DirChain,
@@ -115,11 +117,13 @@ class Warnings:
 
 _worker: BlobWriter | None = None
 _chunker: pyfastcdc.FastCDC | None = None
+_meter: ReadMeter | None = None
 
 
-def _init_worker(repo_or_spec: Any) -> None:
+def _init_worker(repo_or_spec: Any, meter: ReadMeter | None = None) -> None:
     die_with_parent()
-    global _worker, _chunker
+    global _worker, _chunker, _meter
+    _meter = meter
     repo = (
         repo_or_spec
         if isinstance(repo_or_spec, Repository)
@@ -150,6 +154,8 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _store_piece(writer: BlobWriter, data: bytes | memoryview, chunks: list[list[Any]]) -> None:
+    if _meter is not None:
+        _meter.advance(len(data))
     if writer.envelope.is_zero(data):
         chunks.append([None, len(data)])
     else:
@@ -268,6 +274,8 @@ def _read_file(fd: int, opened: os.stat_result) -> dict[str, Any]:
                     if hole:
                         chunks.append([None, length])
                         read += length
+                        if _meter is not None:
+                            _meter.advance(length)
                     else:
                         read += _chunk_region(fd, start, length, chunks)
             else:
@@ -313,11 +321,13 @@ def _read_window(dirs: DirChain, items: list[BatchItem]) -> list[dict[str, Any]]
                 os.close(entry[0])
 
 
-def _read_batch(
-    root: SourceRoot, items: list[BatchItem]
-) -> tuple[list[dict[str, Any]], list[IndexEntry], int, int]:
+#: A batch read: (results, index entries, (new bytes, new data bytes, dense bytes), pid).
+BatchResult = tuple[list[dict[str, Any]], list[IndexEntry], tuple[int, int, int], int]
+
+
+def _read_batch(root: SourceRoot, items: list[BatchItem]) -> BatchResult:
     assert _worker is not None
-    before = _worker.new_bytes
+    before = (_worker.new_bytes, _worker.data_bytes, _worker.dense_bytes)
     try:
         dirs = _source_dirs(root)
     except (OSError, ChangedError) as exc:
@@ -326,7 +336,11 @@ def _read_batch(
         results = []
         for start in range(0, len(items), PREFETCH_FILES):
             results.extend(_read_window(dirs, items[start : start + PREFETCH_FILES]))
-    return results, _worker.take_completed(), _worker.new_bytes - before, os.getpid()
+    if _meter is not None:
+        _meter.flush()
+    after = (_worker.new_bytes, _worker.data_bytes, _worker.dense_bytes)
+    counts = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
+    return results, _worker.take_completed(), counts, os.getpid()
 
 
 def _flush_worker(_: int) -> tuple[list[IndexEntry], int, int]:
@@ -363,22 +377,6 @@ def _names() -> tuple[Callable[[int], str | None], Callable[[int], str | None]]:
     return user, group
 
 
-class _PreviousCursor:
-    """Merge-join cursor over the previous point's records (canonical order)."""
-
-    def __init__(self, records: Iterator[Record]) -> None:
-        self._records = records
-        self._current: Record | None = next(records, None)
-
-    def find(self, path: str) -> Record | None:
-        key = path_key(path)
-        while self._current is not None and path_key(self._current["path"]) < key:
-            self._current = next(self._records, None)
-        if self._current is not None and self._current["path"] == path:
-            return self._current
-        return None
-
-
 def _unchanged(prev: Record | None, st: os.stat_result) -> bool:
     return (
         prev is not None
@@ -393,7 +391,7 @@ def _unchanged(prev: Record | None, st: os.stat_result) -> bool:
 
 @dataclass
 class _Batch:
-    future: Future[tuple[list[dict[str, Any]], list[IndexEntry], int, int]]
+    future: Future[BatchResult]
     records: list[Record]
 
 
@@ -405,15 +403,18 @@ def backup_tree(
     workers: int,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    signals: SignalCounter | None = None,
 ) -> tuple[list[str], BackupStats, Warnings]:
     """Back up ``source``; return (tree blob IDs, stats, warnings). Index entries are committed
-    to the store before returning; the caller writes the manifest."""
+    to the store before returning; the caller writes the manifest. ``signals`` counts the
+    changes against ``previous`` (``appliance.backup.signals``)."""
     source = canonical_root(source)
     stats = BackupStats()
     warnings = Warnings()
     main_writer = repo.writer()
     tree = TreeWriter(main_writer)
-    prev_cursor = _PreviousCursor(iter_tree(repo, previous) if previous else iter([]))
+    signals = signals or SignalCounter(None)
+    prev_cursor = PreviousCursor(iter_tree(repo, previous) if previous else iter([]), signals.gone)
     user_name, group_name = _names()
     hardlinks: dict[tuple[int, int], str] = {}
     pending_entries: list[IndexEntry] = []
@@ -421,11 +422,12 @@ def backup_tree(
     spec = repo.worker_spec()
     ctx = worker_context(spec is not None)
     workers = max(1, workers)
+    meter = ReadMeter(ctx)
     executor = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(spec or repo,),
+        initargs=(spec or repo, meter),
     )
     unflushed: set[int] = set()
     queue: deque[Record] = deque()
@@ -452,27 +454,30 @@ def backup_tree(
             pending_entries.clear()
             last_commit = time.monotonic()
 
-    # The tree is not pre-scanned (that would stat everything twice); the previous point's
-    # size is the estimate of the total, good for the usual incremental.
-    estimate = int((previous or {}).get("stats", {}).get("logical_bytes", 0))
+    # The tree is not pre-scanned (that would stat everything twice): see backup/progress.py.
+    totals = ProgressTotals(int((previous or {}).get("stats", {}).get("logical_bytes", 0)))
 
     def report() -> None:
         if progress is not None:
             info = {
                 "files": stats.files,
-                "bytes_done": stats.bytes_total,
+                "bytes_done": totals.done(meter.read),
                 "bytes_read": stats.bytes_read,
                 "new_bytes": stats.new_bytes,
             }
-            if estimate:
-                info["bytes_total"] = max(estimate, stats.bytes_total)
+            if totals.total():
+                info["bytes_total"] = totals.total()
             progress(info)
 
     def finish_batch(batch: _Batch) -> None:
-        results, entries, new_bytes, pid = batch.future.result()
+        while not batch.future.done():  # a large file: report the bytes read within it
+            wait([batch.future], timeout=REPORT_SECONDS)
+            report()
+        results, entries, (new_bytes, data_bytes, dense_bytes), pid = batch.future.result()
         unflushed.add(pid)
         commit_entries(entries)
         stats.new_bytes += new_bytes
+        signals.data(data_bytes, dense_bytes)
         for record, result in zip(batch.records, results, strict=True):
             record.pop("_pending")
             if result.get("vanished"):
@@ -500,7 +505,10 @@ def backup_tree(
     def drain() -> None:
         while queue and "_pending" not in queue[0]:
             record = queue.popleft()
-            if record.pop("_drop", False):
+            dropped = record.pop("_drop", False)
+            if record["type"] == "file":
+                signals.done(record, dropped)
+            if dropped:
                 stats.files -= 1
                 continue
             if record["type"] == "file":
@@ -569,7 +577,10 @@ def backup_tree(
                 record.update(type="file", size=st.st_size, ctime_ns=st.st_ctime_ns, ino=st.st_ino)
                 stats.files += 1
                 prev = prev_cursor.find(rel)
-                if _unchanged(prev, st):
+                totals.walked += st.st_size
+                reused = _unchanged(prev, st)
+                signals.seen(rel, prev, reused)
+                if reused:
                     assert prev is not None
                     record["chunks"] = prev["chunks"]
                     if prev.get("sparse"):
@@ -577,6 +588,7 @@ def backup_tree(
                     if prev.get("xattrs"):
                         record["xattrs"] = prev["xattrs"]
                     stats.files_reused += 1
+                    totals.reused += st.st_size
                     queue.append(record)
                     drain()
                     continue  # setting an xattr changes ctime: the previous ones still hold
@@ -597,6 +609,8 @@ def backup_tree(
             queue.append(record)
             drain()
         submit()
+        prev_cursor.finish()
+        totals.walk_done = True
         while inflight:
             finish_batch(inflight.popleft())
             drain()
@@ -614,6 +628,7 @@ def backup_tree(
         commit_entries(main_writer.flush(), force=True)
         stats.packs += main_writer.packs_written
         stats.new_bytes += main_writer.new_bytes
+        totals.walked = totals.reused = stats.bytes_total
         report()
         return tree_ids, stats, warnings
     except BaseException:

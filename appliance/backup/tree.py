@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from appliance.errors import IntegrityError
@@ -69,6 +69,32 @@ class TreeWriter:
     def finish(self) -> list[str]:
         self._cut()
         return self.blob_ids
+
+
+class PreviousCursor:
+    """Merge-join cursor over the previous point's records (canonical order): ``find`` the
+    record of each path in turn; every record passed without a match (and, at ``finish``, every
+    one left) is handed to ``passed``."""
+
+    def __init__(self, records: Iterator[Record], passed: Callable[[Record], None]) -> None:
+        self._records = records
+        self._current: Record | None = next(records, None)
+        self._passed = passed  # told of each record passed without a match
+
+    def find(self, path: str) -> Record | None:
+        key = path_key(path)
+        while self._current is not None and path_key(self._current["path"]) < key:
+            self._passed(self._current)
+            self._current = next(self._records, None)
+        if self._current is not None and self._current["path"] == path:
+            found, self._current = self._current, next(self._records, None)
+            return found
+        return None
+
+    def finish(self) -> None:
+        while self._current is not None:
+            self._passed(self._current)
+            self._current = next(self._records, None)
 
 
 def iter_tree(repo: Repository, manifest: dict[str, Any]) -> Iterator[Record]:

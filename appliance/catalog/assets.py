@@ -14,8 +14,8 @@ from appliance.catalog.database import Database, check_choice, check_name
 from appliance.catalog.models import (
     AssetRow,
     PointRow,
-    PolicyRow,
 )
+from appliance.catalog.models_policies import PolicyAssetRow
 from appliance.catalog.records import (
     ASSET_KINDS,
     AssetRecord,
@@ -99,7 +99,7 @@ class AssetRepository:
                 select(func.count()).select_from(PointRow).where(PointRow.asset == name)
             )
             policies = session.scalar(
-                select(func.count()).select_from(PolicyRow).where(PolicyRow.asset == name)
+                select(func.count()).select_from(PolicyAssetRow).where(PolicyAssetRow.asset == name)
             )
             if points or policies:
                 raise Conflict(

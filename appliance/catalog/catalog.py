@@ -23,6 +23,7 @@ from types import TracebackType
 from sqlalchemy import Engine
 
 from appliance.catalog.accounts import AccountRepository
+from appliance.catalog.alerts import AlertRepository
 from appliance.catalog.assets import AssetRepository
 from appliance.catalog.copies import CopyRepository
 from appliance.catalog.database import HEAD_REVISION, MIGRATIONS_DIR, Clock, Database
@@ -44,6 +45,7 @@ class Catalog(
     ScheduleRepository,
     AccountRepository,
     FailoverRepository,
+    AlertRepository,
 ):
     """The catalog of one appliance. Open with :meth:`open`; close with :meth:`close`.
 

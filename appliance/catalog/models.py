@@ -168,6 +168,9 @@ class PointRow(Base):
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     verify_status: Mapped[str | None] = mapped_column(String(NAME))
     labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    signals: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    suspicion: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    review: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     def to_record(self) -> PointRecord:
         return PointRecord(
@@ -187,6 +190,9 @@ class PointRow(Base):
             verified_at=self.verified_at,
             verify_status=self.verify_status,
             labels=dict(self.labels),
+            signals=dict(self.signals or {}),
+            suspicion=list(self.suspicion or []),
+            review=dict(self.review) if self.review else None,
         )
 
     def assign(self, point: PointRecord) -> None:
@@ -207,6 +213,8 @@ class PointRow(Base):
         self.verified_at = point.verified_at
         self.verify_status = point.verify_status
         self.labels = dict(point.labels)
+        self.signals, self.suspicion = dict(point.signals) or None, list(point.suspicion) or None
+        self.review = dict(point.review) if point.review else None
 
 
 class LocationRow(Base):
@@ -287,16 +295,16 @@ class PolicyRow(Base):
     __tablename__ = "policies"
 
     name: Mapped[str] = mapped_column(String(NAME), primary_key=True)
-    asset: Mapped[str] = mapped_column(String(NAME), ForeignKey("assets.name"), index=True)
     schedule: Mapped[dict[str, Any]] = mapped_column(JSON)
     mode: Mapped[str] = mapped_column(String(STATE))
     retention: Mapped[dict[str, Any]] = mapped_column(JSON)
     rpo_seconds: Mapped[int] = mapped_column(BigInteger)
 
-    def to_record(self) -> PolicyRecord:
+    def to_record(self, assets: list[str]) -> PolicyRecord:
+        """``assets``: the policy's rows of ``policy_assets`` (revision 0009), in order."""
         return PolicyRecord(
             name=self.name,
-            asset=self.asset,
+            assets=assets,
             schedule=dict(self.schedule),
             mode=self.mode,
             retention=dict(self.retention),

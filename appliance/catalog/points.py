@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -29,6 +30,7 @@ from appliance.catalog.records import (
     HELD_COPY_STATES,
     POINT_KINDS,
     POINT_MODES,
+    REVIEW_VERDICTS,
     PointRecord,
 )
 from appliance.errors import Conflict, InvalidInput, NotFound
@@ -187,6 +189,42 @@ class PointRepository:
             row.verified_at = at
             row.verify_status = status
 
+    def record_signals(
+        self, point_id: str, signals: dict[str, Any], suspicion: list[str]
+    ) -> PointRecord:
+        """Store what the backup measured and, when the point looks like an attack, why
+        (``suspicion``: reasons in words; [] for a clean point). A new judgement drops an
+        earlier review."""
+        with self._db.session(write=True) as session:
+            row = self._row(session, point_id)
+            row.signals = dict(signals) or None
+            row.suspicion = [str(reason) for reason in suspicion] or None
+            row.review = None
+            return row.to_record()
+
+    def review_point(self, point_id: str, by: str, at: datetime, verdict: str) -> PointRecord:
+        """Record that ``by`` looked at the suspicious point: ``expected`` clears the suspicion
+        (retention goes on), ``attack`` confirms it (the hold on retention stays)."""
+        check_choice(verdict, REVIEW_VERDICTS, "review verdict")
+        check_name(by, "reviewer")
+        at = utc(at, "review time")
+        with self._db.session(write=True) as session:
+            row = self._row(session, point_id)
+            if not row.suspicion:
+                raise Conflict(
+                    f"recovery point {point_id} is not suspicious: there is nothing to review",
+                    point=point_id,
+                )
+            row.review = {"by": by, "at": at.isoformat(), "verdict": verdict}
+            return row.to_record()
+
+    @staticmethod
+    def _row(session: Session, point_id: str) -> PointRow:
+        row = session.get(PointRow, point_id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"recovery point {point_id} is not in the catalog", point=point_id)
+        return row
+
     def replace_store_points(self, store_id: str, points: list[PointRecord]) -> tuple[int, int]:
         """Make the catalog's points of ``store_id`` exactly ``points`` (for `catalog rebuild`).
 
@@ -227,6 +265,14 @@ class PointRepository:
                     if point.verified_at is None:
                         point = replace(
                             point, verified_at=row.verified_at, verify_status=row.verify_status
+                        )
+                    if not point.signals:  # measured and judged by the catalog, like a verify
+                        kept = row.to_record()
+                        point = replace(
+                            point,
+                            signals=kept.signals,
+                            suspicion=kept.suspicion,
+                            review=kept.review,
                         )
                     if row.to_record() != point:
                         if row.asset != point.asset:

@@ -28,6 +28,8 @@ from typing import Any
 ASSET_KINDS = frozenset({"files", "vm"})
 POINT_KINDS = frozenset({"files", "image"})
 POINT_MODES = frozenset({"full", "incremental", "differential"})
+#: What a person found when they looked at a suspicious point.
+REVIEW_VERDICTS = frozenset({"expected", "attack"})
 STORE_LOCATION_KINDS = frozenset({"pool", "usb", "tape", "bucket", "peer"})
 #: States of a copy. ``present`` copies are readable now; ``archived`` ones are in a cold storage
 #: class and need a recall (``recalling``) first; ``lost`` means the location no longer holds it.
@@ -144,6 +146,12 @@ class PointRecord:
     verified_at: datetime | None = None
     verify_status: str | None = None
     labels: dict[str, Any] = field(default_factory=dict)
+    #: What the backup measured against its parent (``appliance.backup.signals``; {}: none).
+    signals: dict[str, Any] = field(default_factory=dict)
+    #: Why the point looks like a ransomware attack, in words ([]: it does not).
+    suspicion: list[str] = field(default_factory=list)
+    #: Who looked at a suspicious point: ``{"by", "at", "verdict": "expected" | "attack"}``.
+    review: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,18 +235,28 @@ class JobLogRecord:
 
 @dataclass(frozen=True)
 class PolicyRecord:
-    """When and how an asset is backed up, and how long its points are kept.
+    """When and how a policy's assets are backed up, and how long their points are kept.
 
+    ``assets`` is ordered and never empty (a single name is taken as a list of one).
     ``schedule`` and ``retention`` are the JSON forms the scheduler and retention code define;
     the catalog stores them without interpreting them.
     """
 
     name: str
-    asset: str
+    assets: list[str]
     schedule: dict[str, Any]
     mode: str
     retention: dict[str, Any]
     rpo_seconds: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.assets, str):
+            object.__setattr__(self, "assets", [self.assets])
+
+    @property
+    def asset(self) -> str:
+        """The first asset (for readers written when a policy had exactly one)."""
+        return self.assets[0] if self.assets else ""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """Policies, the state of their schedules, and the service's settings documents.
 
+A policy covers one or more assets, kept in ``policy_assets`` in the order given; every read of
+a policy returns them in that order.
+
 ``fire_schedule`` advances a policy's schedule state and creates the job it fired, with its
 first log lines, in ONE transaction: a crash can neither run a slot twice nor skip one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +24,7 @@ from appliance.catalog.models import (
     ScheduleStateRow,
     SettingRow,
 )
+from appliance.catalog.models_policies import PolicyAssetRow
 from appliance.catalog.records import (
     LOG_LEVELS,
     POINT_MODES,
@@ -34,14 +39,41 @@ def check_policy(policy: PolicyRecord) -> None:
     check_choice(policy.mode, POINT_MODES, "backup mode")
     if policy.rpo_seconds < 0:
         raise InvalidInput("rpo_seconds must not be negative")
+    if not policy.assets:
+        raise InvalidInput("a policy covers at least one asset", policy=policy.name)
+    for asset in policy.assets:
+        check_name(asset, "asset name")
+    if len(set(policy.assets)) != len(policy.assets):
+        raise InvalidInput("a policy names each asset once", policy=policy.name)
 
 
-def assign_policy(row: PolicyRow, policy: PolicyRecord) -> None:
-    row.asset = policy.asset
+def assign_policy(session: Session, row: PolicyRow, policy: PolicyRecord) -> None:
+    """Write ``policy`` into ``row`` (added to the session if new) and its asset rows."""
+    for asset in policy.assets:
+        asset_must_exist(session, asset)
     row.schedule = dict(policy.schedule)
     row.mode = policy.mode
     row.retention = dict(policy.retention)
     row.rpo_seconds = policy.rpo_seconds
+    session.add(row)
+    session.execute(delete(PolicyAssetRow).where(PolicyAssetRow.policy == policy.name))
+    for position, asset in enumerate(policy.assets):
+        session.add(PolicyAssetRow(policy=policy.name, asset=asset, position=position))
+
+
+def assets_of(session: Session, names: list[str] | None = None) -> dict[str, list[str]]:
+    """``{policy: [asset, ...]}`` in each policy's order (of ``names``, or of every policy)."""
+    query = select(PolicyAssetRow).order_by(PolicyAssetRow.policy, PolicyAssetRow.position)
+    if names is not None:
+        query = query.where(PolicyAssetRow.policy.in_(names))
+    out: dict[str, list[str]] = {}
+    for row in session.scalars(query):
+        out.setdefault(row.policy, []).append(row.asset)
+    return out
+
+
+def policy_record(session: Session, row: PolicyRow) -> PolicyRecord:
+    return row.to_record(assets_of(session, [row.name]).get(row.name, []))
 
 
 def policy_row(session: Session, name: str, *, lock: bool = False) -> PolicyRow:
@@ -63,36 +95,40 @@ class ScheduleRepository:
         with self._db.session(write=True, conflict=conflict) as session:
             if session.get(PolicyRow, policy.name) is not None:
                 raise Conflict(conflict, policy=policy.name)
-            asset_must_exist(session, policy.asset)
             row = PolicyRow(name=policy.name)
-            assign_policy(row, policy)
-            session.add(row)
-            return row.to_record()
+            assign_policy(session, row, policy)
+            session.flush()
+            return policy_record(session, row)
 
     def update_policy(self, policy: PolicyRecord) -> PolicyRecord:
-        """Replace every field of the policy named ``policy.name``."""
+        """Replace every field of the policy named ``policy.name`` (its assets too)."""
         check_policy(policy)
         with self._db.session(write=True) as session:
             row = policy_row(session, policy.name, lock=True)
-            asset_must_exist(session, policy.asset)
-            assign_policy(row, policy)
-            return row.to_record()
+            assign_policy(session, row, policy)
+            session.flush()
+            return policy_record(session, row)
 
     def get_policy(self, name: str) -> PolicyRecord:
         with self._db.session(write=False) as session:
-            return policy_row(session, name).to_record()
+            return policy_record(session, policy_row(session, name))
 
     def list_policies(self, asset: str | None = None) -> list[PolicyRecord]:
+        """Every policy by name, or those covering ``asset``."""
         query = select(PolicyRow).order_by(PolicyRow.name)
         if asset is not None:
-            query = query.where(PolicyRow.asset == asset)
+            covering = select(PolicyAssetRow.policy).where(PolicyAssetRow.asset == asset)
+            query = query.where(PolicyRow.name.in_(covering))
         with self._db.session(write=False) as session:
-            return [row.to_record() for row in session.scalars(query)]
+            rows = list(session.scalars(query))
+            assets = assets_of(session, None if asset is None else [r.name for r in rows])
+            return [row.to_record(assets.get(row.name, [])) for row in rows]
 
     def delete_policy(self, name: str) -> None:
         with self._db.session(write=True) as session:
             row = policy_row(session, name, lock=True)
             session.execute(delete(ScheduleStateRow).where(ScheduleStateRow.policy == name))
+            session.execute(delete(PolicyAssetRow).where(PolicyAssetRow.policy == name))
             session.delete(row)
 
     def schedule_state(self, policy: str | None = None) -> dict[str, dict[str, datetime]]:
@@ -146,6 +182,22 @@ class ScheduleRepository:
         restart (a double run) nor a slot marked fired without its job (a silent skip). ``log``
         lines (level, message) go to the new job's log.
         """
+        jobs = [] if job_kind is None else [(job_params or {}, job_resource)]
+        created = self.fire_schedule_jobs(policy, fired, job_kind=job_kind, jobs=jobs, log=log)
+        return created[0] if created else None
+
+    def fire_schedule_jobs(
+        self,
+        policy: str,
+        fired: dict[str, datetime],
+        *,
+        job_kind: str | None = None,
+        jobs: Sequence[tuple[dict[str, Any], str | None]] = (),
+        log: list[tuple[str, str]] | None = None,
+    ) -> list[JobRecord]:
+        """:meth:`fire_schedule` for a policy of several assets: one job of ``job_kind`` per
+        (params, resource) of ``jobs`` (each with the ``log`` lines), all in the transaction
+        that records the slots."""
         fired = {key: utc(at, "schedule time") for key, at in fired.items()}
         for key in fired:
             check_name(key, "schedule entry")
@@ -162,13 +214,16 @@ class ScheduleRepository:
                 else:
                     state.last_fired_at = at
             if job_kind is None:
-                return None
-            job = new_job_row(self._db, job_kind, job_params or {}, job_resource)
-            session.add(job)
-            session.flush()
-            for level, message in log or []:
-                append_log_line(self._db, session, job.id, level, message)
-            return job.to_record()
+                return []
+            created = []
+            for params, resource in jobs:
+                job = new_job_row(self._db, job_kind, params, resource)
+                session.add(job)
+                session.flush()
+                for level, message in log or []:
+                    append_log_line(self._db, session, job.id, level, message)
+                created.append(job.to_record())
+            return created
 
     # --- settings ------------------------------------------------------------------------------
 

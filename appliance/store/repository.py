@@ -128,6 +128,11 @@ class StoreLocks:
         )
 
 
+#: A new data blob whose compressed size is at least this share of its size "does not compress".
+DENSE_RATIO = 0.97
+_SEAL_OVERHEAD = 3 + fmt.NONCE_SIZE + fmt.TAG_SIZE
+
+
 class BlobWriter:
     """Seals blobs and appends them to packs, skipping blobs the store already has.
 
@@ -142,6 +147,11 @@ class BlobWriter:
         self._seen: set[bytes] = set()
         self.new_bytes = 0
         self.new_blobs = 0
+        #: Plaintext bytes of the new file-data blobs, and of those among them that zstd could
+        #: not shrink below DENSE_RATIO (encrypted or already compressed data): a ransomware
+        #: signal, counted from the envelope already sealed, never by compressing again.
+        self.data_bytes = 0
+        self.dense_bytes = 0
 
     def put(
         self, blob_type: int, plaintext: bytes | memoryview, blob_id: bytes | None = None
@@ -159,6 +169,14 @@ class BlobWriter:
         self._seen.add(blob_id)
         self.new_bytes += len(sealed)
         self.new_blobs += 1
+        if blob_type == fmt.BLOB_DATA:
+            size = len(plaintext)
+            self.data_bytes += size
+            if (
+                sealed[2] == fmt.COMPRESSION_NONE
+                or len(sealed) - _SEAL_OVERHEAD >= size * DENSE_RATIO
+            ):
+                self.dense_bytes += size
         return blob_id
 
     def flush(self) -> list[IndexEntry]:

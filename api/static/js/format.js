@@ -21,9 +21,22 @@ export function rate(bytesPerSecond) {
   return `${bytes(bytesPerSecond)}/s`;
 }
 
+/** The one place a word follows a number: plural(1, "policy", "policies") -> "policy". */
+export function plural(n, one, many = `${one}s`) {
+  return Number(n) === 1 ? one : many;
+}
+
+/** A number and its word: count(1, "second") -> "1 second", count(1204, "file") -> "1,204 files". */
 export function count(n, one, many = `${one}s`) {
   const value = Number(n || 0);
-  return `${value.toLocaleString("en-US")} ${value === 1 ? one : many}`;
+  return `${value.toLocaleString("en-US")} ${plural(value, one, many)}`;
+}
+
+/** "a", "a and b", "a, b and c". */
+export function listText(items) {
+  const list = (items || []).map(String);
+  if (list.length <= 1) return list.join("");
+  return `${list.slice(0, -1).join(", ")} and ${list[list.length - 1]}`;
 }
 
 export function percent(fraction) {
@@ -32,21 +45,22 @@ export function percent(fraction) {
   return `${p >= 10 || p === 0 ? Math.round(p) : p.toFixed(1)}%`;
 }
 
-/** 75 -> "1 min 15 s"; 7200 -> "2 h"; 200000 -> "2 days 7 h". */
+/** 1 -> "1 second"; 75 -> "1 minute 15 seconds"; 7200 -> "2 hours"; 200000 -> "2 days 7 hours". */
 export function duration(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(Number(seconds))) return "—";
-  if (Number(seconds) < 1) return "under 1 s";
+  if (Number(seconds) < 1) return "under a second";
   let s = Math.round(Number(seconds));
-  if (s < 60) return `${s} s`;
+  if (s < 60) return count(s, "second");
   const days = Math.floor(s / 86400);
   s -= days * 86400;
   const hours = Math.floor(s / 3600);
   s -= hours * 3600;
   const minutes = Math.floor(s / 60);
   s -= minutes * 60;
-  if (days) return hours ? `${days} ${days === 1 ? "day" : "days"} ${hours} h` : `${days} ${days === 1 ? "day" : "days"}`;
-  if (hours) return minutes ? `${hours} h ${minutes} min` : `${hours} h`;
-  return s ? `${minutes} min ${s} s` : `${minutes} min`;
+  // Two units at most: "2 days 7 hours" says enough; the minutes of it do not matter.
+  if (days) return hours ? `${count(days, "day")} ${count(hours, "hour")}` : count(days, "day");
+  if (hours) return minutes ? `${count(hours, "hour")} ${count(minutes, "minute")}` : count(hours, "hour");
+  return s ? `${count(minutes, "minute")} ${count(s, "second")}` : count(minutes, "minute");
 }
 
 /** An RPO target in words: 3600 -> "1 hour", 86400 -> "1 day". */

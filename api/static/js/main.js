@@ -7,6 +7,7 @@ import { ROLE_NAMES } from "./format.js";
 import { bannerSlot } from "./ui.js";
 import { renderFirstRun, renderLogin } from "./views/auth.js";
 import dashboard from "./views/dashboard.js";
+import report from "./views/report.js";
 import assets from "./views/assets.js";
 import points from "./views/points.js";
 import browse from "./views/browse.js";
@@ -20,6 +21,7 @@ import replication from "./views/replication.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
 import settingsView from "./views/settings.js";
+import alertsView from "./views/alerts.js";
 
 const RANK = { viewer: 0, operator: 1, admin: 2 };
 
@@ -29,6 +31,7 @@ const NAV = [
   { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
   { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
+  { href: "#/alerts", label: "Alerts", iconName: "alert", match: /^\/alerts/ },
   { href: "#/pools", label: "Pools & disks", iconName: "pools", match: /^\/(pools|disks|media)/ },
   { href: "#/tiering", label: "Tiering", iconName: "copy", match: /^\/tiering/ },
   { href: "#/replication", label: "Replication", iconName: "link", match: /^\/replication/ },
@@ -39,6 +42,7 @@ const NAV = [
 
 const ROUTES = [
   [/^\/$/, dashboard, "Dashboard"],
+  [/^\/report$/, report, "Weekly protection report"],
   [/^\/assets$/, assets, "Assets & policies"],
   [/^\/points$/, points, "Recovery points"],
   [/^\/points\/([^/]+)$/, browse, "Browse a point"],
@@ -46,6 +50,7 @@ const ROUTES = [
   [/^\/failover\/([^/]+)$/, failoverSession, "Failover session"],
   [/^\/jobs$/, jobList, "Jobs"],
   [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
+  [/^\/alerts$/, alertsView, "Alerts"],
   [/^\/pools$/, pools, "Storage: pools"],
   [/^\/disks$/, disks, "Storage: disks"],
   [/^\/media$/, media, "Storage: USB disks"],

@@ -88,9 +88,13 @@ export function formDialog({ title, description = null, body, submitLabel = "Sav
   const dialog = h("dialog", { class: wide ? "dialog dialog-wide" : "dialog", "aria-labelledby": form.querySelector("h2").id }, form);
   document.body.appendChild(dialog);
   const close = () => {
-    dialog.close();
+    window.removeEventListener("hashchange", close);
+    if (dialog.open) dialog.close();
     dialog.remove();
   };
+  // A dialog belongs to the screen it was opened on: going to another screen (a link, the back
+  // button, a view that moves on by itself) closes it rather than leaving it over the new one.
+  window.addEventListener("hashchange", close);
   cancel.addEventListener("click", close);
   dialog.addEventListener("cancel", (event) => {
     event.preventDefault();
@@ -224,6 +228,15 @@ export function field({ label, help = null, control = null, className = "", ...a
     input,
     help ? h("p", { class: "help", id: helpId }, help) : null,
   );
+}
+
+/**
+ * Show or hide a part of a form, and enable or disable its controls with it: a field that does
+ * not apply (the other kind's fields, a time for "every hour") can be neither seen nor sent.
+ */
+export function setApplies(part, applies) {
+  part.hidden = !applies;
+  for (const control of part.querySelectorAll("input, select, textarea, button")) control.disabled = !applies;
 }
 
 export function select(name, options, value, attrs = {}) {

@@ -2,23 +2,14 @@
 
 import { api, enc } from "../api.js";
 import { h, icon, replace } from "../dom.js";
-import { MODE_NAMES, dateTime, describeCron, period } from "../format.js";
-import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
+import { MODE_NAMES, count, dateTime, describeCron, listText, period } from "../format.js";
+import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, setApplies, table, toast, deleteButton } from "../ui.js";
+import { scheduleControls } from "./schedule_words.js";
 
 const MODES = [
   ["incremental", "Incremental (only changes)"],
   ["full", "Full (everything)"],
   ["differential", "Differential (changes since the last full)"],
-];
-
-const PRESETS = [
-  ["0 * * * *", "Every hour"],
-  ["0 */6 * * *", "Every 6 hours"],
-  ["0 2 * * *", "Every day at 02:00"],
-  ["0 2 * * 1-5", "Weekdays at 02:00"],
-  ["0 3 * * 0", "Every Sunday at 03:00"],
-  ["0 1 1 * *", "Monthly, on the 1st at 01:00"],
-  ["", "Custom…"],
 ];
 
 const KEEP = [
@@ -41,7 +32,7 @@ function kindText(kind) {
 
 // --- asset dialog ------------------------------------------------------------------------------------
 
-function assetDialog(existing, done) {
+function assetDialog(existing, done, added = null) {
   const editing = Boolean(existing);
   const kind = existing ? existing.kind : "files";
   const radios = h(
@@ -76,8 +67,8 @@ function assetDialog(existing, done) {
     field({ label: "VM definition (optional)", name: "vm_spec", value: existing?.vm_spec || "", placeholder: "/etc/libvirt/qemu/web.xml", help: "libvirt XML, JSON or TOML; read at each backup." }),
   );
   const showKind = (k) => {
-    filesPart.hidden = k !== "files";
-    vmPart.hidden = k !== "vm";
+    setApplies(filesPart, k === "files");
+    setApplies(vmPart, k === "vm");
   };
   showKind(kind);
   radios.addEventListener("change", (e) => showKind(e.target.value));
@@ -110,6 +101,7 @@ function assetDialog(existing, done) {
         const name = form.elements.name.value.trim();
         await api.post("/api/assets", { name, kind: k, ...body });
         toast(`Asset ${name} added. Give it a policy to back it up on a schedule.`);
+        if (added) added(name);
       }
       done();
     },
@@ -121,69 +113,85 @@ function assetDialog(existing, done) {
 // A schedule entry whose mode is "boot_test" test-boots the VM's newest point (VM assets only).
 const BOOT_TEST_TEXT = "Boot test of the newest point";
 
+const RPO_UNITS = [
+  ["60", "minutes"],
+  ["3600", "hours"],
+  ["86400", "days"],
+];
+
+/** The largest unit that says `seconds` in whole numbers: 86400 -> [1, 86400]; 5400 -> [90, 60]. */
+function inUnits(seconds) {
+  for (const [unit] of [...RPO_UNITS].reverse()) if (seconds && seconds % Number(unit) === 0) return [seconds / Number(unit), Number(unit)];
+  return [seconds ? Math.round(seconds / 60) : 24, seconds ? 60 : 3600];
+}
+
 function entryRow(entry, onRemove) {
-  const cron = h("input", { type: "text", name: "cron", value: entry.cron, class: "mono", "aria-label": "When (cron expression)", required: true, spellcheck: "false" });
-  const presetValue = PRESETS.some(([v]) => v === entry.cron) ? entry.cron : "";
-  const preset = select("preset", PRESETS, presetValue, { "aria-label": "When" });
+  const when = scheduleControls(entry.cron);
   const mode =
     entry.mode === "boot_test"
       ? h("span", { class: "entry-boot-test" }, h("input", { type: "hidden", name: "entry_mode", value: "boot_test" }), pill(BOOT_TEST_TEXT, "info"))
       : select("entry_mode", MODES.map(([v]) => [v, MODE_NAMES[v]]), entry.mode, { "aria-label": "Backup mode of this run" });
-  const words = h("p", { class: "help", text: describeCron(entry.cron) });
-  preset.addEventListener("change", () => {
-    if (preset.value) cron.value = preset.value;
-    words.textContent = describeCron(cron.value);
-    if (!preset.value) cron.focus();
-  });
-  cron.addEventListener("input", () => {
-    words.textContent = describeCron(cron.value);
-    preset.value = PRESETS.some(([v]) => v === cron.value.trim()) ? cron.value.trim() : "";
-  });
   const row = h(
     "div",
-    { class: "entry" },
-    h("div", { class: "entry-controls" }, preset, cron, mode, h("button", { type: "button", class: "icon-btn", "aria-label": "Remove this run", title: "Remove", onClick: () => onRemove(row) }, icon("trash"))),
-    words,
+    { class: "entry", dataset: { mode: entry.mode } },
+    h("div", { class: "entry-controls" }, when.el, mode, h("button", { type: "button", class: "icon-btn", "aria-label": "Remove this run", title: "Remove", onClick: () => onRemove(row) }, icon("trash"))),
   );
+  row.cron = when.cron;
   return row;
 }
 
-function policyDialog(existing, assets, done, presetAsset = null) {
+/** The checkboxes of the assets a policy covers. */
+function assetChoices(assets, chosen) {
+  return h(
+    "fieldset",
+    { class: "field asset-choices" },
+    h("legend", { class: "label", text: "Assets" }),
+    h("p", { class: "help", text: "The policy backs up each asset you tick, one job each." }),
+    h(
+      "div",
+      { class: "checks" },
+      assets.map((a) =>
+        h("label", { class: "check" }, h("input", { type: "checkbox", name: "assets", value: a.name, checked: chosen.includes(a.name) }), h("span", { text: `${a.name} (${kindText(a.kind).toLowerCase()})` })),
+      ),
+    ),
+  );
+}
+
+function policyDialog(existing, assets, done, { presetAsset = null, timezone = null } = {}) {
   const editing = Boolean(existing);
   const schedule = existing?.schedule || { entries: [{ cron: "0 2 * * *", mode: "incremental" }], catch_up: "once" };
   const retention = existing?.retention || { keep_daily: 7, keep_weekly: 4 };
-  const rpo = existing ? existing.rpo_seconds : 86400;
-  const rpoUnit = rpo && rpo % 86400 === 0 ? 86400 : 3600;
+  const [rpoValue, rpoUnit] = inUnits(existing ? existing.rpo_seconds : 86400);
   const entries = h("div", { class: "entries" });
   const removeRow = (row) => row.remove();
   for (const e of schedule.entries) entries.appendChild(entryRow(e, removeRow));
   const addEntry = button("Add a run", { iconName: "plus", kind: "small", onClick: () => entries.appendChild(entryRow({ cron: "0 3 * * 0", mode: "full" }, removeRow)) });
-  const assetSelect = select("asset", assets.map((a) => [a.name, `${a.name} (${kindText(a.kind).toLowerCase()})`]), existing?.asset || presetAsset || (assets[0] && assets[0].name));
-  const isVm = () => assets.some((a) => a.name === assetSelect.value && a.kind === "vm");
-  const addBootTest = button("Add a boot test", { iconName: "plus", kind: "small", title: "Test-boot the VM's newest point on this schedule: its boot is proven, its RTO measured and a screenshot kept", onClick: () => entries.appendChild(entryRow({ cron: "0 5 * * *", mode: "boot_test" }, removeRow)) });
+  const chosen = existing?.assets || [presetAsset || (assets[0] && assets[0].name)].filter(Boolean);
+  const assetBox = assetChoices(assets, chosen);
+  const picked = () => [...assetBox.querySelectorAll("input[name=assets]:checked")].map((el) => el.value);
+  const hasVm = () => assets.some((a) => a.kind === "vm" && picked().includes(a.name));
+  const addBootTest = button("Add a boot test", { iconName: "plus", kind: "small", title: "Test-boot each virtual machine's newest point on this schedule: its boot is proven, its RTO measured and a screenshot kept", onClick: () => entries.appendChild(entryRow({ cron: "0 5 * * *", mode: "boot_test" }, removeRow)) });
   const showBootTest = () => {
-    addBootTest.hidden = !isVm();
+    addBootTest.hidden = !hasVm();
+    addBootTest.disabled = !hasVm();
   };
-  assetSelect.addEventListener("change", showBootTest);
+  assetBox.addEventListener("change", showBootTest);
   showBootTest();
+  const zone = timezone ? `in the appliance's time zone, ${timezone}` : "in the appliance's time zone";
   formDialog({
     title: editing ? `Edit policy ${existing.name}` : "Add a protection policy",
-    description: editing ? null : "A policy backs up one asset on a schedule, keeps the points its retention says, and watches the RPO target.",
+    description: editing ? null : "A policy backs up its assets on a schedule, keeps the points its retention says, and watches the RPO target.",
     submitLabel: editing ? "Save changes" : "Add policy",
     wide: true,
     body: h(
       "div",
-      h(
-        "div",
-        { class: "grid-2" },
-        field({ label: "Name", name: "name", value: existing?.name || "", readonly: editing, required: true, placeholder: "nightly", help: editing ? null : "Letters, digits, dots, dashes and underscores." }),
-        field({ label: "Asset", control: assetSelect }),
-      ),
+      field({ label: "Name", name: "name", value: existing?.name || "", readonly: editing, required: true, placeholder: "nightly", help: editing ? null : "Letters, digits, dots, dashes and underscores." }),
+      assetBox,
       h(
         "fieldset",
         { class: "field" },
         h("legend", { class: "label", text: "Schedule" }),
-        h("p", { class: "help", text: "When backups run (in the appliance's time zone). Several runs can mix modes, e.g. incrementals every hour and a full every Sunday. For a virtual machine, a boot test proves on a schedule that its newest point boots." }),
+        h("p", { class: "help schedule-zone", text: `When backups run (${zone}; change it under Settings). Several runs can mix modes, e.g. incrementals every hour and a full every Sunday. For a virtual machine, a boot test proves on a schedule that its newest point boots.` }),
         entries,
         h("div", { class: "input-row" }, addEntry, addBootTest),
       ),
@@ -215,18 +223,18 @@ function policyDialog(existing, assets, done, presetAsset = null) {
         h(
           "div",
           { class: "input-row" },
-          h("input", { type: "number", id: "rpo-value", name: "rpo_seconds", min: 0, step: 1, value: rpo ? rpo / rpoUnit : 0, "aria-describedby": "rpo-help" }),
-          select("rpo_unit", [["3600", "hours"], ["86400", "days"]], String(rpoUnit), { "aria-label": "RPO unit" }),
+          h("input", { type: "number", id: "rpo-value", name: "rpo_seconds", min: 0, step: 1, value: rpoValue, "aria-describedby": "rpo-help" }),
+          select("rpo_unit", RPO_UNITS, String(rpoUnit), { "aria-label": "RPO unit" }),
         ),
         h("p", { class: "help", id: "rpo-help", text: "The newest good point must never be older than this; the dashboard shows when it is. 0: no target." }),
       ),
     ),
     onSubmit: async (form) => {
-      const runs = [...entries.querySelectorAll(".entry")].map((row) => ({ cron: row.querySelector("[name=cron]").value.trim(), mode: row.querySelector("[name=entry_mode]").value }));
+      const runs = [...entries.querySelectorAll(".entry")].map((row) => ({ cron: row.cron(), mode: row.querySelector("[name=entry_mode]").value }));
       const keep = {};
       for (const [key] of KEEP) keep[key] = Math.max(0, parseInt(form.elements[key].value || "0", 10) || 0);
       const body = {
-        asset: form.elements.asset.value,
+        assets: picked(),
         mode: form.elements.mode.value,
         schedule: { entries: runs, catch_up: form.elements.catch_up.value },
         retention: keep,
@@ -251,7 +259,15 @@ export default async function assetsView(view) {
   const isAdmin = view.can("admin");
   const canRun = view.can("operator");
   const body = h("div", loading());
-  const addAsset = isAdmin ? button("Add asset", { iconName: "plus", kind: "primary", onClick: () => assetDialog(null, load) }) : null;
+  // The asset added last (on this screen): a new policy covers it unless the person picks others.
+  let justAdded = null;
+  let offered = false;
+  const shownHash = location.hash;
+  let timezone = null;
+  const added = (name) => {
+    justAdded = name;
+  };
+  const addAsset = isAdmin ? button("Add asset", { iconName: "plus", kind: "primary", onClick: () => assetDialog(null, load, added) }) : null;
   replace(view.el, pageHeader("Assets & policies", "What the appliance protects, and when and how it backs each one up.", addAsset), body);
 
   async function startJob(btn, path, what) {
@@ -263,7 +279,8 @@ export default async function assetsView(view) {
   async function startFailover(btn, path, what) {
     const job = await busy(btn, view.banner, () => api.post(path, {}));
     if (!job) return;
-    toast(`${what} started.`, { link: { href: `#/jobs/${job.id}`, text: "Open the job" } });
+    // No "started" toast: the failover screen says how the start went, and a start that fails
+    // (a second failover of the same VM) must not show a green note beside the red one.
     view.navigate(`#/failover?job=${enc(job.id)}`);
   }
 
@@ -272,6 +289,7 @@ export default async function assetsView(view) {
     let policies;
     try {
       [assets, policies] = await Promise.all([api.get("/api/assets"), api.get("/api/policies")]);
+      if (isAdmin && timezone === null) timezone = (await api.get("/api/settings")).timezone;
     } catch (err) {
       view.banner.error(err);
       replace(body);
@@ -285,7 +303,7 @@ export default async function assetsView(view) {
         canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: boot it from its newest backup on this appliance`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/failover`, `Failover of ${a.name}`) }) : null,
         canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot the newest point of ${a.name}`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/boot-test`, `Boot test of ${a.name}`) }) : null,
         button("Points", { kind: "small", href: `#/points?asset=${enc(a.name)}`, "aria-label": `Recovery points of ${a.name}` }),
-        isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load) }, icon("edit")) : null,
+        isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load, added) }, icon("edit")) : null,
         isAdmin
           ? deleteButton({ label: `Delete ${a.name}`, title: `Delete asset ${a.name}?`, text: "The appliance forgets this asset. This is possible only once it has no policies and no recovery points left.", confirmLabel: "Delete asset", path: `/api/assets/${enc(a.name)}`, deleted: `Asset ${a.name} deleted.`, done: load })
           : null,
@@ -299,23 +317,34 @@ export default async function assetsView(view) {
               { label: "Name", cell: (a) => h("div", { class: "stack" }, h("strong", { text: a.name }), a.description ? h("span", { class: "muted small", text: a.description }) : null) },
               { label: "Kind", cell: (a) => kindText(a.kind), className: "hide-md" },
               { label: "Source", cell: (a) => h("span", { class: "mono small break", text: a.kind === "vm" ? a.disks.join(", ") : a.path }) },
-              { label: "Policies", cell: (a) => (a.policies.length ? a.policies.join(", ") : pill("No policy", "warn")) },
+              {
+                label: "Policies",
+                cell: (a) =>
+                  a.policies.length
+                    ? a.policies.join(", ")
+                    : h("div", { class: "stack" }, pill("No policy", "warn"), isAdmin ? button("Add policy", { kind: "small", "aria-label": `Add a policy for ${a.name}`, onClick: () => openPolicy(null, a.name) }) : null),
+              },
               { label: "Actions", cell: assetActions, className: "actions" },
             ],
             assets,
             { caption: "Assets", rowAttrs: (a) => ({ dataset: { asset: a.name } }) },
           )
-        : emptyState("assets", "No assets yet", "Add a folder or a virtual machine to protect.", isAdmin ? button("Add asset", { iconName: "plus", kind: "primary", onClick: () => assetDialog(null, load) }) : null),
+        : emptyState("assets", "No assets yet", "Add a folder or a virtual machine to protect.", isAdmin ? button("Add asset", { iconName: "plus", kind: "primary", onClick: () => assetDialog(null, load, added) }) : null),
     );
 
+    const unprotected = assets.filter((a) => !a.policies.length).map((a) => a.name);
+    function openPolicy(existing, presetAsset = null) {
+      const preset = presetAsset || (justAdded && assets.some((a) => a.name === justAdded) ? justAdded : unprotected[0] || null);
+      policyDialog(existing, assets, load, { presetAsset: preset, timezone });
+    }
     const policyActions = (p) =>
       h(
         "div",
         { class: "row-actions" },
-        canRun ? button("Run now", { iconName: "play", kind: "small", "aria-label": `Run policy ${p.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/policies/${enc(p.name)}/run`, `Policy ${p.name}`) }) : null,
-        isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit policy ${p.name}`, onClick: () => policyDialog(p, assets, load) }, icon("edit")) : null,
+        canRun ? button("Run now", { iconName: "play", kind: "small", "aria-label": `Run policy ${p.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/policies/${enc(p.name)}/run`, p.assets.length > 1 ? `Policy ${p.name} (${count(p.assets.length, "backup")})` : `Policy ${p.name}`) }) : null,
+        isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit policy ${p.name}`, onClick: () => openPolicy(p) }, icon("edit")) : null,
         isAdmin
-          ? deleteButton({ label: `Delete policy ${p.name}`, title: `Delete policy ${p.name}?`, text: `Backups of ${p.asset} stop running on this schedule. Its recovery points are kept.`, confirmLabel: "Delete policy", path: `/api/policies/${enc(p.name)}`, deleted: `Policy ${p.name} deleted.`, done: load })
+          ? deleteButton({ label: `Delete policy ${p.name}`, title: `Delete policy ${p.name}?`, text: `Backups of ${listText(p.assets)} stop running on this schedule. ${p.assets.length === 1 ? "Its" : "Their"} recovery points are kept.`, confirmLabel: "Delete policy", path: `/api/policies/${enc(p.name)}`, deleted: `Policy ${p.name} deleted.`, done: load })
           : null,
       );
     const scheduleCell = (p) =>
@@ -326,14 +355,14 @@ export default async function assetsView(view) {
             p.entries.map((e) => h("li", h("span", { text: `${describeCron(e.cron)} · ${e.mode === "boot_test" ? BOOT_TEST_TEXT : MODE_NAMES[e.mode] || e.mode}` }), e.next_at ? h("span", { class: "muted small block", text: `Next: ${dateTime(e.next_at)}` }) : null)),
           )
         : h("span", { class: "muted", text: "Manual only" });
-    const addPolicy = isAdmin && assets.length ? button("Add policy", { iconName: "plus", onClick: () => policyDialog(null, assets, load) }) : null;
+    const addPolicy = isAdmin && assets.length ? button("Add policy", { iconName: "plus", onClick: () => openPolicy(null) }) : null;
     const policiesCard = card(
       "Protection policies",
       { subtitle: "Schedules, retention and RPO targets", actions: addPolicy ? [addPolicy] : [] },
       policies.length
         ? table(
             [
-              { label: "Policy", cell: (p) => h("div", { class: "stack" }, h("strong", { text: p.name }), h("span", { class: "muted small", text: `for ${p.asset}` })) },
+              { label: "Policy", cell: (p) => h("div", { class: "stack" }, h("strong", { text: p.name }), h("span", { class: "muted small", text: `for ${listText(p.assets)}` })) },
               { label: "Schedule", cell: scheduleCell },
               { label: "Retention", cell: (p) => retentionText(p.retention), className: "hide-md" },
               { label: "RPO target", cell: (p) => (p.rpo_seconds ? period(p.rpo_seconds) : h("span", { class: "muted", text: "None" })) },
@@ -342,9 +371,16 @@ export default async function assetsView(view) {
             policies,
             { caption: "Protection policies", rowAttrs: (p) => ({ dataset: { policy: p.name } }) },
           )
-        : emptyState("points", "No policies yet", assets.length ? "Without a policy, an asset is backed up only when someone presses “Back up now”." : "Add an asset first; then give it a policy.", addPolicy ? button("Add policy", { iconName: "plus", kind: "primary", onClick: () => policyDialog(null, assets, load) }) : null),
+        : emptyState("points", "No policies yet", assets.length ? "Without a policy, an asset is backed up only when someone presses “Back up now”." : "Add an asset first; then give it a policy.", addPolicy ? button("Add policy", { iconName: "plus", kind: "primary", onClick: () => openPolicy(null) }) : null),
     );
     replace(body, assetsCard, policiesCard);
+    // `#/assets?add_policy=web` (the dashboard's "Add a policy" fix) opens the dialog for web.
+    const wanted = view.query.get("add_policy");
+    // Only while this screen is still the one shown: a dialog must not open over the next one.
+    if (isAdmin && wanted && !offered && location.hash === shownHash && assets.some((a) => a.name === wanted)) {
+      offered = true;
+      openPolicy(null, wanted);
+    }
   }
 
   await load();

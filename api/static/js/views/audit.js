@@ -4,25 +4,7 @@ import { api, q } from "../api.js";
 import { h, replace } from "../dom.js";
 import { auditAction, dateTime } from "../format.js";
 import { button, card, emptyState, loading, pageHeader, table } from "../ui.js";
-
-const DETAIL_LABELS = { via: "via", job: "job", mode: "mode", kind: "kind", source: "source", path: "path", format: "format", role: "role", user: "user", client: "from", asset: "asset", target: "to" };
-
-function detailChips(details) {
-  const entries = Object.entries(details || {}).filter(([, v]) => v !== null && v !== undefined && v !== "");
-  if (!entries.length) return h("span", { class: "muted", text: "—" });
-  return h(
-    "div",
-    { class: "chips" },
-    entries.slice(0, 6).map(([k, v]) => {
-      let text;
-      if (Array.isArray(v)) text = v.join(", ");
-      else if (typeof v === "object") text = Object.keys(v).length ? `${Object.keys(v).length} settings` : "—";
-      else text = String(v);
-      if (k === "job") text = text.slice(0, 8);
-      return h("span", { class: "chip", title: `${k}: ${text}` }, h("span", { class: "chip-key", text: DETAIL_LABELS[k] || k.replace(/_/g, " ") }), h("span", { text }));
-    }),
-  );
-}
+import { auditDetails, auditSentence } from "./audit_words.js";
 
 export default async function auditView(view) {
   let limit = 200;
@@ -33,7 +15,7 @@ export default async function auditView(view) {
 
   function draw() {
     const needle = search.value.trim().toLowerCase();
-    const shown = needle ? entries.filter((e) => `${e.actor} ${e.action} ${auditAction(e.action)} ${e.target}`.toLowerCase().includes(needle)) : entries;
+    const shown = needle ? entries.filter((e) => `${e.actor} ${e.action} ${auditAction(e.action)} ${auditSentence(e)}`.toLowerCase().includes(needle)) : entries;
     replace(
       body,
       card(
@@ -44,9 +26,7 @@ export default async function auditView(view) {
               [
                 { label: "When", cell: (e) => h("span", { class: "nowrap", text: dateTime(e.at) }) },
                 { label: "Who", cell: (e) => h("strong", { text: e.actor }) },
-                { label: "What", cell: (e) => h("div", { class: "stack" }, h("span", { text: auditAction(e.action) }), h("span", { class: "muted small mono", text: e.action })) },
-                { label: "Target", cell: (e) => h("span", { class: "break", text: e.target }) },
-                { label: "Details", cell: (e) => detailChips(e.details), className: "hide-md" },
+                { label: "What", cell: (e) => h("div", { class: "stack audit-what" }, h("span", { class: "break", text: auditSentence(e) }), h("span", { class: "muted small", text: auditDetails(e) })) },
               ],
               shown,
               { caption: "Audit log" },

@@ -1,11 +1,13 @@
-// Dashboard: how well each asset is protected (backups, RPO, boot verification of VMs), alerts
-// that need a person, and how fast the pool fills.
+// Dashboard: how well each asset is really protected (its state, the reasons it is not, and a
+// button that fixes each), a VM running from backup before anything else, the 3-2-1 legs at a
+// glance, alerts that need a person, trends per asset and how fast the pool fills.
 
 import { api } from "../api.js";
-import { capacityChart, usableBytes } from "../chart.js";
+import { bytesAddedChart, capacityChart, rpoChart, rtoChart, usableBytes } from "../chart.js";
 import { h, replace } from "../dom.js";
 import { LOCATION_NAMES, ago, bytes, count, dateTime, duration, percent, period, secondsSince } from "../format.js";
-import { button, card, emptyState, loading, pageHeader, pill, table, toast } from "../ui.js";
+import { busy, button, card, emptyState, loading, pageHeader, pill, select, table, toast } from "../ui.js";
+import { legsList, statePill } from "./protection_words.js";
 
 const REFRESH_SECONDS = 30;
 
@@ -75,6 +77,101 @@ function bootCell(a, now) {
     pill("Boot proven", "good"),
     h("a", { href: test.link, class: "small", text: provenText }),
   );
+}
+
+// Who may press a fix: starting work takes an operator, changing policies or copies an admin.
+const FIX_ROLES = { run_backup: "operator", run_verify: "operator", run_boot_test: "operator", add_policy: "admin", add_copy_rule: "admin" };
+
+function fixButton(view, asset, fix, onFix) {
+  const role = FIX_ROLES[fix.action];
+  if (role && !view.can(role)) return null;
+  const label = `${fix.label}: ${asset}`;
+  if (fix.link) return button(fix.label, { kind: "small", href: fix.link, "aria-label": label, dataset: { fix: fix.action } });
+  return button(fix.label, { kind: "small", "aria-label": label, dataset: { fix: fix.action }, onClick: (e) => onFix(asset, fix, e.currentTarget) });
+}
+
+// One button per fix: three missing legs that one copy rule mends offer it once.
+function reasonsList(view, asset, reasons, onFix) {
+  const offered = new Set();
+  const once = (fix) => {
+    const key = `${fix.action} ${fix.link || ""}`;
+    if (offered.has(key)) return null;
+    offered.add(key);
+    return fixButton(view, asset, fix, onFix);
+  };
+  return h(
+    "ul",
+    { class: "reasons" },
+    reasons.map((r) => h("li", { class: `reason reason-${r.severity}`, dataset: { code: r.code } }, h("span", { class: "reason-text", text: r.message }), r.fix ? once(r.fix) : null)),
+  );
+}
+
+// Everything that is not protected, worst first; a VM running from backup leads, in its own colour.
+function attentionPanel(view, attention, onFix) {
+  if (!attention.length) return null;
+  const running = attention.filter((a) => a.state === "running_from_backup");
+  const rest = attention.filter((a) => a.state !== "running_from_backup");
+  const item = (a) =>
+    h(
+      "li",
+      { class: `attention-asset attention-${a.state}`, dataset: { asset: a.asset, state: a.state } },
+      h("div", { class: "attention-head" }, h("strong", { text: a.asset }), statePill(a.state)),
+      reasonsList(view, a.asset, a.reasons, onFix),
+    );
+  return [
+    running.length
+      ? h(
+          "section",
+          { class: "running-from-backup", role: "region", "aria-label": "Running from backup" },
+          h("h2", { class: "alerts-title", text: running.length === 1 ? `${running[0].asset} is running from its backup` : `${count(running.length, "virtual machine")} are running from backup` }),
+          h("ul", { class: "attention-list" }, running.map(item)),
+        )
+      : null,
+    rest.length
+      ? h(
+          "section",
+          { class: "attention", role: "region", "aria-label": "Needs attention" },
+          h("h2", { class: "alerts-title", text: `${count(rest.length, "asset")} ${rest.length === 1 ? "is" : "are"} not fully protected` }),
+          h("ul", { class: "attention-list" }, rest.map(item)),
+        )
+      : null,
+  ];
+}
+
+function protectionCell(a) {
+  return h("div", { class: "stack" }, statePill(a.state), legsList(a.legs), a.reasons.length ? h("span", { class: "muted small", text: count(a.reasons.length, "reason") }) : null);
+}
+
+function trendsCard(assets) {
+  if (!assets.length) return null;
+  const charts = h("div", { class: "trend-charts" }, loading());
+  const picker = select(
+    "trend_asset",
+    assets.map((a) => [a.asset, a.asset]),
+    assets[0].asset,
+    { "aria-label": "Asset" },
+  );
+  async function show() {
+    const name = picker.value;
+    const vm = assets.some((a) => a.asset === name && a.kind === "vm");
+    let t;
+    try {
+      t = await api.get(`/api/assets/${encodeURIComponent(name)}/trends?days=30`);
+    } catch (err) {
+      replace(charts, h("p", { class: "error-text", text: String(err.message || err) }));
+      return;
+    }
+    const box = (title, chart, note) => h("figure", { class: "trend" }, h("figcaption", { text: title }), h("div", { class: "chart-box" }, chart), note ? h("p", { class: "muted small", text: note }) : null);
+    replace(
+      charts,
+      box("RPO achieved: age of the newest good backup", rpoChart(t), t.rpo_seconds ? `The dashed line is the target, ${period(t.rpo_seconds)}.` : "No RPO target is set for this asset."),
+      vm ? box("RTO: time to a proven boot", rtoChart(t), "One dot per boot test or failover.") : null,
+      box("Bytes added per backup", bytesAddedChart(t), null),
+    );
+  }
+  picker.addEventListener("change", show);
+  show();
+  return card("Trends, last 30 days", { subtitle: "Look for the line crossing its target, and for bars much taller than the rest", actions: [picker], className: "trends-card" }, charts);
 }
 
 function alertsPanel(alerts, now) {
@@ -152,17 +249,29 @@ function capacityCard(c, now) {
 export default async function dashboard(view) {
   const body = h("div", loading());
   const refresh = button("Refresh", { iconName: "refresh", kind: "ghost", onClick: () => load() });
-  replace(view.el, pageHeader("Dashboard", "How well each asset is protected, and how fast the pool fills.", refresh), body);
+  const report = button("Weekly report", { kind: "ghost", href: "#/report" });
+  replace(view.el, pageHeader("Dashboard", "How well each asset is protected, and how fast the pool fills.", report, refresh), body);
+  const enc = encodeURIComponent;
 
   async function backupNow(asset, btn) {
-    btn.disabled = true;
-    try {
-      const job = await api.post(`/api/assets/${encodeURIComponent(asset.asset)}/backup`, {});
-      toast(`Backup of ${asset.asset} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
-    } catch (err) {
-      view.banner.error(err);
+    const job = await busy(btn, view.banner, () => api.post(`/api/assets/${enc(asset.asset)}/backup`, {}));
+    if (job) toast(`Backup of ${asset.asset} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+  }
+
+  async function runFix(asset, fix, btn) {
+    if (fix.action === "run_backup") return backupNow({ asset }, btn);
+    if (fix.action === "run_verify") {
+      const job = await busy(btn, view.banner, () => api.post(`/api/points/${enc(fix.point)}/verify`, {}));
+      if (job) toast(`Verify of ${asset}'s newest backup started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
+      return undefined;
     }
-    btn.disabled = false;
+    if (fix.action === "run_boot_test") {
+      const job = await busy(btn, view.banner, () => api.post(`/api/assets/${enc(asset)}/boot-test`, {}));
+      if (!job) return undefined;
+      toast(`Boot test of ${asset} started.`, { link: { href: `#/jobs/${job.id}`, text: "Open the job" } });
+      view.navigate(`#/failover?job=${enc(job.id)}`);
+    }
+    return undefined;
   }
 
   async function load() {
@@ -178,22 +287,34 @@ export default async function dashboard(view) {
     const withTarget = d.assets.filter((a) => a.rpo_status !== "none");
     const met = withTarget.filter((a) => a.rpo_status === "met").length;
     const pointsTotal = d.assets.reduce((n, a) => n + a.points, 0);
-    const attention = d.jobs.failed + d.jobs.interrupted;
+    const failedJobs = d.jobs.failed + d.jobs.interrupted;
+    const sum = d.summary;
+    const notFine = sum.assets - sum.protected;
     const alertCount = (d.alerts || []).length;
     const stats = h(
       "div",
       { class: "stats" },
       stat(
+        "Needs attention",
+        notFine ? count(notFine, "asset") : failedJobs ? count(failedJobs, "job") : alertCount ? count(alertCount, "alert") : sum.assets ? "Nothing" : "Nothing yet",
+        [
+          notFine ? "Reasons and fixes above" : sum.assets ? "Every rule passes for every asset" : "Add an asset to protect",
+          alertCount ? count(alertCount, "alert") : null,
+          failedJobs ? `${d.jobs.failed} failed, ${d.jobs.interrupted} interrupted` : "no failed jobs",
+        ]
+          .filter(Boolean)
+          .join(" · "),
+        notFine || failedJobs || alertCount ? "bad" : sum.assets ? "good" : "",
+        notFine ? null : "#/jobs?state=failed",
+      ),
+      stat(
         "RPO targets",
         withTarget.length ? `${met} of ${withTarget.length} met` : "None set",
-        withTarget.length ? (met === withTarget.length ? "All assets within target" : `${withTarget.length - met} missed`) : "Give a policy an RPO",
-        withTarget.length && met < withTarget.length ? "bad" : withTarget.length ? "good" : "",
+        withTarget.length ? (met < withTarget.length ? `${withTarget.length - met} missed` : sum.all_protected ? "All assets within target" : "Targets met; other rules are not") : "Give a policy an RPO",
+        withTarget.length && met < withTarget.length ? "bad" : withTarget.length && sum.all_protected ? "good" : "",
       ),
       stat("Assets", String(d.assets.length), `${count(pointsTotal, "recovery point")}`, "", "#/assets"),
       stat("Jobs", d.jobs.running ? `${d.jobs.running} running` : "Idle", d.jobs.queued ? `${d.jobs.queued} queued` : "Nothing queued", d.jobs.running ? "info" : "", "#/jobs"),
-      attention || !alertCount
-        ? stat("Needs attention", attention ? count(attention, "job") : "Nothing", attention ? `${d.jobs.failed} failed, ${d.jobs.interrupted} interrupted${alertCount ? ` · ${count(alertCount, "alert")}` : ""}` : "No failed jobs", attention ? "bad" : "good", "#/jobs?state=failed")
-        : stat("Needs attention", count(alertCount, "alert"), "Listed above; no failed jobs", "bad"),
     );
     const canRun = view.can("operator");
     const assetsCard = card(
@@ -203,6 +324,7 @@ export default async function dashboard(view) {
         ? table(
             [
               { label: "Asset", className: "col-asset", cell: (a) => h("div", { class: "stack" }, h("strong", { text: a.asset }), h("span", { class: "muted small", text: `${a.kind === "vm" ? "Virtual machine" : "Folder"}${a.policies.length ? ` · ${a.policies.join(", ")}` : " · no policy"}` })) },
+              { label: "Protection", cell: protectionCell },
               { label: "Last good point", cell: (a) => lastPointCell(a, canRun, backupNow) },
               { label: "RPO", cell: rpoCell },
               { label: "Boot test", cell: (a) => bootCell(a, now.getTime()) },
@@ -210,11 +332,13 @@ export default async function dashboard(view) {
               { label: "Size", cell: (a) => h("div", { class: "stack" }, h("span", { text: a.last_point_id ? bytes(a.logical_bytes) : "—" }), h("span", { class: "muted small", text: `${bytes(a.stored_bytes)} stored` })), className: "num hide-md" },
             ],
             d.assets,
-            { caption: "Protection status of each asset", rowAttrs: (a) => ({ dataset: { asset: a.asset } }) },
+            { caption: "Protection status of each asset", rowAttrs: (a) => ({ dataset: { asset: a.asset, state: a.state } }) },
           )
         : emptyState("assets", "Nothing is protected yet", "Add a folder or a virtual machine, give it a policy, and its backups show up here.", view.can("admin") ? button("Add an asset", { iconName: "plus", kind: "primary", href: "#/assets" }) : null),
     );
-    replace(body, alertsPanel(d.alerts || [], now.getTime()), stats, assetsCard, capacityCard(d.capacity, now));
+    const trends = body.querySelector(".trends-card") && body.dataset.assets === d.assets.map((a) => a.asset).join("\n") ? body.querySelector(".trends-card") : trendsCard(d.assets);
+    body.dataset.assets = d.assets.map((a) => a.asset).join("\n");
+    replace(body, attentionPanel(view, d.attention || [], runFix), alertsPanel(d.alerts || [], now.getTime()), stats, assetsCard, trends, capacityCard(d.capacity, now));
   }
 
   await load();

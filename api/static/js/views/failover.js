@@ -10,7 +10,7 @@
 import { ApiError, api, enc, humanError, q, scoped } from "../api.js";
 import { h, replace } from "../dom.js";
 import { capitalise, dateTime, duration, secondsSince, shortId, time } from "../format.js";
-import { button, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
+import { button, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table } from "../ui.js";
 import { ACTIVE, JOB_DONE, SESSION_POLL_MS, PICTURE_MS, JOB_POLL_MS, PENDING_POLL_MS, PURPOSE_NAMES, failedReason, stateWords, shortLabel, rtoText, accelText, storageText, forwards, healthUrl, proofText, checksText, readText, pointLink } from "./failover_words.js";
 
 export async function failoverList(view) {
@@ -356,8 +356,9 @@ export async function failoverSession(view) {
   }
 
   async function submit(path, body, label) {
+    // The job's row under "What you started here" says it started and, later, how it ended; a
+    // toast beside it would stay green when the start then fails.
     const job = await api.post(path, body);
-    toast(`${label} started.`, { link: { href: `#/jobs/${job.id}`, text: "Open the job" } });
     track(job);
     schedulePoll(0);
   }

@@ -2,7 +2,7 @@
 
 import { api, enc, q, subscribe } from "../api.js";
 import { h, replace } from "../dom.js";
-import { MODE_NAMES, STATE_NAMES, bytes, capitalise, dateTime, duration, progressSummary, rate, shortId, time } from "../format.js";
+import { MODE_NAMES, STATE_NAMES, bytes, capitalise, count, dateTime, duration, listText, progressSummary, rate, shortId, time } from "../format.js";
 import { button, busy, card, emptyState, loading, pageHeader, progressBar, statePill, toast } from "../ui.js";
 
 const ACTIVE = new Set(["queued", "running", "waiting"]);
@@ -335,8 +335,36 @@ function failoverResult(job) {
   return parts.length ? parts : h("p", { class: "muted", text: "Done." });
 }
 
+const CONFLICT_WORDS = {
+  overwrite: "Files already there were replaced by the restored ones.",
+  keep_both: "Files already there were kept beside the restored ones.",
+  skip: "Files already there were left as they were.",
+};
+
+/** A restore's result in one sentence: what it restored, from when, and where to. */
+export function restoreSentence(r) {
+  const from = `${r.asset ? ` of ${r.asset}` : ""}${r.point_created_at ? ` from the point of ${dateTime(r.point_created_at)}` : ` from point ${shortId(r.point)}`}`;
+  const only = r.path ? ` (only ${r.path})` : "";
+  if (Array.isArray(r.disks)) {
+    return `Restored ${count(r.disks.length, "disk")}${from}${only} to ${listText(r.disks)}.`;
+  }
+  const what = `${count(r.files, "file")}${r.bytes !== undefined ? ` (${bytes(r.bytes)})` : ""}`;
+  return `Restored ${what}${from}${only} to ${r.target}.`;
+}
+
+function restoreResult(job) {
+  const r = job.result || {};
+  const parts = [h("p", { class: "restore-sentence", text: restoreSentence(r) })];
+  const kept = typeof r.kept === "number" ? r.kept : (r.kept || []).length;
+  const conflict = CONFLICT_WORDS[r.on_conflict];
+  if (conflict) parts.push(h("p", { class: "muted", text: kept ? `${conflict.slice(0, -1)} (${count(kept, "file")} kept aside).` : conflict }));
+  if (r.point) parts.push(h("p", h("a", { href: `#/points/${enc(r.point)}`, text: "Open the recovery point" })));
+  return parts;
+}
+
 function resultBlock(job) {
   if (FAILOVER_KINDS.has(job.kind)) return failoverResult(job);
+  if (job.kind === "restore") return restoreResult(job);
   const r = job.result || {};
   const parts = [];
   if (r.point) {

@@ -3,7 +3,7 @@
 import { ApiError, api, enc, humanError, q, scoped } from "../api.js";
 import { h, replace } from "../dom.js";
 import { LOCATION_NAMES, MODE_NAMES, ago, bytes, count, dateTime, secondsSince, shortId } from "../format.js";
-import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
+import { button, busy, card, confirmDialog, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast, deleteButton } from "../ui.js";
 import { money } from "./tiering.js";
 
 export function pointStatus(p) {
@@ -11,6 +11,57 @@ export function pointStatus(p) {
   if (p.verify_status === "damaged") return pill("Damaged", "bad", p.verified_at ? `Verified ${dateTime(p.verified_at)}` : null);
   if (p.verify_status === "ok") return pill("Verified", "good", `Verified ${dateTime(p.verified_at)}`);
   return pill("Complete", "neutral", "Not verified yet");
+}
+
+/** A backup that looks like ransomware at work: why, whether a person looked, and (for an
+ * operator) the two answers. Until someone says it was expected, retention keeps this point and
+ * the last clean one before it. */
+export function suspicionBlock(p, { canReview = false, done = null } = {}) {
+  if (!p.suspicion || !p.suspicion.length) return null;
+  const review = p.review;
+  let state;
+  if (!review) state = pill("Suspicious", "bad", "This backup looks like ransomware at work");
+  else if (review.verdict === "attack") state = pill("Attack confirmed", "bad", `Confirmed by ${review.by} ${dateTime(review.at)}`);
+  else state = pill("Looked at", "neutral", `${review.by} found the changes expected (${dateTime(review.at)})`);
+  const note = !review
+    ? "Older backups are kept until someone looks."
+    : review.verdict === "attack"
+      ? `${review.by} confirmed an attack. This point and the last clean one before it are kept.`
+      : `${review.by} found the changes expected.`;
+  const answer = (verdict, label, text) =>
+    button(label, {
+      kind: "small",
+      "aria-label": `${label}: point ${shortId(p.id)}`,
+      onClick: () =>
+        confirmDialog({
+          title: label,
+          text,
+          confirmLabel: label,
+          danger: verdict === "attack",
+          action: async () => {
+            await api.post(`/api/points/${enc(p.id)}/review`, { verdict });
+            toast(verdict === "expected" ? "Marked as expected. Retention goes on as usual." : "Marked as an attack. The last clean backup stays kept.");
+            if (done) done();
+          },
+        }),
+    });
+  const buttons =
+    canReview && (!review || review.verdict === "attack")
+      ? h(
+          "div",
+          { class: "row-actions" },
+          review ? null : answer("attack", "It is an attack", "The files really were encrypted or destroyed. This backup and the last clean one before it stay kept until you say otherwise. Restore from the clean one."),
+          answer("expected", "It was expected", "The changes were made on purpose (for example many files renamed or compressed). The warning ends and old backups are removed by the usual rules again."),
+        )
+      : null;
+  return h(
+    "div",
+    { class: "suspicion", dataset: { suspicion: p.id } },
+    state,
+    h("ul", { class: "suspicion-reasons" }, p.suspicion.map((reason) => h("li", { text: `${reason[0].toUpperCase()}${reason.slice(1)}.` }))),
+    h("p", { class: "muted small", text: note }),
+    buttons,
+  );
 }
 
 export function pointTitle(p) {
@@ -318,8 +369,20 @@ export default async function pointsView(view) {
     replace(body, card(null, {}, hint));
     return;
   }
+  const suspicious = points.filter((p) => p.suspicious);
+  const warning = suspicious.length
+    ? h(
+        "div",
+        { class: "banner banner-warning", role: "alert" },
+        h(
+          "div",
+          { class: "banner-body", text: `${suspicious.length === 1 ? "One backup looks" : `${suspicious.length} backups look`} like ransomware at work (marked Suspicious below). The backups before ${suspicious.length === 1 ? "it are" : "them are"} kept until someone looks. If the files were encrypted, restore from the last backup before.` },
+        ),
+      )
+    : null;
   replace(
     body,
+    warning,
     card(
       null,
       {},
@@ -330,7 +393,7 @@ export default async function pointsView(view) {
           { label: "Mode", cell: (p) => `${MODE_NAMES[p.mode] || p.mode}${p.kind === "image" ? " · disks" : ""}`, className: "hide-md" },
           { label: "Contents", cell: (p) => h("div", { class: "stack" }, h("span", { text: bytes(p.logical_bytes) }), h("span", { class: "muted small", text: p.kind === "files" ? count(p.file_count, "file") : "disk image" })) },
           { label: "New data", cell: (p) => bytes(p.stored_bytes), className: "hide-md num" },
-          { label: "Status", cell: (p) => h("div", { class: "stack" }, pointStatus(p), p.warning_count ? h("span", { class: "muted small", text: count(p.warning_count, "warning") }) : null) },
+          { label: "Status", cell: (p) => h("div", { class: "stack" }, pointStatus(p), p.warning_count ? h("span", { class: "muted small", text: count(p.warning_count, "warning") }) : null, suspicionBlock(p, { canReview: canRun, done: () => view.navigate(location.hash) })) },
           { label: "Actions", cell: actions, className: "actions" },
         ],
         points,

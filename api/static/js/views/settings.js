@@ -3,11 +3,49 @@
 
 import { api } from "../api.js";
 import { h, replace } from "../dom.js";
-import { bytes, duration } from "../format.js";
-import { bannerSlot, button, busy, card, confirmDialog, field, loading, markField, pageHeader, pill, select, toast } from "../ui.js";
+import { bytes, dateTime, describeCron, duration } from "../format.js";
+import { bannerSlot, button, busy, card, confirmDialog, field, loading, markField, pageHeader, pill, select, setApplies, toast } from "../ui.js";
+import { scheduleControls } from "./schedule_words.js";
+
+const TIME_UNITS = [
+  ["60", "minutes"],
+  ["3600", "hours"],
+  ["86400", "days"],
+];
+const SIZE_UNITS = [
+  [String(1e6), "MB"],
+  [String(1e9), "GB"],
+  [String(1e12), "TB"],
+];
+
+/** The largest unit of `units` that says `value` in whole numbers (else the smallest). */
+function inUnits(value, units) {
+  for (const [unit] of [...units].reverse()) if (value && value % Number(unit) === 0) return [value / Number(unit), unit];
+  return [value ? +(value / Number(units[0][0])).toFixed(3) : value, units[0][0]];
+}
+
+/** A number with its unit: {el, value()} (value in the base unit; null when left empty). */
+function amountField({ label, name, value, units, help, emptyMeans = null }) {
+  const [amount, unit] = value === null || value === undefined ? ["", units[Math.min(1, units.length - 1)][0]] : inUnits(value, units);
+  const input = h("input", { type: "number", name, min: 0, step: "any", value: amount, id: `${name}-amount`, placeholder: emptyMeans || "" });
+  const unitSelect = select(`${name}_unit`, units, unit, { "aria-label": `${label}: unit` });
+  return {
+    el: h("div", { class: "field" }, h("label", { class: "label", for: input.id, text: label }), h("div", { class: "input-row" }, input, unitSelect), help ? h("p", { class: "help", text: help }) : null),
+    value: () => (input.value.trim() === "" ? null : Math.round(Number(input.value) * Number(unitSelect.value))),
+  };
+}
 
 function settingsForm(current, view) {
   const banner = bannerSlot();
+  const grace = amountField({ label: "Garbage collection grace", name: "gc_grace", value: current.gc_grace_seconds, units: TIME_UNITS, help: `Unreferenced data younger than this is kept (now ${duration(current.gc_grace_seconds)}).` });
+  const budget = amountField({
+    label: "Verification budget per run",
+    name: "verify_budget",
+    value: current.verify_max_bytes,
+    units: SIZE_UNITS,
+    emptyMeans: "everything",
+    help: current.verify_max_bytes ? `Each store verification reads at most ${bytes(current.verify_max_bytes)}; coverage carries over, so nightly runs cover the whole store in turn.` : "Empty: each store verification reads the whole store.",
+  });
   const form = h(
     "form",
     { class: "settings-form", novalidate: true },
@@ -21,28 +59,20 @@ function settingsForm(current, view) {
         label: "Scheduled backups",
         control: select("scheduler_paused", [["false", "Run as scheduled"], ["true", "Paused (only manual backups run)"]], String(current.scheduler_paused)),
       }),
-      field({ label: "Garbage collection grace (seconds)", name: "gc_grace_seconds", type: "number", min: 0, value: current.gc_grace_seconds, help: `Unreferenced data younger than this is kept (now ${duration(current.gc_grace_seconds)}).` }),
-      field({
-        label: "Verification budget per run (bytes, empty: everything)",
-        name: "verify_max_bytes",
-        type: "number",
-        min: 1,
-        value: current.verify_max_bytes ?? "",
-        help: current.verify_max_bytes ? `Each store verification reads at most ${bytes(current.verify_max_bytes)}; coverage carries over.` : "Each store verification reads the whole store.",
-      }),
+      grace.el,
+      budget.el,
     ),
     h("div", { class: "form-foot" }, h("button", { type: "submit", class: "btn btn-primary", text: "Save settings" })),
   );
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     banner.hide();
-    const budget = form.elements.verify_max_bytes.value.trim();
     const body = {
       appliance_name: form.elements.appliance_name.value.trim(),
       timezone: form.elements.timezone.value.trim(),
       scheduler_paused: form.elements.scheduler_paused.value === "true",
-      gc_grace_seconds: Math.max(0, parseInt(form.elements.gc_grace_seconds.value || "0", 10) || 0),
-      verify_max_bytes: budget ? Number(budget) : null,
+      gc_grace_seconds: Math.max(0, grace.value() || 0),
+      verify_max_bytes: budget.value() || null,
     };
     const submit = form.querySelector("button[type=submit]");
     submit.disabled = true;
@@ -97,6 +127,49 @@ function maintenanceCard(view) {
       ),
     ),
   );
+}
+
+/** When the store verifies a slice of itself (the nightly slice), editable by an admin. */
+function verifyScheduleCard(current, isAdmin) {
+  const banner = bannerSlot();
+  const when = scheduleControls(current.cron || "0 2 * * *", { label: "When the store is verified" });
+  const on = select("verify_on", [["on", "On a schedule"], ["off", "Never by itself (only “Verify now”)"]], current.cron ? "on" : "off", { "aria-label": "Verify the store by itself" });
+  const state = h("p", { class: "help verify-state", role: "status" });
+  const showState = (s) => {
+    const slice = s.max_bytes ? `reads at most ${bytes(s.max_bytes)} each time, oldest-checked data first` : "reads the whole store each time";
+    state.textContent = s.cron ? `${describeCron(s.cron)} (${s.timezone}); ${slice}. Next: ${dateTime(s.next_at)}.` : "The store is verified only when someone presses “Verify now”.";
+  };
+  showState(current);
+  const whenBox = h("div", { class: "verify-when" }, when.el);
+  const apply = () => setApplies(whenBox, on.value === "on" && isAdmin);
+  on.addEventListener("change", apply);
+  apply();
+  on.disabled = !isAdmin;
+  const form = h(
+    "form",
+    { class: "settings-form", novalidate: true },
+    banner.el,
+    field({ label: "Verify the store by itself", control: on }),
+    whenBox,
+    state,
+    isAdmin ? h("div", { class: "form-foot" }, h("button", { type: "submit", class: "btn btn-primary", text: "Save verify schedule" })) : null,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    banner.hide();
+    const submit = form.querySelector("button[type=submit]");
+    submit.disabled = true;
+    try {
+      const saved = await api.put("/api/settings/verify", { cron: on.value === "on" ? when.cron() : null });
+      showState(saved);
+      toast("Verify schedule saved.");
+    } catch (err) {
+      markField(form, banner.error(err).field);
+    } finally {
+      submit.disabled = false;
+    }
+  });
+  return card("Verify schedule", { subtitle: "A verification re-reads stored data and checks it. On a schedule, each run checks a slice (the budget above), so the whole store is checked in turn." }, form);
 }
 
 function lines(text) {
@@ -185,13 +258,15 @@ export default async function settingsView(view) {
   replace(view.el, pageHeader("Settings", "The appliance's name, schedules, where restores may go, maintenance and recovery key."), body);
   let current;
   let restore = null;
+  let verify = null;
   try {
     current = await api.get("/api/settings");
+    verify = await api.get("/api/settings/verify");
     if (view.session.role === "admin") restore = await api.get("/api/settings/restore");
   } catch (err) {
     view.banner.error(err);
     replace(body);
     return;
   }
-  replace(body, card("General", {}, settingsForm(current, view)), restore ? restoreCard(restore) : null, maintenanceCard(view), recoveryKeyCard(view));
+  replace(body, card("General", {}, settingsForm(current, view)), verifyScheduleCard(verify, view.session.role === "admin"), restore ? restoreCard(restore) : null, maintenanceCard(view), recoveryKeyCard(view));
 }

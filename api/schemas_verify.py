@@ -1,0 +1,38 @@
+"""Request and response schemas of the store's verify schedule (``/api/settings/verify``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field, field_validator
+
+from api.schemas import Request
+from appliance.cron import check_cron
+from appliance.errors import InvalidInput
+
+
+class VerifyScheduleUpdate(Request):
+    #: When a slice of the store is verified (a five-field cron, in the appliance's time zone);
+    #: null: never by itself.
+    cron: str | None = Field(default=None, min_length=1, max_length=200, examples=["0 2 * * *"])
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_cron(value)
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+
+
+class VerifySchedulePublic(BaseModel):
+    cron: str | None
+    #: The scheduler's time zone (the settings' ``timezone``), in which ``cron`` is read.
+    timezone: str
+    #: What each run reads at most (the settings' ``verify_max_bytes``); null: the whole store.
+    max_bytes: int | None
+    next_at: datetime | None
+    #: The slot the schedule last ran for (or when it was set); null: never set.
+    last_slot: datetime | None
