@@ -322,13 +322,21 @@ class ReplicaStore:
 
     # --- writes -----------------------------------------------------------------------------
 
-    def put(self, name: str, data: bytes, sha256: str | None) -> bool:
+    def put(
+        self, name: str, data: bytes, sha256: str | None, digests: BodyDigests | None = None
+    ) -> bool:
         """Store ``data`` as ``name`` after checking it; True if written, False if the replica
         held the very same bytes already. See the module docstring for the refusals, and
-        :meth:`begin` for ``sha256``."""
+        :meth:`begin` for ``sha256``. ``digests`` are the body's hashes when the caller took
+        them as it arrived (the route does, so no hash runs between the body's end and its
+        write); else they are taken here."""
         upload = self.begin(name, len(data), sha256)
         with upload:
-            upload.write(data)
+            if digests is None:
+                upload.write(data)
+            else:
+                upload.staged.write(data)
+                upload.digests = digests
             return self.commit(upload)
 
     def begin(self, name: str, size: int | None, sha256: str | None) -> Upload:

@@ -50,6 +50,7 @@ from api.pairing import (
 from api.peer_wire import TIME_HEADER, ClockBook, parse_time_header, skew_words, time_header
 from api.replica_store import (
     MAX_BATCH,
+    BodyDigests,
     check_point_id,
     check_replica_name,
     is_pack_name,
@@ -80,9 +81,6 @@ class _TimedRoute(APIRoute):
 
         return timed
 
-
-#: An upload is written to its staged file in pieces of about this size.
-WRITE_BATCH = 1 << 20
 
 router = APIRouter(tags=["replication"], route_class=_TimedRoute)
 
@@ -544,25 +542,18 @@ async def put_object(
         raise InvalidInput("send the body's SHA-256 as 64 hex digits in X-Content-SHA256")
     if x_content_sha256 is None and not is_pack_name(name):
         raise InvalidInput(f"send the SHA-256 of {name} as 64 hex digits in X-Content-SHA256")
+    # Hashed chunk by chunk as the body arrives (the size cap is the body limit's, before
+    # this), so the checks are done when its last byte is in; then written at once, in a thread.
+    digests = BodyDigests.start(sha256=x_content_sha256 is not None, blake=is_pack_name(name))
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        digests.update(chunk)
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    del chunks
     store = replica_store(_data_dir(service), source.store_id)
-    length = request.headers.get("content-length")
-    size = int(length) if length and length.isdigit() else None
-    upload = await to_thread.run_sync(store.begin, name, size, x_content_sha256)
-    with upload:
-        # Written (a thread's work) a few chunks at a time and hashed as the body arrives, so
-        # when its last byte is in only the fsync and the checks' verdict remain.
-        held: list[bytes] = []
-        pending = 0
-        async for chunk in request.stream():
-            held.append(chunk)
-            pending += len(chunk)
-            if pending >= WRITE_BATCH:
-                await to_thread.run_sync(upload.write, b"".join(held))
-                held, pending = [], 0
-        if held:
-            await to_thread.run_sync(upload.write, b"".join(held))
-        created = await to_thread.run_sync(store.commit, upload)
-    return ObjectPutPublic(name=name, size=upload.staged.size, created=created)
+    created = await to_thread.run_sync(store.put, name, data, x_content_sha256, digests)
+    return ObjectPutPublic(name=name, size=len(data), created=created)
 
 
 @router.post("/replication/store/points/{point_id}", response_model=PointSummaryPublic)
