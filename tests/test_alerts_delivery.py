@@ -26,6 +26,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from api_support import LiveServer, bootstrapped_server, free_port, wait_job
+from test_signals import encrypt, make_office, normal_day
 
 from api.alert_channels import secrets_path
 from api.tls import ensure_certificate
@@ -296,6 +297,44 @@ def test_a_failed_backup_reaches_the_mailbox_and_the_webhook_once(
     assert len(alerts_of(operator, "backup_failed")) == 1 and again[0]["id"] == alert["id"]
     time.sleep(0.5)
     assert len(smtp.mailbox.messages) == mails + 1 and len(hooks.received) == posts + 1
+
+
+def test_a_simulated_ransomware_run_reaches_the_mailbox_and_the_webhook(
+    server: LiveServer,
+    admin: httpx.Client,
+    operator: httpx.Client,
+    smtp: Smtp,
+    hooks: Hooks,
+    channels: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "office"
+    make_office(source)
+    r = admin.post("/api/assets", json={"name": "office", "kind": "files", "path": str(source)})
+    assert r.status_code == 201, r.text
+
+    def backup() -> dict[str, Any]:
+        job = wait_job(operator, operator.post("/api/assets/office/backup", json={}).json()["id"])
+        assert job["state"] == "succeeded", job
+        return dict(job["result"])
+
+    for day in range(4):  # a first backup, then ordinary days: no warning
+        if day:
+            normal_day(source, day)
+        assert not backup().get("suspicion")
+    assert alerts_of(operator, "ransomware_warning") == []
+    mails, posts = len(smtp.mailbox.messages), len(hooks.received)
+    encrypted = encrypt(source)
+    result = backup()
+    assert result["suspicion"], result
+    alert = eventually(lambda: alerts_of(operator, "ransomware_warning"))[0]
+    assert alert["subject"] == "office" and alert["severity"] == "critical"
+    assert alert["details"]["point"] == result["point"]
+    assert eventually(lambda: len(smtp.mailbox.messages) > mails and len(hooks.received) > posts)
+    content = smtp.mailbox.messages[mails][3]
+    assert "looks like ransomware" in content and f"{encrypted} files gained" in content
+    document = json.loads(hooks.received[posts][2])
+    assert document["kind"] == "ransomware_warning" and document["subject"] == "office"
 
 
 def test_acknowledge_needs_an_operator_and_is_audited(
