@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.alert_channels import (
     SECRET_FIELDS,
@@ -42,6 +42,9 @@ from appliance.alerts.records import AlertChannelRecord, AlertRecord
 from appliance.alerts.rules import parse_rule
 from appliance.alerts.summary import parse_summary
 from appliance.errors import InvalidInput
+
+#: An alert's id in a path: a catalog integer, bounded like every integer a request carries.
+AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 router = APIRouter(tags=["alerts"])
 
@@ -112,7 +115,7 @@ def alert_counts(principal: Viewer, service: ServiceDep) -> AlertCounts:
 
 
 @router.post("/alerts/{alert_id}/acknowledge", response_model=AlertPublic)
-def acknowledge(alert_id: int, principal: Operator, service: ServiceDep) -> AlertPublic:
+def acknowledge(alert_id: AlertId, principal: Operator, service: ServiceDep) -> AlertPublic:
     """Mark the alert seen: it stays until its condition ends, but is not sent again."""
     catalog = service.app.catalog
     alert = catalog.acknowledge_alert(alert_id, principal.name)
@@ -126,7 +129,7 @@ def acknowledge(alert_id: int, principal: Operator, service: ServiceDep) -> Aler
 
 
 @router.post("/alerts/{alert_id}/resolve", response_model=AlertPublic)
-def resolve(alert_id: int, principal: Operator, service: ServiceDep) -> AlertPublic:
+def resolve(alert_id: AlertId, principal: Operator, service: ServiceDep) -> AlertPublic:
     """Close the alert by hand (its cause was dealt with); a condition that still holds is
     raised again as a new alert."""
     catalog = service.app.catalog
