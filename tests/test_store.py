@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
@@ -201,6 +202,32 @@ def test_compression_is_skipped_when_only_the_head_is_random(envelope: Envelope)
     sealed = envelope.seal(fmt.BLOB_DATA, envelope.chunk_id(data), data)
     assert sealed[2] == fmt.COMPRESSION_NONE
     assert envelope.open_content(fmt.BLOB_DATA, envelope.chunk_id(data), sealed) == data
+
+
+def test_one_envelope_serves_many_threads_at_once(envelope: Envelope) -> None:
+    # The API opens manifests of one repository from many request threads: a zstd context shared
+    # between them returned other blobs' bytes (the page showed "manifest ... is damaged").
+    blobs = []
+    for n in range(6):
+        data = text_bytes(150_000 + n * 7919)
+        blob_id = envelope.named_id(f"manifest:{n}")
+        blobs.append((blob_id, envelope.seal(fmt.BLOB_MANIFEST, blob_id, data), data))
+    wrong: list[int] = []
+
+    def open_all(_: int) -> None:
+        for _round in range(60):
+            for n, (blob_id, sealed, data) in enumerate(blobs):
+                if envelope.open(fmt.BLOB_MANIFEST, blob_id, sealed) != data:
+                    wrong.append(n)
+                fresh = text_bytes(20_000 + n)
+                again = envelope.seal(fmt.BLOB_DATA, envelope.chunk_id(fresh), fresh)
+                assert (
+                    envelope.open_content(fmt.BLOB_DATA, envelope.chunk_id(fresh), again) == fresh
+                )
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(open_all, range(6)))
+    assert wrong == []
 
 
 @pytest.mark.parametrize("size", [1, 4096, 65536, 1 << 20, (1 << 23) + 1])
