@@ -25,12 +25,15 @@ from api.routers import (
     alerts,
     assets,
     auth,
+    console,
     failover,
+    failover_points,
     hardware,
     jobs,
     locations,
     maintenance,
     peers,
+    plans,
     points,
     policies,
     protection,
@@ -136,6 +139,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         auth,
         assets,
         failover,
+        failover_points,
         policies,
         points,
         locations,
@@ -152,6 +156,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         takeover,
         alerts,
         verify_schedule,
+        plans,
+        console,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

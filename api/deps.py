@@ -111,7 +111,9 @@ def _from_session(service: Service, request: Request, value: str) -> Principal:
     return Principal(user.name, user.role, "session", session_hash=hashed)
 
 
-def _check_credentials(service: Service, request: Request) -> Principal:
+def check_credentials(service: Service, request: Request) -> Principal:
+    """Who sent ``request`` (bearer token or session cookie); also checks a console's
+    WebSocket handshake, which no route dependency runs."""
     header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
@@ -137,10 +139,10 @@ async def authenticate(request: Request, service: ServiceDep) -> AsyncIterator[P
     if safe:
         key = (request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE))
         principal = await service.auth_cache.get_or_compute(
-            key, lambda: _check_credentials(service, request)
+            key, lambda: check_credentials(service, request)
         )
     else:
-        principal = await to_thread.run_sync(_check_credentials, service, request)
+        principal = await to_thread.run_sync(check_credentials, service, request)
     try:
         yield principal
     finally:

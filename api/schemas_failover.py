@@ -4,6 +4,7 @@ types (``Request``, names) come from :mod:`api.schemas`."""
 from __future__ import annotations
 
 from datetime import datetime
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
@@ -21,10 +22,13 @@ class PortForward(Request):
 
 class FailoverNetwork(Request):
     #: isolated: user-mode networking, only the forwarded TCP ports reach the guest (test boots);
-    #: bridged: the VM joins a host bridge (a real failover).
-    mode: Literal["isolated", "bridged"] = "isolated"
+    #: nat: the guest reaches out through the appliance, forwards listen on ``address``;
+    #: bridged: the VM joins a host bridge with its original MAC (a real failover).
+    mode: Literal["isolated", "nat", "bridged"] = "isolated"
     port_forwards: list[PortForward] = Field(default_factory=list, max_length=32)
     bridge: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,15}$")] | None = None
+    #: nat only: the appliance's IPv4 address the forwards listen on (default 127.0.0.1).
+    address: IPv4Address | None = None
 
 
 class FailoverCreate(Request):
@@ -118,3 +122,41 @@ class FailoverSessionPublic(BaseModel):
 class FailoverDetail(FailoverSessionPublic):
     #: The tail of the guest's serial console.
     serial_log: str
+    #: While the VM runs here: its address and where its forwards listen
+    #: (``image.failover.addresses``); None otherwise.
+    addresses: dict[str, Any] | None = None
+
+
+class BridgePortPublic(BaseModel):
+    name: str
+    up: bool
+    #: "tap" for a VM's tap device, "" for a network card, else the link's kind.
+    kind: str
+
+
+class BridgePublic(BaseModel):
+    name: str
+    up: bool
+    mac: str
+    mtu: int
+    #: The links enslaved to the bridge (its network cards and the VMs' taps).
+    ports: list[BridgePortPublic]
+    #: The appliance's own addresses on the bridge.
+    addresses: list[str]
+    #: qemu-bridge-helper's access list (/etc/qemu/bridge.conf) lets VMs join it.
+    helper_allowed: bool
+
+
+class HostAddressPublic(BaseModel):
+    interface: str
+    address: str
+
+
+class HostNetworkPublic(BaseModel):
+    """The appliance's bridges (what a bridged failover can join) and its IPv4 addresses
+    (where NAT forwards can listen), read from the host (``ip -j``) at each request."""
+
+    bridges: list[BridgePublic]
+    addresses: list[HostAddressPublic]
+    #: Why the host's network could not be read (then nothing is listed).
+    error: str | None

@@ -77,6 +77,7 @@ from hardware.udev import DeviceMonitor, record_from_properties, scan
 from hardware.usb import initialise_medium
 from hardware.usb_jobs import on_devices_changed, reconcile_media, register_usb_jobs
 from image.failover import FailoverManager, register_failover_jobs
+from image.failover.plan_schedule import plan_test_tick
 from tiering.schedule import tiering_tick
 from tiering.work import register_tiering_jobs
 
@@ -306,6 +307,7 @@ class Service:
             self.scheduler.extra_ticks.append(replication_tick(app, self.runner))
             self.scheduler.extra_ticks.append(takeover_tick(app))
             self.scheduler.extra_ticks.append(self.alerts.tick)
+            self.scheduler.extra_ticks.append(plan_test_tick(app, self.scheduler.tz))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()

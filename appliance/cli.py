@@ -23,6 +23,7 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any
 
+from appliance.allocator import tune_allocator
 from appliance.cli_locations import (
     add_bucket_arguments,
     bucket_options,
@@ -35,6 +36,7 @@ from appliance.errors import ApplianceError, InvalidInput, JobWaiting, Passphras
 from appliance.file_modes import PRIVATE_UMASK
 from appliance.locations.work import copies_public
 from appliance.maintenance import collect_garbage, repair_store
+from appliance.point_check import verify_new_point
 from appliance.retention import RetentionRules
 
 EXIT_DAMAGE = 1
@@ -307,6 +309,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.quick:
+        if not args.point or args.location is not None:
+            raise InvalidInput("--quick checks one image point of the local pool: name the point")
+        with _open(args) as app:
+            check = verify_new_point(app, args.point)
+        _emit(args, check.to_dict(), check.summary)
+        return 0 if check.ok else EXIT_DAMAGE
     if args.location is not None:
         if not args.point:
             raise InvalidInput("--location checks one point's copy: name the point")
@@ -542,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("point", nargs="?")
     verify.add_argument("--max-bytes", type=_size, help="budget, e.g. 2G; coverage is remembered")
     verify.add_argument("--location", help="check the point's copy at this location alone")
+    verify.add_argument(
+        "--quick",
+        action="store_true",
+        help="the check after an image backup: every chunk indexed, every pack present and "
+        "matching its name (no decryption)",
+    )
     verify.set_defaults(func=cmd_verify)
 
     prune = sub.add_parser("prune", help="remove points by retention rules")
@@ -613,6 +628,7 @@ def _accept_global_options_after_subcommands(parser: argparse.ArgumentParser) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()
     # What the appliance creates (catalog, caches, keys) is readable by root only.
     umask = os.umask(PRIVATE_UMASK)
     try:

@@ -15,6 +15,7 @@ from appliance.engine import Appliance
 from appliance.errors import JobWaiting, LocationUnavailable
 from appliance.job_context import JobView
 from appliance.maintenance import collect_garbage
+from appliance.point_check import verify_new_point
 from appliance.retention import RetentionRules
 
 #: How long a copy waits for its unavailable location before it tries again (an outside event,
@@ -58,8 +59,15 @@ def backup_image(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, A
         progress=ctx.progress,
         cancel=ctx.cancel,
     )
+    # Checked before the job ends, so "newest" and "newest verified" agree for the failover.
+    check = verify_new_point(app, outcome.point.id, log=ctx.log)
     ctx.progress({**ctx.latest, "percent": 100.0})
-    return {"point": outcome.point.id, "mode": outcome.point.mode, "stats": outcome.stats}
+    return {
+        "point": outcome.point.id,
+        "mode": outcome.point.mode,
+        "stats": outcome.stats,
+        "check": check.to_dict(),
+    }
 
 
 def restore(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:

@@ -12,9 +12,8 @@ An overlay's header also names its backing (``nbd+unix:///<disk>?socket=...``), 
 left to open a chain from a header string: the command line says what backs what. The header
 string exists for ``qemu-img``/``qemu-nbd`` reading the chain during failback.
 
-Networking is ``Isolated`` (user-mode networking with ``restrict=on``: the guest reaches nothing,
-and only the chosen TCP ports are forwarded from 127.0.0.1) for test boots, or ``Bridged``
-(``-netdev bridge`` through ``qemu-bridge-helper``) for a real failover on the LAN.
+Networking (``Isolated``, ``Nat`` or ``Bridged``) and its ``-netdev`` arguments live in
+:mod:`image.qemu_network`; the names are re-exported here.
 
 The accelerator is chosen once per host by a canary boot of the test guest under KVM (a
 ``/dev/kvm`` that opens is not proof that guests run: on nested hosts they may fail or hang) and
@@ -31,15 +30,18 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from appliance.errors import ApplianceError, InvalidInput
+from image.qemu_network import BRIDGE_HELPER as BRIDGE_HELPER  # re-exported
+from image.qemu_network import Bridged, Isolated, Network, netdev_argv, stand_in_mac
+from image.qemu_network import Nat as Nat  # re-exported
+from image.qemu_network import PortForward as PortForward  # re-exported
 
 INSTALL_HINT = "apt-get install -y qemu-system-x86 qemu-utils"
 QEMU_SYSTEM = "qemu-system-x86_64"
-BRIDGE_HELPER = "/usr/lib/qemu/qemu-bridge-helper"
 #: (code, variables template) pairs of OVMF builds, preferred first.
 OVMF_CANDIDATES = (
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -61,35 +63,6 @@ CANARY_TIMEOUT = 20.0
 
 
 # --- what the argv is built from ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PortForward:
-    """A TCP port of the guest reachable on ``host_address:host_port``."""
-
-    host_port: int
-    guest_port: int
-    host_address: str = "127.0.0.1"
-
-
-@dataclass(frozen=True)
-class Isolated:
-    """User-mode networking, restricted: no traffic leaves, except the forwarded ports."""
-
-    port_forwards: tuple[PortForward, ...] = ()
-    mode: str = field(default="isolated", init=False)
-
-
-@dataclass(frozen=True)
-class Bridged:
-    """NICs attached to a host bridge (the LAN) through qemu-bridge-helper."""
-
-    bridge: str
-    helper: str = BRIDGE_HELPER
-    mode: str = field(default="bridged", init=False)
-
-
-Network = Isolated | Bridged
 
 
 @dataclass(frozen=True)
@@ -121,6 +94,8 @@ class QemuFiles:
     serial_log: str
     pidfile: str | None = None
     agent_socket: str | None = None
+    #: QEMU's VNC server on a unix socket (the console relay); None: no VNC at all.
+    vnc_socket: str | None = None
 
 
 def _opt(value: str) -> str:
@@ -290,6 +265,8 @@ def build_qemu_argv(
     ]
     if files.pidfile is not None:
         argv += ["-pidfile", files.pidfile]
+    if files.vnc_socket is not None:
+        argv += ["-vnc", f"unix:{_opt(files.vnc_socket)}"]
     spec_disks = list(vm_spec.get("disks") or [])
     counters: dict[str, int] = {}
     for i, disk in enumerate(disks):
@@ -303,23 +280,12 @@ def build_qemu_argv(
         device = NIC_DEVICES.get(model)
         if device is None:
             raise InvalidInput(f"unsupported NIC model {model!r}")
-        netdev = f"net{i}"
-        if isinstance(network, Bridged):
-            argv += [
-                "-netdev",
-                f"bridge,id={netdev},br={_opt(network.bridge)},helper={_opt(network.helper)}",
-            ]
-        else:
-            options = [f"user,id={netdev}", "restrict=on"]
-            if i == 0:
-                for fwd in network.port_forwards:
-                    options.append(
-                        f"hostfwd=tcp:{fwd.host_address}:{fwd.host_port}-:{fwd.guest_port}"
-                    )
-            argv += ["-netdev", ",".join(options)]
-        nic_device: dict[str, Any] = {"driver": device, "netdev": netdev, "romfile": ""}
+        argv += netdev_argv(network, i)
+        nic_device: dict[str, Any] = {"driver": device, "netdev": f"net{i}", "romfile": ""}
         if nic.get("mac"):
             nic_device["mac"] = str(nic["mac"])
+        elif isinstance(network, Bridged):
+            nic_device["mac"] = stand_in_mac(str(vm_spec.get("name") or "vm"), i)
         argv += ["-device", _json(nic_device)]
     if files.agent_socket is not None:
         argv += [

@@ -19,7 +19,8 @@ power-button modules in dependency order (from ``modules.dep`` of the kernel's
 ``/lib/modules/<version>``), mounts the data partition and logs the boot, configures ``eth0``
 with ``udhcpc`` (QEMU's user network answers), serves ``/www`` with busybox ``httpd`` on port 80
 (``/index.html`` says ``OK``), and then prints :data:`MARKER` on the serial console and the
-screen. The ACPI power button (QMP ``system_powerdown``) powers it off cleanly.
+screen. From then on every key typed on its keyboard (tty1: a VNC console or QMP ``send-key``)
+is printed on the serial console as ``key: <char>`` (:data:`KEY_ECHO`). The ACPI power button (QMP ``system_powerdown``) powers it off cleanly.
 
 Images are cached under a directory keyed by a content hash of every input (kernel, modules,
 busybox, syslinux files, the recipe and this builder's version), so a test session builds each
@@ -49,6 +50,8 @@ from appliance.errors import InvalidInput
 
 #: Printed on the serial console (and the screen) once the guest's services are up.
 MARKER = "APPLIANCE-TEST-GUEST-BOOTED"
+#: The guest prints this and the key on the serial console for each key typed on its keyboard.
+KEY_ECHO = "key: "
 #: Served as the guest's health page (``http://guest/``).
 HEALTH_TEXT = "OK appliance test guest"
 #: Bump when the recipe's output changes for the same inputs: it is part of the cache key.
@@ -352,6 +355,26 @@ done
 
 echo "{marker} boots=$boots"
 echo "{marker} boots=$boots" > /dev/tty0 2>/dev/null
+
+# Each key typed on the screen's keyboard (a VNC console, QMP send-key) is printed on the serial
+# console ("key: a", "key: space", "key: \\n", "key: 033" for Escape), and on the screen, so a
+# test can prove that a keystroke reached the guest.
+if [ -c /dev/tty1 ]; then
+  (
+    set -f
+    stty -icanon min 1 time 0 2>/dev/null
+    while :; do
+      set -- $(dd bs=1 count=1 2>/dev/null | od -An -c -tx1)
+      case $# in
+        0) sleep 1; continue ;;
+        1) key=space ;;
+        *) key=$1 ;;
+      esac
+      printf 'key: %s\\n' "$key"
+      printf '\\nkey: %s\\n' "$key" > /dev/tty1
+    done
+  ) < /dev/tty1 > /dev/ttyS0 2>/dev/null &
+fi
 """
 
 SYSLINUX_CFG = """\

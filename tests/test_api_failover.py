@@ -160,7 +160,7 @@ def test_request_bodies_are_validated(operator: httpx.Client, assets: dict[str, 
         json={"network": {"mode": "isolated", "port_forwards": [{"host": 0, "guest": 0}]}},
     )
     assert r.status_code == 422, r.text
-    r = operator.post(f"/api/assets/{assets['vm']}/failover", json={"network": {"mode": "nat"}})
+    r = operator.post(f"/api/assets/{assets['vm']}/failover", json={"network": {"mode": "routed"}})
     assert r.status_code == 422, r.text
     r = operator.post("/api/failover/nope/failback", json={"new_point": False})
     assert r.status_code == 400, r.text

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from api_support import PASSWORDS, LiveServer, bootstrapped_server
 from test_progress import MiB, big_random_file
-from test_web_tiering import signed_in_page
-from web_support import expect
+from web_support import expect, signed_in_page
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from api_support import PASSWORDS, LiveServer, bootstrapped_server
 from test_signals import encrypt, make_office, normal_day
-from test_web_tiering import signed_in_page
-from web_support import SCREENSHOTS_ENV, Screenshots, expect
+from web_support import SCREENSHOTS_ENV, Screenshots, expect, signed_in_page
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from web_support import (
     PageWatch,
     Screenshots,
     expect,
+    nav,
     sign_in,
 )
 
@@ -170,11 +171,6 @@ def admin_page(page: Any, server: LiveServer) -> Any:
     page.goto(server.url + "/")
     expect(page.locator(".user-name")).to_have_text(ADMIN[0])
     return page
-
-
-def nav(page: Any, label: str) -> None:
-    page.get_by_role("navigation", name="Main").get_by_role("link", name=label).click()
-    expect(page.get_by_role("heading", level=1)).to_be_visible()
 
 
 # --- the tests -------------------------------------------------------------------------------------------
@@ -601,7 +597,9 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Cl
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    expect(menu.get_by_role("link")).to_have_count(9)  # Replication, Alerts: every role reads
+    expect(menu.get_by_role("link")).to_have_count(
+        10
+    )  # Replication, Alerts, Recovery plans: every role reads
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from api_support import ADMIN, PASSWORDS, LiveServer, bootstrapped_server, free_port, login
-from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, expect
+from api_support import ADMIN, PASSWORDS, LiveServer, bootstrapped_server, free_port
+from web_support import SCREENSHOTS_ENV, expect, signed_in_page
 
 from appliance.alerts.events import AlertEvent
 
@@ -51,19 +51,6 @@ def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     finally:
         httpd.shutdown()
         thread.join(10)
-
-
-def signed_in_page(browser: Any, server: LiveServer, name: str, password: str) -> tuple[Any, Any]:
-    context = browser.new_context(viewport=LAPTOP, locale="en-GB")
-    page = context.new_page()
-    watch = PageWatch(page, server.url)
-    with server.client() as c:
-        login(c, name, password)
-        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
-    context.add_cookies(cookies)
-    page.goto(server.url + "/")
-    expect(page.locator(".user-name")).to_have_text(name)
-    return page, watch
 
 
 def test_an_operator_acknowledges_a_failed_backup(browser: Any, server: LiveServer) -> None:

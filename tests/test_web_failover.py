@@ -35,7 +35,6 @@ from api_support import (
     PASSWORDS,
     LiveServer,
     bootstrapped_server,
-    login,
     wait_job,
 )
 from guest_support import guest_image_path
@@ -45,6 +44,7 @@ from web_support import (
     SCREENSHOTS_ENV,
     TABLET,
     PageWatch,
+    add_api_session,
     expect,
     sign_in,
 )
@@ -118,16 +118,6 @@ def page(browser: Any, server: LiveServer) -> Iterator[Any]:
     yield page
     context.close()
     watch.check()
-
-
-def sign_in_as_admin(page: Any, server: LiveServer) -> None:
-    """The session comes from the API (the sign-in form is tested in test_web.py)."""
-    with server.client() as c:
-        login(c, *ADMIN)
-        cookies = [{"name": k, "value": v, "url": server.url} for k, v in c.cookies.items()]
-    page.context.add_cookies(cookies)
-    page.goto(server.url + "/")
-    expect(page.locator(".user-name")).to_have_text(ADMIN[0])
 
 
 def save_screenshots(page: Any, tmp: Path, name: str, *, tablet: bool = True) -> list[Path]:
@@ -204,12 +194,16 @@ def test_fail_over_from_the_page(
 ) -> None:
     """Fail over -> session screen -> proof, RTO, console, serial -> Move to local disk -> Stop
     -> Fail back."""
-    sign_in_as_admin(page, server)
+    add_api_session(page, server, *ADMIN)
     page.goto(server.url + "/#/failover")
     expect(page.get_by_text("No failovers yet")).to_be_visible()
 
     page.goto(server.url + "/#/assets")
     page.get_by_role("button", name=re.compile(f"^Fail over {ASSET}:")).click()
+    # the dialog preselects the point (test_web_failover_dialog.py tests it); confirm it
+    page.get_by_role("dialog", name=f"Fail over {ASSET}").get_by_role(
+        "button", name="Fail over", exact=True
+    ).click()
     # the failover screen follows the job and opens the session as soon as it exists
     page.wait_for_url(re.compile(r"#/failover/[^/?]+$"), timeout=60_000)
     session_id = page.url.rsplit("/", 1)[1]
@@ -231,7 +225,11 @@ def test_fail_over_from_the_page(
     expect(details).to_contain_text(f"Accelerator{accel}")
     expect(details).to_contain_text("Backup: disks read from the store")
     host_port = info["ports"]["80"]
-    expect(details).to_contain_text(f"guest 80 → 127.0.0.1:{host_port}")
+    expect(details).to_contain_text(f"127.0.0.1:{host_port} → guest port 80")
+    # the address the VM got, from QEMU's own DHCP (asked through the monitor)
+    expect(details).to_contain_text(
+        "Address in the VM10.0.2.15given by the appliance's built-in DHCP"
+    )
     health = details.get_by_role("link", name=f"http://127.0.0.1:{host_port}/")
     expect(health).to_have_attribute("href", f"http://127.0.0.1:{host_port}/")
     assert fetch_health(host_port).startswith(f"{HEALTH_TEXT} boots=")
@@ -393,9 +391,12 @@ def test_fail_over_through_the_api(
 def test_boot_test_from_the_page(page: Any, server: LiveServer, vm_asset: dict[str, Any]) -> None:
     """ "Boot test" leads to its session too; it proves the boot, then shuts the VM down and
     discards it, which the screen says in words (and offers no action that no longer applies)."""
-    sign_in_as_admin(page, server)
+    add_api_session(page, server, *ADMIN)
     page.goto(server.url + "/#/assets")
-    page.get_by_role("button", name=f"Test-boot the newest point of {ASSET}").click()
+    page.get_by_role("button", name=f"Test-boot a point of {ASSET}").click()
+    page.get_by_role("dialog", name=f"Boot test of {ASSET}").get_by_role(
+        "button", name="Start the boot test"
+    ).click()
     page.wait_for_url(re.compile(r"#/failover/[^/?]+$"), timeout=60_000)
     expect(page.get_by_role("heading", level=1)).to_have_text(f"Boot test of {ASSET}")
     expect(page.locator(".fo-state")).to_have_text("Boot test passed", timeout=BOOT_TIMEOUT_MS)

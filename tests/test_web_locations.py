@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import ADMIN, LiveServer, bootstrapped_server, login, wait_job
+from api_support import ADMIN, LiveServer, bootstrapped_server, wait_job
 from s3_support import CREDENTIALS, S3Server
-from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, Screenshots, expect
+from web_support import SCREENSHOTS_ENV, Screenshots, expect, nav, signed_in
 
 from appliance.catalog.records import home_location_id
 
@@ -46,24 +46,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Screenshots:
 
 @pytest.fixture
 def admin_page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    """The page signed in as the admin (the session comes from the API)."""
-    context = browser.new_context(viewport=LAPTOP, locale="en-GB")
-    page = context.new_page()
-    watch = PageWatch(page, server.url)
-    with server.client() as c:
-        login(c, *ADMIN)
-        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
-    context.add_cookies(cookies)
-    page.goto(server.url + "/")
-    expect(page.locator(".user-name")).to_have_text(ADMIN[0])
-    yield page
-    context.close()
-    watch.check()
-
-
-def nav(page: Any, label: str) -> None:
-    page.get_by_role("navigation", name="Main").get_by_role("link", name=label).click()
-    expect(page.get_by_role("heading", level=1)).to_be_visible()
+    with signed_in(browser, server, *ADMIN) as page:
+        yield page
 
 
 def test_a_bucket_added_from_the_page_is_listed_as_cold_and_locked(

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import ADMIN, LiveServer, bootstrapped_server, login, wait_job
-from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, Screenshots, expect
+from api_support import ADMIN, LiveServer, bootstrapped_server, wait_job
+from web_support import SCREENSHOTS_ENV, Screenshots, expect, nav, signed_in
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +43,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Screenshots:
 
 @pytest.fixture
 def admin_page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(viewport=LAPTOP, locale="en-GB")
-    page = context.new_page()
-    watch = PageWatch(page, server.url)
-    with server.client() as c:
-        login(c, *ADMIN)
-        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
-    context.add_cookies(cookies)
-    page.goto(server.url + "/")
-    expect(page.locator(".user-name")).to_have_text(ADMIN[0])
-    yield page
-    context.close()
-    watch.check()
+    with signed_in(browser, server, *ADMIN) as page:
+        yield page
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +63,6 @@ def folders(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> Pat
         r = admin.put("/api/settings", json={"timezone": "Europe/Berlin"})
         assert r.status_code == 200, r.text
     return root
-
-
-def nav(page: Any, label: str) -> None:
-    page.get_by_role("navigation", name="Main").get_by_role("link", name=label).click()
-    expect(page.get_by_role("heading", level=1)).to_be_visible()
 
 
 def test_a_policy_for_the_asset_just_added_picked_in_words(
@@ -317,6 +302,9 @@ def test_a_failed_start_shows_one_message(
     page = admin_page
     nav(page, "Assets & policies")
     page.get_by_role("button", name="Fail over vm1").click()
+    page.get_by_role("dialog", name="Fail over vm1").get_by_role(
+        "button", name="Fail over", exact=True
+    ).click()
     failed = page.locator(".card-bad")
     expect(failed).to_contain_text("did not start")
     expect(failed.get_by_role("alert")).to_contain_text("already")

@@ -36,12 +36,11 @@ from api_support import (
     PASSWORDS,
     LiveServer,
     bootstrapped_server,
-    login,
     wait_job,
     weak_kdf_env,
 )
 from replication_support import Peer, pair, running_peer
-from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, Screenshots, expect
+from web_support import SCREENSHOTS_ENV, PageWatch, Screenshots, expect, signed_in_page
 
 from api.identity import certificate_fingerprint
 
@@ -83,22 +82,11 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Screenshots:
     return Screenshots(tmp_path_factory.mktemp("screenshots"))
 
 
-def signed_in_page(
+def replication_page(
     browser: Any, server: LiveServer, name: str, password: str
 ) -> tuple[Any, PageWatch]:
-    """A page of ``server`` signed in as ``name`` (the session comes from the API); over TLS the
-    browser accepts the appliance's own certificate."""
-    context = browser.new_context(
-        viewport=LAPTOP, locale="en-GB", ignore_https_errors=server.url.startswith("https:")
-    )
-    page = context.new_page()
-    watch = PageWatch(page, server.url)
-    with server.client() as c:
-        login(c, name, password)
-        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
-    context.add_cookies(cookies)
-    page.goto(server.url + "/#/replication")
-    expect(page.locator(".user-name")).to_have_text(name)
+    """A page of ``server`` signed in as ``name``, on the Replication screen."""
+    page, watch = signed_in_page(browser, server, name, password, path="/#/replication")
     expect(page.get_by_role("heading", level=1)).to_have_text("Replication")
     return page, watch
 
@@ -108,8 +96,8 @@ def pages(browser: Any, source: LiveServer, peer: Peer) -> Iterator[dict[str, An
     """Administrators' pages of both appliances."""
     assert peer.live is not None
     opened = {
-        "source": signed_in_page(browser, source, *ADMIN),
-        "peer": signed_in_page(browser, peer.live, *ADMIN),
+        "source": replication_page(browser, source, *ADMIN),
+        "peer": replication_page(browser, peer.live, *ADMIN),
     }
     yield {side: page for side, (page, _) in opened.items()}
     for page, watch in opened.values():
@@ -321,7 +309,7 @@ def test_viewers_read_both_pages_without_controls(
     try:
         for server in (source, peer.live):
             for role in ("viewer", "operator"):
-                page, watch = signed_in_page(browser, server, role, PASSWORDS[role])
+                page, watch = replication_page(browser, server, role, PASSWORDS[role])
                 opened.append((page, watch))
                 expect(page.locator("[data-fingerprint]").first).to_be_visible()
                 for name in ("Pair with a peer", "Show a pairing code", "Unpair", "Edit"):

@@ -23,9 +23,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from api_support import ADMIN, PASSWORDS, LiveServer, bootstrapped_server, login, wait_job
+from api_support import ADMIN, PASSWORDS, LiveServer, bootstrapped_server, wait_job
 from s3_support import S3Server
-from web_support import LAPTOP, SCREENSHOTS_ENV, PageWatch, Screenshots, expect
+from web_support import (
+    SCREENSHOTS_ENV,
+    PageWatch,
+    Screenshots,
+    expect,
+    signed_in,
+    signed_in_page,
+)
 
 from appliance.catalog.records import home_location_id
 
@@ -86,28 +93,10 @@ def site(server: LiveServer, s3: S3Server, tmp_path_factory: pytest.TempPathFact
     return points
 
 
-def signed_in_page(
-    browser: Any, server: LiveServer, name: str, password: str
-) -> tuple[Any, PageWatch]:
-    """A page signed in as ``name`` (the session comes from the API) and its watch."""
-    context = browser.new_context(viewport=LAPTOP, locale="en-GB")
-    page = context.new_page()
-    watch = PageWatch(page, server.url)
-    with server.client() as c:
-        login(c, name, password)
-        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
-    context.add_cookies(cookies)
-    page.goto(server.url + "/")
-    expect(page.locator(".user-name")).to_have_text(name)
-    return page, watch
-
-
 @pytest.fixture
 def admin_page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    page, watch = signed_in_page(browser, server, *ADMIN)
-    yield page
-    page.context.close()
-    watch.check()
+    with signed_in(browser, server, *ADMIN) as page:
+        yield page
 
 
 def amount(text: str) -> float:

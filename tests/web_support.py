@@ -136,3 +136,50 @@ def sign_in(page: Page, url: str, name: str, password: str) -> None:
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator(".user-name")).to_have_text(name)
+
+
+def add_api_session(page: Page, server: Any, name: str, password: str, *, path: str = "/") -> None:
+    """Sign ``page``'s browser context in as ``name`` with a session from the API (the sign-in
+    form is tested by itself) and open ``path``."""
+    from api_support import login
+
+    with server.client() as c:
+        login(c, name, password)
+        cookies = [{"name": n, "value": v, "url": server.url} for n, v in c.cookies.items()]
+    page.context.add_cookies(cookies)
+    page.goto(server.url + path)
+    expect(page.locator(".user-name")).to_have_text(name)
+
+
+def signed_in_page(
+    browser: Browser, server: Any, name: str, password: str, *, path: str = "/"
+) -> tuple[Page, PageWatch]:
+    """A new page of ``server`` (an api_support LiveServer) signed in as ``name`` and its watch;
+    over TLS the browser accepts the appliance's own certificate."""
+    context = browser.new_context(
+        viewport=LAPTOP, locale="en-GB", ignore_https_errors=server.url.startswith("https:")
+    )
+    page = context.new_page()
+    watch = PageWatch(page, server.url)
+    add_api_session(page, server, name, password, path=path)
+    return page, watch
+
+
+@contextlib.contextmanager
+def signed_in(
+    browser: Browser, server: Any, name: str, password: str, *, path: str = "/"
+) -> Iterator[Page]:
+    """:func:`signed_in_page` for a ``with`` block (or a fixture): the page's watch is checked
+    when the block ends without an error, and its browser context closed in any case."""
+    page, watch = signed_in_page(browser, server, name, password, path=path)
+    try:
+        yield page
+        watch.check()
+    finally:
+        page.context.close()
+
+
+def nav(page: Page, label: str) -> None:
+    """Follow a link of the main navigation and wait for the screen's heading."""
+    page.get_by_role("navigation", name="Main").get_by_role("link", name=label).click()
+    expect(page.get_by_role("heading", level=1)).to_be_visible()

@@ -25,12 +25,15 @@ from api.schemas_failover import (
     FailoverSettingsPublic,
     FailoverSettingsUpdate,
     FailoverStop,
+    HostNetworkPublic,
 )
 from api.security import Principal
 from api.service import Service
 from api.views import job_public
 from appliance.errors import InvalidInput, NotFound
 from appliance.path_rules import check_area_path, check_image_output
+from image.failover.network import check_network_on_host, network_from_dict
+from image.host_network import read_host_network
 
 router = APIRouter(tags=["failover"])
 
@@ -67,7 +70,16 @@ def network_params(network: FailoverNetwork) -> dict[str, Any]:
         "mode": network.mode,
         "port_forwards": [[f.host, f.guest] for f in network.port_forwards],
         **({"bridge": network.bridge} if network.bridge else {}),
+        **({"address": str(network.address)} if network.address else {}),
     }
+
+
+def _check_network(params: dict[str, Any]) -> None:
+    """Refuse, before a job is queued, a network this appliance cannot give (a missing bridge:
+    ``bridge_missing``; NAT forwards on an address that is not its own)."""
+    network = network_from_dict(params.get("network"))
+    if network.mode != "isolated":
+        check_network_on_host(network, read_host_network())
 
 
 def _check_vm_point(service: Service, name: str, point: str | None) -> None:
@@ -144,6 +156,7 @@ def fail_over(
         configured = service.failovers.asset_settings(name).get("network")
         if configured:
             params["network"] = configured
+    _check_network(params)
     return _submit(service, principal, response, "failover_start", params, "asset.failover", name)
 
 
@@ -216,7 +229,18 @@ def get_failover(session_id: str, principal: Viewer, service: StoreService) -> F
     """One session, with the tail of the guest's serial console."""
     manager = service.failovers
     public = session_public(manager.get(session_id))
-    return FailoverDetail(**public.model_dump(), serial_log=manager.serial_log(session_id))
+    return FailoverDetail(
+        **public.model_dump(),
+        serial_log=manager.serial_log(session_id),
+        addresses=manager.addresses(session_id),
+    )
+
+
+@router.get("/network/bridges", response_model=HostNetworkPublic)
+def list_bridges(principal: Operator) -> HostNetworkPublic:
+    """The appliance's network bridges with their links, and its IPv4 addresses (from the host,
+    ``ip -j``); what a failover's network can use."""
+    return HostNetworkPublic.model_validate(read_host_network().to_dict())
 
 
 @router.get(

@@ -30,6 +30,7 @@ from appliance.catalog.database import HEAD_REVISION, MIGRATIONS_DIR, Clock, Dat
 from appliance.catalog.failovers import FailoverRepository
 from appliance.catalog.jobs import JobRepository
 from appliance.catalog.locations import LocationRepository
+from appliance.catalog.plans import PlanRepository
 from appliance.catalog.points import MIN_POINT_PREFIX, PointRepository
 from appliance.catalog.schedules import ScheduleRepository
 
@@ -46,6 +47,7 @@ class Catalog(
     AccountRepository,
     FailoverRepository,
     AlertRepository,
+    PlanRepository,
 ):
     """The catalog of one appliance. Open with :meth:`open`; close with :meth:`close`.
 

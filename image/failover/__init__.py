@@ -29,7 +29,10 @@ Import from ``image.failover``; the names below are its interface.
 from image.failover.admission import (
     MEMORY_RESERVE_MIB,
     QEMU_OVERHEAD_MIB,
+    PointChoice,
     check_memory,
+    choice_reason,
+    choose_point,
     pick_point,
 )
 from image.failover.errors import (
@@ -47,6 +50,8 @@ from image.failover.jobs import (
 )
 from image.failover.manager import FailoverManager
 from image.failover.network import network_from_dict, network_to_dict, resolve_forwards
+from image.failover.plan_rules import check_plan_memory, parse_plan_groups
+from image.failover.plans import run_plan
 from image.failover.process import STOP_GRACE, QemuProcess
 from image.failover.session import FailoverSession, ProgressCallback
 from image.failover.settings import (
@@ -66,6 +71,7 @@ __all__ = [
     "FailoverManager",
     "FailoverSession",
     "InsufficientMemory",
+    "PointChoice",
     "PointNotLocal",
     "ProgressCallback",
     "QemuProcess",
@@ -74,13 +80,18 @@ __all__ = [
     "boot_test_resources",
     "changed_ranges_from_map",
     "check_memory",
+    "check_plan_memory",
+    "choice_reason",
+    "choose_point",
     "failover_settings",
     "network_from_dict",
     "network_to_dict",
+    "parse_plan_groups",
     "pick_point",
     "put_asset_failover_settings",
     "register_failover_jobs",
     "resolve_forwards",
+    "run_plan",
     "unbind_failover_manager",
     "write_disk_image",
 ]

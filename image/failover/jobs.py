@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from appliance.engine import Appliance
@@ -30,6 +31,7 @@ from appliance.errors import ApplianceError, InvalidInput
 from appliance.jobs import JobContext, JobKind, register_job_kind
 from image.failover.errors import BootProofFailed
 from image.failover.manager import FailoverManager
+from image.failover.plans import plan_failover_resources, plan_test_resources, run_plan_job
 
 
 def _requested_at(app: Appliance, ctx: JobContext) -> float:
@@ -51,6 +53,10 @@ def boot_test_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
     if not p.get("asset"):
         raise InvalidInput("name the VM asset to boot-test")
     return [(f"asset:{p['asset']}", True), ("store", False)]
+
+
+def _plan_described(what: str) -> Callable[[dict[str, Any]], str]:
+    return lambda p: f"{what} of recovery plan {p.get('name') or p.get('plan')}"
 
 
 # Keyed by the appliance's id, holding the manager weakly: the service or take-over that made a
@@ -92,6 +98,8 @@ def register_failover_jobs(manager: FailoverManager) -> None:
     - ``failover_migrate`` {session, target_dir?}: mirror the disks to local storage and pivot.
     - ``failover_failback`` {session, new_point?=true, write_to?: "original"|path, format?}.
     - ``boot_test`` {asset, point?, location?, proof?}: isolated boot, RTO and screenshot, then discard.
+    - ``plan_failover`` / ``plan_test`` {plan, name?, assets}: a recovery plan's run
+      (:mod:`image.failover.plans`).
 
     ``manager`` is bound to its appliance and becomes the fallback of appliances bound to none.
     """
@@ -224,4 +232,28 @@ def register_failover_jobs(manager: FailoverManager) -> None:
     register_job_kind(
         "boot_test",
         JobKind(boot_test, boot_test_resources, True, lambda p: f"boot test of {p.get('asset')}"),
+    )
+
+    def plan_run(kind: str) -> Callable[[Appliance, dict[str, Any], JobContext], dict[str, Any]]:
+        def work(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+            return run_plan_job(
+                manager_for(app),
+                p,
+                kind=kind,
+                requested_at=_requested_at(app, ctx),
+                job_id=ctx.job_id,
+                log=ctx.log,
+                cancel=ctx.cancel,
+                progress=ctx.progress,
+            )
+
+        return work
+
+    register_job_kind(
+        "plan_failover",
+        JobKind(plan_run("failover"), plan_failover_resources, False, _plan_described("failover")),
+    )
+    register_job_kind(
+        "plan_test",
+        JobKind(plan_run("test"), plan_test_resources, True, _plan_described("test run")),
     )

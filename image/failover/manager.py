@@ -36,19 +36,22 @@ from typing import Any
 from appliance.catalog.records import ACTIVE_FAILOVER_STATES, FailoverSessionRecord, PointRecord
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, Conflict, InvalidInput, LockHeld, NotFound
+from appliance.point_check import PROBLEMS_KEY, recorded_problems
 from appliance.store.repository import Repository
 from image.boot_proof import BootProofSpec
+from image.failover.addresses import session_addresses
 from image.failover.admission import (
     MEMORY_RESERVE_MIB,
     QEMU_OVERHEAD_MIB,
     check_memory,
-    pick_point,
+    choice_reason,
+    choose_point,
 )
 from image.failover.boot_profile import load_boot_profile, save_boot_profile
 from image.failover.errors import InsufficientMemory, PointNotLocal
 from image.failover.failback import fail_back
 from image.failover.migrate import migrate_to_local
-from image.failover.network import network_from_dict
+from image.failover.network import boot_test_network, check_network_on_host, network_from_dict
 from image.failover.process import STOP_GRACE
 from image.failover.proof import failed_checks
 from image.failover.records import epoch_iso, now_iso, record_dict
@@ -58,10 +61,12 @@ from image.failover.settings import (
     failover_settings,
     put_asset_failover_settings,
 )
+from image.host_network import read_host_network
 from image.nbd_export import missing_blobs
 from image.qemu import (
     Bridged,
     Isolated,
+    Nat,
     Network,
     choose_accelerator,
     load_accelerator,
@@ -158,6 +163,17 @@ class FailoverManager:
         if session.repo is not self.app.repo:
             session.repo.close()
 
+    def addresses(self, session_id: str) -> dict[str, Any] | None:
+        """The running VM's address and forwards (None when it does not run here)."""
+        with self._lock:
+            live = self._sessions.get(session_id)
+        return session_addresses(live) if live is not None else None
+
+    def live_session(self, session_id: str) -> FailoverSession | None:
+        """The session while its VM runs in this process (the console needs it), else None."""
+        with self._lock:
+            return self._sessions.get(session_id)
+
     def session(self, session_id: str) -> FailoverSession:
         with self._lock:
             live = self._sessions.get(session_id)
@@ -199,7 +215,8 @@ class FailoverManager:
     def list(self, asset: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         return [record_dict(r) for r in self.app.catalog.list_failover_sessions(asset, limit=limit)]
 
-    def _committed_mib(self) -> int:
+    def committed_mib(self) -> int:
+        """Memory promised to running failovers that their QEMUs have not touched yet (MiB)."""
         with self._lock:
             live = list(self._sessions.values())
         total = 0
@@ -225,6 +242,7 @@ class FailoverManager:
         memory_mib: int | None = None,
         location: str | None = None,
         log: Callable[[str], None] | None = None,
+        network_note: str | None = None,
     ) -> FailoverSessionRecord:
         """Fail ``asset`` over to ``point`` (default: its newest verified image point), read
         from its best copy (``location``: that one first); ``log`` is told where it reads from.
@@ -238,13 +256,15 @@ class FailoverManager:
         if not isinstance(proof, BootProofSpec):
             proof = BootProofSpec.from_dict(proof if proof is not None else configured.get("proof"))
         proof = proof.effective()
-        if not isinstance(network, Isolated | Bridged):
+        if not isinstance(network, Isolated | Nat | Bridged):
             network = network_from_dict(
                 network if network is not None else configured.get("network")
             )
         if purpose not in ("failover", "boot_test"):
             raise InvalidInput("purpose must be failover or boot_test")
-        record = self._pick(asset, point)
+        if network.mode != "isolated":  # a missing bridge refuses before anything runs
+            check_network_on_host(network, read_host_network())
+        record = self._pick(asset, point, log)
         if self.app.recall_estimate(record.id, location=location)["needed"]:
             self._check_recalled(asset, record.id, location, purpose)
         repo = self._reader(record.id, location, log)
@@ -284,7 +304,7 @@ class FailoverManager:
             else int(self.settings().get("memory_reserve_mib", MEMORY_RESERVE_MIB))
         )
         reason = check_memory(
-            int(vm.get("memory_mib", 512)), mem_available_mib(), reserve, self._committed_mib()
+            int(vm.get("memory_mib", 512)), mem_available_mib(), reserve, self.committed_mib()
         )
         if reason is not None:
             raise InsufficientMemory(
@@ -309,6 +329,7 @@ class FailoverManager:
                     "read_from": read_from,
                     "vm": vm,
                     "check_seconds": round(time.monotonic() - check_started, 3),
+                    **({"network_note": network_note} if network_note else {}),
                 },
             )
             session = FailoverSession(self, created, manifest, repo)
@@ -346,7 +367,9 @@ class FailoverManager:
                 recall=status.to_dict(),
             )
 
-    def _pick(self, asset: str, point: str | None) -> PointRecord:
+    def _pick(
+        self, asset: str, point: str | None, log: Callable[[str], None] | None = None
+    ) -> PointRecord:
         if point:
             record = self.app.catalog.get_point(point)
             if record.asset != asset:
@@ -354,10 +377,15 @@ class FailoverManager:
             if record.kind != "image":
                 raise InvalidInput(f"point {record.id} is not a VM image point")
             return record
-        chosen = pick_point(self.app.catalog.list_points(asset=asset))
-        if chosen is None:
+        points = self.app.catalog.list_points(asset=asset)
+        choice = choose_point(points)
+        if choice.point is None:
             raise NotFound(f"{asset} has no VM image recovery point to fail over to", asset=asset)
-        return chosen
+        problems = recorded_problems(self.app.catalog.get_settings(PROBLEMS_KEY), points)
+        reason = choice_reason(choice, now=self.app.clock(), problems=problems)
+        if reason and log is not None:
+            log(reason)
+        return choice.point
 
     def stop(self, session_id: str, *, grace: float = STOP_GRACE) -> FailoverSessionRecord:
         return self.session(session_id).stop(grace=grace)
@@ -441,8 +469,9 @@ class FailoverManager:
     ) -> dict[str, Any]:
         """Boot a point isolated, record its RTO and screenshot, shut it down, discard it."""
         configured = self.asset_settings(asset)
-        forwards = (configured.get("network") or {}).get("port_forwards")
-        network = network_from_dict({"mode": "isolated", "port_forwards": forwards or []})
+        network, note = boot_test_network(configured.get("network"))
+        if note and log is not None:
+            log(note)
         try:
             record = self.start(
                 asset,
@@ -451,6 +480,7 @@ class FailoverManager:
                 proof=proof,
                 accel=accel,
                 purpose="boot_test",
+                network_note=note,
                 requested_at=requested_at,
                 cancel=cancel,
                 progress=progress,

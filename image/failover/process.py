@@ -1,9 +1,10 @@
 """The QEMU process of a session: start it, know it by pid and control socket, stop it.
 
 A :class:`QemuProcess` is one QEMU child with its per-session files (:class:`image.qemu.QemuFiles`:
-QMP socket, serial log, pid file, guest-agent socket) and a log of its stdout/stderr. It is either
-started by this process (:meth:`QemuProcess.launch`, in a session of its own, so a terminal's
-Ctrl-C to the service does not reach the VM) or adopted after a restart, known only by its pid.
+QMP socket, serial log, pid file, guest-agent socket, VNC socket) and a log of its
+stdout/stderr. It is either started by this process (:meth:`QemuProcess.launch`, in a session of
+its own, so a terminal's Ctrl-C to the service does not reach the VM) or adopted after a restart,
+known only by its pid.
 
 Invariants:
 
@@ -115,7 +116,7 @@ class QemuProcess:
             self.qmp = None
         if not self.alive():
             # QEMU leaves its listening sockets behind when it is killed.
-            for path in (self.files.qmp_socket, self.files.agent_socket):
+            for path in (self.files.qmp_socket, self.files.agent_socket, self.files.vnc_socket):
                 if path:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)

@@ -113,6 +113,8 @@ class FailoverSession:
                 serial_log=os.path.join(self.dir, "serial.log"),
                 pidfile=os.path.join(self.dir, "qemu.pid"),
                 agent_socket=None,
+                # The console: QEMU's VNC on a socket only the service reaches (no TCP port).
+                vnc_socket=os.path.join(self.run_dir, "vnc.sock"),
             ),
             log_path=os.path.join(self.dir, "qemu.log"),
             pid=self.details.get("pid"),
@@ -274,6 +276,7 @@ class FailoverSession:
             serial_log=files.serial_log,
             pidfile=files.pidfile,
             agent_socket=agent_socket,
+            vnc_socket=files.vnc_socket,
         )
         argv = build_qemu_argv(
             self.spec,
@@ -298,6 +301,7 @@ class FailoverSession:
             network=network_to_dict(network),
             proof=proof.to_dict(),
             qmp_socket=files.qmp_socket,
+            vnc_socket=files.vnc_socket,
             serial_log=files.serial_log,
             qemu_log=self.process.log_path,
             argv=argv,

@@ -12,7 +12,8 @@ from typing import Any
 
 from appliance.errors import InvalidInput
 from image.boot_proof import BootProofSpec
-from image.failover.network import network_from_dict
+from image.failover.network import check_network_on_host, network_from_dict, network_to_dict
+from image.host_network import HostNetwork, read_host_network
 
 SETTINGS_KEY = "failover"
 
@@ -33,8 +34,10 @@ def put_asset_failover_settings(
     *,
     proof: dict[str, Any] | None = None,
     network: dict[str, Any] | None = None,
+    host: HostNetwork | None = None,
 ) -> dict[str, Any]:
-    """Store the boot proof and network of an asset's failovers (validated first)."""
+    """Store the boot proof and network of an asset's failovers (validated first; a network
+    must also be one this host can give: ``host``, default the host's network read now)."""
     put = getattr(catalog, "put_settings", None)
     if put is None:
         raise InvalidInput("this catalog cannot store settings")
@@ -42,8 +45,10 @@ def put_asset_failover_settings(
     if proof is not None:
         entry["proof"] = BootProofSpec.from_dict(proof).to_dict()
     if network is not None:
-        network_from_dict(network)
-        entry["network"] = dict(network)
+        parsed = network_from_dict(network)
+        if parsed.mode != "isolated":
+            check_network_on_host(parsed, host if host is not None else read_host_network())
+        entry["network"] = network_to_dict(parsed)
     settings = failover_settings(catalog)
     assets = dict(settings.get("assets") or {})
     assets[asset] = {**dict(assets.get(asset) or {}), **entry}

@@ -13,6 +13,8 @@ import points from "./views/points.js";
 import browse from "./views/browse.js";
 import { jobDetail, jobList } from "./views/jobs.js";
 import { failoverList, failoverSession } from "./views/failover.js";
+import failoverSettings from "./views/failover_settings.js";
+import plansView, { planDetail } from "./views/plans.js";
 import pools from "./views/pools.js";
 import disks from "./views/disks.js";
 import media from "./views/media.js";
@@ -30,6 +32,7 @@ const NAV = [
   { href: "#/assets", label: "Assets & policies", iconName: "assets", match: /^\/assets/ },
   { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
   { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
+  { href: "#/plans", label: "Recovery plans", iconName: "check", match: /^\/plans/ },
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
   { href: "#/alerts", label: "Alerts", iconName: "alert", match: /^\/alerts/ },
   { href: "#/pools", label: "Pools & disks", iconName: "pools", match: /^\/(pools|disks|media)/ },
@@ -46,8 +49,11 @@ const ROUTES = [
   [/^\/assets$/, assets, "Assets & policies"],
   [/^\/points$/, points, "Recovery points"],
   [/^\/points\/([^/]+)$/, browse, "Browse a point"],
+  [/^\/assets\/([^/]+)\/failover-settings$/, failoverSettings, "Failover settings"],
   [/^\/failover$/, failoverList, "Failover"],
   [/^\/failover\/([^/]+)$/, failoverSession, "Failover session"],
+  [/^\/plans$/, plansView, "Recovery plans"],
+  [/^\/plans\/([^/]+)$/, planDetail, "Recovery plan"],
   [/^\/jobs$/, jobList, "Jobs"],
   [/^\/jobs\/([^/]+)$/, jobDetail, "Job"],
   [/^\/alerts$/, alertsView, "Alerts"],

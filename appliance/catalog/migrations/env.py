@@ -18,6 +18,7 @@ from alembic.autogenerate.api import AutogenContext
 
 from appliance.catalog import (
     models_alerts,  # noqa: F401  (its tables join Base.metadata)
+    models_plans,  # noqa: F401  (its tables join Base.metadata)
     models_policies,  # noqa: F401  (its table joins Base.metadata)
 )
 from appliance.catalog.models import Base, UTCDateTime

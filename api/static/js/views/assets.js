@@ -4,6 +4,7 @@ import { api, enc } from "../api.js";
 import { h, icon, replace } from "../dom.js";
 import { MODE_NAMES, count, dateTime, describeCron, listText, period } from "../format.js";
 import { button, busy, card, emptyState, field, formDialog, loading, pageHeader, pill, select, setApplies, table, toast, deleteButton } from "../ui.js";
+import { openFailoverDialog } from "./failover_dialog.js";
 import { scheduleControls } from "./schedule_words.js";
 
 const MODES = [
@@ -275,15 +276,6 @@ export default async function assetsView(view) {
     if (job) toast(`${what} started.`, { link: { href: `#/jobs/${job.id}`, text: "Watch progress" } });
   }
 
-  // A failover or boot test: the failover screen follows the job and opens its session.
-  async function startFailover(btn, path, what) {
-    const job = await busy(btn, view.banner, () => api.post(path, {}));
-    if (!job) return;
-    // No "started" toast: the failover screen says how the start went, and a start that fails
-    // (a second failover of the same VM) must not show a green note beside the red one.
-    view.navigate(`#/failover?job=${enc(job.id)}`);
-  }
-
   async function load() {
     let assets;
     let policies;
@@ -300,9 +292,10 @@ export default async function assetsView(view) {
         "div",
         { class: "row-actions" },
         canRun ? button("Back up now", { iconName: "play", kind: "small", "aria-label": `Back up ${a.name} now`, onClick: (e) => startJob(e.currentTarget, `/api/assets/${enc(a.name)}/backup`, `Backup of ${a.name}`) }) : null,
-        canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: boot it from its newest backup on this appliance`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/failover`, `Failover of ${a.name}`) }) : null,
-        canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot the newest point of ${a.name}`, onClick: (e) => startFailover(e.currentTarget, `/api/assets/${enc(a.name)}/boot-test`, `Boot test of ${a.name}`) }) : null,
+        canRun && a.kind === "vm" ? button("Fail over", { kind: "small", "aria-label": `Fail over ${a.name}: choose a point and boot it on this appliance`, onClick: () => openFailoverDialog(view, a, "failover") }) : null,
+        canRun && a.kind === "vm" ? button("Boot test", { kind: "small", "aria-label": `Test-boot a point of ${a.name}`, onClick: () => openFailoverDialog(view, a, "boot_test") }) : null,
         button("Points", { kind: "small", href: `#/points?asset=${enc(a.name)}`, "aria-label": `Recovery points of ${a.name}` }),
+        a.kind === "vm" ? button("Failover settings", { kind: "small", href: `#/assets/${enc(a.name)}/failover-settings`, "aria-label": `Failover settings of ${a.name}: boot proof and network` }) : null,
         isAdmin ? h("button", { type: "button", class: "icon-btn", title: "Edit", "aria-label": `Edit ${a.name}`, onClick: () => assetDialog(a, load, added) }, icon("edit")) : null,
         isAdmin
           ? deleteButton({ label: `Delete ${a.name}`, title: `Delete asset ${a.name}?`, text: "The appliance forgets this asset. This is possible only once it has no policies and no recovery points left.", confirmLabel: "Delete asset", path: `/api/assets/${enc(a.name)}`, deleted: `Asset ${a.name} deleted.`, done: load })

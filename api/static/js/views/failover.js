@@ -11,7 +11,9 @@ import { ApiError, api, enc, humanError, q, scoped } from "../api.js";
 import { h, replace } from "../dom.js";
 import { capitalise, dateTime, duration, secondsSince, shortId, time } from "../format.js";
 import { button, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table } from "../ui.js";
-import { ACTIVE, JOB_DONE, SESSION_POLL_MS, PICTURE_MS, JOB_POLL_MS, PENDING_POLL_MS, PURPOSE_NAMES, failedReason, stateWords, shortLabel, rtoText, accelText, storageText, forwards, healthUrl, proofText, checksText, readText, pointLink } from "./failover_words.js";
+import { liveConsole } from "./console.js";
+import { networkRows } from "./network_picker.js";
+import { ACTIVE, JOB_DONE, SESSION_POLL_MS, PICTURE_MS, JOB_POLL_MS, PENDING_POLL_MS, PURPOSE_NAMES, failedReason, stateWords, shortLabel, rtoText, accelText, storageText, healthUrl, proofText, checksText, readText, pointLink } from "./failover_words.js";
 
 export async function failoverList(view) {
   const jobId = view.query.get("job");
@@ -222,6 +224,9 @@ export async function failoverSession(view) {
     picture.src = scoped(`${base}/screenshot?t=${Date.now()}`);
   };
   const consoleCard = card("Console", { subtitle: "What the VM's screen shows", className: "fo-console" }, h("div", { class: "card-body" }, h("div", { class: "fo-screen-frame" }, picture), pictureNote));
+
+  // Admins and operators get the live console (the screenshot while it is not connected).
+  const screenPanel = view.can("operator") ? liveConsole(view, { sessionId, asset: info.asset, picture: consoleCard, session: () => info }) : null;
 
   const serial = h("pre", { class: "fo-serial", tabindex: "0", "aria-label": `Serial console of ${info.asset}` });
   const serialNote = h("p", { class: "muted small", text: "" });
@@ -445,7 +450,7 @@ export async function failoverSession(view) {
     const purpose = PURPOSE_NAMES[info.purpose] || capitalise(info.purpose);
     view.setTitle(`${purpose} of ${info.asset}`);
     const live = info.live ? h("span", { class: "live", title: "Running in this appliance now" }, h("span", { class: "live-dot" }), "Live") : null;
-    replace(headBox, pageHeader(`${purpose} of ${info.asset}`, `Session ${shortId(info.id)} · started ${dateTime(info.started_at)}`, live, button("All sessions", { href: "#/failover", kind: "small" })));
+    replace(headBox, pageHeader(`${purpose} of ${info.asset}`, `Session ${shortId(info.id)} · started ${dateTime(info.started_at)}`, live, button("Failover settings", { href: `#/assets/${enc(info.asset)}/failover-settings`, kind: "small" }), button("All sessions", { href: "#/failover", kind: "small" })));
   }
 
   function drawHero() {
@@ -483,22 +488,19 @@ export async function failoverSession(view) {
   let detailsSignature = null;
   function drawDetails() {
     const d = info.details || {};
-    const signature = JSON.stringify([info.state, info.storage, info.ports, info.accel, d.checks, d.proof, d.export_stats, d.failback, d.stopped_by, d.boot_seconds, d.local_disks]);
+    const signature = JSON.stringify([info.state, info.storage, info.ports, info.addresses, info.accel, d.checks, d.proof, d.export_stats, d.failback, d.stopped_by, d.boot_seconds, d.local_disks]);
     if (signature === detailsSignature) return;
     detailsSignature = signature;
     // the forwards listen only while QEMU runs
     const running = ACTIVE.has(info.state);
     const url = running ? healthUrl(info) : null;
-    const fw = running ? forwards(info) : [];
-    const network = d.network || {};
     const rows = [
       ["Asset", h("span", h("strong", { text: info.asset }), " · ", h("a", { href: `#/points?asset=${enc(info.asset)}`, text: "its points" }))],
       ["Recovery point", pointLink(info.point_id)],
       ["Read from", d.read_from ? `the copy at ${d.read_from} (the job log names any switch to another copy)` : null],
       ["Accelerator", accelText(info.accel)],
       ["Storage", storageText(info)],
-      ["Network", network.mode === "bridged" ? `Bridged to ${network.bridge}` : network.mode === "isolated" ? "Isolated: the VM reaches nothing; only the forwarded ports reach it" : null],
-      ["Forwarded ports", fw.length ? h("ul", { class: "plain" }, fw.map((f) => h("li", { class: "mono", text: `guest ${f.guest} → 127.0.0.1:${f.host}` }))) : null],
+      ...networkRows(info, running),
       ["Health page", url ? h("span", h("a", { href: url, class: "mono", target: "_blank", rel: "noopener", text: url }), h("span", { class: "muted small block", text: "on the appliance itself (the forwards listen on its loopback)" })) : null],
       ["Boot proof", proofText(d.proof)],
       ["Proven", checksText(d.checks)],
@@ -551,6 +553,7 @@ export async function failoverSession(view) {
     try {
       info = await api.get(base);
       draw();
+      screenPanel?.update();
       const nowActive = ACTIVE.has(info.state);
       if (nowActive || wasActive) await loadSerial();
       if (wasActive && !nowActive) loadPicture(); // the last picture kept
@@ -564,7 +567,7 @@ export async function failoverSession(view) {
   }
 
   draw();
-  replace(view.el, headBox, heroBox, h("div", { class: "fo-grid" }, consoleCard, detailsBox), actionsBox, jobsCard, serialCard);
+  replace(view.el, headBox, heroBox, h("div", { class: "fo-grid" }, screenPanel ? screenPanel.element : consoleCard, detailsBox), actionsBox, jobsCard, serialCard);
   if (ACTIVE.has(info.state)) pictureLoop();
   else loadPicture();
   await loadSerial();
