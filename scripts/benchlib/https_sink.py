@@ -2,8 +2,9 @@
 
 ``python https_sink.py PORT DIR CERT KEY`` serves on 127.0.0.1:PORT under the same uvicorn
 configuration as ``appliance serve`` (uvloop, httptools, TLS with the hardened context of
-``api.serve``: TLS 1.2+, ECDHE AEAD suites), with the certificate the bench generated the way the
-appliance does (``api.tls.ensure_certificate``). ``PUT /<path>`` reads the whole body (as the
+``api.serve``: TLS 1.2+, ECDHE AEAD suites), the same allocator settings (``appliance.allocator``;
+without them each 16 MiB body costs fresh pages, a slower baseline that would flatter us) and the
+certificate the bench generated the way the appliance does (``api.tls.ensure_certificate``). ``PUT /<path>`` reads the whole body (as the
 peer's object route does) and writes it to ``DIR/<path with / as _>`` with an fsync (in a worker
 thread, as the peer does), then answers 201. That is the work a peer does for an upload minus our
 protocol: no token, no name checks, no SHA-256 or BLAKE3 check, no temporary file and rename.
@@ -21,6 +22,7 @@ from typing import Any
 import uvicorn
 
 from api.tls import TLS12_CIPHERS, harden_server_context
+from appliance.allocator import tune_allocator
 
 
 def _write(path: Path, body: bytes) -> None:
@@ -59,6 +61,7 @@ def make_app(root: Path) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    tune_allocator()
     port, root, cert, key = int(argv[0]), Path(argv[1]), argv[2], argv[3]
     root.mkdir(parents=True, exist_ok=True)
     config = uvicorn.Config(
