@@ -8,14 +8,17 @@ that a key reaches the guest, which echoes it on its serial console (``key: k``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-from api_support import wait_job
+from api_support import LiveServer, bootstrapped_server, wait_job
+from guest_support import guest_image_path
 from websockets.sync.client import ClientConnection
 
 from image.testguest import MARKER, copy_sparse
@@ -28,7 +31,12 @@ BOOT_TIMEOUT = 240.0
 
 
 def register_guest(
-    admin: httpx.Client, operator: httpx.Client, guest_image: str, root: Path
+    admin: httpx.Client,
+    operator: httpx.Client,
+    guest_image: str,
+    root: Path,
+    *,
+    proof: dict[str, Any] | None = None,
 ) -> str:
     """The test guest as VM asset ``web`` with one full backup; returns the point's id."""
     disk = root / "web.raw"
@@ -42,7 +50,7 @@ def register_guest(
     assert r.status_code == 201, r.text
     r = admin.put(
         f"/api/assets/{ASSET}/failover-settings",
-        json={"proof": PROOF, "network": {"mode": "isolated"}},
+        json={"proof": proof or PROOF, "network": {"mode": "isolated"}},
     )
     assert r.status_code == 200, r.text
     r = operator.post(f"/api/assets/{ASSET}/backup", json={"mode": "full"})
@@ -67,6 +75,25 @@ def stop(operator: httpx.Client, session_id: str) -> None:
     r = operator.post(f"/api/failover/{session_id}/stop", json={"discard": True})
     assert r.status_code == 202, r.text
     assert wait_job(operator, r.json()["id"], timeout=120)["state"] == "succeeded"
+
+
+@contextlib.contextmanager
+def console_server(root: Path) -> Iterator[LiveServer]:
+    """A service for the console tests (the test guest's cache is kept from the environment)."""
+    with bootstrapped_server(root, keep_env=("APPLIANCE_TEST_GUEST_CACHE",)) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def running_guest(
+    admin: httpx.Client, operator: httpx.Client, root: Path
+) -> Iterator[dict[str, Any]]:
+    """The test guest registered, backed up and failed over; stopped on leaving if it runs."""
+    register_guest(admin, operator, guest_image_path(), root)
+    running = fail_over(operator)
+    yield running
+    if operator.get(f"/api/failover/{running['id']}").json()["state"] == "running":
+        stop(operator, running["id"])
 
 
 def wait_serial(client: httpx.Client, session_id: str, text: str, timeout: float = 60.0) -> str:

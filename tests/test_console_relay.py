@@ -16,9 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import ADMIN, LiveServer, bootstrapped_server, login
-from console_support import RfbClient, fail_over, register_guest, stop, wait_serial
-from guest_support import guest_image_path
+from api_support import ADMIN, LiveServer, login
+from console_support import (
+    RfbClient,
+    console_server,
+    running_guest,
+    stop,
+    wait_serial,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
@@ -29,9 +34,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with bootstrapped_server(
-        tmp_path_factory.mktemp("console"), keep_env=("APPLIANCE_TEST_GUEST_CACHE",)
-    ) as live:
+    with console_server(tmp_path_factory.mktemp("console")) as live:
         yield live
 
 
@@ -42,11 +45,8 @@ def session(
     operator: httpx.Client,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
-    register_guest(admin, operator, guest_image_path(), tmp_path_factory.mktemp("console-vm"))
-    running = fail_over(operator)
-    yield running
-    if operator.get(f"/api/failover/{running['id']}").json()["state"] == "running":
-        stop(operator, running["id"])
+    with running_guest(admin, operator, tmp_path_factory.mktemp("console-vm")) as running:
+        yield running
 
 
 def ws_url(server: LiveServer, session_id: str) -> str:

@@ -18,9 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import ADMIN, PASSWORDS, LiveServer, bootstrapped_server
-from console_support import fail_over, register_guest, stop, wait_serial
-from guest_support import guest_image_path
+from api_support import ADMIN, PASSWORDS, LiveServer
+from console_support import (
+    console_server,
+    running_guest,
+    wait_serial,
+)
 from web_support import EXPECT_TIMEOUT_MS, LAPTOP, TABLET, expect, signed_in
 
 from api import console as console_module
@@ -30,9 +33,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with bootstrapped_server(
-        tmp_path_factory.mktemp("web-console"), keep_env=("APPLIANCE_TEST_GUEST_CACHE",)
-    ) as live:
+    with console_server(tmp_path_factory.mktemp("web-console")) as live:
         yield live
 
 
@@ -43,10 +44,8 @@ def session(
     operator: httpx.Client,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
-    register_guest(admin, operator, guest_image_path(), tmp_path_factory.mktemp("web-console-vm"))
-    running = fail_over(operator)
-    yield running
-    stop(operator, running["id"])
+    with running_guest(admin, operator, tmp_path_factory.mktemp("web-console-vm")) as running:
+        yield running
 
 
 def canvas_picture(page: Any) -> str:

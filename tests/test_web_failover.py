@@ -18,7 +18,6 @@ the install step. Screenshots go to a temporary folder; with
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from api_support import (
     bootstrapped_server,
     wait_job,
 )
+from console_support import register_guest
 from guest_support import guest_image_path
 from web_support import (
     EXPECT_TIMEOUT_MS,
@@ -50,12 +50,11 @@ from web_support import (
 )
 
 from image.boot_proof import png_is_blank
-from image.testguest import HEALTH_TEXT, MARKER, copy_sparse
+from image.testguest import HEALTH_TEXT, MARKER
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 ASSET = "web"
-VM = {"name": "web", "memory_mib": 256, "vcpus": 1, "disks": [{"name": "web", "bus": "virtio"}]}
 PROOF = {"serial": MARKER, "http_port": 80, "http_expect": "OK", "timeout": 150}
 #: Generous: a TCG boot takes ~8 s on a quiet machine and several times that on a loaded one.
 BOOT_TIMEOUT_MS = 180_000
@@ -89,25 +88,8 @@ def vm_asset(
     """The test guest as VM asset ``web``: its disk and definition registered, its boot proof
     set, one full backup made, all through the API. ``state`` carries what later tests learn."""
     root = tmp_path_factory.mktemp("web-fo-vm")
-    disk = root / "web.raw"
-    copy_sparse(guest_image, str(disk))
-    spec = root / "web.json"
-    spec.write_text(json.dumps(VM))
-    r = admin.post(
-        "/api/assets",
-        json={"name": ASSET, "kind": "vm", "disks": [str(disk)], "vm_spec": str(spec)},
-    )
-    assert r.status_code == 201, r.text
-    r = admin.put(
-        f"/api/assets/{ASSET}/failover-settings",
-        json={"proof": PROOF, "network": {"mode": "isolated"}},
-    )
-    assert r.status_code == 200, r.text
-    r = operator.post(f"/api/assets/{ASSET}/backup", json={"mode": "full"})
-    assert r.status_code == 202, r.text
-    job = wait_job(operator, r.json()["id"], timeout=300)
-    assert job["state"] == "succeeded", job
-    return {"disk": disk, "root": root, "point": job["result"]["point"], "state": {}}
+    point = register_guest(admin, operator, guest_image, root, proof=PROOF)
+    return {"disk": root / "web.raw", "root": root, "point": point, "state": {}}
 
 
 @pytest.fixture
