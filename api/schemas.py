@@ -12,11 +12,11 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
-    field_validator,
     model_validator,
 )
 
@@ -181,18 +181,21 @@ class BackupCreate(Request):
     mode: Mode | None = None
 
 
+def _valid_cron(value: str) -> str:
+    try:
+        return check_cron(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+
+
+#: A five-field cron expression, checked (read in the appliance's time zone).
+Cron = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_valid_cron)]
+
+
 class ScheduleEntryModel(Request):
-    cron: str = Field(min_length=1, max_length=200, examples=["0 * * * *"])
+    cron: Cron = Field(examples=["0 * * * *"])
     #: A backup mode, or ``boot_test``: test-boot the VM's newest point (VM assets only).
     mode: Literal["full", "incremental", "differential", "boot_test"] = "incremental"
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, value: str) -> str:
-        try:
-            return check_cron(value)
-        except InvalidInput as exc:
-            raise ValueError(exc.message) from None
 
 
 class ScheduleModel(Request):

@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StringConstraints
 
-from api.schemas import Name, Request
+from api.schemas import Cron, Name, Request
 from api.schemas_failover import FailoverNetwork
-from appliance.cron import check_cron
-from appliance.errors import InvalidInput
 
 #: A plan's name is for people ("Head office"): printable text, no control characters.
 PlanName = Annotated[
@@ -40,17 +38,7 @@ class PlanCreate(Request):
     groups: list[PlanGroup] = Field(max_length=32)
     #: When a test run of the plan runs by itself (a five-field cron, in the appliance's time
     #: zone); null: only when asked.
-    test_cron: str | None = Field(default=None, min_length=1, max_length=200)
-
-    @field_validator("test_cron")
-    @classmethod
-    def _valid_cron(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return check_cron(value)
-        except InvalidInput as exc:
-            raise ValueError(exc.message) from None
+    test_cron: Cron | None = None
 
 
 class PlanRunVm(BaseModel):

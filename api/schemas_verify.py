@@ -4,27 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
-from api.schemas import Request
-from appliance.cron import check_cron
-from appliance.errors import InvalidInput
+from api.schemas import Cron, Request
 
 
 class VerifyScheduleUpdate(Request):
     #: When a slice of the store is verified (a five-field cron, in the appliance's time zone);
     #: null: never by itself.
-    cron: str | None = Field(default=None, min_length=1, max_length=200, examples=["0 2 * * *"])
-
-    @field_validator("cron")
-    @classmethod
-    def _valid_cron(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return check_cron(value)
-        except InvalidInput as exc:
-            raise ValueError(exc.message) from None
+    cron: Cron | None = Field(default=None, examples=["0 2 * * *"])
 
 
 class VerifySchedulePublic(BaseModel):

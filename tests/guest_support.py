@@ -9,12 +9,18 @@ drivers, for the tests of what udev says about a USB disk.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from appliance.engine import Appliance
 from appliance.errors import InvalidInput
+from appliance.jobs import JobRunner
+from image.failover import FailoverManager, register_failover_jobs
 from image.probe_guest import PACKAGES as PROBE_PACKAGES
 from image.probe_guest import QEMU, ProbeGuest, build_probe_guest
 from image.testguest import MARKER, build_test_guest
@@ -40,6 +46,27 @@ def guest_image_path() -> str:
             pytrace=False,
         )
     return build_test_guest()
+
+
+@contextlib.contextmanager
+def failover_jobs(app: Appliance) -> Iterator[tuple[FailoverManager, JobRunner]]:
+    """A failover manager under TCG with its job kinds and a running job runner for ``app``;
+    both stopped on leaving (``app`` is the caller's to close)."""
+    manager = FailoverManager(app, accel="tcg")
+    runner = JobRunner(app)
+    register_failover_jobs(manager)
+    runner.start()
+    try:
+        yield manager, runner
+    finally:
+        runner.shutdown()
+        manager.shutdown(grace=2)
+
+
+def fetch(port: int) -> str:
+    """The page a guest serves on ``port`` of 127.0.0.1 (a forward)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def usb_probe_guest() -> ProbeGuest:

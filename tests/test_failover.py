@@ -14,12 +14,11 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from engine_support import PASSPHRASE, StepClock, set_engine_env, store_digest
-from guest_support import PROOF, VM, guest_image_path
+from guest_support import PROOF, VM, failover_jobs, fetch, guest_image_path
 from loop_support import mounted_disk
 
 from appliance.backup.images import read_table
@@ -82,20 +81,10 @@ def appliance(protected):
     mp = pytest.MonkeyPatch()
     set_engine_env(mp)
     app = Appliance.open(str(protected["base"] / "app"), passphrase=PASSPHRASE, clock=StepClock())
-    manager = FailoverManager(app, accel="tcg")
-    runner = JobRunner(app)
-    register_failover_jobs(manager)
-    runner.start()
-    yield app, manager, runner
-    runner.shutdown()
-    manager.shutdown(grace=2)
+    with failover_jobs(app) as (manager, runner):
+        yield app, manager, runner
     app.close()
     mp.undo()
-
-
-def fetch(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
-        return response.read().decode()
 
 
 def wait_job(runner, job_id: str, timeout: float = 180):

@@ -18,15 +18,12 @@ not by a packet the guest tried to send. Four boots, ~10-40 s each under TCG on 
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import pytest
 from engine_support import PASSPHRASE, StepClock, set_engine_env
-from guest_support import VM, guest_image_path
+from guest_support import VM, failover_jobs, fetch, guest_image_path
 
 from appliance.engine import Appliance
-from appliance.jobs import JobRunner
-from image.failover import FailoverManager, register_failover_jobs
 from image.failover.settings import put_asset_failover_settings
 from image.host_network import Bridge, BridgeMissing, HostNetwork
 from image.qemu import free_port
@@ -48,20 +45,10 @@ def appliance(tmp_path_factory):
     copy_sparse(guest_image_path(), disk)
     app, _ = Appliance.init(str(base / "app"), PASSPHRASE, clock=StepClock())
     app.backup_image([disk], ASSET, vm_spec=VM)
-    manager = FailoverManager(app, accel="tcg")
-    runner = JobRunner(app)
-    register_failover_jobs(manager)
-    runner.start()
-    yield app, manager, runner
-    runner.shutdown()
-    manager.shutdown(grace=2)
+    with failover_jobs(app) as (manager, runner):
+        yield app, manager, runner
     app.close()
     mp.undo()
-
-
-def fetch(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
-        return response.read().decode()
 
 
 def refused(port: int) -> bool:

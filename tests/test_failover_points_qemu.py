@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from engine_support import PASSPHRASE, StepClock, set_engine_env
-from guest_support import PROOF, VM, guest_image_path
+from guest_support import PROOF, VM, failover_jobs, guest_image_path
 
 from appliance.engine import Appliance
 from appliance.jobs import JobRunner
@@ -26,7 +26,6 @@ from appliance.point_check import verify_new_point
 from appliance.point_packs import point_packs
 from appliance.store import format as fmt
 from appliance.store.packs import pack_object_name
-from image.failover import FailoverManager, register_failover_jobs
 from image.testguest import copy_sparse
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -44,15 +43,10 @@ def running(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str
     disk = str(tmp_path / "web.raw")
     copy_sparse(guest_image_path(), disk)
     app, _ = Appliance.init(str(tmp_path / "app"), PASSPHRASE, clock=StepClock())
-    manager = FailoverManager(app, accel="tcg")
-    runner = JobRunner(app)
-    register_failover_jobs(manager)
-    runner.start()
     try:
-        yield {"app": app, "manager": manager, "runner": runner, "disk": disk}
+        with failover_jobs(app) as (manager, runner):
+            yield {"app": app, "manager": manager, "runner": runner, "disk": disk}
     finally:
-        runner.shutdown()
-        manager.shutdown(grace=2)
         app.close()
 
 

@@ -31,8 +31,15 @@ def plan_test_tick(app: Appliance, tz: tzinfo = UTC) -> Callable[[datetime], lis
 
     def tick(now: datetime) -> list[str]:
         catalog = app.catalog
-        plans = [p for p in catalog.list_plans() if p.test_cron]
-        if not plans:
+        due = []
+        for plan in catalog.list_plans():
+            last = plan.test_last_slot
+            if plan.test_cron is None or last is None:
+                continue
+            slot = due_slot(plan.test_cron, last, now, tz)
+            if slot is not None:
+                due.append((plan, last, slot))
+        if not due:  # the common tick: no job list read
             return []
         busy = {
             str(job.params.get("plan"))
@@ -41,13 +48,7 @@ def plan_test_tick(app: Appliance, tz: tzinfo = UTC) -> Callable[[datetime], lis
             if job.kind == PLAN_TEST_KIND
         }
         created: list[str] = []
-        for plan in plans:
-            last = plan.test_last_slot
-            if last is None or plan.test_cron is None:
-                continue
-            slot = due_slot(plan.test_cron, last, now, tz)
-            if slot is None:
-                continue
+        for plan, last, slot in due:
             params = {
                 "plan": plan.id,
                 "name": plan.name,
