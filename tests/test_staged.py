@@ -93,3 +93,64 @@ def test_an_upload_is_checked_before_it_is_visible(tmp_path: Path) -> None:
         store.begin("location.json", 10_000, hashlib.sha256(b"x").hexdigest())
     assert _files(Path(store.root)) == sorted([name, manifest])
     assert Path(store.path(manifest)).read_bytes() == b"first"
+
+
+def test_write_many_writes_the_pieces_in_order_across_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces = [os.urandom(n) for n in (1, 70_000, 0, 5, 300_000, 2)] + [b"x"] * 1500
+    real_writev = os.writev
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        # At most 1024 buffers a call (IOV_MAX) and never more than 50 000 bytes at once, so
+        # a piece is cut in the middle and the rest must follow in order.
+        assert len(buffers) <= 1024
+        budget, taken = 50_000, []
+        for view in buffers:
+            if budget <= 0:
+                break
+            taken.append(view[:budget])
+            budget -= len(taken[-1])
+        return real_writev(fd, taken)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    backend = LocalDirectoryBackend(str(tmp_path / "store"))
+    with backend.stage("data/ab/cd") as staged:
+        staged.write_many(pieces)
+        assert staged.size == sum(len(p) for p in pieces)
+        staged.publish()
+    assert backend.get("data/ab/cd") == b"".join(pieces)
+
+
+def test_a_pack_folder_is_synced_before_anything_that_refers_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ReplicaStore(str(tmp_path), STORE_ID)
+    store.create()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), store.root))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    packs = [_pack(1000) for _ in range(3)]
+    for name, data in packs:
+        assert store.put(name, [data[:10], data[10:]], None) is True
+    # The packs' bytes are on the disk and readable, their folders not synced yet (only the
+    # folders above them, when they were made).
+    assert all(Path(store.path(n)).read_bytes() == d for n, d in packs)
+    folders = {n.rsplit("/", 1)[0] for n, _ in packs}
+    assert not folders & set(synced)
+    synced.clear()
+    manifest = "manifests/0011223344556677"
+    assert store.put(manifest, b"m", hashlib.sha256(b"m").hexdigest()) is True
+    # Each pack folder once, before the manifest's name is made durable (its folder's fsync).
+    assert synced[-1] == "manifests"
+    assert sorted(f for f in synced[:-1] if f.startswith("data/")) == sorted(folders)
+    # Nothing left to sync: a point summary syncs no folder again.
+    synced.clear()
+    store.put_summary("0011223344556677", {"asset": "a"})
+    assert [f for f in synced if f in folders] == []

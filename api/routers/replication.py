@@ -50,7 +50,6 @@ from api.pairing import (
 from api.peer_wire import TIME_HEADER, ClockBook, parse_time_header, skew_words, time_header
 from api.replica_store import (
     MAX_BATCH,
-    BodyDigests,
     check_point_id,
     check_replica_name,
     is_pack_name,
@@ -542,18 +541,17 @@ async def put_object(
         raise InvalidInput("send the body's SHA-256 as 64 hex digits in X-Content-SHA256")
     if x_content_sha256 is None and not is_pack_name(name):
         raise InvalidInput(f"send the SHA-256 of {name} as 64 hex digits in X-Content-SHA256")
-    # Hashed chunk by chunk as the body arrives (the size cap is the body limit's, before
-    # this), so the checks are done when its last byte is in; then written at once, in a thread.
-    digests = BodyDigests.start(sha256=x_content_sha256 is not None, blake=is_pack_name(name))
+    # The body is taken as it comes (the size cap is the body limit's, before this) and then
+    # written in a thread from its chunks (writev: never joined into one copy) and hashed while
+    # its fsync runs: hashing here would hold the event loop, and the upload, for ~4 ms a pack.
     chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        digests.update(chunk)
         chunks.append(chunk)
-    data = b"".join(chunks)
-    del chunks
+        size += len(chunk)
     store = replica_store(_data_dir(service), source.store_id)
-    created = await to_thread.run_sync(store.put, name, data, x_content_sha256, digests)
-    return ObjectPutPublic(name=name, size=len(data), created=created)
+    created = await to_thread.run_sync(store.put, name, chunks, x_content_sha256)
+    return ObjectPutPublic(name=name, size=size, created=created)
 
 
 @router.post("/replication/store/points/{point_id}", response_model=PointSummaryPublic)

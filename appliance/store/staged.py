@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
+
+#: The most buffers one ``writev`` takes (Linux's IOV_MAX).
+_IOV_MAX = 1024
 
 
 class StagedObject:
@@ -62,6 +65,25 @@ class StagedObject:
             self.abort()
             raise self._on_error(exc) from exc
 
+    def write_many(self, buffers: Sequence[bytes]) -> None:
+        """Append ``buffers`` in order, as :meth:`write` of their concatenation would, without
+        making it: a body received in pieces goes to the file with ``writev``."""
+        if self._fd is None:
+            raise ValueError("the object is finished")
+        pending = [memoryview(b) for b in buffers if b]
+        try:
+            while pending:
+                written = os.writev(self._fd, pending[:_IOV_MAX])
+                self.size += written
+                while pending and written >= len(pending[0]):
+                    written -= len(pending[0])
+                    pending.pop(0)
+                if written:
+                    pending[0] = pending[0][written:]
+        except OSError as exc:
+            self.abort()
+            raise self._on_error(exc) from exc
+
     def finish(self) -> None:
         """Everything written is on the disk (fsync) and the file closed."""
         if self._fd is None:
@@ -76,13 +98,18 @@ class StagedObject:
             raise self._on_error(exc) from exc
         os.close(fd)
 
-    def publish(self) -> None:
-        """Put the object under its name (replacing what was there) and make that durable."""
+    def publish(self, *, sync_folder: bool = True) -> None:
+        """Put the object under its name (replacing what was there) and make that durable.
+
+        ``sync_folder=False`` leaves the folder's fsync to the caller (the object's bytes are
+        on the disk, its name may not survive a crash yet): for a writer that makes many
+        objects durable at once, before something that refers to them (a peer taking a
+        source's packs syncs their folders before the point's manifest)."""
         self.finish()
         try:
             os.replace(self._tmp, self._final, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             self.published = True
-            if self._fsync:
+            if self._fsync and sync_folder:
                 os.fsync(self._dir_fd)
         except OSError as exc:
             self.abort()
