@@ -357,7 +357,7 @@ class ReplicaStore:
         in another thread: BLAKE3 holds the GIL for a pack's chunk sizes, an fsync does not, so
         the hash costs no time beside the wait for the disk (and hashing as the body arrives
         would hold the event loop, and with it the upload)."""
-        chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        chunks = [data] if isinstance(data, bytes) else list(data)
         upload = self.begin(name, sum(len(c) for c in chunks), sha256)
         with upload:
             upload.staged.write_many(chunks)

@@ -65,7 +65,7 @@ class StagedObject:
             self.abort()
             raise self._on_error(exc) from exc
 
-    def write_many(self, buffers: Sequence[bytes]) -> None:
+    def write_many(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Append ``buffers`` in order, as :meth:`write` of their concatenation would, without
         making it: a body received in pieces goes to the file with ``writev``."""
         if self._fd is None:
