@@ -11,7 +11,7 @@ One :class:`AlertService` per running service. Sources:
   own: a slow or broken mail server never holds a job's resources or fails it.
 - :meth:`AlertService.tick` -- called in every scheduler tick: evaluates the periodic conditions
   (``appliance.alerts.evaluate``: missed schedules, RPO, lost copies, pools, USB rotation,
-  certificates) and resolves what no longer holds, retries failed deliveries whose backoff has
+  certificates, API tokens with an expiry) and resolves what no longer holds, retries failed deliveries whose backoff has
   passed, and sends the summary mail when it is due.
 
 Nothing here raises to its caller: a failure to alert is logged and recorded on the alert.
@@ -30,6 +30,7 @@ from cryptography import x509
 
 from api.alert_channels import DeliveryFailed, deliver, load_secrets, send_text
 from appliance.alerts.evaluate import (
+    EXPIRY_WARNING,
     Expiring,
     OverdueMedium,
     PoolSnapshot,
@@ -59,7 +60,7 @@ from appliance.alerts.rules import (
 )
 from appliance.alerts.summary import parse_summary, summary_due, summary_text
 from appliance.catalog import Catalog
-from appliance.catalog.records import JobRecord
+from appliance.catalog.records import JobRecord, TokenRecord
 from appliance.engine import Appliance
 
 log = logging.getLogger("appliance.alerts")
@@ -95,6 +96,37 @@ def usb_snapshot(app: Appliance, now: datetime) -> list[OverdueMedium]:
 
 def certificate_expiry(pem: bytes) -> datetime:
     return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+
+
+def token_subject(token_id: str) -> str:
+    """The subject of a token's ``credentials_expiring`` alert."""
+    return f"token:{token_id}"
+
+
+def expiring_tokens(tokens: list[TokenRecord]) -> list[Expiring]:
+    """The unrevoked tokens that carry an expiry, as :class:`Expiring` items. An expired one
+    stays until it is revoked: scripts using it have stopped working."""
+    return [
+        Expiring(
+            token_subject(t.id),
+            f"The API token {t.id[:8]} of {t.user} ({t.scopes[0] if t.scopes else 'viewer'})",
+            t.expires_at,
+        )
+        for t in tokens
+        if t.expires_at is not None and t.revoked_at is None
+    ]
+
+
+def settle_token_alert(catalog: Catalog, token: TokenRecord, now: datetime) -> None:
+    """Resolve a token's ``credentials_expiring`` alert at once when it no longer holds: the
+    token was revoked, or renewed beyond the warning window (or to never). A renewal still
+    inside the window leaves the alert to the periodic evaluation (it still holds)."""
+    if (
+        token.revoked_at is not None
+        or token.expires_at is None
+        or token.expires_at - now > EXPIRY_WARNING
+    ):
+        catalog.resolve_alerts("credentials_expiring", token_subject(token.id), now)
 
 
 class AlertService:
@@ -275,6 +307,10 @@ class AlertService:
             )
             run(("usb_overdue",), lambda: usb_overdue(usb_snapshot(self.app, now), now))
         run(("certificate_expiring",), lambda: self._certificates(now))
+        run(
+            ("credentials_expiring",),
+            lambda: expiring("credentials_expiring", expiring_tokens(catalog.list_tokens()), now),
+        )
         for event in events:
             self.emit(event)
         open_keys = catalog.open_alert_keys(evaluated)

@@ -9,6 +9,9 @@ Authentication, in order:
    cookie (double submit) and to the token recorded with the session: another site can make a
    browser send the cookies, but cannot read them to copy one into a header.
 
+An API token that is revoked or past its expiry is 401, and the refusal is audited
+(``token.refused``, with the reason): its holder once had access, so an admin should know.
+
 A route declares the least role it needs with ``Viewer``, ``Operator`` or ``Admin``; only
 ``/api/health``, ``/api/setup``, ``/api/login`` and ``/api/replication/pair`` (the pairing code
 is the credential) take no principal.
@@ -45,6 +48,7 @@ from api.security import (
 )
 from api.service import Service
 from appliance.catalog import Catalog
+from appliance.catalog.records import TokenRecord
 from appliance.errors import NotFound
 
 #: A session's expiry moves forward at most this often (not a catalog write per request).
@@ -73,7 +77,21 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 def _from_token(service: Service, value: str) -> Principal:
     catalog = service.app.catalog
     try:
-        token = catalog.find_active_token(digest(value))
+        token = catalog.find_token(digest(value))
+    except NotFound:
+        raise AuthenticationRequired("the API token is unknown or revoked") from None
+    now = service.now()
+    reason = token_refusal(token, now)
+    if reason is not None:
+        # Someone holds a token that once worked: the audit log tells the admin who and which.
+        catalog.audit(token.user, "token.refused", token.id, {"reason": reason})
+        if reason == "expired" and token.expires_at is not None:
+            raise AuthenticationRequired(
+                f"the API token expired on {token.expires_at:%Y-%m-%d %H:%M} UTC; "
+                "ask an administrator for a new one"
+            )
+        raise AuthenticationRequired("the API token is unknown or revoked")
+    try:
         user = catalog.get_user(token.user)
     except NotFound:
         raise AuthenticationRequired("the API token is unknown or revoked") from None
@@ -81,6 +99,15 @@ def _from_token(service: Service, value: str) -> Principal:
         raise AuthenticationRequired("the API token's user is disabled")
     scope = token.scopes[0] if token.scopes else "viewer"
     return Principal(user.name, lower_role(user.role, scope), "token", token_id=token.id)
+
+
+def token_refusal(token: TokenRecord, now: datetime) -> str | None:
+    """Why ``token`` is refused at ``now`` (``revoked``, ``expired``), or None: it works."""
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    return None
 
 
 def _from_session(service: Service, request: Request, value: str) -> Principal:

@@ -8,11 +8,12 @@ they appear in URLs, lock file names and logs.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -118,11 +119,55 @@ class UserPublic(BaseModel):
     disabled: bool = False
 
 
-class TokenCreate(Request):
+#: The furthest a token's expiry may be set (ten years): beyond it, "never" says it honestly.
+MAX_TOKEN_DAYS = 3650
+
+
+class TokenExpiry(Request):
+    """When a token stops working: ``expires_in_days`` from now, or at ``expires_at`` (an
+    aware time); neither: never."""
+
+    expires_in_days: int | None = Field(default=None, ge=1, le=MAX_TOKEN_DAYS)
+    expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> TokenExpiry:
+        if self.expires_in_days is not None and self.expires_at is not None:
+            raise ValueError("give expires_in_days or expires_at, not both")
+        return self
+
+    def expiry(self, now: datetime) -> datetime | None:
+        """The expiry asked for, as of ``now``; InvalidInput when it is more than
+        :data:`MAX_TOKEN_DAYS` away (one in the past is refused by the catalog)."""
+        if self.expires_in_days is not None:
+            return now + timedelta(days=self.expires_in_days)
+        if self.expires_at is not None and self.expires_at > now + timedelta(days=MAX_TOKEN_DAYS):
+            raise InvalidInput(
+                f"a token can expire at most {MAX_TOKEN_DAYS} days from now; "
+                "choose no expiry for a token that should never expire"
+            )
+        return self.expires_at
+
+
+class TokenCreate(TokenExpiry):
     #: Whose token (default: the caller).
     user: Name | None = None
     #: The token's role, at most its user's (default: the user's role).
     role: Role | None = None
+
+
+class TokenRenew(TokenExpiry):
+    """A new expiry for a token that still works: exactly one of ``expires_in_days``,
+    ``expires_at`` or ``never``."""
+
+    never: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenRenew:
+        given = [self.expires_in_days is not None, self.expires_at is not None, self.never]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of expires_in_days, expires_at or never: true")
+        return self
 
 
 class TokenPublic(BaseModel):
@@ -131,6 +176,8 @@ class TokenPublic(BaseModel):
     role: str
     created_at: datetime
     revoked_at: datetime | None = None
+    #: When it stops working (None: never).
+    expires_at: datetime | None = None
 
 
 class TokenCreated(TokenPublic):
@@ -606,6 +653,8 @@ class CapacityPublic(BaseModel):
     growth_bytes_per_day: float
     days_until_full: float | None
     series: list[CapacitySample]
+    #: Days of backups the trend looked at; under 7 there is no trend (too early to tell).
+    history_days: int = 0
 
 
 class JobCounts(BaseModel):

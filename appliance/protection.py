@@ -10,7 +10,11 @@ computed here from catalog records and an explicit ``now``:
   is none, ``none`` when no policy sets a target;
 - **growth**: bytes the pool gained per day, as the slope of a least-squares line through the
   cumulative ``stored_bytes`` of the points made in the last ``days`` days (one sample per day,
-  empty days included), and the days left until the free space is used up at that rate.
+  empty days included), and the days left until the free space is used up at that rate. The
+  line starts at the window's start or at the day of the oldest point, whichever is later (the
+  days before the first backup say nothing about the rate), and with fewer than
+  :data:`MIN_TREND_DAYS` days of history there is no trend at all: a new appliance's first
+  backup is not a rate to forecast from.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from appliance.catalog.records import PointRecord, PolicyRecord
 RPO_MET = "met"
 RPO_MISSED = "missed"
 RPO_NONE = "none"
+#: Days of history a growth trend needs (see the module docstring).
+MIN_TREND_DAYS = 7
 
 
 def is_good(point: PointRecord) -> bool:
@@ -56,6 +62,9 @@ class Growth:
     bytes_per_day: float
     #: (day start, cumulative bytes stored since the window began) per day, oldest first.
     series: list[tuple[datetime, int]]
+    #: Days of history the trend looked at (from the oldest point, at most the window); below
+    #: :data:`MIN_TREND_DAYS` ``bytes_per_day`` is 0: too early to tell.
+    history_days: int = 0
 
     def days_until_full(self, free_bytes: int) -> float | None:
         if self.bytes_per_day <= 0:
@@ -76,12 +85,18 @@ def growth(points: Sequence[PointRecord], now: datetime, days: int = 30) -> Grow
     for i, added in enumerate(per_day):
         total += added
         series.append((start + timedelta(days=i), total))
-    n = len(series)
+    oldest = min((p.created_at for p in points), default=None)
+    first = days if oldest is None else min(days, max(0, (oldest - start).days))
+    history = days - first
+    if history < MIN_TREND_DAYS:
+        return Growth(0.0, series, history)
+    fitted = [y for _, y in series[first:]]
+    n = len(fitted)
     mean_x = (n - 1) / 2
-    mean_y = sum(y for _, y in series) / n
+    mean_y = sum(fitted) / n
     var_x = sum((i - mean_x) ** 2 for i in range(n))
-    cov = sum((i - mean_x) * (y - mean_y) for i, (_, y) in enumerate(series))
-    return Growth(cov / var_x if var_x else 0.0, series)
+    cov = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(fitted))
+    return Growth(cov / var_x if var_x else 0.0, series, history)
 
 
 @dataclass(frozen=True)

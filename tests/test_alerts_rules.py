@@ -136,6 +136,14 @@ def test_a_failed_backup_job_raises_and_a_good_one_resolves() -> None:
     assert job_event(job(state="cancelled", asset="docs"), T0) is None
 
 
+def test_a_failed_boot_test_job_raises_and_a_proven_one_resolves() -> None:
+    failed = job_event(job("boot_test", "failed", asset="web"), T0)
+    assert failed is not None and failed.kind == "boot_test_failed" and failed.subject == "web"
+    assert failed.default_severity == "critical" and "source folder is gone" in failed.message
+    proven = job_event(job("boot_test", "succeeded", asset="web"), T0)
+    assert proven is not None and proven.resolved and proven.key == failed.key
+
+
 def test_ransomware_warning_names_the_point_and_reason() -> None:
     event = ransomware_warning("docs", "p123", "83% of files renamed to .locked", T0)
     assert event.kind == "ransomware_warning" and event.subject == "docs"

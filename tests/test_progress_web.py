@@ -52,5 +52,8 @@ def test_the_job_page_moves_within_one_large_file(
     assert [int(t[:-1]) for t in moving] == sorted(int(t[:-1]) for t in moving)
     totals = {m.group(1) for d in data if (m := re.search(r"of ([\d.]+ [KMG]B)", d))}
     assert len(totals) == 1, f"the total changed while the file was read: {data}"
+    # The time shown moves too (it was "Elapsed under 1 s" for the whole file).
+    elapsed = {m.group(1) for d in data if (m := re.search(r"Elapsed\s+(.+)", d))}
+    assert len(elapsed) >= 2, f"the elapsed time stood still while the file was read: {data}"
     page.context.close()
     watch.check()

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from appliance.catalog.records import FailoverSessionRecord, JobRecord, PointRecord
+from appliance.protection import MIN_TREND_DAYS, growth
 from appliance.protection_trends import (
     AgeSample,
     bytes_added,
@@ -111,3 +112,26 @@ def test_week_summary() -> None:
     empty = week_summary([], [], [], NOW)
     assert empty.worst_age_seconds is None and empty.failed_jobs == []
     assert job_asset(jobs[0]) == "web" and job_asset(job("j", "failed", NOW, asset=3)) is None  # type: ignore[arg-type]
+
+
+def test_capacity_growth_is_no_trend_until_a_week_of_backups() -> None:
+    """A new appliance's first backup is not a rate: no growth (and no "years left") is
+    claimed from fewer than MIN_TREND_DAYS days, and the days before the first backup are not
+    fitted as days of no growth."""
+    first = growth([point("a", NOW - 2 * H, stored_bytes=10 << 20)], NOW)
+    assert (first.bytes_per_day, first.history_days) == (0.0, 1)
+    assert first.days_until_full(1 << 40) is None
+    assert first.series[-1][1] == 10 << 20  # the chart still shows what was stored
+    assert growth([], NOW).history_days == 0
+    week = [point(f"p{i}", NOW - i * D, stored_bytes=1 << 20) for i in range(MIN_TREND_DAYS)]
+    steady = growth(week, NOW)
+    # One MiB a day since the first backup, not spread over the empty weeks before it.
+    assert steady.history_days == MIN_TREND_DAYS
+    assert abs(steady.bytes_per_day - (1 << 20)) < 1
+    old = [
+        point("old", NOW - 90 * D, stored_bytes=1 << 30),
+        point("new", NOW, stored_bytes=30 << 20),
+    ]
+    quiet = growth(old, NOW)
+    # A store older than the window: all 30 days count, the quiet ones included.
+    assert quiet.history_days == 30 and 0 < quiet.bytes_per_day < 2 << 20

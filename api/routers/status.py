@@ -130,6 +130,7 @@ def _capacity(service: Service, points: list[PointRecord], now: datetime) -> Cap
         growth_bytes_per_day=round(trend.bytes_per_day, 1),
         days_until_full=trend.days_until_full(usage.free_bytes),
         series=[CapacitySample(day=day, bytes=total) for day, total in trend.series],
+        history_days=trend.history_days,
     )
 
 

@@ -6,15 +6,31 @@ list (``GET /api/replication/sources`` lists the sources instead), ``GET /api/us
 not find them, changing or deleting one by hand is 409, and the ``peer-`` prefix is reserved.
 Their tokens show in the token list with the role ``replication``; revoking one by hand is
 allowed (it only cuts the link), making one by hand is not.
+
+A token may carry an expiry (``expires_in_days`` or ``expires_at`` when it is made, changed with
+``PATCH /api/tokens/{id}`` while it still works). From then on it is refused like a revoked one
+(401, audited ``token.refused``); the alert evaluation warns before (``credentials_expiring``),
+and renewing or revoking the token resolves that alert.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Response, status
 
-from api.deps import Admin, CatalogDep
+from api.alerting import settle_token_alert
+from api.deps import Admin, CatalogDep, ServiceDep
 from api.pairing import PEER_USER_PREFIX
-from api.schemas import TokenCreate, TokenCreated, TokenPublic, UserCreate, UserPublic, UserUpdate
+from api.schemas import (
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    TokenRenew,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+)
 from api.security import REPLICATION_ROLE, ROLE_RANK, digest, hash_password, new_api_token
 from appliance.catalog.records import TokenRecord, UserRecord
 from appliance.errors import Conflict, InvalidInput, NotFound
@@ -38,6 +54,7 @@ def _token(token: TokenRecord) -> TokenPublic:
         role=token.scopes[0] if token.scopes else "viewer",
         created_at=token.created_at,
         revoked_at=token.revoked_at,
+        expires_at=token.expires_at,
     )
 
 
@@ -124,7 +141,9 @@ def list_tokens(
 
 
 @router.post("/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
-def create_token(body: TokenCreate, principal: Admin, catalog: CatalogDep) -> TokenCreated:
+def create_token(
+    body: TokenCreate, principal: Admin, service: ServiceDep, catalog: CatalogDep
+) -> TokenCreated:
     """A new API token; the response is the only time the token itself is shown."""
     owner = catalog.get_user(body.user or principal.name)
     if owner.role == REPLICATION_ROLE:
@@ -134,14 +153,44 @@ def create_token(body: TokenCreate, principal: Admin, catalog: CatalogDep) -> To
     role = body.role or owner.role
     if ROLE_RANK[role] > ROLE_RANK[owner.role]:
         raise InvalidInput(f"a token of {owner.name} can have at most the {owner.role} role")
+    expires_at = body.expiry(service.now())
     secret = new_api_token()
-    token = catalog.add_token(owner.name, digest(secret), [role])
-    catalog.audit(principal.name, "token.create", token.id, {"user": owner.name, "role": role})
+    token = catalog.add_token(owner.name, digest(secret), [role], expires_at)
+    catalog.audit(
+        principal.name,
+        "token.create",
+        token.id,
+        {"user": owner.name, "role": role, "expires_at": _when(token.expires_at)},
+    )
     return TokenCreated(**_token(token).model_dump(), token=secret)
 
 
+@router.patch("/tokens/{token_id}", response_model=TokenPublic)
+def renew_token(
+    token_id: str, body: TokenRenew, principal: Admin, service: ServiceDep, catalog: CatalogDep
+) -> TokenPublic:
+    """Give a working token a new expiry (or none); a revoked or expired one is 409."""
+    now = service.now()
+    token = catalog.set_token_expiry(token_id, None if body.never else body.expiry(now), at=now)
+    catalog.audit(
+        principal.name,
+        "token.renew",
+        token_id,
+        {"user": token.user, "expires_at": _when(token.expires_at)},
+    )
+    settle_token_alert(catalog, token, now)
+    return _token(token)
+
+
 @router.delete("/tokens/{token_id}", response_model=TokenPublic)
-def revoke_token(token_id: str, principal: Admin, catalog: CatalogDep) -> TokenPublic:
+def revoke_token(
+    token_id: str, principal: Admin, service: ServiceDep, catalog: CatalogDep
+) -> TokenPublic:
     token = catalog.revoke_token(token_id)
     catalog.audit(principal.name, "token.revoke", token_id, {"user": token.user})
+    settle_token_alert(catalog, token, service.now())
     return _token(token)
+
+
+def _when(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None

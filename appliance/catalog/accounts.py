@@ -2,7 +2,9 @@
 
 Invariants kept in one transaction each: the last enabled admin is never demoted, disabled or
 deleted; disabling a user ends their sessions and revokes their tokens; deleting one deletes
-both. Only hashes of cookies, CSRF tokens and API tokens are stored.
+both. Only hashes of cookies, CSRF tokens and API tokens are stored. An API token may carry an
+expiry (revision 0011): reaching it ends the token like a revocation, and a token that ended is
+never brought back (renewing one is refused).
 """
 
 from __future__ import annotations
@@ -224,9 +226,13 @@ class AccountRepository:
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
-    def add_token(self, user: str, hashed: str, scopes: list[str]) -> TokenRecord:
-        """Record an API token of ``user`` by its hash (the token itself is never stored)."""
+    def add_token(
+        self, user: str, hashed: str, scopes: list[str], expires_at: datetime | None = None
+    ) -> TokenRecord:
+        """Record an API token of ``user`` by its hash (the token itself is never stored);
+        ``expires_at`` None: it never expires. An expiry that is not in the future is refused."""
         check_name(hashed, "token hash")
+        expires = self._future_expiry(expires_at)
         with self._db.session(write=True, conflict="this token is already recorded") as session:
             if session.get(UserRow, user) is None:
                 raise NotFound(f"user {user} does not exist", user=user)
@@ -237,25 +243,48 @@ class AccountRepository:
                 scopes=list(scopes),
                 created_at=self._db.now(),
                 revoked_at=None,
+                expires_at=expires,
             )
             session.add(row)
             return row.to_record()
 
+    def _future_expiry(
+        self, expires_at: datetime | None, now: datetime | None = None
+    ) -> datetime | None:
+        if expires_at is None:
+            return None
+        expires = utc(expires_at, "token expiry")
+        if expires <= (now or self._db.now()):
+            raise InvalidInput(
+                f"the expiry {expires:%Y-%m-%d %H:%M} UTC has already passed; "
+                "give a time in the future"
+            )
+        return expires
+
     def list_tokens(self, user: str | None = None) -> list[TokenRecord]:
-        """Tokens (revoked ones too), oldest first."""
+        """Tokens (revoked and expired ones too), oldest first."""
         query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
         if user is not None:
             query = query.where(TokenRow.user == user)
         with self._db.session(write=False) as session:
             return [row.to_record() for row in session.scalars(query)]
 
+    def find_token(self, hashed: str) -> TokenRecord:
+        """The token with this hash, revoked or expired too (to say why it is refused);
+        :class:`NotFound` when none has it."""
+        with self._db.session(write=False) as session:
+            row = session.scalars(select(TokenRow).where(TokenRow.hashed == hashed)).first()
+            if row is None:
+                raise NotFound("no API token matches")
+            return row.to_record()
+
     def find_active_token(self, hashed: str) -> TokenRecord:
-        """The unrevoked token with this hash; :class:`NotFound` otherwise."""
+        """The unrevoked, unexpired token with this hash; :class:`NotFound` otherwise."""
         with self._db.session(write=False) as session:
             row = session.scalars(
                 select(TokenRow).where(TokenRow.hashed == hashed, TokenRow.revoked_at.is_(None))
             ).first()
-            if row is None:
+            if row is None or (row.expires_at is not None and row.expires_at <= self._db.now()):
                 raise NotFound("no active API token matches")
             return row.to_record()
 
@@ -267,6 +296,25 @@ class AccountRepository:
                 raise NotFound(f"API token {token_id} does not exist", token_id=token_id)
             if row.revoked_at is None:
                 row.revoked_at = self._db.now()
+            return row.to_record()
+
+    def set_token_expiry(
+        self, token_id: str, expires_at: datetime | None, *, at: datetime | None = None
+    ) -> TokenRecord:
+        """Renew a token at ``at`` (default: the catalog's now): a new expiry (None: never). A
+        revoked or expired token stays ended (Conflict): a token that stopped working is
+        replaced by a new one, not brought back."""
+        now = utc(at, "renewal time") if at is not None else self._db.now()
+        expires = self._future_expiry(expires_at, now)
+        with self._db.session(write=True) as session:
+            row = session.get(TokenRow, token_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"API token {token_id} does not exist", token_id=token_id)
+            if row.revoked_at is not None:
+                raise Conflict("this token is revoked; create a new one", token_id=token_id)
+            if row.expires_at is not None and row.expires_at <= now:
+                raise Conflict("this token has expired; create a new one", token_id=token_id)
+            row.expires_at = expires
             return row.to_record()
 
     def audit(

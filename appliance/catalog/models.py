@@ -478,6 +478,8 @@ class TokenRow(Base):
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Revision 0011: NULL for a token that never expires.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     def to_record(self) -> TokenRecord:
         return TokenRecord(
@@ -487,6 +489,7 @@ class TokenRow(Base):
             scopes=list(self.scopes),
             created_at=self.created_at,
             revoked_at=self.revoked_at,
+            expires_at=self.expires_at,
         )
 
 

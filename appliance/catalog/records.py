@@ -325,7 +325,8 @@ class UserRecord:
 
 @dataclass(frozen=True)
 class TokenRecord:
-    """An API token of a user. Only a hash of the token is stored; ``revoked_at`` ends it."""
+    """An API token of a user. Only a hash of the token is stored; ``revoked_at`` ends it, and so
+    does reaching ``expires_at`` (None: it never expires)."""
 
     id: str
     user: str
@@ -333,6 +334,7 @@ class TokenRecord:
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,8 @@ const AUDIT_ACTIONS = {
   "user.password": "Changed a password",
   "token.create": "Created an API token",
   "token.revoke": "Revoked an API token",
+  "token.renew": "Changed the expiry of an API token",
+  "token.refused": "Refused an API token",
   "settings.update": "Changed settings",
   "store.verify": "Started a store verification",
   "store.gc": "Started garbage collection",

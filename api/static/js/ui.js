@@ -379,3 +379,7 @@ export async function busy(buttonEl, banner, action) {
     }
   }
 }
+
+/** The window event a screen fires when it changed alerts (acknowledged, resolved): the Alerts
+ * entry's badge in the navigation reads the open count again at once (main.js). */
+export const ALERTS_CHANGED = "appliance:alerts-changed";

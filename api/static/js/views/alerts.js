@@ -5,7 +5,7 @@
 import { api, enc, q } from "../api.js";
 import { h, replace } from "../dom.js";
 import { count, dateTime, period } from "../format.js";
-import { busy, button, card, deleteButton, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
+import { ALERTS_CHANGED, busy, button, card, deleteButton, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
 
 const SEVERITY_TONES = { critical: "bad", warning: "warn", info: "info" };
 const SEVERITY_NAMES = { critical: "Critical", warning: "Warning", info: "Information" };
@@ -285,6 +285,7 @@ export default async function alertsView(view) {
         onClick: async () => {
           const ok = await busy(b, view.banner, () => api.post(`/api/alerts/${a.id}/resolve`));
           if (ok) {
+            window.dispatchEvent(new Event(ALERTS_CHANGED));
             toast("Resolved. If the problem is still there, a new alert is raised.");
             loadList();
           }
@@ -304,6 +305,7 @@ export default async function alertsView(view) {
         onClick: async () => {
           const ok = await busy(b, view.banner, () => api.post(`/api/alerts/${a.id}/acknowledge`));
           if (ok) {
+            window.dispatchEvent(new Event(ALERTS_CHANGED));
             toast("Acknowledged: it is not sent again, and stays listed until it is resolved.");
             loadList();
           }
@@ -312,8 +314,14 @@ export default async function alertsView(view) {
       return b;
     };
     if (!alerts.length) {
-      const quiet = filters.state === "open" ? "Nothing needs attention" : "No alerts";
-      replace(listBody, emptyState("check", quiet, filters.state === "open" ? "When a backup fails or is missed, it shows here." : null));
+      // No open alert is not "all is well": an asset without a policy or a second copy raises
+      // no alert, so the empty list says where those are shown instead of claiming nothing is wrong.
+      if (filters.state !== "open") {
+        replace(listBody, emptyState("check", "No alerts", null));
+        return;
+      }
+      const text = "When a backup fails or is missed, it shows here. What is not fully protected (no policy, a single copy, never test-booted) is on the dashboard.";
+      replace(listBody, emptyState("check", "No open alerts", text, button("See the dashboard", { href: "#/" })));
       return;
     }
     replace(

@@ -4,7 +4,7 @@
 // 22:00"); the details a sentence does not use are summarised after it, never shown as JSON.
 // An action the page has no sentence for is told by its name ("Peer pull: the-peer").
 
-import { auditAction, bytes, capitalise, count, describeCron, listText, period, shortId } from "../format.js";
+import { auditAction, bytes, capitalise, count, dateTime, describeCron, listText, period, shortId } from "../format.js";
 
 const SETTING_NAMES = {
   appliance_name: "the appliance's name",
@@ -76,10 +76,14 @@ const SENTENCES = {
   "user.delete": (e) => `Deleted user ${e.target}`,
   "user.password": (e) => `Changed the password of ${e.target}`,
   "schedule.skip": (e) => `Skipped runs of policy ${e.target} missed while the appliance was off`,
+  "token.create": (e) => `Created an API token (${shortId(e.target)})${e.details.user ? ` for ${e.details.user}` : ""}${e.details.expires_at ? `, expiring ${dateTime(e.details.expires_at)}` : ", never expiring"}`,
+  "token.renew": (e) => `Changed the expiry of an API token (${shortId(e.target)})${e.details.user ? ` of ${e.details.user}` : ""} to ${e.details.expires_at ? dateTime(e.details.expires_at) : "never"}`,
+  "token.revoke": (e) => `Revoked an API token (${shortId(e.target)})${e.details.user ? ` of ${e.details.user}` : ""}`,
+  "token.refused": (e) => `Refused an API token (${shortId(e.target)}): it ${e.details.reason === "expired" ? "has expired" : "was revoked"}`,
 };
 
 // Details every sentence leaves out: who-and-how facts shown in their own words below.
-const QUIET = new Set(["via", "client", "job", "jobs", "schedule", "asset", "assets", "resolved", "destination", "path", "mode", "kind"]);
+const QUIET = new Set(["via", "client", "job", "jobs", "schedule", "asset", "assets", "resolved", "destination", "path", "mode", "kind", "expires_at"]);
 
 /** The entry as one sentence. */
 export function auditSentence(entry) {

@@ -10,6 +10,7 @@ import { busy, button, card, emptyState, loading, pageHeader, pill, select, tabl
 import { legsList, statePill } from "./protection_words.js";
 
 const REFRESH_SECONDS = 30;
+const MIN_TREND_DAYS = 7;
 
 function rpoCell(a) {
   if (a.rpo_status === "met") {
@@ -214,7 +215,10 @@ function capacityCard(c, now) {
   let trend;
   const full = c.days_until_full;
   const perDay = bytes(c.growth_bytes_per_day);
-  if (full !== null && full !== undefined && full <= 3650) {
+  if (c.history_days !== undefined && c.history_days < MIN_TREND_DAYS) {
+    // One day of backups is not a rate (appliance.protection.MIN_TREND_DAYS).
+    trend = c.history_days ? `Too early for a forecast: ${count(c.history_days, "day")} of backups so far; a trend needs ${MIN_TREND_DAYS}` : "No backups yet: nothing to forecast from";
+  } else if (full !== null && full !== undefined && full <= 3650) {
     trend = `Growing about ${perDay} a day: full in ~${Math.max(1, Math.round(full))} days`;
   } else if (c.growth_bytes_per_day > 0) {
     trend = `Growing about ${perDay} a day: more than 10 years of space left at this rate`;
