@@ -371,6 +371,7 @@ def test_a_missed_schedule_and_an_rpo_miss_are_raised_by_the_evaluation(
     admin: httpx.Client,
     operator: httpx.Client,
     smtp: Smtp,
+    hooks: Hooks,
     channels: dict[str, Any],
     tmp_path: Path,
 ) -> None:
@@ -399,7 +400,7 @@ def test_a_missed_schedule_and_an_rpo_miss_are_raised_by_the_evaluation(
     service.scheduler.tick(now)
     service.scheduler.paused = True
     assert not alerts_of(operator, "backup_missed") and not alerts_of(operator, "rpo_missed")
-    mails = len(smtp.mailbox.messages)
+    mails, posts = len(smtp.mailbox.messages), len(hooks.received)
     later = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=2, minutes=35)
     events = service.alerts.evaluate(later)
     assert {"backup_missed", "rpo_missed"} <= {e.kind for e in events}
@@ -413,9 +414,22 @@ def test_a_missed_schedule_and_an_rpo_miss_are_raised_by_the_evaluation(
     contents = [m[3] for m in smtp.mailbox.messages[mails:]]
     assert any("did not run" in c for c in contents)
     assert any("newest good backup of mail" in c for c in contents)
+    # The webhook got both too, as JSON naming the event and its subject.
+    posted = eventually(
+        lambda: (
+            {
+                (d["kind"], d["subject"])
+                for d in (json.loads(b) for _, _, b in hooks.received[posts:])
+            }
+            if len(hooks.received) >= posts + 2
+            else None
+        )
+    )
+    assert {("backup_missed", "mail-hourly"), ("rpo_missed", "mail")} <= posted
 
     # Evaluated again a minute later: nothing new is sent (repeats suppressed).
     sent = len(smtp.mailbox.messages)
+    hooked = len(hooks.received)
     service.alerts.evaluate(later + timedelta(minutes=1))
     assert len(smtp.mailbox.messages) == sent
     assert alerts_of(operator, "backup_missed")[0]["count"] == 2
@@ -426,7 +440,7 @@ def test_a_missed_schedule_and_an_rpo_miss_are_raised_by_the_evaluation(
     assert alerts_of(operator, "backup_missed")[0]["count"] == 3
     service.alerts.tick(later + timedelta(minutes=8))
     assert alerts_of(operator, "backup_missed")[0]["count"] == 4
-    assert len(smtp.mailbox.messages) == sent
+    assert len(smtp.mailbox.messages) == sent and len(hooks.received) == hooked
 
     # A backup runs: the next evaluation resolves both.
     job = wait_job(operator, operator.post("/api/assets/mail/backup", json={}).json()["id"])
