@@ -112,13 +112,16 @@ def _open_or_create_store(settings: Any) -> Any:
 
 
 def cmd_demo_seed(args: argparse.Namespace) -> int:
-    """Give the data directory the demo VM (asset, disk, boot proof, one verified backup)."""
+    """Give the data directory the demo VM (asset, disk, boot proof, one verified backup) and
+    the demo tape library with its pool (:mod:`hardware.tape.demo`)."""
     from api.settings import Settings
+    from hardware.tape.demo import demo_library_dir, seed_demo_tape
     from image.demo_vm import default_disk_dir, seed_demo_vm, seed_marker_path
 
     data_dir = os.path.abspath(args.data_dir)
     marker = seed_marker_path(data_dir)
-    if os.path.exists(marker) and not args.force:
+    tape_done = (demo_library_dir(data_dir) / "library.json").is_file()
+    if os.path.exists(marker) and tape_done and not args.force:
         # Done before: no store to open, so every start after the first pays nothing for it.
         with open(marker, encoding="utf-8") as f:
             done = json.load(f)
@@ -135,7 +138,9 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     log = (lambda line: None) if args.json else (lambda line: print(f"demo: {line}", flush=True))
     with _open_or_create_store(settings) as app:
         seed = seed_demo_vm(app, args.disk_dir or default_disk_dir(data_dir), log=log)
+        tape = seed_demo_tape(app, log=log)  # the Tape screen's library and pool
     result = {**seed.to_dict(), "seconds": round(time.monotonic() - started, 2)}
+    result["created"] = [*result["created"], *tape]
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     with open(f"{marker}.tmp", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

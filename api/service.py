@@ -73,6 +73,8 @@ from hardware.pool_jobs import device_from_params, pool_tick, register_pool_jobs
 from hardware.pools import mount_pools
 from hardware.records import BlockDevice, DeviceDiff, Inventory, diff
 from hardware.rotation import DEFAULT_SET
+from hardware.tape.jobs import register_tape_jobs
+from hardware.tape.schedule import tape_backup_tick
 from hardware.udev import DeviceMonitor, record_from_properties, scan
 from hardware.usb import initialise_medium
 from hardware.usb_jobs import on_devices_changed, reconcile_media, register_usb_jobs
@@ -272,6 +274,7 @@ class Service:
             register_tiering_jobs()
             register_pool_jobs()
             register_usb_jobs()
+            register_tape_jobs()
             register_initialise_job()
             # After the policy kinds: the backup kinds (policy_backup too) queue replication.
             register_replication_jobs()
@@ -308,6 +311,7 @@ class Service:
             self.scheduler.extra_ticks.append(takeover_tick(app))
             self.scheduler.extra_ticks.append(self.alerts.tick)
             self.scheduler.extra_ticks.append(plan_test_tick(app, self.scheduler.tz))
+            self.scheduler.extra_ticks.append(tape_backup_tick(app, self.scheduler.tz))
             self.scheduler.paused = bool(doc["scheduler_paused"])
             if s.scheduler_enabled:
                 self.scheduler.start()

@@ -14,15 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import set_engine_env
+from engine_support import PASSPHRASE, set_engine_env
 
 from appliance.cli import main
 from appliance.engine import Appliance
+from hardware.tape.deck import open_deck
+from hardware.tape.demo import DEMO_BARCODES, DEMO_POOL, demo_library_dir, seed_demo_tape
+from hardware.tape.jobs import backup_to_tape
+from hardware.tape.library import registered
 from image.demo_vm import DEMO_ASSET, DEMO_PROOF, seed_marker_path
 from image.failover import FailoverManager, asset_failover_settings
 from image.testguest import MARKER
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+DEMO_TAPE_STEPS = ["tape_library", "tape_registered", "tape_media", "tape_pool"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +43,8 @@ def _seed(data_dir: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> di
     return result
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_seed_makes_a_demo_vm_that_fails_over(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -46,7 +52,15 @@ def test_seed_makes_a_demo_vm_that_fails_over(
         pytest.fail("QEMU missing: run scripts/setup (apt-get install -y qemu-system-x86)")
     data_dir = tmp_path / "data"
     first = _seed(data_dir, capsys)
-    assert first["created"] == ["disk", "vm_spec", "asset", "proof", "point", "verified"]
+    assert first["created"] == [
+        "disk",
+        "vm_spec",
+        "asset",
+        "proof",
+        "point",
+        "verified",
+        *DEMO_TAPE_STEPS,
+    ]
     # The disk is outside the data directory: the API refuses VM disks inside it.
     assert first["disk"] == str(tmp_path / "data-demo-vm" / "demo-vm.raw")
     assert os.path.isfile(first["disk"])
@@ -74,6 +88,9 @@ def test_seed_makes_a_demo_vm_that_fails_over(
         assert settings["proof"]["serial"] == MARKER
         assert settings["proof"]["http_port"] == DEMO_PROOF["http_port"]
         assert settings["network"]["port_forwards"] == [[0, 80]]
+        # The Tape screen is populated: the demo library, its blank tapes, the weekly pool.
+        assert [p.name for p in app.catalog.list_tape_pools()] == [DEMO_POOL]
+        assert {m.barcode for m in app.catalog.list_tape_media()} == set(DEMO_BARCODES)
 
         # What the page's "Fail over" runs: the asset's configured proof, nothing passed in.
         manager = FailoverManager(app, accel="tcg")
@@ -91,6 +108,8 @@ def test_seed_makes_a_demo_vm_that_fails_over(
         app.close()
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
 def test_seed_without_qemu_names_the_packages(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,3 +125,28 @@ def test_seed_without_qemu_names_the_packages(
     passphrase = (data_dir / "secrets" / "passphrase").read_text().rstrip("\n")
     with Appliance.open(str(data_dir), passphrase=passphrase) as app:
         assert DEMO_ASSET not in [a.name for a in app.catalog.list_assets()]
+
+
+def test_the_demo_tape_library_is_seeded_once_and_takes_a_backup(tmp_path: Path) -> None:
+    """The tape part alone (no QEMU needed): made, registered and recorded as an administrator
+    would; a second seed changes nothing; a tape backup of a point to the pool runs at once."""
+    app, _ = Appliance.init(str(tmp_path / "data"), PASSPHRASE, pack_size=256 * 1024)
+    with app:
+        assert seed_demo_tape(app) == DEMO_TAPE_STEPS
+        assert seed_demo_tape(app) == []
+        root = demo_library_dir(str(tmp_path / "data"))
+        assert registered(app.catalog) == [{"name": "demo", "path": str(root)}]
+        media = app.catalog.list_tape_media()
+        assert [(m.barcode, m.state, m.place, m.slot) for m in media] == [
+            (b, "blank", "library", n) for n, b in enumerate(DEMO_BARCODES, start=1)
+        ]
+        pool = app.catalog.get_tape_pool(DEMO_POOL)
+        assert (pool.schedule, pool.schedule_drive) == ("0 3 * * 6", "virtual:demo-drive0")
+        assert pool.points_rule == {"rule": "newest"}
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "a.txt").write_text("demo")
+        point = app.backup_files(str(src), "docs").point.id
+        deck = open_deck(app.catalog, "virtual:demo-drive0")
+        result = backup_to_tape(app, deck, DEMO_POOL, pool.points_rule)
+        assert result["points_written"] == [point] and result["tapes"] == ["DEMO01L8"]

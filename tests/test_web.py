@@ -390,6 +390,8 @@ def test_dashboard_shows_the_new_point(admin_page: Any, backed_up: str, shots: S
     capacity = page.get_by_role("region", name="Capacity")
     expect(capacity.get_by_role("img", name=re.compile("^Used .* of"))).to_be_visible()
     expect(capacity).to_contain_text("used")
+    # One day of backups is no rate to forecast from (appliance.protection.MIN_TREND_DAYS).
+    expect(capacity).to_contain_text("Too early for a forecast: 1 day of backups so far")
     shots.take(page, "dashboard", tablet=True)
 
 
@@ -597,9 +599,8 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin_api: httpx.Cl
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    expect(menu.get_by_role("link")).to_have_count(
-        10
-    )  # Replication, Alerts, Recovery plans: every role reads
+    # Replication, Alerts, Recovery plans, Tape: every role reads them.
+    expect(menu.get_by_role("link")).to_have_count(11)
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)

@@ -33,6 +33,7 @@ from appliance.catalog.locations import LocationRepository
 from appliance.catalog.plans import PlanRepository
 from appliance.catalog.points import MIN_POINT_PREFIX, PointRepository
 from appliance.catalog.schedules import ScheduleRepository
+from appliance.catalog.tape import TapeRepository
 
 __all__ = ["HEAD_REVISION", "MIGRATIONS_DIR", "MIN_POINT_PREFIX", "Catalog", "Clock"]
 
@@ -48,6 +49,7 @@ class Catalog(
     FailoverRepository,
     AlertRepository,
     PlanRepository,
+    TapeRepository,
 ):
     """The catalog of one appliance. Open with :meth:`open`; close with :meth:`close`.
 

@@ -3,8 +3,8 @@
 
 import { api, currentStore, humanError, setStore, whenSessionEnds } from "./api.js";
 import { clear, h, icon, replace } from "./dom.js";
-import { ROLE_NAMES } from "./format.js";
-import { bannerSlot } from "./ui.js";
+import { ROLE_NAMES, count } from "./format.js";
+import { ALERTS_CHANGED, bannerSlot } from "./ui.js";
 import { renderFirstRun, renderLogin } from "./views/auth.js";
 import dashboard from "./views/dashboard.js";
 import report from "./views/report.js";
@@ -18,6 +18,7 @@ import plansView, { planDetail } from "./views/plans.js";
 import pools from "./views/pools.js";
 import disks from "./views/disks.js";
 import media from "./views/media.js";
+import tape from "./views/tape.js";
 import tiering from "./views/tiering.js";
 import replication from "./views/replication.js";
 import users from "./views/users.js";
@@ -26,6 +27,9 @@ import settingsView from "./views/settings.js";
 import alertsView from "./views/alerts.js";
 
 const RANK = { viewer: 0, operator: 1, admin: 2 };
+// The Alerts entry's badge (open, unacknowledged alerts) is read this often, on every screen
+// change, and when a screen says it changed alerts (ALERTS_CHANGED, e.g. an acknowledge).
+const BADGE_SECONDS = 30;
 
 const NAV = [
   { href: "#/", label: "Dashboard", iconName: "dashboard", match: /^\/$/ },
@@ -36,6 +40,7 @@ const NAV = [
   { href: "#/jobs", label: "Jobs", iconName: "jobs", match: /^\/jobs/ },
   { href: "#/alerts", label: "Alerts", iconName: "alert", match: /^\/alerts/ },
   { href: "#/pools", label: "Pools & disks", iconName: "pools", match: /^\/(pools|disks|media)/ },
+  { href: "#/tape", label: "Tape", iconName: "disk", match: /^\/tape/ },
   { href: "#/tiering", label: "Tiering", iconName: "copy", match: /^\/tiering/ },
   { href: "#/replication", label: "Replication", iconName: "link", match: /^\/replication/ },
   { href: "#/users", label: "Users & tokens", iconName: "users", match: /^\/users/, role: "admin" },
@@ -60,6 +65,7 @@ const ROUTES = [
   [/^\/pools$/, pools, "Storage: pools"],
   [/^\/disks$/, disks, "Storage: disks"],
   [/^\/media$/, media, "Storage: USB disks"],
+  [/^\/tape$/, tape, "Tape"],
   [/^\/tiering$/, tiering, "Tiering"],
   [/^\/replication$/, replication, "Replication"],
   [/^\/users$/, users, "Users & tokens", "admin"],
@@ -68,7 +74,7 @@ const ROUTES = [
 ];
 
 const app = document.getElementById("app");
-const state = { session: null, applianceName: "Backup appliance", version: "", disposers: [], shell: null, generation: 0 };
+const state = { session: null, applianceName: "Backup appliance", version: "", disposers: [], shell: null, generation: 0, badgeTimer: null };
 
 export function can(role) {
   return Boolean(state.session) && RANK[state.session.role] >= RANK[role];
@@ -100,13 +106,14 @@ function dispose() {
 
 function buildShell() {
   const { session } = state;
+  const alertBadge = h("span", { class: "nav-badge", hidden: true, dataset: { count: "0" } });
   const nav = h(
     "nav",
     { class: "nav", "aria-label": "Main" },
     h(
       "ul",
       NAV.filter((item) => !item.role || can(item.role)).map((item) =>
-        h("li", h("a", { href: item.href, class: "nav-link", dataset: { match: item.match.source } }, icon(item.iconName), h("span", { text: item.label }))),
+        h("li", h("a", { href: item.href, class: "nav-link", dataset: { match: item.match.source } }, icon(item.iconName), h("span", { text: item.label }), item.href === "#/alerts" ? alertBadge : null)),
       ),
     ),
   );
@@ -137,9 +144,40 @@ function buildShell() {
     ),
     main,
   );
-  state.shell = { el: shell, main, nav };
+  state.shell = { el: shell, main, nav, alertBadge };
   replace(app, shell);
+  stopBadge();
+  state.badgeTimer = setInterval(refreshAlertBadge, BADGE_SECONDS * 1000);
 }
+
+/** Show the number of open, unacknowledged alerts on the Alerts entry (hidden at 0), in the
+ * colour of the most severe; a failed read leaves the last number (the next poll tries again). */
+async function refreshAlertBadge() {
+  const shell = state.shell;
+  if (!shell || !state.session) return;
+  let counts;
+  try {
+    counts = await api.get("/api/alerts/counts");
+  } catch {
+    return;
+  }
+  if (shell !== state.shell) return; // signed out or rebuilt meanwhile
+  const badge = shell.alertBadge;
+  const total = Number(counts.total || 0);
+  const tone = counts.critical ? "bad" : counts.warning ? "warn" : "info";
+  badge.hidden = !total;
+  badge.className = `nav-badge nav-badge-${tone}`;
+  badge.dataset.count = String(total);
+  badge.title = total ? `${count(total, "open alert")} not acknowledged` : "";
+  replace(badge, h("span", { class: "nav-badge-n", text: total > 99 ? "99+" : String(total) }), h("span", { class: "sr-only", text: ` open ${total === 1 ? "alert" : "alerts"}` }));
+}
+
+function stopBadge() {
+  if (state.badgeTimer) clearInterval(state.badgeTimer);
+  state.badgeTimer = null;
+}
+
+window.addEventListener(ALERTS_CHANGED, () => refreshAlertBadge());
 
 function markNav(path) {
   if (!state.shell) return;
@@ -182,6 +220,7 @@ async function route() {
   const { path, query } = parseHash();
   if (query.get("store")) enterStore(query.get("store"));
   markNav(path);
+  refreshAlertBadge();
   const main = state.shell.main;
   const banner = bannerSlot();
   const content = h("div", { class: "content" });
@@ -244,6 +283,7 @@ async function logout() {
 
 function showLogin(notice = null) {
   dispose();
+  stopBadge();
   setStore(null);
   state.session = null;
   state.shell = null;

@@ -20,6 +20,7 @@ from appliance.catalog import (
     models_alerts,  # noqa: F401  (its tables join Base.metadata)
     models_plans,  # noqa: F401  (its tables join Base.metadata)
     models_policies,  # noqa: F401  (its table joins Base.metadata)
+    models_tape,  # noqa: F401  (its tables join Base.metadata)
 )
 from appliance.catalog.models import Base, UTCDateTime
 

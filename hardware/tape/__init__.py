@@ -1,0 +1,1 @@
+"""Tape: drives through the Linux st driver, a file-backed virtual drive, changers, media sets."""
