@@ -77,7 +77,7 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 def _from_token(service: Service, value: str) -> Principal:
     catalog = service.app.catalog
     try:
-        token = catalog.find_token(digest(value))
+        token, user = catalog.find_token_user(digest(value))
     except NotFound:
         raise AuthenticationRequired("the API token is unknown or revoked") from None
     now = service.now()
@@ -91,14 +91,18 @@ def _from_token(service: Service, value: str) -> Principal:
                 "ask an administrator for a new one"
             )
         raise AuthenticationRequired("the API token is unknown or revoked")
-    try:
-        user = catalog.get_user(token.user)
-    except NotFound:
-        raise AuthenticationRequired("the API token is unknown or revoked") from None
+    if user is None:
+        raise AuthenticationRequired("the API token is unknown or revoked")
     if user.disabled_at is not None:
         raise AuthenticationRequired("the API token's user is disabled")
     scope = token.scopes[0] if token.scopes else "viewer"
-    return Principal(user.name, lower_role(user.role, scope), "token", token_id=token.id)
+    return Principal(
+        user.name,
+        lower_role(user.role, scope),
+        "token",
+        token_id=token.id,
+        scopes=tuple(token.scopes),
+    )
 
 
 def token_refusal(token: TokenRecord, now: datetime) -> str | None:
@@ -240,12 +244,10 @@ def replication_source(
         )
     app = service.app
     source = source_of_token(app, principal.token_id)
-    scopes: list[str] = []
-    if source is not None:
-        scopes = next(
-            (t.scopes for t in app.catalog.list_tokens(principal.name) if t.id == source.token_id),
-            [],
-        )
+    # The token that made the request is the source's own (its scopes came with it).
+    scopes = (
+        principal.scopes if source is not None and source.token_id == principal.token_id else ()
+    )
     if source is None or source.user != principal.name or source.store_scope not in scopes:
         refuse_replication(service, principal, request)
         raise PermissionDenied("this replication token belongs to no paired source's store")

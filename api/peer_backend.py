@@ -21,8 +21,11 @@ What the contract asks, and how the peer gives it:
 - Bandwidth: limited by the ``RateLimit`` wrapper that ``location_backend`` composes around every
   location (``put_bytes_per_second``), not here.
 
-One put at a time (``puts_in_flight``): each ends in an fsync on the peer, and puts racing on
-one small box cost it more CPU than they overlap; a copy's threads read the next packs meanwhile.
+Two puts in flight (``puts_in_flight``): each ends in a write and an fsync on the peer, which
+the next upload's body overlaps; more race for the CPU on a small box. (With the peer hashing
+each body on its event loop, one at a time was faster; since it hashes beside the fsync, two
+measured 0.88x against 0.72x of plain PUTs on 2 cores.) A copy's threads read the next packs
+meanwhile.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class PeerBackend:
     """The source's store at a peer, through the object protocol; see the module docstring."""
 
     capabilities = BackendCapabilities(
-        ranged_reads=True, listing_cost="expensive", checks_pack_names=True, puts_in_flight=1
+        ranged_reads=True, listing_cost="expensive", checks_pack_names=True, puts_in_flight=2
     )
 
     def __init__(self, link: PeerLink) -> None:

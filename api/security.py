@@ -109,6 +109,8 @@ class Principal:
     via: str  # "session" or "token"
     session_hash: str | None = None
     token_id: str | None = None
+    #: The token's scopes (a replication token's names its source's store); () for a session.
+    scopes: tuple[str, ...] = ()
 
     @property
     def audit_details(self) -> dict[str, str]:

@@ -278,6 +278,16 @@ class AccountRepository:
                 raise NotFound("no API token matches")
             return row.to_record()
 
+    def find_token_user(self, hashed: str) -> tuple[TokenRecord, UserRecord | None]:
+        """:meth:`find_token` and the user it belongs to (None when that user is gone), read
+        together: every request made with a token needs both."""
+        with self._db.session(write=False) as session:
+            row = session.scalars(select(TokenRow).where(TokenRow.hashed == hashed)).first()
+            if row is None:
+                raise NotFound("no API token matches")
+            user = session.get(UserRow, row.user)
+            return row.to_record(), None if user is None else user.to_record()
+
     def find_active_token(self, hashed: str) -> TokenRecord:
         """The unrevoked, unexpired token with this hash; :class:`NotFound` otherwise."""
         with self._db.session(write=False) as session:
