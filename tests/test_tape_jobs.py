@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from engine_support import PASSPHRASE, REPO_ROOT, random_bytes, set_engine_env
 
 from appliance.engine import Appliance
 from appliance.errors import Conflict, JobWaiting
@@ -30,7 +31,6 @@ from hardware.tape.library import (
     register_library,
 )
 from hardware.tape.reader import read_objects, scan_tape
-from tests.engine_support import PASSPHRASE, REPO_ROOT, random_bytes, set_engine_env
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from engine_support import random_bytes
 
 from appliance.catalog import Catalog
 from appliance.errors import InvalidInput, NotFound
@@ -19,7 +20,6 @@ from hardware.tape.media import PointOnTape, allocate, label_action, may_overwri
 from hardware.tape.reader import CountingDrive, read_objects, scan_tape
 from hardware.tape.virtual import VirtualCartridge, VirtualDrive
 from hardware.tape.writer import SetWriter, read_label, write_label
-from tests.engine_support import random_bytes
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 STORE = "0123456789abcdef"

@@ -15,16 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from appliance.engine import Appliance
-from appliance.errors import ApplianceError, JobWaiting
-from hardware.tape.deck import library_deck, open_deck
-from hardware.tape.jobs import backup_to_tape
-from hardware.tape.library import VirtualLibrary, create_virtual_library, register_library
-from hardware.tape.restore import restore_from_tape
-from hardware.tape.scan import scan_tapes, seed_store_from_tape
-from hardware.tape.virtual import VirtualCartridge
-from tests.engine_support import (
+from engine_support import (
     PASSPHRASE,
     compare_trees,
     digest,
@@ -35,6 +26,15 @@ from tests.engine_support import (
     text_bytes,
     write_sparse,
 )
+
+from appliance.engine import Appliance
+from appliance.errors import ApplianceError, JobWaiting
+from hardware.tape.deck import library_deck, open_deck
+from hardware.tape.jobs import backup_to_tape
+from hardware.tape.library import VirtualLibrary, create_virtual_library, register_library
+from hardware.tape.restore import restore_from_tape
+from hardware.tape.scan import scan_tapes, seed_store_from_tape
+from hardware.tape.virtual import VirtualCartridge
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from api_support import LiveServer, bootstrapped_server
+from engine_support import PASSPHRASE, set_engine_env
 
 from appliance.engine import Appliance
 from appliance.errors import InvalidInput
@@ -21,7 +22,6 @@ from hardware.tape.deck import open_deck
 from hardware.tape.jobs import backup_to_tape, register_tape_jobs
 from hardware.tape.library import create_virtual_library, register_library
 from hardware.tape.schedule import check_rule, points_by_rule, rule_words, tape_backup_tick
-from tests.engine_support import PASSPHRASE, set_engine_env
 
 MiB = 1024 * 1024
 
