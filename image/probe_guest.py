@@ -478,18 +478,13 @@ class UsbDisk:
     fmt: str = "raw"
 
 
-def probe_argv(
-    guest: ProbeGuest,
-    disks: Sequence[UsbDisk],
-    serial_log: str,
-    *,
-    accel: str = "tcg",
-    memory_mib: int = 256,
+def direct_boot_argv(
+    kernel: str, initrd: str, cmdline: str, serial_log: str, *, accel: str, memory_mib: int
 ) -> list[str]:
-    """QEMU's argv: no network, no display, the console in ``serial_log``, each disk a
-    ``usb-storage`` device on one ``qemu-xhci`` controller; QEMU exits when the guest powers off
-    (or panics: ``-no-reboot``)."""
-    argv = [
+    """The start of a probe guest's QEMU argv (this one's, and the tape guest's): the kernel
+    and initramfs booted directly, one CPU, no network, no display, the console in
+    ``serial_log``; QEMU exits when the guest powers off (or panics: ``-no-reboot``)."""
+    return [
         QEMU,
         "-nodefaults",
         "-no-user-config",
@@ -511,26 +506,43 @@ def probe_argv(
         "-serial",
         "file:" + serial_log,
         "-kernel",
-        guest.kernel,
+        kernel,
         "-initrd",
-        guest.initrd,
+        initrd,
         "-append",
-        CMDLINE,
+        cmdline,
+    ]
+
+
+def probe_argv(
+    guest: ProbeGuest,
+    disks: Sequence[UsbDisk],
+    serial_log: str,
+    *,
+    accel: str = "tcg",
+    memory_mib: int = 256,
+) -> list[str]:
+    """QEMU's argv: :func:`direct_boot_argv`, each disk a ``usb-storage`` device on one
+    ``qemu-xhci`` controller."""
+    argv = [
+        *direct_boot_argv(
+            guest.kernel, guest.initrd, CMDLINE, serial_log, accel=accel, memory_mib=memory_mib
+        ),
         "-device",
         "qemu-xhci,id=xhci0",
     ]
     for n, disk in enumerate(disks):
-        drive = f"file={_opt(disk.image)},if=none,id=usbdisk{n},format={disk.fmt}"
+        drive = f"file={qemu_option(disk.image)},if=none,id=usbdisk{n},format={disk.fmt}"
         if disk.read_only:
             drive += ",readonly=on"
-        device = f"usb-storage,bus=xhci0.0,drive=usbdisk{n},serial={_opt(disk.serial)}"
+        device = f"usb-storage,bus=xhci0.0,drive=usbdisk{n},serial={qemu_option(disk.serial)}"
         if disk.removable:
             device += ",removable=on"
         argv += ["-drive", drive, "-device", device]
     return argv
 
 
-def _opt(value: str) -> str:
+def qemu_option(value: str) -> str:
     """A value inside a ``key=value,...`` option: commas are doubled (QEMU's escaping)."""
     return value.replace(",", ",,")
 

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.errors import ApplianceError, InvalidInput
+from image.probe_guest import QEMU, direct_boot_argv, qemu_option
 from image.testguest import (
     BUSYBOX,
     CpioWriter,
@@ -60,7 +61,6 @@ END = "APPLIANCE-TAPE-GUEST-END"
 EXIT = "APPLIANCE-TAPE-GUEST-EXIT"
 #: The Debian packages the guest is built from and boots with, for error messages.
 PACKAGES = "linux-image-amd64 busybox-static qemu-system-x86 qemu-block-extra"
-QEMU = "qemu-system-x86_64"
 
 #: Modules the guest loads, with their dependencies added from modules.dep: the virtio-scsi
 #: controller, the tape (st), changer (ch) and SCSI generic (sg) drivers, and virtio-9p.
@@ -183,58 +183,29 @@ def tape_guest_argv(
     accel: str = "tcg",
     memory_mib: int = 512,
 ) -> list[str]:
-    """QEMU's argv: no network, no display, the console in ``serial_log``; the host's root
-    (read-only) and ``work_dir`` (read-write) over virtio-9p; each LUN a ``scsi-generic``
-    device on one ``virtio-scsi-pci`` controller, opened by QEMU's iSCSI driver. QEMU exits
-    when the guest powers off (or panics: ``-no-reboot``)."""
+    """QEMU's argv: :func:`image.probe_guest.direct_boot_argv`; the host's root (read-only)
+    and ``work_dir`` (read-write) over virtio-9p; each LUN a ``scsi-generic`` device on one
+    ``virtio-scsi-pci`` controller, opened by QEMU's iSCSI driver."""
     argv = [
-        QEMU,
-        "-nodefaults",
-        "-no-user-config",
-        "-machine",
-        "q35",
-        "-accel",
-        accel,
-        "-cpu",
-        "max" if accel == "tcg" else "host",
-        "-smp",
-        "1",
-        "-m",
-        str(memory_mib),
-        "-display",
-        "none",
-        "-nic",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "file:" + serial_log,
-        "-kernel",
-        guest.kernel,
-        "-initrd",
-        guest.initrd,
-        "-append",
-        CMDLINE,
+        *direct_boot_argv(
+            guest.kernel, guest.initrd, CMDLINE, serial_log, accel=accel, memory_mib=memory_mib
+        ),
         "-virtfs",
         f"local,path=/,mount_tag={HOST_TAG},security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
-        f"local,path={_opt(work_dir)},mount_tag={WORK_TAG},security_model=none,multidevs=remap",
+        f"local,path={qemu_option(work_dir)},mount_tag={WORK_TAG},security_model=none,multidevs=remap",
         "-device",
         "virtio-scsi-pci,id=scsi0",
     ]
     for n, lun in enumerate(luns):
         argv += [
             "-blockdev",
-            f"driver=iscsi,node-name=lun{n},transport=tcp,portal={_opt(lun.portal)},"
-            f"target={_opt(lun.target)},lun={lun.lun}",
+            f"driver=iscsi,node-name=lun{n},transport=tcp,portal={qemu_option(lun.portal)},"
+            f"target={qemu_option(lun.target)},lun={lun.lun}",
             "-device",
             f"scsi-generic,drive=lun{n},bus=scsi0.0,channel=0,scsi-id=0,lun={lun.lun}",
         ]
     return argv
-
-
-def _opt(value: str) -> str:
-    """A value inside a ``key=value,...`` option: commas are doubled (QEMU's escaping)."""
-    return value.replace(",", ",,")
 
 
 # --- building it ---------------------------------------------------------------------------------
