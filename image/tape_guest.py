@@ -13,8 +13,8 @@ and ``modules.dep`` lookup, the cpio writer, the cache directory): busybox and t
 its root filesystem is shared read-only over virtio-9p (:data:`HOST_TAG`) and the guest
 ``chroot``\\ s into it, so the host's ``python3``, ``mt``, ``mtx``, udev and the repository's code
 run unchanged against the guest's kernel. Guest-side mounts only: ``proc``, ``sysfs``,
-``devtmpfs`` and ``tmpfs`` (``/run``, ``/tmp``) are mounted over the chroot's directories in the
-guest; nothing on the host is written but the work directory.
+``devtmpfs`` and ``tmpfs`` (``/run``, with ``TMPDIR=/run/tmp``) are mounted over the chroot's
+directories in the guest (not over ``/tmp``, which may hold the checkout itself); nothing on the host is written but the work directory.
 
 A run's work directory (:data:`WORK_TAG`, read-write) is mounted at :data:`GUEST_WORK` inside the
 chroot. It holds the script to run (:data:`SCRIPT_NAME`) and receives whatever the script writes
@@ -53,7 +53,7 @@ from image.testguest import (
 )
 
 #: Bump when the initramfs changes for the same host files: it is part of the cache key.
-TAPE_GUEST_BUILDER_VERSION = 1
+TAPE_GUEST_BUILDER_VERSION = 2
 #: Printed before and after the script's output on the serial console.
 BEGIN = "APPLIANCE-TAPE-GUEST-BEGIN"
 END = "APPLIANCE-TAPE-GUEST-END"
@@ -87,11 +87,13 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mount -t tmpfs -o mode=0755 tmpfs /host/run
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp
+mkdir -p -m 1777 /host/run/tmp
 mkdir -p /host/run/tapeguest
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {work_tag} /host{guest_work}
 # udevadm refuses to trigger or settle in a chroot unless told that this one is the system.
 export SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 SYSTEMD_IGNORE_CHROOT=1 TERM=dumb HOME=/root
+# Temporary files go to /run/tmp: a tmpfs over the host's /tmp would hide a checkout there.
+export TMPDIR=/run/tmp
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 chroot /host /lib/systemd/systemd-udevd --daemon
 chroot /host udevadm trigger --action=add
