@@ -13,6 +13,7 @@ advances the schedule.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +56,24 @@ def new_job_row(db: Database, kind: str, params: dict[str, Any], resource: str |
         checkpoint=None,
         attempts=0,
     )
+
+
+def add_job_row(
+    db: Database,
+    session: Session,
+    kind: str,
+    params: dict[str, Any],
+    resource: str | None,
+    log: Iterable[tuple[str, str]] = (),
+) -> JobRecord:
+    """Create a queued job with its first log lines inside the caller's transaction (a
+    scheduler fires its slot and makes the slot's job at once, or not at all)."""
+    job = new_job_row(db, kind, params, resource)
+    session.add(job)
+    session.flush()
+    for level, message in log:
+        append_log_line(db, session, job.id, level, message)
+    return job.to_record()
 
 
 def job_row(session: Session, job_id: str, *, lock: bool = False) -> JobRow:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from appliance.catalog.database import Database, check_choice, check_name, utc
-from appliance.catalog.jobs import append_log_line, new_job_row
+from appliance.catalog.jobs import add_job_row
 from appliance.catalog.models import AssetRow
 from appliance.catalog.models_plans import PlanRunRow, RecoveryPlanRow
 from appliance.catalog.records import JobRecord
@@ -143,12 +143,7 @@ class PlanRepository:
             row.test_last_slot = slot
             if job_kind is None:
                 return None
-            job = new_job_row(self._db, job_kind, params, resource)
-            session.add(job)
-            session.flush()
-            for level, message in log:
-                append_log_line(self._db, session, job.id, level, message)
-            return job.to_record()
+            return add_job_row(self._db, session, job_kind, params, resource, log)
 
     # --- runs -------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from appliance.catalog.assets import asset_must_exist
 from appliance.catalog.database import Database, check_choice, check_name, utc
-from appliance.catalog.jobs import append_log_line, new_job_row
+from appliance.catalog.jobs import add_job_row
 from appliance.catalog.models import (
     PolicyRow,
     ScheduleStateRow,
@@ -217,12 +217,9 @@ class ScheduleRepository:
                 return []
             created = []
             for params, resource in jobs:
-                job = new_job_row(self._db, job_kind, params, resource)
-                session.add(job)
-                session.flush()
-                for level, message in log or []:
-                    append_log_line(self._db, session, job.id, level, message)
-                created.append(job.to_record())
+                created.append(
+                    add_job_row(self._db, session, job_kind, params, resource, log or ())
+                )
             return created
 
     # --- settings ------------------------------------------------------------------------------

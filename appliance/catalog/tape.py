@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from appliance.catalog.database import Database, check_choice, check_name, utc
-from appliance.catalog.jobs import append_log_line, new_job_row
+from appliance.catalog.jobs import add_job_row
 from appliance.catalog.models_tape import TapeMediaSetRow, TapeMediumRow, TapePoolRow
 from appliance.catalog.records import JobRecord
 from appliance.errors import InvalidInput, NotFound
@@ -221,12 +221,7 @@ class TapeRepository:
             row.schedule_last_slot = slot
             if job_kind is None:
                 return None
-            job = new_job_row(self._db, job_kind, params, resource)
-            session.add(job)
-            session.flush()
-            for level, message in log:
-                append_log_line(self._db, session, job.id, level, message)
-            return job.to_record()
+            return add_job_row(self._db, session, job_kind, params, resource, log)
 
     # --- media ------------------------------------------------------------------------------
 
