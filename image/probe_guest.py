@@ -43,7 +43,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from appliance.errors import ApplianceError, InvalidInput
@@ -562,36 +562,14 @@ def probe_usb_disks(
     with tempfile.TemporaryDirectory(prefix="probeguest-") as work:
         log = os.path.join(work, "console.log")
         argv = probe_argv(guest, disks, log, accel=accel)
-        started = time.monotonic()
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        except FileNotFoundError as exc:
-            raise InvalidInput(
-                f"{QEMU} is not installed: `apt-get install -y qemu-system-x86`"
-            ) from exc
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise ProbeFailed(
-                f"the USB probe guest did not power off within {timeout:.0f} s; console:\n"
-                + _tail(log)
-            ) from None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        seconds = time.monotonic() - started
-        with open(log, encoding="utf-8", errors="replace") as f:
-            console = f.read()
+        process, output, console, seconds = run_to_power_off(
+            argv,
+            log,
+            timeout,
+            what="the USB probe guest",
+            install="qemu-system-x86",
+            failure=ProbeFailed,
+        )
     section = console_section(console)
     if process.returncode != 0 or section is None:
         raise ProbeFailed(
@@ -600,6 +578,48 @@ def probe_usb_disks(
             + console[-4000:]
         )
     return ProbeResult(parse_udev_database(section), console, seconds)
+
+
+def run_to_power_off(
+    argv: list[str],
+    log: str,
+    timeout: float,
+    *,
+    what: str,
+    install: str,
+    failure: Callable[[str], Exception],
+) -> tuple[subprocess.Popen[str], str, str, float]:
+    """Run a probe guest's QEMU (``argv``, console in ``log``) until the guest powers off:
+    (the finished process, QEMU's own output, the console, seconds). A missing QEMU is
+    InvalidInput naming ``install``; a guest still up after ``timeout`` seconds is killed and
+    ``failure`` (with the console's tail) raised."""
+    started = time.monotonic()
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"{QEMU} is not installed: `apt-get install -y {install}`") from exc
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise failure(
+            f"{what} did not power off within {timeout:.0f} s; console:\n" + _tail(log)
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    seconds = time.monotonic() - started
+    with open(log, encoding="utf-8", errors="replace") as f:
+        return process, output, f.read(), seconds
 
 
 def _tail(path: str, size: int = 4000) -> str:

@@ -30,19 +30,16 @@ of its files and the recipe, so a test session builds it once.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from appliance.errors import ApplianceError, InvalidInput
-from image.probe_guest import QEMU, direct_boot_argv, qemu_option
+from image.probe_guest import direct_boot_argv, qemu_option, run_to_power_off
 from image.testguest import (
     BUSYBOX,
     CpioWriter,
@@ -316,33 +313,14 @@ def run_in_tape_guest(
     with tempfile.TemporaryDirectory(prefix="tapeguest-") as scratch:
         log = os.path.join(scratch, "console.log")
         argv = tape_guest_argv(guest, luns, work_dir, log, accel=accel)
-        started = time.monotonic()
-        try:
-            process = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        except FileNotFoundError as exc:
-            raise InvalidInput(f"{QEMU} is not installed: `apt-get install -y {PACKAGES}`") from exc
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            raise TapeGuestFailed(
-                f"the tape guest did not power off within {timeout:.0f} s; console:\n" + _tail(log)
-            ) from None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        seconds = time.monotonic() - started
-        with open(log, encoding="utf-8", errors="replace") as f:
-            console = f.read()
+        process, output, console, seconds = run_to_power_off(
+            argv,
+            log,
+            timeout,
+            what="the tape guest",
+            install=PACKAGES,
+            failure=TapeGuestFailed,
+        )
     found = guest_output(console)
     if process.returncode != 0 or found is None:
         hint = ""
@@ -354,11 +332,3 @@ def run_in_tape_guest(
             "console:\n" + console[-4000:]
         )
     return TapeGuestResult(found[0], found[1], console, seconds)
-
-
-def _tail(path: str, size: int = 4000) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-size:]
-    except OSError:
-        return "(no console output)"

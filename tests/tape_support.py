@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from image.tape_guest import QEMU, IscsiLun
+from image.probe_guest import QEMU
+from image.tape_guest import IscsiLun
 
 #: The iSCSI name of the library's target.
 TARGET = "iqn.2026-12.test.appliance:tape-library"

@@ -45,13 +45,12 @@ from appliance.errors import InvalidInput
 from hardware.records import Changer, TapeDrive
 from hardware.tape.mtx import parse_status
 from hardware.udev import record_from_properties
-from image.probe_guest import parse_udev_database
+from image.probe_guest import QEMU, parse_udev_database
 from image.tape_guest import (
     BEGIN,
     END,
     EXIT,
     GUEST_WORK,
-    QEMU,
     IscsiLun,
     TapeGuest,
     build_tape_guest,
