@@ -42,6 +42,8 @@ STATUS_BY_CODE: dict[str, int] = {
     # failed in a way worth retrying: the request may succeed later.
     "location_unavailable": 503,
     "backend_transient": 503,
+    # A recovery from tapes restarts the service on the recovered store (api.tape_recovery).
+    "service_restarting": 503,
 }
 
 CODE_BY_STATUS: dict[int, str] = {

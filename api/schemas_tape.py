@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, SecretStr, StringConstraints
 
 from api.schemas import Cron, Request
 
@@ -188,6 +188,28 @@ class TapeRestoreRequest(Request):
 
 class TapeScanRequest(Request):
     drive: Identity
+
+
+class TapeRecoverRequest(Request):
+    """Recover a fresh appliance from tapes (``api.tape_recovery``): the drive the tapes are
+    within reach of, and the lost store's recovery key (used for this run only, never kept)."""
+
+    drive: Identity
+    recovery_key: SecretStr = Field(min_length=20, max_length=400)
+
+
+class TapeRecoveryPublic(BaseModel):
+    """Where a recovery from tapes stands; ``refusal`` says why one may not start now."""
+
+    state: Literal["idle", "reading", "switching", "scanning", "done", "failed"]
+    refusal: str | None
+    drive: str | None
+    message: str | None
+    store_id: str | None
+    scan_job: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    log: list[str]
 
 
 class TapeEraseRequest(Request):

@@ -61,7 +61,7 @@ from api.security import LoginThrottle, Principal
 from api.settings import Settings
 from api.takeover_grant import takeover_tick
 from appliance.engine import Appliance, DataDir, utcnow
-from appliance.errors import Conflict, InvalidInput, PassphraseRequired
+from appliance.errors import Conflict, InvalidInput, PassphraseRequired, ServiceRestarting
 from appliance.file_modes import tighten_data_dir
 from appliance.job_context import JobView
 from appliance.jobs import JobKind, JobRunner, register_job_kind
@@ -223,6 +223,10 @@ class Service:
 
         #: Source stores this peer took over (docs/replication.md, "Take over").
         self.takeovers = Takeovers(self)
+        from api.tape_recovery import TapeRecovery
+
+        #: A fresh appliance made the lost one's store from its tapes (docs/tape.md).
+        self.tape_recovery = TapeRecovery(self)
         #: Set on the view of a taken-over store (``api.takeover``): the store's id.
         self.store_taken_over: str | None = None
         self.setup_code: str | None = None
@@ -468,6 +472,11 @@ class Service:
     @property
     def app(self) -> Appliance:
         if self.appliance is None:
+            if self.tape_recovery.state().state == "switching":
+                raise ServiceRestarting(
+                    "the appliance is restarting on the store recovered from tapes; "
+                    "ask again in a moment"
+                )
             raise RuntimeError("the service is not running")
         return self.appliance
 
@@ -482,6 +491,10 @@ class Service:
         if self.failover is None:
             raise RuntimeError("the service is not running")
         return self.failover
+
+    def passphrase(self) -> str:
+        """The passphrase the store is opened with (configured, or generated at first start)."""
+        return _passphrase(self.settings)[0]
 
     def admin_exists(self) -> bool:
         return any(u.role == "admin" for u in self.app.catalog.list_users())

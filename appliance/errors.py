@@ -184,6 +184,13 @@ class LocationUnavailable(StoreError):
     kind = "conflict"
 
 
+class ServiceRestarting(ApplianceError):
+    """The service is restarting on another store (a recovery from tapes); ask again shortly."""
+
+    code = "service_restarting"
+    kind = "conflict"
+
+
 class TransientBackendError(StoreError):
     """The backend failed in a way that may pass (I/O error, timeout, throttling); it can be retried."""
 

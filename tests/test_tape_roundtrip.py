@@ -29,6 +29,7 @@ from engine_support import (
 
 from appliance.engine import Appliance
 from appliance.errors import ApplianceError, JobWaiting
+from appliance.store.crypto import MasterKey
 from hardware.tape.deck import library_deck, open_deck
 from hardware.tape.jobs import backup_to_tape
 from hardware.tape.library import VirtualLibrary, create_virtual_library, register_library
@@ -200,6 +201,21 @@ def test_the_command_line_round_trip(tmp_path: Path) -> None:
         ("CLI001", "writable", 1)
     ]
     shutil.rmtree(data)
+    # A wrong key is found on the tapes' index before anything is written.
+    wrong = {"APPLIANCE_RECOVERY_KEY": MasterKey.generate().recovery_key()}
+    refused = run_cli(
+        "tape",
+        "scan",
+        "--library",
+        str(lib),
+        data_dir=data,
+        passphrase=None,
+        env=wrong,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert b"does not unlock store" in refused.stderr, refused.stderr
+    assert not (data / "pools" / "default" / "store" / "config").exists()
     key = {"APPLIANCE_RECOVERY_KEY": recovery}
     scanned = run_cli(
         "--json", "tape", "scan", "--library", str(lib), data_dir=data, passphrase=None, env=key

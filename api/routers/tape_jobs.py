@@ -23,6 +23,8 @@ from api.schemas_tape import (
     TapeEraseRequest,
     TapePoolPublic,
     TapePoolUpdate,
+    TapeRecoverRequest,
+    TapeRecoveryPublic,
     TapeRestoreRequest,
     TapeScanRequest,
 )
@@ -31,8 +33,10 @@ from api.service import Service
 from api.views import job_public
 from appliance.catalog.records import JobRecord
 from appliance.catalog.tape import TapePoolRecord
-from appliance.errors import InvalidInput, NotFound
+from appliance.errors import InvalidInput, NotFound, WrongPassphrase
+from appliance.store.crypto import MasterKey
 from appliance.verify_schedule import next_slot
+from hardware.tape.deck import open_deck
 from hardware.tape.library import VirtualLibrary, open_registered
 from hardware.tape.schedule import check_rule, rule_words
 
@@ -112,6 +116,49 @@ def tape_scan(
 ) -> JobPublic:
     """Read the labels and set catalogs of the tapes and rebuild the catalog (``tape_scan``)."""
     return _submit(service, principal, response, "tape_scan", {"drive": body.drive})
+
+
+def _recovery_public(service: Service) -> TapeRecoveryPublic:
+    recovery = service.tape_recovery
+    state = recovery.state()
+    return TapeRecoveryPublic(
+        state=state.state,  # type: ignore[arg-type]
+        refusal=recovery.refusal(),
+        drive=state.drive,
+        message=state.message,
+        store_id=state.store_id,
+        scan_job=state.scan_job,
+        started_at=state.started_at,
+        ended_at=state.ended_at,
+        log=list(state.log),
+    )
+
+
+@router.get("/tape/recover", response_model=TapeRecoveryPublic)
+def tape_recovery(principal: Admin, service: ServiceDep) -> TapeRecoveryPublic:
+    """Where a recovery of this appliance from tapes stands (``api.tape_recovery``)."""
+    return _recovery_public(service)
+
+
+@router.post(
+    "/tape/recover", response_model=TapeRecoveryPublic, status_code=status.HTTP_202_ACCEPTED
+)
+def tape_recover(
+    body: TapeRecoverRequest, principal: Admin, service: ServiceDep
+) -> TapeRecoveryPublic:
+    """Make the lost store on the tapes this fresh appliance's store, then scan them
+    (``api.tape_recovery``; 409 while its store holds a point or a job is active)."""
+    key = body.recovery_key.get_secret_value()
+    try:  # a typo is the typist's (400), not a failed sign-in (401)
+        MasterKey.from_recovery_key(key)
+    except WrongPassphrase as exc:
+        raise InvalidInput(str(exc)) from None
+    drive = _check_drive(service, body.drive)
+    service.tape_recovery.start(drive, open_deck(service.app.catalog, drive), key)
+    service.app.catalog.audit(
+        principal.name, "tape.recover", drive, {"drive": drive, **principal.audit_details}
+    )
+    return _recovery_public(service)
 
 
 @router.post("/tape/erase", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)

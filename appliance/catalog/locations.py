@@ -143,6 +143,35 @@ class LocationRepository:
         with self._db.session(write=False) as session:
             return store_row(session, store_id).to_record()
 
+    def forget_store(self, store_id: str) -> None:
+        """Forget a store that holds no copy any more (an empty one that another store
+        replaced in its folder: docs/tape.md, "Recover a lost appliance"), with its locations.
+
+        A copy in a state of :data:`records.HELD_COPY_STATES` is a :class:`Conflict`.
+        """
+        with self._db.session(write=True) as session:
+            row = session.get(StoreRow, store_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"store {store_id} is not in the catalog", store_id=store_id)
+            held = session.scalar(
+                select(func.count())
+                .select_from(CopyRow)
+                .where(CopyRow.store_id == store_id, CopyRow.state.in_(sorted(HELD_COPY_STATES)))
+            )
+            if held:
+                raise Conflict(
+                    f"store {store_id} still holds {held} copy(ies)", store_id=store_id, copies=held
+                )
+            ids = list(
+                session.scalars(select(LocationRow.id).where(LocationRow.store_id == store_id))
+            )
+            session.execute(delete(CopyRow).where(CopyRow.store_id == store_id))
+            session.execute(
+                update(MediaRow).where(MediaRow.location_id.in_(ids)).values(location_id=None)
+            )
+            session.execute(delete(LocationRow).where(LocationRow.store_id == store_id))
+            session.delete(row)
+
     def list_stores(self) -> list[StoreRecord]:
         with self._db.session(write=False) as session:
             rows = session.scalars(select(StoreRow).order_by(StoreRow.store_id))
@@ -347,6 +376,7 @@ class LocationRepository:
         mountpoint: str | None = None,
         location_id: str | None = None,
         path: str | None = None,
+        store_id: str | None = None,
     ) -> PoolRecord:
         """Change what may change of a pool (its disks after a replacement, where it is
         mounted, its location); None leaves a field unchanged."""
@@ -362,6 +392,8 @@ class LocationRepository:
                 row.location_id = location_id
             if path is not None:
                 row.path = path
+            if store_id is not None:
+                row.store_id = store_id
             return row.to_record()
 
     def delete_pool(self, name: str) -> None:

@@ -14,6 +14,7 @@ brings a point back from tape, and the normal ``restore`` works.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -179,13 +180,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     seeded: dict[str, Any] = {"seeded": False}
     # A fresh data directory gets the tapes' store before it can be opened (a virtual library
-    # registered in its catalog cannot be found yet: name its directory, or a real drive).
+    # registered in its catalog cannot be found yet: name its directory, or a real drive); a
+    # recovery key is proven on the tapes before anything is written.
+    key = os.environ.get("APPLIANCE_RECOVERY_KEY") or None
     if args.library:
-        seeded = seed_store_from_tape(args.data_dir, library_deck(VirtualLibrary(args.library)))
+        deck = library_deck(VirtualLibrary(args.library))
+        seeded = seed_store_from_tape(args.data_dir, deck, recovery_key=key)
     elif args.drive and args.drive.startswith("/dev/"):
-        seeded = seed_store_from_tape(
-            args.data_dir, Deck(args.drive, lambda: open_st(args.drive, args.drive))
-        )
+        deck = Deck(args.drive, lambda: open_st(args.drive, args.drive))
+        seeded = seed_store_from_tape(args.data_dir, deck, recovery_key=key)
     result = run_logged(args, lambda app, log: scan_tapes(app, _deck(app, args), log=log))
     result["seeded"] = seeded["seeded"]
     emit(

@@ -28,6 +28,7 @@ from hardware.tape.deck import Deck
 from hardware.tape.drive import Drive
 from hardware.tape.layout import SetCatalog, TapeLabel, TapeObject
 from hardware.tape.reader import check_label, read_objects, scan_tape
+from hardware.tape.recover import stage_store, store_objects
 from hardware.tape.sets import describe, ensure_set, metadata_names, open_mirror, record_catalog
 from hardware.tape.sets import set_label as make_set_label
 
@@ -90,7 +91,7 @@ def read_tapes(
     return catalogs, labels, others
 
 
-def _tape_reader(deck: Deck, catalog: SetCatalog, log: Log) -> Callable[[int], Drive]:
+def tape_reader(deck: Deck, catalog: SetCatalog, log: Log) -> Callable[[int], Drive]:
     def tape_for(sequence: int) -> Drive:
         barcode = catalog.barcode_of(sequence)
         drive = deck.bring(barcode)
@@ -110,28 +111,28 @@ def _putter(backend: LocalDirectoryBackend) -> Callable[[TapeObject, bytes], Non
     return put
 
 
-def seed_store_from_tape(data_dir: str, deck: Deck, log: Log = _quiet) -> dict[str, Any]:
+def seed_store_from_tape(
+    data_dir: str, deck: Deck, log: Log = _quiet, *, recovery_key: str | None = None
+) -> dict[str, Any]:
     """Give a fresh data directory the store of the tapes within reach: its ``config`` and key
-    files (see the module doc). Nothing happens when it has a store already."""
+    files (see the module doc); with ``recovery_key`` the key is proven first (a wrong one
+    leaves the data directory as it was). Nothing happens when it has a store already."""
     store_path = DataDir(os.path.abspath(data_dir)).store_path
     if os.path.exists(os.path.join(store_path, "config")):
         return {"seeded": False}
-    catalogs, _labels, _others = read_tapes(deck, log)
-    if not catalogs:
-        raise NotFound("no tape within reach holds a set catalog of this appliance's format")
-    catalog = max(catalogs.values(), key=lambda c: c.written_at)
-    names = ["config", *sorted(o.name for o in catalog.objects if o.name.startswith("keys/"))]
-    os.makedirs(store_path, exist_ok=True)
-    home = LocalDirectoryBackend(store_path)
-    try:
-        read_objects(
-            catalog, names, _tape_reader(deck, catalog, log), lambda o, d: home.put(o.name, d)
-        )
-    finally:
-        home.close()
-        deck.release()
-    log("info", f"the data directory's pool now belongs to store {catalog.store_id}")
-    return {"seeded": True, "store_id": catalog.store_id, "set": catalog.media_set_id}
+    found = store_objects(deck, with_index=recovery_key is not None, log=log)
+    if recovery_key is not None:
+        stage_store(found, store_path, recovery_key=recovery_key)
+    else:
+        os.makedirs(store_path, exist_ok=True)
+        home = LocalDirectoryBackend(store_path)
+        try:
+            for name, data in found.objects.items():
+                home.put(name, data)
+        finally:
+            home.close()
+    log("info", f"the data directory's pool now belongs to store {found.store_id}")
+    return {"seeded": True, "store_id": found.store_id, "set": found.catalog.media_set_id}
 
 
 def scan_tapes(
@@ -180,7 +181,7 @@ def scan_tapes(
             names = sorted(
                 {n for needs in catalog.points.values() for n in metadata_names(needs)} - have
             )
-            read = read_objects(catalog, names, _tape_reader(deck, catalog, log), _putter(mirror))
+            read = read_objects(catalog, names, tape_reader(deck, catalog, log), _putter(mirror))
         finally:
             mirror.close()
             deck.release()
