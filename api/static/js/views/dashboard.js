@@ -1,6 +1,7 @@
 // Dashboard: how well each asset is really protected (its state, the reasons it is not, and a
 // button that fixes each), a VM running from backup before anything else, the 3-2-1 legs at a
-// glance, alerts that need a person, trends per asset and how fast the pool fills.
+// glance, alerts that need a person, trends per asset and how fast the pool fills. With no point
+// at all, an administrator is shown the way to recover a lost appliance from its tapes.
 
 import { api } from "../api.js";
 import { bytesAddedChart, capacityChart, rpoChart, rtoChart, usableBytes } from "../chart.js";
@@ -340,9 +341,14 @@ export default async function dashboard(view) {
           )
         : emptyState("assets", "Nothing is protected yet", "Add a folder or a virtual machine, give it a policy, and its backups show up here.", view.can("admin") ? button("Add an asset", { iconName: "plus", kind: "primary", href: "#/assets" }) : null),
     );
+    // A fresh appliance may be standing in for a lost one (Tape screen, tape_recover.js).
+    const fromTapes =
+      !pointsTotal && view.can("admin")
+        ? h("p", { class: "muted small dash-recover" }, "Replacing an appliance that was lost? ", h("a", { href: "#/tape", text: "Recover it from its tapes" }), ".")
+        : null;
     const trends = body.querySelector(".trends-card") && body.dataset.assets === d.assets.map((a) => a.asset).join("\n") ? body.querySelector(".trends-card") : trendsCard(d.assets);
     body.dataset.assets = d.assets.map((a) => a.asset).join("\n");
-    replace(body, attentionPanel(view, d.attention || [], runFix), alertsPanel(d.alerts || [], now.getTime()), stats, assetsCard, trends, capacityCard(d.capacity, now));
+    replace(body, attentionPanel(view, d.attention || [], runFix), alertsPanel(d.alerts || [], now.getTime()), stats, assetsCard, fromTapes, trends, capacityCard(d.capacity, now));
   }
 
   await load();

@@ -5,7 +5,8 @@
 //
 // Libraries and drives are named by identity (serial:..., virtual:<name>), never by /dev/sgN:
 // the appliance resolves the node itself. The screen refreshes every few seconds, so a tape a job
-// asks for shows up in the job's words and disappears when it is loaded.
+// asks for shows up in the job's words and disappears when it is loaded. An administrator of a
+// fresh appliance also finds here the recovery of a lost one from its tapes (tape_recover.js).
 
 import { api, enc } from "../api.js";
 import { h, replace } from "../dom.js";
@@ -13,8 +14,12 @@ import { bytes, capitalise, count, dateTime, shortId } from "../format.js";
 import { busy, button, card, emptyState, field, formDialog, loading, pageHeader, pill, select, table, toast } from "../ui.js";
 import { jobProgress, startedJobs } from "./disks.js";
 import { poolsCard } from "./tape_pools.js";
+import { recoveryPanel } from "./tape_recover.js";
 
 const REFRESH_MS = 5000;
+// While the service restarts (a recovery from tapes switching stores: 503 service_restarting),
+// or any read fails while a recovery is under way, the screen asks again this soon, quietly.
+const RESTARTING_MS = 1000;
 const PLACES = [
   ["library", "In the library"],
   ["shelf", "On the shelf"],
@@ -405,27 +410,35 @@ export default async function tapeView(view) {
       for (const d of read.drives) if (!d.busy) ctx.probed.set(d.identity, { barcode: null, state: d.state, problem: d.problem });
       await refresh();
     },
+    overview: null,
+    restoreFromTape: () => ctx.overview && jobDialog("tape_restore", ctx.overview, ctx),
   };
+  const recovery = view.can("admin") ? recoveryPanel(ctx) : null;
 
   async function refresh() {
     clearTimeout(timer);
     let overview;
     let active;
+    let rec = null;
     try {
       let pools;
-      [overview, active, pools] = await Promise.all([api.get("/api/tape"), api.get("/api/tape/jobs"), api.get("/api/tape/pools")]);
+      [overview, active, pools, rec] = await Promise.all([api.get("/api/tape"), api.get("/api/tape/jobs"), api.get("/api/tape/pools"), recovery ? api.get("/api/tape/recover") : null]);
       overview = { ...overview, pools };
     } catch (err) {
-      if (!stopped) view.banner.error(err);
+      if (stopped) return;
+      if (err.code === "service_restarting" || (recovery && recovery.busy() && err.status >= 500)) timer = setTimeout(refresh, RESTARTING_MS);
+      else view.banner.error(err);
       return;
     }
     if (stopped) return;
+    ctx.overview = overview;
+    if (recovery) recovery.show(rec, driveChoices(overview));
     // Redraw unless a dialog is open over the screen (its form would lose what was typed).
     if (!document.querySelector("dialog[open]")) {
       const libraries = overview.libraries.length
         ? overview.libraries.map((lib) => libraryCard(lib, ctx))
         : [card("Libraries", {}, emptyState("disk", "No tape library", "Connect a tape library (found by itself), or register a virtual one."))];
-      replace(body, jobsCard(overview, active, ctx), poolsCard(overview.pools, driveChoices(overview), ctx), ...libraries, drivesCard(overview.drives, ctx), mediaCard(overview.media, ctx));
+      replace(body, recovery ? recovery.el : null, jobsCard(overview, active, ctx), poolsCard(overview.pools, driveChoices(overview), ctx), ...libraries, drivesCard(overview.drives, ctx), mediaCard(overview.media, ctx));
     }
     timer = setTimeout(refresh, REFRESH_MS);
   }
