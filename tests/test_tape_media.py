@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from catalog_support import point
 from engine_support import random_bytes
 
 from appliance.catalog import Catalog
-from appliance.errors import InvalidInput, NotFound
+from appliance.errors import Conflict, InvalidInput, NotFound
 from hardware.tape.drive import Drive
 from hardware.tape.layout import BLOCK_SIZE, SetCatalog, TapeLabel
 from hardware.tape.media import PointOnTape, allocate, label_action, may_overwrite
@@ -44,9 +45,9 @@ def test_labels_foreign_or_unreadable_tapes_need_an_erase() -> None:
     assert label_action("blank").action == "label"
     assert label_action("ours").action == "use"
     for verdict in ("foreign", "unreadable"):
-        refused = label_action(verdict)  # type: ignore[arg-type]
+        refused = label_action(verdict)
         assert refused.action == "refuse" and "erase" in refused.reason
-        assert label_action(verdict, erase_requested=True).action == "label"  # type: ignore[arg-type]
+        assert label_action(verdict, erase_requested=True).action == "label"
 
 
 @pytest.fixture
@@ -91,6 +92,42 @@ def test_catalog_tables_and_allocation(catalog: Catalog) -> None:
     assert catalog.get_tape_set("s1").catalog == {"generation": 2}
     moved = catalog.set_tape_medium_place("A00001", "offsite", 3)
     assert moved.place == "offsite" and moved.slot is None
+
+
+def test_a_pool_is_deleted_only_once_nothing_is_left_in_it(catalog: Catalog) -> None:
+    with pytest.raises(NotFound, match="tape pool 'gone' does not exist"):
+        catalog.delete_tape_pool("gone")
+    catalog.put_tape_pool("weekly", retention_days=30)
+    catalog.set_tape_pool_schedule(
+        "weekly", schedule="0 3 * * 6", drive="virtual:lab-drive0", points_rule={"rule": "newest"}
+    )
+    catalog.put_tape_set("s1", pool="weekly", store_id=STORE)
+    catalog.add_location(STORE, "tape_set", "s1", location_id="s1")
+    catalog.add_point(point("00000000000000aa"), STORE)
+    catalog.set_copy("00000000000000aa", "s1", "present")
+    catalog.put_tape_medium("A00001", pool="weekly", media_set_id="s1", sequence=1)
+    with pytest.raises(Conflict, match="pool weekly still has 1 tape\\(s\\): erase them"):
+        catalog.delete_tape_pool("weekly")
+    # The tape erased (as erase_tape leaves it), but the catalog still says a copy is there.
+    catalog.put_tape_medium("A00001", pool=None, media_set_id=None, sequence=None)
+    with pytest.raises(Conflict, match="pool weekly still has 1 media set\\(s\\) holding"):
+        catalog.delete_tape_pool("weekly")
+    assert catalog.get_tape_pool("weekly").schedule == "0 3 * * 6"  # a refusal changes nothing
+    catalog.set_copy("00000000000000aa", "s1", "lost")
+    catalog.put_tape_pool("other")
+    catalog.put_tape_set("s2", pool="other", store_id=STORE)
+
+    catalog.delete_tape_pool("weekly")
+    assert [p.name for p in catalog.list_tape_pools()] == ["other"]
+    with pytest.raises(NotFound):
+        catalog.get_tape_pool("weekly")
+    assert catalog.list_tape_sets("weekly") == []  # its emptied set went with it
+    assert [s.id for s in catalog.list_tape_sets()] == ["s2"]
+    assert [c.state for c in catalog.copies_at("s1")] == ["lost"]  # history stays
+    assert catalog.get_tape_medium("A00001").pool is None
+    # A new pool of the same name starts afresh, without the old schedule or sets.
+    again = catalog.put_tape_pool("weekly")
+    assert again.schedule is None and again.retention_days == 365
 
 
 # --- writer and reader on the virtual drive -------------------------------------------------------

@@ -5,7 +5,8 @@ Split from :mod:`api.routers.tape` (libraries, drives, media, cartridge moves); 
 the same. Jobs answer 202 with ``Location: /api/jobs/{id}``; a job that needs a cartridge which
 is not in a drive waits, its ``wait_reason`` saying which ("needs tape B"). A pool is set by an
 operator (audited): allocation, retention, and a schedule in cron form with the drive and the
-points rule its ``tape_backup`` jobs use (:mod:`hardware.tape.schedule`).
+points rule its ``tape_backup`` jobs use (:mod:`hardware.tape.schedule`); an operator deletes a
+pool once no tape and no set with a copy is left in it.
 """
 
 from __future__ import annotations
@@ -231,3 +232,14 @@ def put_tape_pool(
         },
     )
     return _pool_public(service, pool)
+
+
+@router.delete("/tape/pools/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_tape_pool(name: str, principal: Operator, service: ServiceDep) -> Response:
+    """Delete a media pool and its schedule (operator, audited): 409 in words while a tape
+    belongs to it or a set of it still holds a copy (erase them first)."""
+    service.app.catalog.delete_tape_pool(name)
+    service.app.catalog.audit(
+        principal.name, "tape.pool.delete", name, {"pool": name, **principal.audit_details}
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

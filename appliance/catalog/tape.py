@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from appliance.catalog.database import Database, check_choice, check_name, utc
 from appliance.catalog.jobs import add_job_row
+from appliance.catalog.models import CopyRow
 from appliance.catalog.models_tape import TapeMediaSetRow, TapeMediumRow, TapePoolRow
-from appliance.catalog.records import JobRecord
-from appliance.errors import InvalidInput, NotFound
+from appliance.catalog.records import HELD_COPY_STATES, JobRecord
+from appliance.errors import Conflict, InvalidInput, NotFound
 
 TAPE_ALLOCATIONS = frozenset({"continue", "new_set"})
 #: ``blank``: never labelled by us; ``writable``: labelled, room left; ``full``: early warning
@@ -198,6 +199,50 @@ class TapeRepository:
             row.updated_at = now
             session.flush()
             return _pool(row)
+
+    def delete_tape_pool(self, name: str) -> None:
+        """Delete the pool (its schedule with it) once nothing is left in it: a tape that
+        belongs to it, or a media set of it still holding a copy (one not ``lost`` or
+        ``deleted``), is a :class:`Conflict` in words. The pool's emptied sets (every copy lost
+        or deleted) go with it, so a new pool of the same name starts without them; their
+        locations stay, with the lost copies as history."""
+        with self._db.session(write=True) as session:
+            row = session.get(TapePoolRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"tape pool {name!r} does not exist", pool=name)
+            tapes = session.scalar(
+                select(func.count()).select_from(TapeMediumRow).where(TapeMediumRow.pool == name)
+            )
+            if tapes:
+                raise Conflict(
+                    f"pool {name} still has {tapes} tape(s): erase them or move them to "
+                    "another pool first",
+                    pool=name,
+                    tapes=tapes,
+                )
+            set_ids = list(
+                session.scalars(select(TapeMediaSetRow.id).where(TapeMediaSetRow.pool == name))
+            )
+            held = (
+                session.scalar(
+                    select(func.count(func.distinct(CopyRow.location_id))).where(
+                        CopyRow.location_id.in_(set_ids),
+                        CopyRow.state.in_(sorted(HELD_COPY_STATES)),
+                    )
+                )
+                if set_ids
+                else 0
+            )
+            if held:
+                raise Conflict(
+                    f"pool {name} still has {held} media set(s) holding copies: erase their "
+                    "tapes first",
+                    pool=name,
+                    sets=held,
+                )
+            if set_ids:
+                session.execute(delete(TapeMediaSetRow).where(TapeMediaSetRow.id.in_(set_ids)))
+            session.delete(row)
 
     def fire_tape_backup(
         self,

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.cli import emit, open_from_args, run_logged
-from appliance.errors import InvalidInput
+from appliance.cron import check_cron
+from appliance.errors import InvalidInput, NotFound
 from hardware.tape.deck import Deck, library_deck, open_deck
 from hardware.tape.jobs import backup_to_tape, erase_tape
-from hardware.tape.library import VirtualLibrary, register_library, registered
+from hardware.tape.library import VirtualLibrary, open_registered, register_library, registered
 from hardware.tape.restore import restore_from_tape
 from hardware.tape.scan import scan_tapes, seed_store_from_tape
+from hardware.tape.schedule import GFS_KEYS, check_rule, rule_words
 from hardware.tape.st import open_st
 
 
@@ -35,10 +37,25 @@ def register(sub: Any) -> None:
     actions.add_parser("media", help="every known cartridge: set, state, place").set_defaults(
         func=cmd_media
     )
-    pools = actions.add_parser("pools", help="list media pools, or create/change one")
-    pools.add_argument("--pool", help="the pool to create or change")
-    pools.add_argument("--allocation", choices=["continue", "new_set"], default="continue")
-    pools.add_argument("--retention-days", type=int, default=365)
+    pools = actions.add_parser(
+        "pools", help="list media pools, create/change one and its schedule, or delete one"
+    )
+    which = pools.add_mutually_exclusive_group()
+    which.add_argument("--pool", help="the pool to create or change")
+    which.add_argument("--delete", metavar="NAME", help="delete a pool without tapes or sets")
+    # None: a new pool gets continue / 365 days, an existing one keeps what it has.
+    pools.add_argument("--allocation", choices=["continue", "new_set"])
+    pools.add_argument("--retention-days", type=int)
+    when = pools.add_mutually_exclusive_group()
+    when.add_argument("--schedule", metavar="CRON", help="back up to the pool on this schedule")
+    when.add_argument("--no-schedule", action="store_true", help="back up only when asked")
+    pools.add_argument("--drive", help="the drive the scheduled backups write with (identity)")
+    pools.add_argument("--points", choices=["newest", "gfs"], help="which points they write")
+    for key in GFS_KEYS:
+        pools.add_argument(f"--{key.replace('_', '-')}", type=int, help="with --points gfs")
+    pools.add_argument(
+        "--asset", action="append", dest="assets", help="only this asset's points (repeatable)"
+    )
     pools.set_defaults(func=cmd_pools)
 
     def drive_options(parser: argparse.ArgumentParser) -> None:
@@ -109,24 +126,123 @@ def cmd_media(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_asked(args: argparse.Namespace) -> bool:
+    return bool(
+        args.schedule
+        or args.no_schedule
+        or args.drive
+        or args.points
+        or args.assets
+        or any(getattr(args, key) is not None for key in GFS_KEYS)
+    )
+
+
+def _points_rule(args: argparse.Namespace, current: dict[str, Any]) -> dict[str, Any]:
+    """The points rule the options give (``check_rule`` checks it, as for the API): the
+    current one where no option names points."""
+    keeps = {key: getattr(args, key) for key in GFS_KEYS if getattr(args, key) is not None}
+    if not (args.points or keeps or args.assets):
+        return check_rule(current or "newest")
+    rule: dict[str, Any] = {"rule": args.points or ("gfs" if keeps else "newest"), **keeps}
+    if args.assets:
+        rule["assets"] = args.assets
+    return check_rule(rule)
+
+
+def _check_drive(catalog: Any, identity: str) -> str:
+    """``identity`` if it names a drive of a registered virtual library or a tape device that
+    exists (the API also asks udev; a drive that does not exist never gets a schedule)."""
+    known = {
+        library.drive_identity(d.index)
+        for library in open_registered(catalog)
+        if isinstance(library, VirtualLibrary)
+        for d in library.status().drives
+    }
+    if identity in known or (identity.startswith("/dev/") and Path(identity).exists()):
+        return identity
+    raise NotFound(f"no tape drive {identity} is attached or registered", drive=identity)
+
+
+def _set_pool(app: Any, args: argparse.Namespace) -> None:
+    """Create or change ``args.pool`` and, if asked, its schedule: everything is checked
+    before anything is written, so a refusal leaves the pool as it was."""
+    catalog = app.catalog
+    existing = next((p for p in catalog.list_tape_pools() if p.name == args.pool), None)
+    allocation = args.allocation or (existing.allocation if existing else "continue")
+    retention = (
+        args.retention_days
+        if args.retention_days is not None
+        else (existing.retention_days if existing else 365)
+    )
+    schedule_asked = _schedule_asked(args)
+    if schedule_asked:
+        if args.no_schedule:
+            schedule, drive = None, None
+        else:
+            current = existing.schedule if existing else None
+            schedule = check_cron(args.schedule) if args.schedule else current
+            drive = args.drive or (existing.schedule_drive if existing else None)
+            if schedule is None:
+                raise InvalidInput("name the schedule (--schedule CRON) the pool backs up on")
+            if drive is None:
+                raise InvalidInput("a scheduled tape backup needs the drive it writes with")
+        rule = _points_rule(args, existing.points_rule if existing else {})
+        for asset in rule.get("assets", []):
+            catalog.get_asset(asset)  # NotFound in words
+        if drive is not None:
+            _check_drive(catalog, drive)
+    if existing is None or args.allocation is not None or args.retention_days is not None:
+        catalog.put_tape_pool(args.pool, allocation=allocation, retention_days=retention)
+    if schedule_asked:
+        catalog.set_tape_pool_schedule(args.pool, schedule=schedule, drive=drive, points_rule=rule)
+
+
+def _pool_words(p: dict[str, Any]) -> str:
+    words = f"{p['name']}: {p['allocation']}, kept {p['retention_days']} day(s); "
+    if p["schedule"] is None:
+        return words + "backed up only when asked"
+    return words + f"backs up on {p['schedule']!r} with {p['drive']}, {p['points_words']}"
+
+
 def cmd_pools(args: argparse.Namespace) -> int:
+    if args.delete and (
+        args.allocation is not None or args.retention_days is not None or _schedule_asked(args)
+    ):
+        raise InvalidInput("--delete takes no other pool option")
+    if not args.pool and (
+        args.allocation is not None or args.retention_days is not None or _schedule_asked(args)
+    ):
+        raise InvalidInput("name the pool these options are for (--pool NAME)")
     with open_from_args(args) as app:
-        if args.pool:
-            app.catalog.put_tape_pool(
-                args.pool, allocation=args.allocation, retention_days=args.retention_days
+        if args.delete:
+            app.catalog.delete_tape_pool(args.delete)
+            app.catalog.audit("cli", "tape.pool.delete", args.delete, {"pool": args.delete})
+        elif args.pool:
+            _set_pool(app, args)
+        pools = []
+        for p in app.catalog.list_tape_pools():
+            rule = check_rule(p.points_rule or "newest")
+            pools.append(
+                {
+                    "name": p.name,
+                    "allocation": p.allocation,
+                    "retention_days": p.retention_days,
+                    "schedule": p.schedule,
+                    "drive": p.schedule_drive,
+                    "points": rule,
+                    "points_words": rule_words(rule),
+                }
             )
-        pools = [
-            {"name": p.name, "allocation": p.allocation, "retention_days": p.retention_days}
-            for p in app.catalog.list_tape_pools()
-        ]
+    deleted = f"pool {args.delete} deleted\n" if args.delete else ""
     emit(
         args,
         pools,
         lambda: (
-            "\n".join(
-                f"{p['name']}: {p['allocation']}, kept {p['retention_days']} day(s)" for p in pools
+            deleted
+            + (
+                "\n".join(_pool_words(p) for p in pools)
+                or "no media pools (tape pools --pool NAME creates one)"
             )
-            or "no media pools (tape pools --pool NAME creates one)"
         ),
     )
     return 0

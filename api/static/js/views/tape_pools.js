@@ -1,12 +1,14 @@
 // Tape media pools on the Tape screen: each pool's allocation, retention and schedule, and the
 // dialog that creates or changes one. The schedule is picked in words (the same controls as the
 // policy and verify schedules, schedule_words.js); which points a scheduled backup writes is the
-// newest point of each asset, or the points a GFS rule keeps (the rule retention uses).
+// newest point of each asset, or the points a GFS rule keeps (the rule retention uses). An
+// operator deletes a pool once it is empty; the API's refusal (a tape or a set with copies left
+// in it) comes back as a toast in its own words.
 
 import { api, enc } from "../api.js";
-import { h } from "../dom.js";
+import { h, icon } from "../dom.js";
 import { count, dateTime, describeCron } from "../format.js";
-import { button, card, emptyState, field, formDialog, select, setApplies, table, toast } from "../ui.js";
+import { button, card, confirmDialog, emptyState, field, formDialog, select, setApplies, table, toast } from "../ui.js";
 import { scheduleControls } from "./schedule_words.js";
 
 const ALLOCATIONS = [
@@ -81,6 +83,35 @@ function poolDialog(pool, drives, ctx) {
   });
 }
 
+/** Ask, then DELETE the pool; a 409 (tapes or sets with copies left) is a toast in the API's words. */
+function deletePool(pool, ctx) {
+  confirmDialog({
+    title: `Delete media pool ${pool.name}?`,
+    text: "The pool and its schedule are forgotten. This is possible only once no tape belongs to it and none of its sets holds a copy: erase its tapes first.",
+    confirmLabel: "Delete pool",
+    action: async () => {
+      try {
+        await api.del(`/api/tape/pools/${enc(pool.name)}`);
+      } catch (err) {
+        if (err.status !== 409) throw err;
+        toast(err.message, { kind: "error", timeout: 10000 });
+        return;
+      }
+      toast(`Media pool ${pool.name} deleted.`);
+      ctx.refresh();
+    },
+  });
+}
+
+function poolActions(pool, drives, ctx) {
+  return h(
+    "div",
+    { class: "row-actions" },
+    button("Edit…", { kind: "small", "aria-label": `Edit pool ${pool.name}`, onClick: () => poolDialog(pool, drives, ctx) }),
+    h("button", { type: "button", class: "icon-btn danger", title: "Delete", "aria-label": `Delete pool ${pool.name}`, onClick: () => deletePool(pool, ctx) }, icon("trash")),
+  );
+}
+
 /** The "Media pools" card: one row per pool, with its schedule in words and when it runs next. */
 export function poolsCard(pools, drives, ctx) {
   const canEdit = ctx.view.can("operator");
@@ -97,7 +128,7 @@ export function poolsCard(pools, drives, ctx) {
       },
       { label: "Points", cell: (p) => h("span", { text: p.points_words }) },
       { label: "Tapes", cell: (p) => `${count(p.tapes, "tape")} in ${count(p.sets, "set")}`, className: "hide-md" },
-      { label: "Actions", className: "actions", cell: (p) => (canEdit ? button("Edit…", { kind: "small", "aria-label": `Edit pool ${p.name}`, onClick: () => poolDialog(p, drives, ctx) }) : null) },
+      { label: "Actions", className: "actions", cell: (p) => (canEdit ? poolActions(p, drives, ctx) : null) },
     ],
     pools,
     { caption: "Media pools", rowAttrs: (p) => ({ dataset: { pool: p.name, scheduled: p.schedule ? "yes" : "no" } }) },
