@@ -49,6 +49,7 @@ from appliance.backup.disks import DiskImage, Extent, RawDisk
 from appliance.errors import InvalidInput, SourceError
 from image.nbd_client import NbdClient
 from image.qemu_img import (
+    INSTALL_HINT,
     ImageInfo,
     convert_raw,
     image_check,
@@ -256,14 +257,24 @@ class QemuDiskFormats:
     def detect_format(self, path: str) -> str:
         """Format qemu-img probes for ``path`` (file or block device); unsupported ones refused.
 
-        Probing trusts the image's header: a raw disk whose guest wrote a qcow2 header is taken
-        for qcow2. Callers that know the format should pass it to ``open_disk`` instead.
+        The engine does not call this: ``appliance.backup.disks.detect_format`` reads the magic
+        bytes itself, so raw disks need no qemu-img. Probing trusts the image's header: a raw
+        disk whose guest wrote a qcow2 header is taken for qcow2.
         """
         return require_format(image_info(path).format)
 
     def open_disk(self, path: str, fmt: str) -> DiskImage:
         if require_format(fmt) == "raw":
             return RawDisk(path)
+        try:
+            qemu_tool("qemu-img")
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"{path} is a {fmt} image: reading it needs qemu-img; install it with "
+                f"`{INSTALL_HINT}`",
+                path=path,
+                format=fmt,
+            ) from exc
         return QemuDisk(path, fmt)
 
     def write_disk(self, raw_path: str, target: str, fmt: str) -> None:

@@ -337,8 +337,8 @@ def test_missing_qemu_img_names_the_install_step(
     raw = tmp_path / "d.raw"
     raw.write_bytes(bytes(4096))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert disks.detect_format(str(raw)) == "raw"  # by its bytes: no qemu-img needed
     for call in (
-        lambda: disks.detect_format(str(raw)),
         lambda: disks.open_disk(str(raw), "qcow2"),
         lambda: disks.write_disk(str(raw), str(tmp_path / "o.qcow2"), "qcow2"),
     ):
@@ -359,8 +359,9 @@ def test_unsupported_formats_are_refused(tmp_path: Path) -> None:
 def test_detect_refuses_formats_outside_the_allow_list(qemu_utils: None, tmp_path: Path) -> None:
     qed = tmp_path / "d.qed"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qed", str(qed), "1M"], check=True)
+    assert disks.detect_format(str(qed)) == "qed"  # named by its magic, refused when opened
     with pytest.raises(InvalidInput, match="unsupported disk format 'qed'"):
-        disks.detect_format(str(qed))
+        disks.open_disk(str(qed))
 
 
 # --- reading images through the entry point ----------------------------------------------------
