@@ -5,18 +5,38 @@ export, so only the chunks the guest actually reads are fetched and decoded (a b
 256 MiB disk reads about 12 MiB while it boots, and the same on a 4 GiB disk).
 
 The server speaks the NBD protocol (``doc/proto.md`` of the NetworkBlockDevice project) on a unix
-socket, in an asyncio loop on its own thread:
+socket, in an asyncio loop on its own thread; the wire format and the protocol decisions are pure
+functions in :mod:`image.nbd_protocol`. What it serves:
 
 - handshake: fixed newstyle with ``NBD_FLAG_NO_ZEROES``; ``NBD_OPT_EXPORT_NAME``, ``NBD_OPT_GO``
-  and ``NBD_OPT_INFO`` (with ``NBD_INFO_BLOCK_SIZE``: minimum 1, preferred = the chunk size),
-  ``NBD_OPT_LIST``, ``NBD_OPT_STRUCTURED_REPLY``, ``NBD_OPT_LIST_META_CONTEXT`` and
-  ``NBD_OPT_SET_META_CONTEXT`` for ``base:allocation``; anything else is ``NBD_REP_ERR_UNSUP``.
-- transmission: ``NBD_CMD_READ`` (simple or structured replies), ``NBD_CMD_BLOCK_STATUS``
-  (all-zero chunks, which the store never holds, are reported ``NBD_STATE_HOLE|NBD_STATE_ZERO``,
-  so ``qemu-img convert`` and ``drive-mirror`` skip them), ``NBD_CMD_CACHE`` and ``NBD_CMD_FLUSH``
-  (no-ops), ``NBD_CMD_DISC``. The export is read-only (``NBD_FLAG_READ_ONLY``): writes, trims
-  and write-zeroes are answered ``EPERM``. Several connections may read at once
-  (``NBD_FLAG_CAN_MULTI_CONN``): QEMU, and later ``qemu-img`` reading the overlay chain.
+  and ``NBD_OPT_INFO`` (with ``NBD_INFO_BLOCK_SIZE``: minimum 1, preferred = the chunk size,
+  maximum 32 MiB; ``NBD_INFO_NAME`` and ``NBD_INFO_DESCRIPTION`` on request), ``NBD_OPT_LIST``
+  (``NBD_REP_ERR_INVALID`` when sent with data), ``NBD_OPT_STRUCTURED_REPLY``,
+  ``NBD_OPT_LIST_META_CONTEXT`` and ``NBD_OPT_SET_META_CONTEXT`` for ``base:allocation``,
+  ``NBD_OPT_ABORT``; anything else is ``NBD_REP_ERR_UNSUP``. Option data over 64 KiB is read,
+  dropped and answered ``NBD_REP_ERR_TOO_BIG``; over 16 MiB the client is hung up on.
+- transmission flags: ``NBD_FLAG_READ_ONLY``, ``NBD_FLAG_SEND_FLUSH``, ``NBD_FLAG_SEND_CACHE``,
+  ``NBD_FLAG_CAN_MULTI_CONN`` (QEMU, and later ``qemu-img`` reading the overlay chain, may read
+  at once), and ``NBD_FLAG_SEND_DF`` once structured replies are negotiated.
+- commands: ``NBD_CMD_READ`` (simple or structured replies; one data chunk, so "don't fragment"
+  always holds; a zero-length read succeeds with no data), ``NBD_CMD_BLOCK_STATUS`` (all-zero
+  chunks, which the store never holds, are reported ``NBD_STATE_HOLE|NBD_STATE_ZERO``, so
+  ``qemu-img convert`` and ``drive-mirror`` skip them), ``NBD_CMD_CACHE`` (the range's chunks are
+  decoded into the chunk cache before the reply), ``NBD_CMD_FLUSH`` (success: nothing is ever
+  written), ``NBD_CMD_DISC``. Writes, trims and write-zeroes are ``EPERM``; command flags other
+  than those documented for the command and advertised are ``EINVAL``.
+
+Bounds (so that no client, slow or hostile, grows the server without limit):
+
+- a connection has at most :data:`MAX_IN_FLIGHT` requests, and read replies of at most
+  :data:`MAX_IN_FLIGHT_BYTES`, unanswered; further requests stay unread in the socket until
+  earlier ones are answered (back-pressure: a client that does not read its replies stops
+  being read). The highest values reached are :attr:`NbdExport.peak_in_flight` and
+  :attr:`NbdExport.peak_in_flight_bytes`;
+- a connection that has not finished its handshake after ``handshake_timeout`` seconds
+  (:data:`HANDSHAKE_TIMEOUT` by default) is closed;
+- a request is at most 32 MiB; a refused write's payload and oversized option data are read in
+  64 KiB pieces and dropped, never held.
 
 Invariants:
 
@@ -26,8 +46,10 @@ Invariants:
   replies are written whole under a per-connection lock.
 - Chunks are decoded on a small thread pool (AES and zstd release the GIL), each thread with its
   own envelope (zstd contexts are not thread-safe); decoded chunks are kept in an LRU cache.
-- A chunk that cannot be read (a corrupt or missing pack) answers ``EIO`` and is recorded in
-  ``errors`` as "point X damaged: blob ... in pack ...", which the failover reports.
+- A chunk that cannot be read (a corrupt or missing pack) answers ``EIO`` (with structured
+  replies: ``NBD_REPLY_TYPE_ERROR_OFFSET`` at the failing offset, with a message naming the
+  point and the disk), is logged as a warning with the point, disk and offset, and is recorded
+  in ``errors`` as "point X damaged: blob ... in pack ...", which the failover reports.
 
 Boot profiles: the source records which chunks the guest read, in first-read order
 (:attr:`ChunkSource.read_order`, at most :data:`PROFILE_MAX_CHUNKS`). The failover keeps that
@@ -39,17 +61,17 @@ are answered from memory instead of each waiting for a pack read and a decode.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import errno
+import logging
 import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.backup.images import read_table
 from appliance.errors import ApplianceError, NotFound
@@ -59,6 +81,10 @@ from appliance.store.crypto import Envelope
 from appliance.store.packs import pack_object_name
 from appliance.store.repository import Repository
 from image import nbd_client as nbd
+from image import nbd_protocol as proto
+from image.nbd_protocol import ALLOCATION_CONTEXT_ID, ProtocolViolation, allocation_descriptors
+
+logger = logging.getLogger(__name__)
 
 #: Decoded chunks kept in memory per export (64 MiB at 64 KiB chunks).
 CACHE_CHUNKS = 1024
@@ -72,17 +98,26 @@ MAX_DESCRIPTORS = 4096
 READAHEAD_CHUNKS = 4
 #: Most chunks a boot profile records (half the cache, so warming never evicts its own work).
 PROFILE_MAX_CHUNKS = CACHE_CHUNKS // 2
-#: Context ID of base:allocation on every connection.
-ALLOCATION_CONTEXT_ID = 1
+#: Requests one connection may have unanswered; more stay unread in the socket.
+MAX_IN_FLIGHT = 16
+#: Bytes of read replies one connection may have unanswered (two reads of 32 MiB).
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+#: Seconds a connection may take to finish its handshake before it is closed.
+HANDSHAKE_TIMEOUT = 10.0
+#: Pieces in which a refused write's payload, or oversized option data, is read and dropped.
+DISCARD_PIECE = 64 * 1024
 
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_STRUCTURED_REPLY = struct.Struct(">IHHQI")
-_OPTION_REPLY = struct.Struct(">QIII")
+_T = TypeVar("_T")
 
-TRANSMISSION_FLAGS = (
-    nbd.FLAG_HAS_FLAGS | nbd.FLAG_READ_ONLY | nbd.FLAG_SEND_DF | nbd.FLAG_CAN_MULTI_CONN
-)
+
+class UnreadableChunk(Exception):
+    """A chunk of the disk cannot be read: ``offset`` is the first byte asked for in it."""
+
+    def __init__(self, message: str, *, offset: int, index: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.index = index
 
 
 @dataclass
@@ -99,6 +134,7 @@ class ExportStats:
     cache_hits: int = 0
     errors: int = 0
     chunks_warmed: int = 0  # decoded ahead from a boot profile
+    chunks_cached: int = 0  # decoded on a client's NBD_CMD_CACHE
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -150,6 +186,7 @@ class ChunkSource:
         #: Data chunks the guest read, each once, in the order of first reading (a boot profile).
         self.read_order: list[int] = []
         self._read_seen: set[int] = set()
+        self._damage_logged: set[int] = set()
 
     def note_read(self, offset: int, length: int) -> None:
         """Record the data chunks a guest read touches (for the boot profile)."""
@@ -261,13 +298,53 @@ class ChunkSource:
                     out.append(i)
         return out
 
+    def uncached(self, offset: int, length: int) -> list[int]:
+        """The chunks of ``[offset, offset+length)`` that hold data and are not cached, at most
+        half the cache (so caching a range never evicts its own start)."""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return []
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        with self._lock:
+            out = [
+                i
+                for i in range(first, last + 1)
+                if self.table[i] != fmt.ZERO_ID and i not in self._cache
+            ]
+        return out[: max(1, self._cache_chunks // 2)]
+
+    def cache_chunk(self, index: int) -> None:
+        """Decode chunk ``index`` into the cache (``NBD_CMD_CACHE``); a failure is not recorded."""
+        try:
+            self.chunk(index, prefetch=True)
+        except ApplianceError as exc:
+            message = f"point {self.point_id} disk {self.name}: chunk {index}: {exc.message}"
+            raise UnreadableChunk(message, offset=index * self.chunk_size, index=index) from exc
+
+    def first_damage_report(self, index: int) -> bool:
+        """True the first time a guest read fails on chunk ``index`` (it is logged once)."""
+        with self._lock:
+            if index in self._damage_logged:
+                return False
+            self._damage_logged.add(index)
+            return True
+
     def pread(self, offset: int, length: int) -> bytes:
+        """The bytes of ``[offset, offset+length)``; :class:`UnreadableChunk` names the first
+        chunk that cannot be read (the point, the disk and the offset in its message)."""
         out = bytearray()
         end = min(offset + length, self.size)
         pos = offset
         while pos < end:
             index = pos // self.chunk_size
-            data = self.chunk(index)
+            try:
+                data = self.chunk(index)
+            except ApplianceError as exc:
+                message = (
+                    f"point {self.point_id} damaged: disk {self.name} offset {pos} "
+                    f"(chunk {index}): {exc.message}"
+                )
+                raise UnreadableChunk(message, offset=pos, index=index) from exc
             start = pos - index * self.chunk_size
             piece = data[start : start + (end - pos)]
             out += piece
@@ -287,32 +364,6 @@ def zero_runs(table: list[bytes]) -> list[tuple[int, bool]]:
         if not runs or runs[-1][1] != zero:
             runs.append((index, zero))
     return runs
-
-
-def allocation_descriptors(
-    runs: list[tuple[int, bool]],
-    chunk_size: int,
-    size: int,
-    offset: int,
-    length: int,
-    limit: int,
-) -> list[tuple[int, int]]:
-    """Descriptors for ``[offset, offset+length)`` clipped to ``size``, at most ``limit``."""
-    end = min(offset + length, size)
-    out: list[tuple[int, int]] = []
-    if not runs or offset >= end:
-        return out
-    starts = [first for first, _ in runs]
-    i = bisect.bisect_right(starts, offset // chunk_size) - 1
-    pos = offset
-    while pos < end and i < len(runs) and len(out) < limit:
-        run_end = runs[i + 1][0] * chunk_size if i + 1 < len(runs) else size
-        stop = min(run_end, end)
-        flags = (nbd.STATE_HOLE | nbd.STATE_ZERO) if runs[i][1] else 0
-        out.append((stop - pos, flags))
-        pos = stop
-        i += 1
-    return out
 
 
 def missing_blobs(repo: Repository, disks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -338,33 +389,7 @@ def missing_blobs(repo: Repository, disks: list[dict[str, Any]]) -> dict[str, An
     }
 
 
-# --- the protocol ------------------------------------------------------------------------------
-
-
-class _ProtocolError(Exception):
-    """The client broke the protocol: drop the connection."""
-
-
-def _option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return _OPTION_REPLY.pack(nbd.OPTION_REPLY_MAGIC, option, reply, len(data)) + data
-
-
-def _simple_reply(cookie: int, error: int = 0, data: bytes = b"") -> bytes:
-    return _SIMPLE_REPLY.pack(nbd.SIMPLE_REPLY_MAGIC, error, cookie) + data
-
-
-def _structured(cookie: int, kind: int, payload: bytes, done: bool = True) -> bytes:
-    flags = nbd.REPLY_FLAG_DONE if done else 0
-    return (
-        _STRUCTURED_REPLY.pack(nbd.STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload))
-        + payload
-    )
-
-
-def _structured_error(cookie: int, error: int, message: str) -> bytes:
-    text = message.encode()[:4096]
-    payload = struct.pack(">IH", error, len(text)) + text
-    return _structured(cookie, nbd.REPLY_TYPE_ERROR, payload)
+# --- one connection ------------------------------------------------------------------------------
 
 
 class _Connection:
@@ -383,12 +408,19 @@ class _Connection:
         self.no_zeroes = False
         self.write_lock = asyncio.Lock()
         self.pending: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self._finished = asyncio.Event()
 
     async def run(self) -> None:
         try:
-            if await self.handshake():
+            async with asyncio.timeout(self.export.handshake_timeout):
+                entered = await self.handshake()
+            if entered:
                 await self.transmission()
-        except (asyncio.IncompleteReadError, ConnectionError, _ProtocolError):
+        except TimeoutError:
+            logger.debug("NBD export %s: handshake timed out", self.export.export_name)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolViolation):
             pass
         finally:
             for task in list(self.pending):
@@ -397,10 +429,18 @@ class _Connection:
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, *parts: bytes) -> None:
+        """Write one whole reply (its parts in order, unjoined: a read's data is not copied)."""
         async with self.write_lock:
-            self.writer.write(data)
+            for part in parts:
+                self.writer.write(part)
             await self.writer.drain()
+
+    async def _discard(self, length: int) -> None:
+        """Read and drop ``length`` bytes in small pieces (memory stays bounded)."""
+        while length > 0:
+            piece = await self.reader.readexactly(min(length, DISCARD_PIECE))
+            length -= len(piece)
 
     # --- handshake ---
 
@@ -410,208 +450,214 @@ class _Connection:
         await self._send(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, flags))
         (client_flags,) = struct.unpack(">I", await self.reader.readexactly(4))
         if client_flags & ~(nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES):
-            raise _ProtocolError("unknown client flags")
+            raise ProtocolViolation("unknown client flags")
         self.no_zeroes = bool(client_flags & nbd.FLAG_C_NO_ZEROES)
         while True:
-            magic, option, length = struct.unpack(">QII", await self.reader.readexactly(16))
+            header = await self.reader.readexactly(proto.OPTION_HEADER.size)
+            magic, option, length = proto.OPTION_HEADER.unpack(header)
             if magic != nbd.IHAVEOPT:
-                raise _ProtocolError("bad option magic")
-            if length > 65536:
-                raise _ProtocolError("option too long")
-            data = await self.reader.readexactly(length) if length else b""
+                raise ProtocolViolation("bad option magic")
+            action = proto.option_data_action(option, length)
+            if action == "disconnect":
+                raise ProtocolViolation(f"option {option} with {length} bytes of data")
+            data = b""
+            if action == "discard":
+                await self._discard(length)
+                if option != nbd.OPT_ABORT:  # an abort's data is ignored, as the spec asks
+                    message = f"option data of {length} bytes is over the limit of 64 KiB"
+                    await self._send(
+                        proto.option_reply(option, nbd.REP_ERR_TOO_BIG, message.encode())
+                    )
+                    continue
+            elif length:
+                data = await self.reader.readexactly(length)
             if option == nbd.OPT_EXPORT_NAME:
                 if not self.export.name_matches(data.decode("utf-8", "replace")):
                     return False  # the only answer the protocol allows: hang up
                 tail = b"" if self.no_zeroes else bytes(124)
-                await self._send(struct.pack(">QH", self.source.size, TRANSMISSION_FLAGS) + tail)
+                flags = proto.transmission_flags(self.structured)
+                await self._send(struct.pack(">QH", self.source.size, flags) + tail)
                 return True
             if option == nbd.OPT_ABORT:
                 with contextlib.suppress(ConnectionError):
-                    await self._send(_option_reply(option, nbd.REP_ACK))
+                    await self._send(proto.option_reply(option, nbd.REP_ACK))
                 return False
+            facts = self.export.facts
             if option in (nbd.OPT_GO, nbd.OPT_INFO):
-                if await self._info(option, data) and option == nbd.OPT_GO:
+                reply, ok = proto.info_reply(option, data, facts, self.structured)
+                await self._send(reply)
+                if ok and option == nbd.OPT_GO:
                     return True
             elif option == nbd.OPT_LIST:
-                name = self.export.export_name.encode()
-                await self._send(
-                    _option_reply(option, nbd.REP_SERVER, struct.pack(">I", len(name)) + name)
-                    + _option_reply(option, nbd.REP_ACK)
-                )
+                await self._send(proto.list_reply(option, data, facts))
             elif option == nbd.OPT_STRUCTURED_REPLY:
                 if data:
-                    await self._send(_option_reply(option, nbd.REP_ERR_INVALID))
+                    await self._send(proto.option_reply(option, nbd.REP_ERR_INVALID))
                 else:
                     self.structured = True
-                    await self._send(_option_reply(option, nbd.REP_ACK))
+                    await self._send(proto.option_reply(option, nbd.REP_ACK))
             elif option in (nbd.OPT_SET_META_CONTEXT, nbd.OPT_LIST_META_CONTEXT):
-                await self._meta_context(option, data)
+                reply, selected = proto.meta_context_reply(option, data, facts, self.structured)
+                if option == nbd.OPT_SET_META_CONTEXT:
+                    self.allocation = selected
+                await self._send(reply)
             else:
-                await self._send(_option_reply(option, nbd.REP_ERR_UNSUP))
-
-    async def _info(self, option: int, data: bytes) -> bool:
-        try:
-            (name_length,) = struct.unpack_from(">I", data)
-            name = data[4 : 4 + name_length].decode("utf-8", "replace")
-            (count,) = struct.unpack_from(">H", data, 4 + name_length)
-            if len(data) != 4 + name_length + 2 + 2 * count:
-                raise struct.error("length mismatch")
-            requests = struct.unpack_from(f">{count}H", data, 6 + name_length)
-        except (struct.error, UnicodeError):
-            await self._send(_option_reply(option, nbd.REP_ERR_INVALID))
-            return False
-        if not self.export.name_matches(name):
-            message = f"no export named {name!r}".encode()
-            await self._send(_option_reply(option, nbd.REP_ERR_UNKNOWN, message))
-            return False
-        replies = [
-            _option_reply(
-                option,
-                nbd.REP_INFO,
-                struct.pack(">HQH", nbd.INFO_EXPORT, self.source.size, TRANSMISSION_FLAGS),
-            ),
-            _option_reply(
-                option,
-                nbd.REP_INFO,
-                struct.pack(">HIII", nbd.INFO_BLOCK_SIZE, 1, self.source.chunk_size, MAX_REQUEST),
-            ),
-        ]
-        if nbd.INFO_NAME in requests:
-            raw = self.export.export_name.encode()
-            replies.append(
-                _option_reply(option, nbd.REP_INFO, struct.pack(">H", nbd.INFO_NAME) + raw)
-            )
-        if nbd.INFO_DESCRIPTION in requests:
-            text = f"point {self.source.point_id} disk {self.source.name} (read-only)".encode()
-            replies.append(
-                _option_reply(option, nbd.REP_INFO, struct.pack(">H", nbd.INFO_DESCRIPTION) + text)
-            )
-        replies.append(_option_reply(option, nbd.REP_ACK))
-        await self._send(b"".join(replies))
-        return True
-
-    async def _meta_context(self, option: int, data: bytes) -> None:
-        try:
-            (name_length,) = struct.unpack_from(">I", data)
-            name = data[4 : 4 + name_length].decode("utf-8", "replace")
-            pos = 4 + name_length
-            (count,) = struct.unpack_from(">I", data, pos)
-            pos += 4
-            queries = []
-            for _ in range(count):
-                (length,) = struct.unpack_from(">I", data, pos)
-                pos += 4
-                queries.append(data[pos : pos + length].decode("utf-8", "replace"))
-                pos += length
-            if pos != len(data):
-                raise struct.error("length mismatch")
-        except (struct.error, UnicodeError):
-            await self._send(_option_reply(option, nbd.REP_ERR_INVALID))
-            return
-        if option == nbd.OPT_SET_META_CONTEXT and not self.structured:
-            await self._send(
-                _option_reply(option, nbd.REP_ERR_INVALID, b"structured replies needed first")
-            )
-            return
-        if not self.export.name_matches(name):
-            await self._send(_option_reply(option, nbd.REP_ERR_UNKNOWN))
-            return
-        context = nbd.BASE_ALLOCATION
-        if option == nbd.OPT_LIST_META_CONTEXT:
-            matches = not queries or any(q in ("base:", context) for q in queries)
-        else:
-            matches = context in queries
-        replies = []
-        if matches:
-            payload = struct.pack(">I", ALLOCATION_CONTEXT_ID) + context.encode()
-            replies.append(_option_reply(option, nbd.REP_META_CONTEXT, payload))
-        if option == nbd.OPT_SET_META_CONTEXT:
-            self.allocation = matches
-        replies.append(_option_reply(option, nbd.REP_ACK))
-        await self._send(b"".join(replies))
+                await self._send(proto.option_reply(option, nbd.REP_ERR_UNSUP))
 
     # --- transmission ---
 
     async def transmission(self) -> None:
+        """Read requests while fewer than MAX_IN_FLIGHT requests (and MAX_IN_FLIGHT_BYTES of
+        read replies) are unanswered; beyond that, requests stay unread in the socket, and a
+        client that sends faster than it reads its replies is held back by TCP-style
+        back-pressure instead of growing the server's memory."""
         while True:
-            header = await self.reader.readexactly(_REQUEST.size)
-            magic, flags, command, cookie, offset, length = _REQUEST.unpack(header)
-            if magic != nbd.REQUEST_MAGIC:
-                raise _ProtocolError("bad request magic")
-            if command == nbd.CMD_DISC:
+            await self._admission(0)
+            header = await self.reader.readexactly(proto.REQUEST.size)
+            request = proto.decode_request(header)
+            if request.command == nbd.CMD_DISC:
                 if self.pending:
                     await asyncio.gather(*self.pending, return_exceptions=True)
                 return
-            if command == nbd.CMD_WRITE:
-                if length > MAX_REQUEST:
-                    raise _ProtocolError("write too large to skip")
-                await self.reader.readexactly(length)  # the payload must be consumed
-                await self._error(cookie, errno.EPERM, "the export is read-only")
+            cost = _reply_bytes(request)
+            await self._admission(cost)
+            self.in_flight += 1
+            self.in_flight_bytes += cost
+            self.export.note_in_flight(self.in_flight, self.in_flight_bytes)
+            if request.command in (nbd.CMD_READ, nbd.CMD_CACHE):
+                self._spawn(request, cost)
                 continue
-            if command in (nbd.CMD_TRIM, nbd.CMD_WRITE_ZEROES):
-                await self._error(cookie, errno.EPERM, "the export is read-only")
-                continue
-            if command in (nbd.CMD_FLUSH, nbd.CMD_CACHE):
-                await self._reply_ok(cookie)
-                continue
-            if command == nbd.CMD_READ:
-                self._spawn(self._read(cookie, offset, length))
-                continue
-            if command == nbd.CMD_BLOCK_STATUS:
-                await self._block_status(cookie, flags, offset, length)
-                continue
-            await self._error(cookie, errno.EINVAL, f"unsupported command {command}")
+            try:
+                await self._serve(request)  # cheap, and a write's payload must be read here
+            finally:
+                self._done(cost)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    async def _admission(self, cost: int) -> None:
+        """Wait until one more request, whose reply holds ``cost`` bytes, fits the bounds."""
+        while self.in_flight >= MAX_IN_FLIGHT or (
+            self.in_flight and self.in_flight_bytes + cost > MAX_IN_FLIGHT_BYTES
+        ):
+            self._finished.clear()
+            await self._finished.wait()
+
+    def _done(self, cost: int) -> None:
+        self.in_flight -= 1
+        self.in_flight_bytes -= cost
+        self._finished.set()
+
+    def _spawn(self, request: proto.Request, cost: int) -> None:
         async def guarded() -> None:
-            with contextlib.suppress(ConnectionError):
-                await work
+            # The request's coroutine is made here, not by the caller: a task cancelled before
+            # it first runs leaves no coroutine behind that was never awaited.
+            try:
+                with contextlib.suppress(ConnectionError):
+                    await self._serve(request)
+            finally:
+                self._done(cost)
 
         task: asyncio.Task[None] = asyncio.ensure_future(guarded())
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
+    async def _serve(self, request: proto.Request) -> None:
+        command, cookie = request.command, request.cookie
+        if command == nbd.CMD_WRITE:
+            if request.length > MAX_REQUEST:
+                raise ProtocolViolation("write too large to skip")
+            await self._discard(request.length)  # the payload must be consumed
+        if command in proto.WRITE_COMMANDS:
+            await self._error(cookie, errno.EPERM, "the export is read-only")
+            return
+        flag_error = proto.command_flags_error(command, request.flags, self.structured)
+        if flag_error is not None:
+            await self._error(cookie, errno.EINVAL, flag_error)
+        elif command == nbd.CMD_READ:
+            await self._read(cookie, request.offset, request.length)
+        elif command == nbd.CMD_CACHE:
+            await self._cache(cookie, request.offset, request.length)
+        elif command == nbd.CMD_FLUSH:
+            await self._reply_ok(cookie)  # nothing is ever written: nothing to flush
+        elif command == nbd.CMD_BLOCK_STATUS:
+            await self._block_status(cookie, request.flags, request.offset, request.length)
+        else:
+            await self._error(cookie, errno.EINVAL, f"unsupported command {command}")
+
     async def _reply_ok(self, cookie: int) -> None:
         if self.structured:
-            await self._send(_structured(cookie, nbd.REPLY_TYPE_NONE, b""))
+            await self._send(proto.structured_none(cookie))
         else:
-            await self._send(_simple_reply(cookie))
+            await self._send(proto.simple_reply(cookie))
 
-    async def _error(self, cookie: int, error: int, message: str) -> None:
+    async def _error(
+        self, cookie: int, error: int, message: str, offset: int | None = None
+    ) -> None:
         if self.structured:
-            await self._send(_structured_error(cookie, error, message))
+            await self._send(proto.structured_error(cookie, error, message, offset))
         else:
-            await self._send(_simple_reply(cookie, error))
+            await self._send(proto.simple_reply(cookie, error))
+
+    def _check_range(self, offset: int, length: int) -> str | None:
+        if length > MAX_REQUEST:
+            return "request larger than 32 MiB"
+        if offset + length > self.source.size:
+            return "request past the end of the export"
+        return None
 
     async def _read(self, cookie: int, offset: int, length: int) -> None:
-        if length > MAX_REQUEST:
-            await self._error(cookie, errno.EINVAL, "read larger than 32 MiB")
+        refusal = self._check_range(offset, length)
+        if refusal is not None:
+            await self._error(cookie, errno.EINVAL, refusal)
             return
-        if offset + length > self.source.size:
-            await self._error(cookie, errno.EINVAL, "read past the end of the export")
+        if length == 0:
+            # The spec leaves a zero-length read unspecified (the client SHOULD NOT send one,
+            # the server SHOULD NOT disconnect). Nothing is asked, so nothing fails: success,
+            # with no data. With structured replies that is one NBD_REPLY_TYPE_NONE chunk with
+            # NBD_REPLY_FLAG_DONE (an NBD_REPLY_TYPE_OFFSET_DATA chunk must carry at least one
+            # byte); with simple replies, a reply header with no data.
+            await self._reply_ok(cookie)
             return
         self.source.note_read(offset, length)
         try:
-            data = self.source.cached_pread(offset, length) if length else b""
+            data = self.source.cached_pread(offset, length)
             if data is None:
                 data = await self.export.run_blocking(self.source.pread, offset, length)
                 # Guests read on: decode the next chunks while this reply travels.
                 last = (offset + length - 1) // self.source.chunk_size
                 for index in self.source.missing_after(last, READAHEAD_CHUNKS):
                     self.export.prefetch(index)
-        except ApplianceError as exc:
-            await self._error(cookie, errno.EIO, exc.message)
+        except UnreadableChunk as exc:
+            self.export.report_damage(exc)
+            await self._error(cookie, errno.EIO, exc.message, exc.offset)
             return
         except Exception as exc:  # a bug must fail this request, not the connection
+            logger.exception("NBD export %s: read failed", self.export.export_name)
             await self._error(cookie, errno.EIO, f"{type(exc).__name__}: {exc}")
             return
         self.source.stats.reads += 1
         self.source.stats.bytes_served += len(data)
         if self.structured:
-            payload = struct.pack(">Q", offset) + data
-            await self._send(_structured(cookie, nbd.REPLY_TYPE_OFFSET_DATA, payload))
+            await self._send(proto.offset_data_header(cookie, offset, len(data)), data)
         else:
-            await self._send(_simple_reply(cookie, 0, data))
+            await self._send(proto.simple_reply(cookie), data)
+
+    async def _cache(self, cookie: int, offset: int, length: int) -> None:
+        """Decode the range's chunks into the cache, then answer (so a following read of the
+        range is served from memory). Errors are the client's to see, not the point's record:
+        only a read the guest asked for marks the point damaged."""
+        refusal = self._check_range(offset, length)
+        if refusal is not None:
+            await self._error(cookie, errno.EINVAL, refusal)
+            return
+        indices = self.source.uncached(offset, length)
+        try:
+            await asyncio.gather(
+                *(self.export.run_blocking(self.source.cache_chunk, i) for i in indices)
+            )
+        except UnreadableChunk as exc:
+            await self._error(cookie, errno.EIO, exc.message, max(offset, exc.offset))
+            return
+        self.source.stats.chunks_cached += len(indices)
+        await self._reply_ok(cookie)
 
     async def _block_status(self, cookie: int, flags: int, offset: int, length: int) -> None:
         if not (self.structured and self.allocation):
@@ -623,10 +669,14 @@ class _Connection:
         limit = 1 if flags & nbd.CMD_FLAG_REQ_ONE else MAX_DESCRIPTORS
         descriptors = self.source.allocation(offset, length, limit)
         self.source.stats.block_status += 1
-        payload = struct.pack(">I", ALLOCATION_CONTEXT_ID) + b"".join(
-            struct.pack(">II", run, state) for run, state in descriptors
-        )
-        await self._send(_structured(cookie, nbd.REPLY_TYPE_BLOCK_STATUS, payload))
+        await self._send(proto.block_status_chunk(cookie, ALLOCATION_CONTEXT_ID, descriptors))
+
+
+def _reply_bytes(request: proto.Request) -> int:
+    """Bytes of data the reply to ``request`` will hold (what the in-flight bound counts)."""
+    if request.command == nbd.CMD_READ and request.length <= MAX_REQUEST:
+        return request.length
+    return 0
 
 
 # --- the export ----------------------------------------------------------------------------------
@@ -635,10 +685,29 @@ class _Connection:
 class NbdExport:
     """A running export (see the module docstring). Stop it with :meth:`stop`."""
 
-    def __init__(self, source: ChunkSource, socket_path: str, export_name: str) -> None:
+    def __init__(
+        self,
+        source: ChunkSource,
+        socket_path: str,
+        export_name: str,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
         self.source = source
         self.socket_path = socket_path
         self.export_name = export_name
+        self.facts = proto.ExportFacts(
+            name=export_name,
+            size=source.size,
+            preferred_block=source.chunk_size,
+            max_block=MAX_REQUEST,
+            description=f"point {source.point_id} disk {source.name} (read-only)",
+        )
+        #: Seconds a new connection has to finish its handshake (read when it connects).
+        self.handshake_timeout = handshake_timeout
+        #: The most requests, and bytes of read replies, any one connection had unanswered.
+        self.peak_in_flight = 0
+        self.peak_in_flight_bytes = 0
         self._loop = asyncio.new_event_loop()
         self._pool = ThreadPoolExecutor(
             max_workers=READ_THREADS, thread_name_prefix=f"nbd-{export_name}"
@@ -679,9 +748,14 @@ class NbdExport:
     def running(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed (in handshake or transmission)."""
+        return len(self._connections)
+
     def name_matches(self, name: str) -> bool:
         """The empty name (QEMU's default) and the export's own name both select the disk."""
-        return name in ("", self.export_name)
+        return self.facts.selects(name)
 
     def uri(self) -> str:
         return f"nbd+unix:///{self.export_name}?socket={self.socket_path}"
@@ -747,8 +821,26 @@ class NbdExport:
 
     # --- internals ---
 
-    async def run_blocking(self, func: Callable[..., bytes], *args: Any) -> bytes:
+    async def run_blocking(self, func: Callable[..., _T], *args: Any) -> _T:
         return await self._loop.run_in_executor(self._pool, func, *args)
+
+    def note_in_flight(self, requests: int, reply_bytes: int) -> None:
+        self.peak_in_flight = max(self.peak_in_flight, requests)
+        self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, reply_bytes)
+
+    def report_damage(self, exc: UnreadableChunk) -> None:
+        """Log a guest read that hit an unreadable chunk: a warning the first time per chunk
+        (a guest retrying the same sector must not flood the log), debug after."""
+        level = logging.WARNING if self.source.first_damage_report(exc.index) else logging.DEBUG
+        logger.log(
+            level,
+            "NBD export of point %s disk %s: read at offset %d failed: %s",
+            self.source.point_id,
+            self.source.name,
+            exc.offset,
+            exc.message,
+            extra={"point": self.source.point_id, "disk": self.source.name, "offset": exc.offset},
+        )
 
     def prefetch(self, index: int) -> None:
         """Decode chunk ``index`` into the cache in the background; errors surface on reads."""
@@ -807,6 +899,7 @@ def export_image_over_nbd(
     socket_path: str,
     *,
     cache_chunks: int = CACHE_CHUNKS,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> NbdExport:
     """Serve disk ``disk_name`` of the image point ``manifest`` on ``socket_path`` (read-only).
 
@@ -823,4 +916,6 @@ def export_image_over_nbd(
             point=manifest["point_id"],
         )
     source = ChunkSource(repo, str(manifest["point_id"]), disk, cache_chunks=cache_chunks)
-    return NbdExport(source, os.path.abspath(socket_path), disk_name).start()
+    return NbdExport(
+        source, os.path.abspath(socket_path), disk_name, handshake_timeout=handshake_timeout
+    ).start()

@@ -8,6 +8,7 @@ that nothing was written to it. Needs qemu-utils: missing tools fail with the in
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from engine_support import PASSPHRASE, SMALL_PACKS, set_engine_env, store_digest
+from nbd_wire import WirePeer, read_data
 
 from appliance.backup.images import read_table
 from appliance.engine import Appliance
@@ -237,8 +239,10 @@ def _copy_appliance(backed_up, tmp_path: Path) -> Appliance:
     return Appliance.open(str(tmp_path / "app"), passphrase=PASSPHRASE)
 
 
-def test_a_corrupt_pack_answers_eio_and_names_the_point(backed_up, tmp_path):
+def test_a_corrupt_pack_answers_eio_and_names_the_point(backed_up, tmp_path, caplog):
     _, data, manifest = backed_up
+    point = manifest["point_id"]
+    caplog.set_level(logging.DEBUG, logger="image.nbd_export")
     app = _copy_appliance(backed_up, tmp_path)
     try:
         table = read_table(app.repo, manifest["disks"][0])
@@ -263,6 +267,34 @@ def test_a_corrupt_pack_answers_eio_and_names_the_point(backed_up, tmp_path):
             )
             assert entry.pack.hex()[:16] in error
             assert handle.stats.errors == 1
+            # The guest's read is logged once as a warning, with the point, disk and offset.
+            (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert (warning.point, warning.disk, warning.offset) == (point, "disk", 20 * CHUNK)
+            text = warning.getMessage()
+            assert point in text and "disk disk" in text and str(20 * CHUNK) in text
+            # With structured replies the error chunk carries the failing offset and a message
+            # naming the point and the disk.
+            with WirePeer(handle.socket_path) as peer:
+                peer.greeting()
+                peer.structured_replies()
+                peer.go()
+                peer.request(nbd.CMD_READ, 1, 19 * CHUNK, 2 * CHUNK)
+                (chunk,) = peer.reply_chunks()
+                assert chunk.kind == nbd.REPLY_TYPE_ERROR_OFFSET
+                code, message, offset = chunk.error()
+                assert (code, offset) == (errno.EIO, 20 * CHUNK)
+                assert message.startswith(f"point {point} damaged: disk disk offset {offset}")
+                assert table[20].hex()[:16] in message
+                peer.request(nbd.CMD_READ, 2, 0, 16)  # the connection goes on
+                assert read_data(peer.reply_chunks(), 0, 16) == data[:16]
+            # Our own client surfaces the message with structured replies too.
+            with (
+                NbdClient.connect_unix(handle.socket_path, allocation=True) as client,
+                pytest.raises(NbdError, match=f"point {point} damaged: disk disk"),
+            ):
+                client.pread(20 * CHUNK + 5, 10)
+            assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+            assert handle.errors == [error] and handle.stats.errors == 3
         finally:
             handle.stop()
     finally:
