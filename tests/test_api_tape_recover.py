@@ -4,70 +4,29 @@ lists its points, a tape restore and a download give the bytes back; then it is 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from api_support import LiveServer, bootstrapped_server, wait_job
-from engine_support import PASSPHRASE, random_bytes, text_bytes
+from engine_support import random_bytes, text_bytes
+from tape_lost import Lost, lost_appliance
 
 from api.tape_recovery import refusal
-from appliance.engine import Appliance
 from appliance.store.crypto import MasterKey
-from hardware.tape.deck import open_deck
-from hardware.tape.jobs import backup_to_tape
-from hardware.tape.library import create_virtual_library, register_library
+from hardware.tape.library import register_library
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
-@dataclass
-class Lost:
-    library: Path
-    drive: str
-    recovery_key: str
-    store_id: str
-    point: str
-    files: dict[str, bytes]
-
-
 @pytest.fixture(scope="module")
-def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lost]:
-    """An appliance that wrote a point to a virtual library, then was lost (its folder gone)."""
-    root = tmp_path_factory.mktemp("lost")
+def lost(tmp_path_factory: pytest.TempPathFactory) -> Lost:
     files = {"a/one.bin": random_bytes(700 * KiB, 7), "notes.txt": text_bytes(30 * KiB)}
-    for name, data in files.items():
-        (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "src" / name).write_bytes(data)
-    library = create_virtual_library(
-        root / "lib", slots=3, drives=1, cartridges=[("RCV001", 4 * MiB), ("RCV002", 4 * MiB)]
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        mp.delenv("APPLIANCE_CATALOG_URL", raising=False)
-        app, recovery_key = Appliance.init(str(root / "first"), PASSPHRASE, pack_size=256 * KiB)
-        with app:
-            point = app.backup_files(str(root / "src"), "docs").point.id
-            register_library(app.catalog, library.root)
-            app.catalog.put_tape_pool("weekly")
-            deck = open_deck(app.catalog, library.drive_identity(0))
-            assert backup_to_tape(app, deck, "weekly")["points_written"] == [point]
-            store_id = app.repo.store_id
-    shutil.rmtree(root / "first")
-    yield Lost(
-        library=library.root,
-        drive=library.drive_identity(0),
-        recovery_key=recovery_key,
-        store_id=store_id,
-        point=point,
-        files=files,
-    )
+    return lost_appliance(tmp_path_factory.mktemp("lost"), files, barcodes=("RCV001", "RCV002"))
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,19 @@ the Points screen lists the lost point. An operator and a viewer never see the c
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from api_support import PASSWORDS, LiveServer, bootstrapped_server
-from engine_support import PASSPHRASE, text_bytes
+from engine_support import text_bytes
+from tape_lost import Lost, lost_appliance
 from web_support import SCREENSHOTS_ENV, Screenshots, expect, nav, signed_in
 
-from appliance.engine import Appliance
 from appliance.store.crypto import MasterKey
-from hardware.tape.deck import open_deck
-from hardware.tape.jobs import backup_to_tape
-from hardware.tape.library import create_virtual_library, register_library
+from hardware.tape.library import register_library
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -38,43 +34,10 @@ RECOVERY_MS = 120_000
 RESTART_S = 3
 
 
-@dataclass
-class Lost:
-    library: Path
-    drive: str
-    recovery_key: str
-    store_id: str
-    point: str
-
-
 @pytest.fixture(scope="module")
 def lost(tmp_path_factory: pytest.TempPathFactory) -> Lost:
-    """An appliance that wrote a point to a virtual library, then was lost (its folder gone)."""
     root = tmp_path_factory.mktemp("web-lost")
-    (root / "src").mkdir()
-    (root / "src" / "notes.txt").write_bytes(text_bytes(30 * KiB))
-    library = create_virtual_library(
-        root / "lib", slots=3, drives=1, cartridges=[("LST001", 4 * MiB)], name="lost"
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APPLIANCE_TEST_WEAK_KDF", "1")
-        mp.delenv("APPLIANCE_CATALOG_URL", raising=False)
-        app, recovery_key = Appliance.init(str(root / "first"), PASSPHRASE, pack_size=256 * KiB)
-        with app:
-            point = app.backup_files(str(root / "src"), "docs").point.id
-            register_library(app.catalog, library.root)
-            app.catalog.put_tape_pool("weekly")
-            deck = open_deck(app.catalog, library.drive_identity(0))
-            assert backup_to_tape(app, deck, "weekly")["points_written"] == [point]
-            store_id = app.repo.store_id
-    shutil.rmtree(root / "first")
-    return Lost(
-        library=library.root,
-        drive=library.drive_identity(0),
-        recovery_key=recovery_key,
-        store_id=store_id,
-        point=point,
-    )
+    return lost_appliance(root, {"notes.txt": text_bytes(30 * KiB)}, barcodes=("LST001",))
 
 
 @pytest.fixture(scope="module")
