@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATES = ("idle", "reading", "switching", "scanning", "done", "failed")
 #: The states of a recovery under way: another one is refused.
 BUSY = frozenset({"reading", "switching", "scanning"})
 _ACTIVE_JOBS = ("queued", "running", "waiting")
@@ -143,12 +142,6 @@ class TapeRecovery:
             )
             self._thread.start()
             return self._state
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for the thread (reading and switching; the scan is a job)."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
 
     # --- the run ----------------------------------------------------------------------------
 
