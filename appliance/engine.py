@@ -56,7 +56,7 @@ from appliance.space import check_free_space
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
 from appliance.vmspec import default_spec, load_spec, normalise
-from appliance.workers import default_workers
+from appliance.workers import CpuMeter, default_workers
 
 Clock = Callable[[], datetime]
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -230,6 +230,7 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
                 mode, base = "full", None  # another folder under the same name: start afresh
             point_id = new_point_id(created)
             signals = SignalCounter(base["point_id"] if base else None)
+            cpu = CpuMeter()
             tree, stats, warnings = backup_tree(
                 self.repo,
                 source,
@@ -238,6 +239,7 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
                 progress=progress,
                 cancel=cancel,
                 signals=signals,
+                cpu=cpu,
             )
             manifest = new_manifest(
                 point_id=point_id,
@@ -255,7 +257,8 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
             manifest["warnings"] = warnings.items
             manifest["warning_count"] = warnings.count
             point = self.judge_point(self._record(manifest), signals.result())
-            return BackupOutcome(point, manifest["stats"], warnings.items)
+            # The CPU it cost is the engine's report, not a fact of the point: not in the manifest.
+            return BackupOutcome(point, {**manifest["stats"], "cpu": cpu.to_dict()}, warnings.items)
 
     def backup_image(
         self,
@@ -297,6 +300,7 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
             mode, base = self._base(asset, "image", mode)
             base_disks = {d["name"]: d for d in base.get("disks", [])} if base else {}
             point_id = new_point_id(created)
+            cpu = CpuMeter()
             entries_out: list[dict[str, Any]] = []
             totals = {
                 "logical_bytes": 0,
@@ -319,6 +323,7 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
                     threads=threads or default_workers(),
                     progress=progress,
                     cancel=cancel,
+                    cpu=cpu,
                 )
                 self.repo.commit_index(index_entries)
                 entries_out.append(entry)
@@ -344,7 +349,7 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
             manifest["warnings"] = []
             manifest["warning_count"] = 0
             point = self._record(manifest)
-            return BackupOutcome(point, totals, [])
+            return BackupOutcome(point, {**totals, "cpu": cpu.to_dict()}, [])
 
     # --- restores -------------------------------------------------------------------------------
 

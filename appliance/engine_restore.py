@@ -36,7 +36,7 @@ from appliance.restore import restore_disk, restore_tar, restore_tree
 from appliance.restore_target import keep_aside, keep_stamp
 from appliance.store.repository import Repository
 from appliance.vmspec import parse_vm_source
-from appliance.workers import default_workers
+from appliance.workers import CpuMeter, default_workers
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
@@ -198,6 +198,7 @@ class RestoreMixin:
         cancel: threading.Event | None,
     ) -> dict[str, Any]:
         manifest = repo.get_manifest(self._engine.point(point_id).id)
+        cpu = CpuMeter()
         with self._engine.locks.shared():
             if manifest["kind"] == "files":
                 counts = restore_tree(
@@ -210,8 +211,14 @@ class RestoreMixin:
                     workers=workers or default_workers(),
                     progress=progress,
                     cancel=cancel,
+                    cpu=cpu,
                 )
-                return {"point": manifest["point_id"], "target": target, **counts}
+                return {
+                    "point": manifest["point_id"],
+                    "target": target,
+                    **counts,
+                    "cpu": cpu.to_dict(),
+                }
             disks = manifest["disks"]
             if disk is not None:
                 disks = [d for d in disks if d["name"] == disk]
@@ -241,6 +248,7 @@ class RestoreMixin:
                     target_format=target_format,
                     progress=progress,
                     threads=workers or default_workers(),
+                    cpu=cpu,
                 )
                 written.append(out)
             return {
@@ -248,6 +256,7 @@ class RestoreMixin:
                 "disks": written,
                 "kept": kept,
                 "vm": manifest.get("vm"),
+                "cpu": cpu.to_dict(),
             }
 
     def restore_tar(self, point_id: str, out: IO[bytes], *, subpath: str | None = None) -> int:

@@ -63,7 +63,7 @@ from appliance.restore_target import (
 )
 from appliance.store.crypto import Envelope
 from appliance.store.repository import Repository
-from appliance.workers import die_with_parent, worker_context
+from appliance.workers import CpuMeter, WorkerCpu, die_with_parent, worker_context, worker_cpu
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 CONFLICT_MODES: tuple[ConflictMode, ...] = ("overwrite", "keep_both")
@@ -181,8 +181,8 @@ def _restore_file(
 
 def _restore_batch(
     target: str, root_id: tuple[int, int], items: list[tuple[str, Record]], conflicts: Conflicts
-) -> tuple[int, int]:
-    """Write a batch of files; returns (bytes written, existing entries kept)."""
+) -> tuple[int, int, WorkerCpu]:
+    """Write a batch of files; returns (bytes written, existing entries kept, the worker)."""
     assert _repo is not None and _envelope is not None
     # Small files of a batch are fetched together: one ranged read per run of their packs.
     batch_bytes = sum(int(record.get("size", 0)) for _, record in items)
@@ -200,7 +200,7 @@ def _restore_batch(
                 kept += renamed
     finally:
         os.close(root)
-    return size, kept
+    return size, kept, worker_cpu()
 
 
 # --- main side ------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def restore_tree(
     workers: int = 2,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    cpu: CpuMeter | None = None,
 ) -> dict[str, int]:
     """Restore a files point (or one path of it) into ``target``; return counts.
 
@@ -332,6 +333,7 @@ def restore_tree(
             workers=workers,
             progress=progress,
             cancel=cancel,
+            cpu=cpu,
         )
     finally:
         os.close(root)
@@ -351,6 +353,7 @@ def _restore_into(
     workers: int,
     progress: ProgressCallback | None,
     cancel: threading.Event | None,
+    cpu: CpuMeter | None = None,
 ) -> dict[str, int]:
     counts = {"files": 0, "directories": 0, "symlinks": 0, "hardlinks": 0, "bytes": 0, "kept": 0}
     firsts, stand_ins = detached_hardlinks(repo, manifest, subpath)
@@ -369,9 +372,11 @@ def _restore_into(
         TargetDirectories(root) as dirs,
     ):
 
-        def collect(result: tuple[int, int]) -> None:
+        def collect(result: tuple[int, int, WorkerCpu]) -> None:
             counts["bytes"] += result[0]
             counts["kept"] += result[1]
+            if cpu is not None:
+                cpu.process(result[2])
 
         def flush() -> None:
             nonlocal batch, batch_bytes

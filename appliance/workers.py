@@ -18,13 +18,62 @@ import multiprocessing
 import multiprocessing.context
 import os
 import signal
+import threading
+import time
 
 _PR_SET_PDEATHSIG = 1
 
+#: A worker's pid and the CPU seconds (user + system) its process has used so far.
+WorkerCpu = tuple[int, float]
+
 
 def default_workers() -> int:
-    """Worker processes of a backup or restore when not given: the cores, at most 8."""
-    return max(1, min(os.cpu_count() or 1, 8))
+    """Worker processes of a backup or restore when not given: one per core this process may
+    run on (its affinity mask, so a container's or a cgroup's cpuset is honoured)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores)
+
+
+def worker_cpu() -> WorkerCpu:
+    """What a worker reports with each result (see :class:`CpuMeter`)."""
+    return os.getpid(), time.process_time()
+
+
+class CpuMeter:
+    """The CPU seconds an operation costs: its coordinating thread, and its workers.
+
+    The figures say how the engine will scale before it runs on a big machine: the coordinator's
+    share of the total is the serial part of the work (Amdahl's law). Worker processes report
+    their cumulative process CPU with each result, the meter keeps the latest per pid; worker
+    threads add the thread CPU of each unit they run. The coordinator is the CPU of the thread
+    that created the meter (``time.thread_time``), so a service's other threads never count.
+    """
+
+    def __init__(self) -> None:
+        self._started = time.thread_time()
+        self._processes: dict[int, float] = {}
+        self._threads = 0.0
+        self._lock = threading.Lock()
+
+    def process(self, cpu: WorkerCpu) -> None:
+        pid, seconds = cpu
+        if seconds > self._processes.get(pid, 0.0):
+            self._processes[pid] = seconds
+
+    def thread(self, seconds: float) -> None:
+        with self._lock:
+            self._threads += seconds
+
+    def to_dict(self) -> dict[str, float | int]:
+        workers = sum(self._processes.values()) + self._threads
+        return {
+            "coordinator_s": round(time.thread_time() - self._started, 3),
+            "workers_s": round(workers, 3),
+            "worker_processes": len(self._processes),
+        }
 
 
 def die_with_parent() -> None:
@@ -40,5 +89,11 @@ def worker_context(has_spec: bool) -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     # Imported once in the fork server, so each worker starts without re-importing.
-    ctx.set_forkserver_preload(["appliance.backup.files", "appliance.restore"])
+    ctx.set_forkserver_preload(
+        [
+            "appliance.backup.files",
+            "appliance.backup.images",
+            "appliance.restore",
+        ]  # restore imports restore_disk
+    )
     return ctx

@@ -11,14 +11,18 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from engine_support import digest, new_appliance, set_engine_env
 
+from appliance import restore_disk
+from appliance.backup import images
 from appliance.backup.disks import detect_format
+from appliance.disk_workers import UNITS_PER_WORKER, in_order, reopen_fd, share_fd
 from appliance.engine import Appliance
-from appliance.errors import InvalidInput, NotFound
+from appliance.errors import InvalidInput, NotFound, SourceError
 from appliance.store import format as fmt
 from appliance.vmspec import default_spec, load_spec, normalise, parse_libvirt_xml
 
@@ -38,6 +42,21 @@ def app(tmp_path: Path) -> Iterator[Appliance]:
     appliance, _recovery = new_appliance(tmp_path / "appliance")
     yield appliance
     appliance.close()
+
+
+@pytest.fixture(params=["threads", "processes"])
+def disk_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Disks are read and written by worker processes from 64 MiB up, by threads below: these
+    small disks run both ways (the threshold is read by the coordinator, in this process)."""
+    threshold = 0 if request.param == "processes" else 1 << 62
+    monkeypatch.setattr(images, "PROCESS_MIN_BYTES", threshold)
+    monkeypatch.setattr(restore_disk, "PROCESS_MIN_BYTES", threshold)
+    return str(request.param)
+
+
+def used_processes(cpu: dict[str, float], kind: str) -> bool:
+    assert cpu["coordinator_s"] >= 0 and cpu["workers_s"] > 0
+    return bool(cpu["worker_processes"]) == (kind == "processes")
 
 
 def write_at(path: Path, offset: int, data: bytes) -> None:
@@ -80,7 +99,9 @@ def assert_sparse_copy(restored: Path, source: Path, data_chunks: int) -> None:
 # --- raw images --------------------------------------------------------------------------------
 
 
-def test_full_backup_of_a_sparse_raw_disk(app: Appliance, tmp_path: Path) -> None:
+def test_full_backup_of_a_sparse_raw_disk(
+    app: Appliance, tmp_path: Path, disk_workers: str
+) -> None:
     disk = tmp_path / "disk0.img"
     expected = make_disk(disk)
     outcome = app.backup_image([str(disk)], "vm1", threads=2)
@@ -94,13 +115,17 @@ def test_full_backup_of_a_sparse_raw_disk(app: Appliance, tmp_path: Path) -> Non
     (entry,) = app.manifest(outcome.point.id)["disks"]
     assert entry["name"] == "disk0" and entry["format"] == "raw" and entry["size"] == DISK_SIZE
     assert entry["allocated"] == expected["data_chunks"] * CHUNK
+    assert used_processes(stats["cpu"], disk_workers)
 
     restored = tmp_path / "restored.img"
-    app.restore(outcome.point.id, str(restored))
+    result = app.restore(outcome.point.id, str(restored))
+    assert used_processes(result["cpu"], disk_workers)
     assert_sparse_copy(restored, disk, expected["data_chunks"])
 
 
-def test_incremental_stores_only_changed_chunks(app: Appliance, tmp_path: Path) -> None:
+def test_incremental_stores_only_changed_chunks(
+    app: Appliance, tmp_path: Path, disk_workers: str
+) -> None:
     disk = tmp_path / "disk0.img"
     expected = make_disk(disk)
     full = app.backup_image([str(disk)], "vm1", threads=2)
@@ -135,7 +160,9 @@ def test_incremental_stores_only_changed_chunks(app: Appliance, tmp_path: Path) 
     assert digest(tmp_path / "full.img") == digest(full_copy)
 
 
-def test_unchanged_image_reuses_the_table(app: Appliance, tmp_path: Path) -> None:
+def test_unchanged_image_reuses_the_table(
+    app: Appliance, tmp_path: Path, disk_workers: str
+) -> None:
     disk = tmp_path / "disk0.img"
     make_disk(disk)
     first = app.backup_image([str(disk)], "vm1", threads=2)
@@ -149,7 +176,9 @@ def test_unchanged_image_reuses_the_table(app: Appliance, tmp_path: Path) -> Non
     assert digest(tmp_path / "again.img") == digest(disk)
 
 
-def test_changed_block_list_reads_only_listed_ranges(app: Appliance, tmp_path: Path) -> None:
+def test_changed_block_list_reads_only_listed_ranges(
+    app: Appliance, tmp_path: Path, disk_workers: str
+) -> None:
     disk = tmp_path / "disk0.img"
     expected = make_disk(disk)
     app.backup_image([str(disk)], "vm1", threads=2)
@@ -174,7 +203,9 @@ def test_changed_block_list_reads_only_listed_ranges(app: Appliance, tmp_path: P
     assert_sparse_copy(tmp_path / "cbt.img", disk, expected["data_chunks"] + 1)
 
 
-def test_changed_block_list_crossing_chunks(app: Appliance, tmp_path: Path) -> None:
+def test_changed_block_list_crossing_chunks(
+    app: Appliance, tmp_path: Path, disk_workers: str
+) -> None:
     disk = tmp_path / "disk0.img"
     make_disk(disk)
     app.backup_image([str(disk)], "vm1", threads=2)
@@ -189,7 +220,7 @@ def test_changed_block_list_crossing_chunks(app: Appliance, tmp_path: Path) -> N
     assert digest(tmp_path / "x.img") == digest(disk)
 
 
-def test_two_disks_in_one_point(app: Appliance, tmp_path: Path) -> None:
+def test_two_disks_in_one_point(app: Appliance, tmp_path: Path, disk_workers: str) -> None:
     disk0, disk1 = tmp_path / "sys.img", tmp_path / "data.raw"
     expected0 = make_disk(disk0)
     with open(disk1, "wb") as f:
@@ -473,3 +504,46 @@ def test_qcow2_backup_and_restore(app: Appliance, tmp_path: Path) -> None:
     # An unchanged qcow2 file is not read again.
     again = app.backup_image([str(image)], "qvm", threads=2)
     assert again.stats["bytes_read"] == 0 and again.stats["new_bytes"] == 0
+
+
+# --- worker processes ---------------------------------------------------------------------------
+
+
+def test_a_worker_reaches_the_disk_the_coordinator_opened(tmp_path: Path) -> None:
+    """Workers open the coordinator's descriptor, never the path: a file swapped in at the
+    path after the coordinator opened it is not what they read."""
+    checked, planted = tmp_path / "disk.img", tmp_path / "planted"
+    checked.write_bytes(b"checked" * 100)
+    planted.write_bytes(b"planted" * 100)
+    fd = os.open(checked, os.O_RDONLY)
+    try:
+        shared = share_fd(fd)
+        os.rename(planted, checked)
+        mine = reopen_fd(shared, os.O_RDONLY)
+        try:
+            assert os.pread(mine, 7, 0) == b"checked"
+        finally:
+            os.close(mine)
+        pid, number, (dev, ino) = shared
+        with pytest.raises(SourceError, match="different file"):
+            reopen_fd((pid, number, (dev, ino + 1)), os.O_RDONLY)
+    finally:
+        os.close(fd)
+    with pytest.raises(SourceError, match="cannot open"):
+        reopen_fd(shared, os.O_RDONLY)  # closed since
+
+
+def test_units_in_flight_are_bounded() -> None:
+    """A 1 TiB disk has 262,144 units: they are handed out a few per worker, not all queued."""
+    submitted: list[int] = []
+
+    def units() -> Iterator[tuple[int]]:
+        for i in range(1000):
+            submitted.append(i)
+            yield (i,)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = in_order(pool, lambda i: i * 2, units(), 2)
+        assert [next(answers) for _ in range(3)] == [0, 2, 4]
+        assert len(submitted) <= 3 + 2 * UNITS_PER_WORKER
+        assert list(answers) == [i * 2 for i in range(3, 1000)]

@@ -80,12 +80,10 @@ class RawDisk:
         self.path = path
 
     def pread(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        data = os.pread(self._fd, length, offset)
-        if len(data) < length:
-            # The file shrank under us: report it rather than silently padding.
-            raise SourceError(f"disk {self.path} shrank while it was read", path=self.path)
-        return data
+        return pread_exact(self._fd, offset, length, self.size, self.path)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def extents(self) -> Iterator[Extent]:
         pos = 0
@@ -116,6 +114,16 @@ class RawDisk:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pread_exact(fd: int, offset: int, length: int, size: int, path: str = "the disk") -> bytes:
+    """``length`` bytes at ``offset`` of a disk of ``size`` bytes (fewer only past its end)."""
+    length = max(0, min(length, size - offset))
+    data = os.pread(fd, length, offset)
+    if len(data) < length:
+        # The file shrank under us: report it rather than silently padding.
+        raise SourceError(f"disk {path} shrank while it was read", path=path)
+    return data
 
 
 def _plugins() -> list[DiskFormatPlugin]:

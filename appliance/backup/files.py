@@ -73,7 +73,7 @@ from appliance.errors import BackupCancelled, SourceError
 from appliance.store import format as fmt
 from appliance.store.packs import IndexEntry
 from appliance.store.repository import INDEX_FILE_ENTRIES, BlobWriter, Repository
-from appliance.workers import die_with_parent, worker_context
+from appliance.workers import CpuMeter, WorkerCpu, die_with_parent, worker_context, worker_cpu
 
 BATCH_BYTES = 32 * 1024 * 1024
 BATCH_FILES = 256
@@ -321,8 +321,8 @@ def _read_window(dirs: DirChain, items: list[BatchItem]) -> list[dict[str, Any]]
                 os.close(entry[0])
 
 
-#: A batch read: (results, index entries, (new bytes, new data bytes, dense bytes), pid).
-BatchResult = tuple[list[dict[str, Any]], list[IndexEntry], tuple[int, int, int], int]
+#: A batch read: (results, index entries, (new bytes, new data bytes, dense bytes), worker).
+BatchResult = tuple[list[dict[str, Any]], list[IndexEntry], tuple[int, int, int], WorkerCpu]
 
 
 def _read_batch(root: SourceRoot, items: list[BatchItem]) -> BatchResult:
@@ -340,15 +340,15 @@ def _read_batch(root: SourceRoot, items: list[BatchItem]) -> BatchResult:
         _meter.flush()
     after = (_worker.new_bytes, _worker.data_bytes, _worker.dense_bytes)
     counts = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
-    return results, _worker.take_completed(), counts, os.getpid()
+    return results, _worker.take_completed(), counts, worker_cpu()
 
 
-def _flush_worker(_: int) -> tuple[list[IndexEntry], int, int]:
+def _flush_worker(_: int) -> tuple[list[IndexEntry], int, WorkerCpu]:
     assert _worker is not None
     entries = _worker.flush()
     # Linger a moment so that an idle sibling, not this worker again, takes the next flush task.
     time.sleep(0.02)
-    return entries, _worker.packs_written, os.getpid()
+    return entries, _worker.packs_written, worker_cpu()
 
 
 # --- main side ---------------------------------------------------------------------------------------
@@ -404,6 +404,7 @@ def backup_tree(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     signals: SignalCounter | None = None,
+    cpu: CpuMeter | None = None,
 ) -> tuple[list[str], BackupStats, Warnings]:
     """Back up ``source``; return (tree blob IDs, stats, warnings). Index entries are committed
     to the store before returning; the caller writes the manifest. ``signals`` counts the
@@ -414,6 +415,7 @@ def backup_tree(
     main_writer = repo.writer()
     tree = TreeWriter(main_writer)
     signals = signals or SignalCounter(None)
+    cpu = cpu or CpuMeter()
     prev_cursor = PreviousCursor(iter_tree(repo, previous) if previous else iter([]), signals.gone)
     user_name, group_name = _names()
     hardlinks: dict[tuple[int, int], str] = {}
@@ -473,8 +475,9 @@ def backup_tree(
         while not batch.future.done():  # a large file: report the bytes read within it
             wait([batch.future], timeout=REPORT_SECONDS)
             report()
-        results, entries, (new_bytes, data_bytes, dense_bytes), pid = batch.future.result()
-        unflushed.add(pid)
+        results, entries, (new_bytes, data_bytes, dense_bytes), used = batch.future.result()
+        unflushed.add(used[0])
+        cpu.process(used)
         commit_entries(entries)
         stats.new_bytes += new_bytes
         signals.data(data_bytes, dense_bytes)
@@ -619,10 +622,11 @@ def backup_tree(
         # us, so send flush tasks until every one of them has answered (a second flush of the
         # same worker is a harmless no-op).
         while unflushed:
-            for entries, packs, pid in executor.map(_flush_worker, range(len(unflushed))):
+            for entries, packs, used in executor.map(_flush_worker, range(len(unflushed))):
                 commit_entries(entries)
-                if pid in unflushed:
-                    unflushed.discard(pid)
+                cpu.process(used)
+                if used[0] in unflushed:
+                    unflushed.discard(used[0])
                     stats.packs += packs
         tree_ids = tree.finish()
         commit_entries(main_writer.flush(), force=True)

@@ -428,6 +428,11 @@ class FallbackBackend(ReadOnly):
     def describe(self) -> str:
         return " then ".join(label for label, _ in self.sources)
 
+    def view_of(self) -> Backend | None:
+        """The one backend this reads through, when there is only one: worker processes of a
+        restore may then open it themselves (``Repository.worker_spec``), as nothing is lost."""
+        return self.sources[0][1] if len(self.sources) == 1 else None
+
     def close(self) -> None:
         """Close every source it owns (all of them are tried, even when one fails)."""
         with contextlib.ExitStack() as stack:

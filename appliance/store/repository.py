@@ -507,9 +507,15 @@ class Repository:
         backend cannot be reopened in another process (then workers must be forked)."""
         from appliance.store.backend import LocalDirectoryBackend
 
-        if not isinstance(self.backend, LocalDirectoryBackend):
+        backend = self.backend
+        # A view of one other backend (a point's reader with a single copy to read) is that
+        # backend as far as a worker is concerned: there is no other copy to fall back to.
+        view_of = getattr(backend, "view_of", None)
+        if view_of is not None:
+            backend = view_of() or backend
+        if not isinstance(backend, LocalDirectoryBackend):
             return None
-        return (self.backend.root, self.config, self.key.material, self.cache_dir)
+        return (backend.root, self.config, self.key.material, self.cache_dir)
 
     @classmethod
     def from_worker_spec(cls, spec: tuple[str, StoreConfig, bytes, str]) -> Repository:
