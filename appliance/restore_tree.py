@@ -72,6 +72,9 @@ RESTORE_BATCH_BYTES = 32 * 1024 * 1024
 #: a large file (what memory a worker holds for reads).
 READ_WINDOW = 32 * 1024 * 1024
 RESTORE_BATCH_FILES = 256
+#: Directories and links a restore keeps in memory for its later passes; past this, it reads
+#: the tree again (a record is a few hundred bytes).
+KEPT_RECORDS = 200_000
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -362,6 +365,9 @@ def _restore_into(
     pending = []
     batch: list[tuple[str, Record]] = []
     batch_bytes = 0
+    # Directories and links, kept for passes 2 and 3 so that the coordinator, whose work does
+    # not spread over the workers, decodes the tree once instead of three times.
+    later: list[tuple[str, Record]] | None = []
     with (
         ProcessPoolExecutor(
             max_workers=max(1, workers),
@@ -395,6 +401,10 @@ def _restore_into(
             kind = record["type"]
             if not rel and kind != "dir":
                 raise UnsafeRestorePath(f"refusing a root entry of type {kind!r}", path=rel)
+            if later is not None and kind != "file":
+                later.append((rel, record))
+                if len(later) > KEPT_RECORDS:
+                    later = None
             if kind == "dir":
                 if rel:
                     _restore_directory(dirs, rel, conflicts, counts)
@@ -411,9 +421,15 @@ def _restore_into(
         flush()
         for future in pending:
             collect(future.result())
+    def again(kinds: tuple[str, ...]) -> Iterator[tuple[str, Record]]:
+        # The records pass 1 kept, or the tree read again when there were too many to keep.
+        if later is not None:
+            return (item for item in later if item[1]["type"] in kinds)
+        return select_records(iter_tree(repo, manifest), subpath)
+
     # Pass 2: links. Fresh descriptors: nothing opened before the workers ran is trusted.
     with TargetDirectories(root) as dirs:
-        for rel, record in select_records(iter_tree(repo, manifest), subpath):
+        for rel, record in again(("symlink", "hardlink")):
             kind = record["type"]
             if kind == "symlink":
                 _restore_link(dirs, rel, record, None, conflicts, counts)
@@ -423,7 +439,7 @@ def _restore_into(
                     _restore_link(dirs, rel, record, source, conflicts, counts)
     # Pass 3: directory metadata, after their contents are complete.
     with TargetDirectories(root) as dirs:
-        for rel, record in select_records(iter_tree(repo, manifest), subpath):
+        for rel, record in again(("dir",)):
             if record["type"] != "dir":
                 continue
             if rel:

@@ -35,6 +35,12 @@ Record = dict[str, Any]
 TREE_READ_AHEAD = 16 * 1024 * 1024
 
 
+#: ``json.dumps(record, separators=(",", ":"))`` without building an encoder per record.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+#: ``json.loads`` of a record line, without guessing its encoding each time (it is UTF-8).
+_decode = json.JSONDecoder().decode
+
+
 def path_key(path: str) -> tuple[str, ...]:
     """Sort key of the canonical order."""
     return tuple(path.split("/")) if path else ()
@@ -51,7 +57,7 @@ class TreeWriter:
         self.records = 0
 
     def add(self, record: Record) -> None:
-        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        line = _encode(record).encode() + b"\n"
         self._lines.append(line)
         self._size += len(line)
         self.records += 1
@@ -113,7 +119,7 @@ def iter_tree(repo: Repository, manifest: dict[str, Any]) -> Iterator[Record]:
                 data = repo.read_blob(blob_id, envelope)
             for line in data.splitlines():
                 try:
-                    yield json.loads(line)
+                    yield _decode(line.decode())
                 except ValueError as exc:
                     raise IntegrityError(
                         f"tree blob {blob_id.hex()[:16]} holds an invalid record"

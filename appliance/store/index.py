@@ -215,15 +215,18 @@ class IndexCache:
     # --- updates -----------------------------------------------------------------------------
 
     def add(self, index_name: str | None, entries: Iterable[IndexEntry]) -> None:
+        entries = list(entries)
+        # One statement per table for the whole batch: the coordinator of a backup commits
+        # every chunk of it, so per-row round trips were a measurable part of its serial work.
+        packs = {e.pack: e.pack_kind for e in entries}
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for e in entries:
-                db.execute("INSERT OR IGNORE INTO packs VALUES (?, ?)", (e.pack, e.pack_kind))
-                db.execute(
-                    "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                    (e.blob_id, e.blob_type, e.pack, e.offset, e.length),
-                )
+            db.executemany("INSERT OR IGNORE INTO packs VALUES (?, ?)", packs.items())
+            db.executemany(
+                "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?)",
+                ((e.blob_id, e.blob_type, e.pack, e.offset, e.length) for e in entries),
+            )
             if index_name is not None:
                 db.execute("INSERT OR IGNORE INTO index_files VALUES (?)", (index_name,))
             db.execute("COMMIT")
