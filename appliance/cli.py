@@ -38,6 +38,7 @@ from appliance.locations.work import copies_public
 from appliance.maintenance import collect_garbage, repair_store
 from appliance.point_check import verify_new_point
 from appliance.retention import RetentionRules
+from appliance.workers import start_early
 
 EXIT_DAMAGE = 1
 EXIT_ERROR = 2
@@ -114,7 +115,9 @@ def _passphrase(args: argparse.Namespace, *, confirm: bool = False) -> str:
     raise PassphraseRequired()
 
 
-def _open(args: argparse.Namespace) -> Appliance:
+def _open(args: argparse.Namespace, *, workers: bool = False) -> Appliance:
+    if workers:
+        start_early()
     recovery = os.environ.get("APPLIANCE_RECOVERY_KEY")
     if recovery:
         return Appliance.open(args.data_dir, recovery_key=recovery)
@@ -189,7 +192,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_backup_files(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
-    with _open(args) as app:
+    with _open(args, workers=True) as app:
         outcome = app.backup_files(
             args.path, args.asset, mode=args.mode, workers=args.workers, progress=progress
         )
@@ -224,7 +227,7 @@ def _changed_blocks(path: str | None) -> dict[str, list[tuple[int, int]]] | None
 
 def cmd_backup_image(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
-    with _open(args) as app:
+    with _open(args, workers=True) as app:
         outcome = app.backup_image(
             args.disks,
             args.asset,
@@ -277,7 +280,7 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json and args.target != "-")
-    with _open(args) as app:
+    with _open(args, workers=args.target != "-") as app:
         if args.target == "-":
             count = app.restore_tar(args.point, sys.stdout.buffer, subpath=args.path)
             sys.stdout.buffer.flush()

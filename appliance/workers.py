@@ -13,6 +13,7 @@ Workers are forked and inherit the store and asset lock descriptors. If their pa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import multiprocessing.context
@@ -88,12 +89,21 @@ def worker_context(has_spec: bool) -> multiprocessing.context.BaseContext:
     if not has_spec:
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
-    # Imported once in the fork server, so each worker starts without re-importing.
+    # Imported once in the fork server, so each worker starts without re-importing
+    # (appliance.restore brings restore_disk and restore_tree).
     ctx.set_forkserver_preload(
-        [
-            "appliance.backup.files",
-            "appliance.backup.images",
-            "appliance.restore",
-        ]  # restore imports restore_disk
+        ["appliance.backup.files", "appliance.backup.images", "appliance.restore"]
     )
     return ctx
+
+
+def start_early() -> None:
+    """Start the fork server now, for a command about to back up or restore: it imports the
+    engine while this process derives the key and opens the catalog (on the next core), instead
+    of after, when the first worker is asked for (measured: 0.15 s of every command)."""
+    from multiprocessing import forkserver
+
+    worker_context(True)
+    # When it cannot start, the first worker will try again and say why.
+    with contextlib.suppress(OSError):
+        forkserver.ensure_running()
