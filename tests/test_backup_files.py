@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine_support import (
@@ -35,6 +36,7 @@ from engine_support import (
     text_bytes,
 )
 
+from appliance import restore_tree as restore_tree_mod
 from appliance.backup import files as files_mod
 from appliance.backup import walk as walk_mod
 from appliance.engine import Appliance
@@ -180,6 +182,7 @@ def test_full_backup_and_restore_reproduce_everything(
     assert stats["symlinks"] == 3
     assert stats["directories"] == sum(1 for v in expected.values() if v.kind == "dir")
     assert stats["files_read"] == stats["files"] and stats["files_reused"] == 0
+    assert stats["cpu"]["worker_processes"] >= 1 and stats["cpu"]["workers_s"] > 0
     manifest = app.manifest(outcome.point.id)
     assert manifest["warning_count"] == 2
 
@@ -213,6 +216,37 @@ def test_full_backup_and_restore_reproduce_everything(
     with open(os.path.join(os.fsencode(target), NON_UTF8), "rb") as f:
         assert f.read() == b"a name that is not UTF-8\n"
     assert not (target / "fifo").exists() and not (target / "unreadable.txt").exists()
+
+
+@pytest.mark.parametrize("kept, reads", [(None, 1), (3, 3)])
+def test_a_restore_reads_the_tree_once_unless_it_cannot_keep_the_rest(
+    app: Appliance,
+    rich: RichTree,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kept: int | None,
+    reads: int,
+) -> None:
+    """Directories and links are kept from the first pass for the later two; past
+    KEPT_RECORDS of them the tree is read again, with the same result."""
+    expected = _expected(rich)
+    outcome = app.backup_files(str(rich.root), "rich", workers=2)
+    if kept is not None:
+        monkeypatch.setattr(restore_tree_mod, "KEPT_RECORDS", kept)
+    real_iter_tree = restore_tree_mod.iter_tree
+    calls: list[str] = []
+
+    def iter_tree(repo: Any, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        calls.append(manifest["point_id"])
+        return real_iter_tree(repo, manifest)
+
+    monkeypatch.setattr(restore_tree_mod, "iter_tree", iter_tree)
+    target = tmp_path / "restored"
+    counts = app.restore(outcome.point.id, str(target), workers=2)
+    assert len(calls) == reads
+    assert counts["hardlinks"] == 4 and counts["symlinks"] == 3
+    assert counts["cpu"]["worker_processes"] >= 1
+    compare_trees(expected, snapshot(target))
 
 
 def test_restore_refuses_to_find_a_missing_path(app: Appliance, rich: RichTree, tmp_path: Path):
