@@ -421,6 +421,7 @@ def _restore_into(
         flush()
         for future in pending:
             collect(future.result())
+
     def again(kinds: tuple[str, ...]) -> Iterator[tuple[str, Record]]:
         # The records pass 1 kept, or the tree read again when there were too many to keep.
         if later is not None:

@@ -54,6 +54,7 @@ METHOD = (
 OPERATIONS = ("backup tree", "backup image", "restore tree", "restore image")
 #: Speed-up target per worker count N: at least this times N, for every N up to MAX_TARGET_N.
 EFFICIENCY_TARGET = 0.7
+TWO_WORKERS_TARGET = 1.8
 MAX_TARGET_N = 8
 SERIAL_SHARE_LIMIT = 0.10
 AMDAHL_CORES = 8
@@ -464,7 +465,9 @@ def targets(result: ScalingResult) -> list[tuple[str, str, str]]:
     checks = []
     for op in OPERATIONS:
         for n in (n for n in result.workers if 1 < n <= MAX_TARGET_N):
-            goal = EFFICIENCY_TARGET * n
+            # The issue asks 0.7·N, and "2 workers ≥ 1.8x one" on the 2-core machines: the
+            # stricter of the two is judged.
+            goal = max(EFFICIENCY_TARGET * n, TWO_WORKERS_TARGET if n == 2 else 0.0)
             label = f"{op}: {n} workers ≥ {goal:.1f}x one worker"
             f = table.get((op, n))
             if f is None or f.speedup is None:
