@@ -1,9 +1,10 @@
 """The server side of the NBD wire protocol: pure encoders, parsers and decisions.
 
-:mod:`image.nbd_export` does the I/O; everything here is bytes in, bytes or verdicts out, so each
-rule of the protocol (``doc/proto.md`` of the NetworkBlockDevice project) is tested directly. The
-numbers themselves live in :mod:`image.nbd_client`, the one table of protocol constants (never
-renumber); this module adds the server's limits and its choices where the spec leaves one:
+:mod:`image.nbd_connection` does the I/O; everything here is bytes in, bytes or verdicts out, so
+each rule of the protocol (``doc/proto.md`` of the NetworkBlockDevice project) is tested
+directly. The numbers themselves live in :mod:`image.nbd_client`, the one table of protocol
+constants (never renumber); this module adds the server's limits and its choices where the spec
+leaves one:
 
 - Option data up to :data:`MAX_OPTION_DATA` is read whole. Larger data is read in pieces and
   dropped, and the option is answered ``NBD_REP_ERR_TOO_BIG``; the connection goes on. Data over
