@@ -44,17 +44,19 @@ def worker_cpu() -> WorkerCpu:
 
 
 class CpuMeter:
-    """The CPU seconds an operation costs: its coordinating thread, and its workers.
+    """The CPU seconds an operation costs: its coordinating process, and its workers.
 
     The figures say how the engine will scale before it runs on a big machine: the coordinator's
     share of the total is the serial part of the work (Amdahl's law). Worker processes report
-    their cumulative process CPU with each result, the meter keeps the latest per pid; worker
-    threads add the thread CPU of each unit they run. The coordinator is the CPU of the thread
-    that created the meter (``time.thread_time``), so a service's other threads never count.
+    their cumulative process CPU with each answer, and the meter keeps the latest per pid.
+    Worker threads add the thread CPU of each unit they run. The coordinator is the CPU of this
+    process since the meter was made (its own thread, and the threads that pickle tasks and
+    answers for the workers), less what worker threads in it reported. Operations run in a
+    process of their own (the CLI, a job's child), so nothing else is counted.
     """
 
     def __init__(self) -> None:
-        self._started = time.thread_time()
+        self._started = time.process_time()
         self._processes: dict[int, float] = {}
         self._threads = 0.0
         self._lock = threading.Lock()
@@ -71,7 +73,9 @@ class CpuMeter:
     def to_dict(self) -> dict[str, float | int]:
         workers = sum(self._processes.values()) + self._threads
         return {
-            "coordinator_s": round(time.thread_time() - self._started, 3),
+            "coordinator_s": round(
+                max(0.0, time.process_time() - self._started - self._threads), 3
+            ),
             "workers_s": round(workers, 3),
             "worker_processes": len(self._processes),
         }

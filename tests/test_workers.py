@@ -4,6 +4,7 @@ backup will scale on a machine with more cores than this one."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -34,12 +35,25 @@ def test_the_meter_keeps_each_worker_process_s_latest_figure() -> None:
     assert figures["worker_processes"] == 2
 
 
-def test_the_coordinator_is_the_thread_that_made_the_meter() -> None:
+def test_the_coordinator_is_this_process_less_its_worker_threads() -> None:
     meter = CpuMeter()
     deadline = time.thread_time() + 0.05
     while time.thread_time() < deadline:
         pass
     assert 0.05 <= meter.to_dict()["coordinator_s"] < 1.0
+
+    def work() -> None:
+        started = time.thread_time()
+        while time.thread_time() < started + 0.2:
+            pass
+        meter.thread(time.thread_time() - started)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    figures = meter.to_dict()
+    assert figures["workers_s"] >= 0.2
+    assert figures["coordinator_s"] < 0.05 + 0.1  # the thread's 0.2 s is the workers
     pid, seconds = worker_cpu()
     assert pid == os.getpid() and seconds >= 0.05
 
