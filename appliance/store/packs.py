@@ -38,6 +38,14 @@ class IndexEntry:
     offset: int
     length: int
 
+    def __reduce__(self) -> tuple[type[IndexEntry], tuple[bytes, int, bytes, int, int, int]]:
+        # Workers send every entry they write to the coordinator: the default pickling of a
+        # frozen slots dataclass calls fields() per entry there, three times as slow.
+        return (
+            IndexEntry,
+            (self.blob_id, self.blob_type, self.pack, self.pack_kind, self.offset, self.length),
+        )
+
 
 def pack_object_name(pack: bytes, kind: int) -> str:
     prefix = "data" if kind == fmt.PACK_KIND_DATA else "meta"
