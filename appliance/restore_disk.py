@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 import threading
@@ -203,6 +204,12 @@ def _report(done: Iterator[int], size: int, progress: ProgressCallback | None) -
             progress({"bytes_done": end, "bytes_total": size})
 
 
+@functools.lru_cache(maxsize=4)
+def _zeros(size: int) -> bytes:
+    """One chunk of zeros, made once (a device restore writes it for every zero chunk)."""
+    return bytes(size)
+
+
 def write_unit(
     repo: Repository, envelope: Envelope, fd: int, where: Target, first: int, ids: bytes
 ) -> int:
@@ -215,7 +222,7 @@ def write_unit(
         offset = (first + k) * chunk_size
         if blob_id == fmt.ZERO_ID:
             if is_block:  # a device keeps old contents where a file has holes
-                os.pwrite(fd, bytes(min(chunk_size, size - offset)), offset)
+                os.pwrite(fd, _zeros(chunk_size)[: size - offset], offset)
             continue
         os.pwrite(fd, blobs[blob_id], offset)
     end = min((first + len(table)) * chunk_size, size)
