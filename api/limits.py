@@ -32,8 +32,13 @@ MAX_BODY_BYTES = 1 << 20
 #: by one blob; 64 MiB leaves room for a store made with bigger packs, plus 1 MiB of margin.
 MAX_REPLICA_OBJECT_BYTES = (64 << 20) + (1 << 20)
 #: (method, path prefix, cap): the routes whose bodies may exceed :data:`MAX_BODY_BYTES`.
+#: A release bundle uploaded for an update (``POST /api/system/update``): the project's wheel
+#: and every dependency's, ~45 MB today.
+MAX_BUNDLE_BYTES = 512 << 20
+
 LARGE_BODY_ROUTES: tuple[tuple[str, str, int], ...] = (
     ("PUT", "/api/replication/store/objects/", MAX_REPLICA_OBJECT_BYTES),
+    ("POST", "/api/system/update", MAX_BUNDLE_BYTES),
 )
 
 
