@@ -30,6 +30,7 @@ concurrently with the writer. On PostgreSQL, read-check-write methods lock the r
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +54,7 @@ from appliance.catalog.models import NAME
 from appliance.errors import Conflict, InvalidInput, NotFound
 
 Clock = Callable[[], datetime]
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: Key of the PostgreSQL advisory lock held while the schema is upgraded ("CATALOG!" in ASCII).
@@ -175,10 +177,63 @@ def _schema_is_current(engine: Engine) -> bool:
     return row is not None and row[0] == HEAD_REVISION
 
 
+#: Copies of a SQLite catalog taken before a migration (``<catalog>.before-<revision>``) kept.
+SCHEMA_BACKUPS_KEEP = 3
+
+
+def _stored_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(text("SELECT version_num FROM alembic_version")).first()
+    except (OperationalError, ProgrammingError):
+        return None
+    return None if row is None else str(row[0])
+
+
+def backup_before_migration(engine: Engine) -> Path | None:
+    """Copy an existing SQLite catalog that is about to be migrated to
+    ``<catalog>.before-<head revision>`` (SQLite's backup API: consistent while others read),
+    keeping the newest :data:`SCHEMA_BACKUPS_KEEP`; returns the copy, or None when there is
+    nothing to copy (a new catalog, an in-memory one, or PostgreSQL, whose dumps are the
+    operator's: a copy of a whole server is not ours to take)."""
+    if engine.dialect.name != "sqlite":
+        log.info("catalog schema upgrade on %s: no copy is made first", engine.dialect.name)
+        return None
+    database = engine.url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    path = Path(database)
+    revision = _stored_revision(engine)
+    if not path.is_file() or revision is None or revision == HEAD_REVISION:
+        return None
+    target = path.with_name(f"{path.name}.before-{HEAD_REVISION}")
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    source = sqlite3.connect(path)
+    try:
+        copy = sqlite3.connect(partial)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    partial.replace(target)
+    log.warning("catalog at revision %s copied to %s before its upgrade", revision, target)
+    copies = sorted(
+        path.parent.glob(f"{path.name}.before-*"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for old in [c for c in copies if not c.name.endswith(".partial")][SCHEMA_BACKUPS_KEEP:]:
+        old.unlink(missing_ok=True)
+    return target
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Run ``alembic upgrade head`` on ``engine`` in one transaction."""
+    """Run ``alembic upgrade head`` on ``engine`` in one transaction (an existing SQLite
+    catalog is copied first: :func:`backup_before_migration`)."""
     if _schema_is_current(engine):
         return
+    backup_before_migration(engine)
     from alembic import command
     from alembic.config import Config
 

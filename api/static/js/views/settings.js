@@ -6,6 +6,7 @@ import { h, replace } from "../dom.js";
 import { bytes, dateTime, describeCron, duration } from "../format.js";
 import { bannerSlot, button, busy, card, confirmDialog, field, loading, markField, pageHeader, pill, select, setApplies, toast } from "../ui.js";
 import { scheduleControls } from "./schedule_words.js";
+import { systemCard } from "./system_updates.js";
 
 const TIME_UNITS = [
   ["60", "minutes"],
@@ -268,5 +269,5 @@ export default async function settingsView(view) {
     replace(body);
     return;
   }
-  replace(body, card("General", {}, settingsForm(current, view)), verifyScheduleCard(verify, view.session.role === "admin"), restore ? restoreCard(restore) : null, maintenanceCard(view), recoveryKeyCard(view));
+  replace(body, card("General", {}, settingsForm(current, view)), verifyScheduleCard(verify, view.session.role === "admin"), restore ? restoreCard(restore) : null, maintenanceCard(view), recoveryKeyCard(view), systemCard(view));
 }
