@@ -40,10 +40,12 @@ from api.routers import (
     replication,
     restores,
     status,
+    system,
     takeover,
     tape,
     tape_jobs,
     tiering,
+    updates,
     users,
     verify_schedule,
 )
@@ -164,6 +166,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         verify_schedule,
         plans,
         console,
+        system,
+        updates,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     #: its own node, size and filesystem, so a loop device stands in for a USB disk on a host
     #: without USB. Never set on an appliance.
     test_usb_overlay: Path | None = None
+    #: The root of the appliance OS whose network, time and update settings the page manages
+    #: (``image.appliance_os.layout``). None: ``/`` when ``/etc/appliance/system.json`` exists
+    #: (the built image, or a box set up by ``scripts/install``), otherwise none (a checkout:
+    #: the host's own tools manage them). Tests point it at a temporary folder.
+    os_root: Path | None = None
 
     @model_validator(mode="after")
     def _plain_http_only_on_loopback(self) -> Settings:
@@ -92,6 +97,13 @@ class Settings(BaseSettings):
         if self.port is not None:
             return self.port
         return DEFAULT_TLS_PORT if self.tls else DEFAULT_PLAIN_PORT
+
+    @property
+    def effective_os_root(self) -> Path | None:
+        """The appliance OS root the page may manage, or None in a checkout (see ``os_root``)."""
+        if self.os_root is not None:
+            return self.os_root
+        return Path("/") if Path("/etc/appliance/system.json").exists() else None
 
     @property
     def cert_path(self) -> Path:

@@ -231,6 +231,11 @@ const AUDIT_ACTIONS = {
   "retention.prune": "Pruned points",
   "catalog.rebuild": "Rebuilt the catalog",
   "key.export": "Viewed the recovery key",
+  "recovery_key.show": "Viewed the recovery key",
+  "recovery_key.confirm": "Confirmed keeping the recovery key",
+  "network.update": "Changed the network",
+  "time.update": "Changed the time settings",
+  "security_updates.update": "Changed automatic security updates",
 };
 
 export function auditAction(action) {

@@ -25,6 +25,7 @@ import users from "./views/users.js";
 import audit from "./views/audit.js";
 import settingsView from "./views/settings.js";
 import alertsView from "./views/alerts.js";
+import firstRunView from "./views/firstrun.js";
 
 const RANK = { viewer: 0, operator: 1, admin: 2 };
 // The Alerts entry's badge (open, unacknowledged alerts) is read this often, on every screen
@@ -71,6 +72,7 @@ const ROUTES = [
   [/^\/users$/, users, "Users & tokens", "admin"],
   [/^\/audit$/, audit, "Audit log", "admin"],
   [/^\/settings$/, settingsView, "Settings", "admin"],
+  [/^\/first-run(?:\/([a-z-]+))?$/, firstRunView, "Set up the appliance", "admin"],
 ];
 
 const app = document.getElementById("app");

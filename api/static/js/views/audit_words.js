@@ -80,6 +80,11 @@ const SENTENCES = {
   "token.renew": (e) => `Changed the expiry of an API token (${shortId(e.target)})${e.details.user ? ` of ${e.details.user}` : ""} to ${e.details.expires_at ? dateTime(e.details.expires_at) : "never"}`,
   "token.revoke": (e) => `Revoked an API token (${shortId(e.target)})${e.details.user ? ` of ${e.details.user}` : ""}`,
   "token.refused": (e) => `Refused an API token (${shortId(e.target)}): it ${e.details.reason === "expired" ? "has expired" : "was revoked"}`,
+  "recovery_key.show": () => "Viewed the recovery key in the set-up wizard",
+  "recovery_key.confirm": () => "Confirmed that the recovery key is kept safe (the page no longer shows it)",
+  "network.update": (e) => `Changed the network of ${e.target}: ${e.details.mode === "static" ? `static address ${e.details.address}${e.details.gateway ? ` via ${e.details.gateway}` : ""}` : "DHCP"}${e.details.dns && e.details.dns.length ? `, DNS ${listText(e.details.dns)}` : ""}`,
+  "time.update": (e) => `Set the time zone to ${e.details.timezone}, time servers ${e.details.ntp ? (e.details.ntp_servers && e.details.ntp_servers.length ? listText(e.details.ntp_servers) : "Debian's pool") : "off"}`,
+  "security_updates.update": (e) => `Turned automatic security updates ${e.details.enabled ? "on" : "off"}`,
 };
 
 // Details every sentence leaves out: who-and-how facts shown in their own words below.

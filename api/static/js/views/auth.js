@@ -3,6 +3,7 @@
 import { api } from "../api.js";
 import { h, icon, replace } from "../dom.js";
 import { bannerSlot, field, markField } from "../ui.js";
+import { renderWizardPage } from "./firstrun.js";
 
 function authCard(title, subtitle, banner, form) {
   return h(
@@ -92,7 +93,8 @@ export function renderFirstRun(root, { codeRequired, codeFile, onSignedIn }) {
       if (codeRequired) body.setup_code = form.elements.setup_code.value.trim();
       await api.post("/api/setup", body, { quietAuth: true });
       const session = await api.post("/api/login", { name, password }, { quietAuth: true });
-      await onSignedIn(session);
+      // the recovery key, network, time and first pool before the dashboard (views/firstrun.js)
+      renderWizardPage(root, { onDone: () => onSignedIn(session) });
     });
   });
   replace(
