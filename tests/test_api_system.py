@@ -97,6 +97,9 @@ def test_the_recovery_key_is_shown_until_confirmed_then_gone(
     assert "admin confirmed" in message and "key export --paper" in message
     assert shown["recovery_key"] not in gone.text
     assert admin.get("/api/system").json()["recovery_key_confirmed"] is True
+    # The Settings card's route says the same: shown once means once, wherever it was asked.
+    older = admin.get("/api/recovery-key")
+    assert _error(older, 410) == message and shown["recovery_key"] not in older.text
 
     shows = _audit(admin, "recovery_key.show")
     confirms = _audit(admin, "recovery_key.confirm")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
+from fastapi.responses import JSONResponse
 
 from api.deps import Admin, Operator, ServiceDep, Viewer
+from api.routers.system import recovery_key_gone
 from api.schemas import (
     GcCreate,
     JobPublic,
@@ -113,9 +115,17 @@ def rebuild_catalog(principal: Admin, service: ServiceDep, response: Response) -
     return _accepted(response, job)
 
 
-@router.get("/recovery-key", response_model=RecoveryKeyPublic)
-def recovery_key(principal: Admin, service: ServiceDep) -> RecoveryKeyPublic:
-    """The store's printable recovery key (print it; keep it apart from the appliance)."""
+@router.get(
+    "/recovery-key",
+    response_model=RecoveryKeyPublic,
+    responses={410: {"description": "confirmed already: only the console prints it now"}},
+)
+def recovery_key(principal: Admin, service: ServiceDep) -> RecoveryKeyPublic | JSONResponse:
+    """The store's printable recovery key (print it; keep it apart from the appliance), until
+    an admin confirmed keeping it on the first-run page (then 410, as /api/system/recovery-key)."""
+    gone = recovery_key_gone(service)
+    if gone is not None:
+        return gone
     app = service.app
     app.catalog.audit(principal.name, "key.export", app.repo.store_id, principal.audit_details)
     return RecoveryKeyPublic(store_id=app.repo.store_id, recovery_key=app.repo.key.recovery_key())

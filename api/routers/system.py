@@ -79,6 +79,24 @@ def _confirmation(service: Service) -> dict[str, str]:
     }
 
 
+def recovery_key_gone(service: Service) -> JSONResponse | None:
+    """The 410 every route that shows the recovery key answers once an admin confirmed keeping
+    it (None before): the key was shown once, and after that only the console prints it."""
+    confirmed = _confirmation(service)
+    if not confirmed:
+        return None
+    at = confirmed.get("confirmed_at", "")
+    when = datetime.fromisoformat(at).strftime("%Y-%m-%d %H:%M UTC") if at else "earlier"
+    message = (
+        f"the recovery key was shown once and {confirmed.get('confirmed_by', 'an admin')} "
+        f"confirmed keeping it on {when}; the page no longer shows it. On the appliance's "
+        f"console, `{recovery_key_command(service)}` prints it again (as root)"
+    )
+    return JSONResponse(
+        error_body("recovery_key_confirmed", message, confirmed), status_code=410, headers=NO_STORE
+    )
+
+
 @router.get("/system", response_model=SystemPublic)
 def get_system(principal: Viewer, service: ServiceDep) -> SystemPublic:
     root = service.settings.effective_os_root
@@ -103,20 +121,9 @@ def get_recovery_key(
     principal: Admin, service: ServiceDep, response: Response
 ) -> RecoveryKeyPublic | JSONResponse:
     """The store's recovery key, until an admin confirms having kept it (then 410)."""
-    confirmed = _confirmation(service)
-    if confirmed:
-        at = confirmed.get("confirmed_at", "")
-        when = datetime.fromisoformat(at).strftime("%Y-%m-%d %H:%M UTC") if at else "earlier"
-        message = (
-            f"the recovery key was shown once and {confirmed.get('confirmed_by', 'an admin')} "
-            f"confirmed keeping it on {when}; the page no longer shows it. On the appliance's "
-            f"console, `{recovery_key_command(service)}` prints it again (as root)"
-        )
-        return JSONResponse(
-            error_body("recovery_key_confirmed", message, confirmed),
-            status_code=410,
-            headers=NO_STORE,
-        )
+    gone = recovery_key_gone(service)
+    if gone is not None:
+        return gone
     repo = service.app.repo
     key = repo.key.recovery_key()
     service.app.catalog.audit(
