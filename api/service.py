@@ -78,6 +78,7 @@ from hardware.tape.schedule import tape_backup_tick
 from hardware.udev import DeviceMonitor, record_from_properties, scan
 from hardware.usb import initialise_medium
 from hardware.usb_jobs import on_devices_changed, reconcile_media, register_usb_jobs
+from image.appliance_os.layout import SETUP_DONE_MARK
 from image.failover import FailoverManager, register_failover_jobs
 from image.failover.plan_schedule import plan_test_tick
 from tiering.schedule import tiering_tick
@@ -447,6 +448,7 @@ class Service:
     def _prepare_setup_code(self) -> None:
         if self.admin_exists():
             self.setup_code = None
+            self._mark_setup_done()
             return
         self.setup_code = secrets.token_hex(4)
         path = self.setup_code_path
@@ -466,6 +468,14 @@ class Service:
     def setup_done(self) -> None:
         self.setup_code = None
         self.setup_code_path.unlink(missing_ok=True)
+        self._mark_setup_done()
+
+    def _mark_setup_done(self) -> None:
+        # The console banner says "set-up done" only on this mark: no code file alone would
+        # also be true while the service is still starting.
+        path = self.settings.secrets_dir / SETUP_DONE_MARK
+        if not path.exists():
+            _write_secret(path, "")
 
     # --- accessors ------------------------------------------------------------------------------
 

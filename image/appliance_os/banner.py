@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from image.appliance_os.layout import SETUP_DONE_MARK
+
 ISSUE_FILE = Path("/run/issue.d/appliance.issue")
 #: The first line of the block, which tests and people look for on a serial log.
 HEADLINE = "Backup appliance"
@@ -117,15 +119,16 @@ def gather(data_dir: Path, port: int) -> Facts:
     except ValueError:
         fp = None
     code = _read(data_dir / "secrets" / "setup-code")
-    # The service deletes the code once the administrator exists; until the service has
-    # started at all there is no code and no certificate either.
+    # The service deletes the code once the administrator exists and leaves its mark; while
+    # it starts there is neither (the certificate comes first), which is not "done".
+    done = (data_dir / "secrets" / SETUP_DONE_MARK).exists()
     return Facts(
         version=_version(),
         addresses=global_addresses(ip_json),
         port=port,
         fingerprint=fp,
         setup_code=code,
-        admin_created=code is None and fp is not None,
+        admin_created=done and code is None,
     )
 
 

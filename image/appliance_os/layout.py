@@ -29,6 +29,9 @@ INSTALLER_ROOT_LABEL = "appl-installer"
 #: On the kernel command line of the installer image: the installer runs, the service does not.
 INSTALLER_FLAG = "appliance.installer"
 SERVICE_UNIT = "appliance.service"
+#: In the service's secrets folder: present once the first admin exists (the console banner
+#: then stops showing a set-up code). The code itself is ``setup-code`` beside it.
+SETUP_DONE_MARK = "setup-done"
 
 
 @dataclass(frozen=True)
