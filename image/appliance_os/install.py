@@ -75,12 +75,15 @@ IMAGE_UNITS = (
     "appliance-installer@tty1.service",
     "appliance-installer@ttyS0.service",
     "systemd-networkd.service",
+    "appliance-ssh-keys.service",
 )
 #: Files only the image gets: on an existing box the network file would take over its network,
 #: and the installer's units have no business there.
 IMAGE_ONLY = (
     "etc/systemd/network/10-appliance.network",
     "usr/local/lib/systemd/system/appliance-installer@.service",
+    "usr/local/lib/systemd/system/appliance-ssh-keys.service",
+    "etc/repart.d/50-appliance-root.conf",
     "etc/systemd/system/getty@.service.d/appliance-installer.conf",
     "etc/systemd/system/serial-getty@.service.d/appliance-installer.conf",
 )
@@ -402,7 +405,8 @@ def uninstall(layout: Layout, *, purge: bool, live: bool | None = None) -> list[
     root = layout.root
     live = root == Path("/") if live is None else live
     removed: list[str] = []
-    all_units = UNITS + IMAGE_UNITS[:2]
+    # The image's own units too, but not networkd: the box's network is not ours to undo.
+    all_units = UNITS + tuple(u for u in IMAGE_UNITS if u.startswith("appliance"))
     if live:
         for unit in reversed(all_units):
             subprocess.run(systemctl(root, "stop", unit), capture_output=True, check=False)
