@@ -460,6 +460,9 @@ def test_install_twice_changes_nothing_the_second_time(tmp_path: Path) -> None:
     # The scripts name the path the installed system sees, not the build's root.
     assert script.read_text().splitlines()[0] == "#!/opt/appliance/releases/0.0.1/venv/bin/python"
     assert str(root) not in (root / "opt/appliance/current/venv/bin/activate").read_text()
+    # `appliance` is in root's PATH on the box, following the running release.
+    command = root / "usr/local/sbin/appliance"
+    assert os.readlink(command) == "/opt/appliance/current/venv/bin/appliance"
     assert (root / "etc/systemd/system/multi-user.target.wants/appliance.service").is_symlink()
     assert (
         root / "etc/systemd/system/getty.target.wants/appliance-installer@tty1.service"
@@ -504,6 +507,8 @@ def test_uninstall_keeps_data_unless_purged(tmp_path: Path) -> None:
 
     removed = uninstall(layout, purge=False)
     assert "usr/local/lib/systemd/system/appliance.service" in removed
+    assert "usr/local/sbin/appliance" in removed
+    assert not (root / "usr/local/sbin/appliance").is_symlink()
     assert not (root / "opt/appliance").exists()
     assert not layout.system_file.exists()
     assert not (root / "etc/systemd/system/multi-user.target.wants/appliance.service").exists()

@@ -24,16 +24,14 @@ import zstandard
 
 from appliance.errors import Conflict, InvalidInput
 from image.appliance_os.installer import (
-    Aborted,
-    Choice,
     ConsoleLock,
     OtherConsole,
     Progress,
     TtyInput,
-    ask,
     parse_image_info,
     write_system,
 )
+from image.appliance_os.installer_dialog import Aborted, Choice, ask
 from image.appliance_os.installer_disks import (
     Disk,
     candidate_disks,
@@ -153,9 +151,14 @@ def test_first_pool_doc_names_stable_paths_and_serials() -> None:
 DISKS = candidate_disks(LSBLK, "sdc", GiB)  # 1 sda, 2 nvme0n1, 3 sdb
 
 
-def run_dialog(answers: list[str], disks: list[Disk] = DISKS) -> tuple[Choice, str]:
+def run_dialog(
+    answers: list[str], disks: list[Disk] = DISKS, password: tuple[str, ...] = ("",)
+) -> tuple[Choice, str]:
+    """The dialog over strings; ``password`` answers the console-password questions at the end
+    (Enter by default: no console login)."""
     out = io.StringIO()
-    choice = ask(io.StringIO("".join(a + "\n" for a in answers)), out, disks)
+    lines = [*answers, *password]
+    choice = ask(io.StringIO("".join(a + "\n" for a in lines)), out, disks)
     return choice, out.getvalue()
 
 
@@ -204,6 +207,28 @@ def test_dialog_single_disk_asks_no_pool() -> None:
     choice, text = run_dialog(["1", "ERASE"], DISKS[:1])
     assert names(choice) == ("sda", [])
     assert "first pool" in text and "Which disks become" not in text
+
+
+def test_dialog_console_password_typed_twice_or_none() -> None:
+    choice, text = run_dialog(["1", "ERASE", ""])
+    assert choice.root_password is None
+    assert "No console login: root stays locked" in text and "console login: none" in text
+    answers = (
+        "short",
+        "long enough 1",
+        "long enough 2",
+        "pass:word1",
+        "long enough",
+        "long enough",
+    )
+    choice, text = run_dialog(["1", "ERASE", ""], password=answers)
+    assert "At least 8 characters, please." in text
+    assert "The two passwords differ." in text
+    assert "must not contain ':'" in text
+    assert text.count("Password for root on the console") == 4
+    assert choice.root_password == "long enough"
+    assert "console login: root, with the password typed" in text
+    assert "long enough" not in text and "long enough" not in repr(choice)
 
 
 def test_dialog_rescan_and_poweroff() -> None:
@@ -369,6 +394,8 @@ def system_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     tree = work / "tree"
     (tree / "etc/appliance").mkdir(parents=True)
     (tree / "etc/appliance/system.json").write_text('{"version": "test"}\n')
+    (tree / "etc/shadow").write_text("root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n")
+    (tree / "etc/shadow").chmod(0o640)
     esp, root = work / "esp.fat", work / "root.ext4"
     # FAT labels hold 11 characters at most: layout.ESP_LABEL ("APPLIANCEESP") does not fit.
     _run("mkfs.vfat", "-C", "-n", "APPLESP", str(esp), str(parts[0]["size"] * 512 // 1024))
@@ -501,7 +528,12 @@ def test_install_onto_a_loop_disk_through_the_console(
     console.send(t)
     console.expect("is the system disk; it cannot be in the pool.")
     console.send(p)
+    console.expect("Password for root on the console")
+    console.send("console-pass-1")
+    console.expect("The same password again")
+    console.send("console-pass-1")
     rc, text = console.finish(180)
+    assert "console-pass-1" not in text  # typed without echo
     assert rc == 0, text
     speed = re.search(r"Written .* \(([\d.]+) MiB/s\), verified in ([\d.]+) s", text)
     assert speed, text
@@ -528,6 +560,13 @@ def test_install_onto_a_loop_disk_through_the_console(
     try:
         chosen = json.loads((mnt / "etc/appliance/first-pool.json").read_text())
         assert json.loads((mnt / "etc/appliance/system.json").read_text()) == {"version": "test"}
+        root_entry, daemon = (mnt / "etc/shadow").read_text().splitlines()
+        hashed = root_entry.split(":")[1]
+        assert hashed.startswith("$6$") and daemon == "daemon:*:19000:0:99999:7:::"
+        salt = hashed.split("$")[2]
+        again = _run("openssl", "passwd", "-6", "-salt", salt, "console-pass-1").strip()
+        assert again == hashed  # the password typed opens the console
+        assert (mnt / "etc/shadow").stat().st_mode & 0o777 == 0o640
     finally:
         _run("umount", str(mnt))
     # A loop device has no /dev/disk/by-id name; should udev give it one, it must still be the pool.

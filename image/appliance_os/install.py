@@ -109,6 +109,9 @@ DIRECTORIES = {
 }
 #: What install created, one path (relative to the root) per line.
 MANIFEST = "etc/appliance/installed-files"
+#: The ``appliance`` command in root's PATH, following the running release (the console's
+#: recovery-key command, support work).
+COMMAND_LINK = "usr/local/sbin/appliance"
 #: Kept by uninstall unless purging: the data and the operator's settings.
 KEPT = ("var/lib/appliance", "etc/appliance")
 FIREWALL_TABLE = ("inet", "appliance")
@@ -293,6 +296,17 @@ def relocate_release(layout: Layout, version: str) -> list[str]:
     return rewritten
 
 
+def _put_command_link(layout: Layout) -> bool:
+    link = layout.root / COMMAND_LINK
+    target = "/" + str((layout.current / "venv" / "bin" / "appliance").relative_to(layout.root))
+    if link.is_symlink() and os.readlink(link) == target:
+        return False
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    return True
+
+
 def is_enabled(root: Path, unit: str) -> bool:
     result = subprocess.run(
         systemctl(root, "is-enabled", unit), capture_output=True, text=True, check=False
@@ -332,6 +346,9 @@ def install(
         relocate_release(layout, version)
         releases.switch_to(layout, version)
         report.release = version
+    if _put_command_link(layout):
+        report.changed.append(COMMAND_LINK)
+        created.append(COMMAND_LINK)
     if _put_text(
         layout.system_file,
         json.dumps(marker(mode, version, _read_json(layout.system_file)), indent=2) + "\n",

@@ -35,12 +35,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TextIO
+from typing import Literal, TextIO
 
 import zstandard
 
 from appliance.errors import Conflict, InvalidInput
 from image.appliance_os import layout
+from image.appliance_os.installer_dialog import Aborted, LineSource, ask
 from image.appliance_os.installer_disks import (
     Disk,
     boot_disk,
@@ -59,23 +60,8 @@ SECTOR = 512
 TAIL = 1 << 20
 
 
-class LineSource(Protocol):
-    def readline(self) -> str: ...
-
-
-class Aborted(Exception):
-    """The console closed (end of input)."""
-
-
 class OtherConsole(Exception):
     """The installation was started on another console."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    action: Literal["install", "rescan", "poweroff"]
-    system: Disk | None = None
-    pool: tuple[Disk, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,94 +96,6 @@ class WriteReport:
     @property
     def write_mib_per_s(self) -> float:
         return self.size / (1 << 20) / self.write_seconds if self.write_seconds else 0.0
-
-
-# --- the dialog (pure over text in/out) ---------------------------------------------------------
-
-
-def _read(inp: LineSource, out: TextIO, prompt: str) -> str:
-    out.write(prompt)
-    out.flush()
-    line = inp.readline()
-    if not line:
-        raise Aborted("the console closed")
-    return line.strip()
-
-
-def _parse_pool(answer: str, count: int, system: int) -> tuple[list[int], str | None]:
-    """Numbers of the pool disks, or the reason the answer is refused."""
-    numbers: list[int] = []
-    for word in answer.replace(",", " ").split():
-        if not word.isdigit():
-            return [], f"'{word}' is not a number."
-        n = int(word)
-        if not 1 <= n <= count:
-            return [], f"{n} is not in the list (1-{count})."
-        if n == system:
-            return [], f"{n} is the system disk; it cannot be in the pool."
-        if n in numbers:
-            return [], f"{n} is listed twice."
-        numbers.append(n)
-    return numbers, None
-
-
-def ask(inp: LineSource, out: TextIO, disks: list[Disk]) -> Choice:
-    """Ask which disk to install on (confirmed with ERASE) and which disks form the first pool."""
-    if not disks:
-        out.write("\nNo disk to install on was found (the installer's own disk is not offered).\n")
-        while True:
-            answer = _read(inp, out, "Type r to look again or p to power off: ").lower()
-            if answer in ("r", "p"):
-                return Choice("rescan" if answer == "r" else "poweroff")
-            out.write("Please type r or p.\n")
-    count = len(disks)
-    while True:
-        out.write("\nDisks found:\n")
-        for i, disk in enumerate(disks, 1):
-            out.write(f"  {i}) {disk.line}\n")
-        out.write("(r looks for disks again, p powers off)\n")
-        answer = _read(inp, out, f"Install the appliance on which disk? [1-{count}] ").lower()
-        if answer in ("r", "p"):
-            return Choice("rescan" if answer == "r" else "poweroff")
-        if not answer.isdigit() or not 1 <= int(answer) <= count:
-            out.write(f"Please type a number from 1 to {count}.\n")
-            continue
-        number = int(answer)
-        system = disks[number - 1]
-        out.write(f"\nWARNING: everything on this disk will be erased:\n  {system.line}\n")
-        if _read(inp, out, "Type ERASE to erase it and install (anything else goes back): ") != (
-            "ERASE"
-        ):
-            out.write("Nothing was erased.\n")
-            continue
-        break
-    pool: list[Disk] = []
-    if count > 1:
-        out.write("\n")
-        for i, disk in enumerate(disks, 1):
-            mark = "   (system disk)" if i == number else ""
-            out.write(f"  {i}) {disk.line}{mark}\n")
-        while True:
-            answer = _read(
-                inp,
-                out,
-                "Which disks become the first pool? Numbers separated by spaces, Enter for none: ",
-            )
-            numbers, reason = _parse_pool(answer, count, number)
-            if reason is None:
-                pool = [disks[n - 1] for n in numbers]
-                break
-            out.write(reason + "\n")
-    out.write("\nSummary:\n")
-    out.write(f"  system disk (erased now): {system.line}\n")
-    if pool:
-        out.write("  first pool (formatted later, when you confirm it on the page):\n")
-        for disk in pool:
-            out.write(f"    {disk.line}\n")
-    else:
-        out.write("  first pool: none (choose one on the page later)\n")
-    out.flush()
-    return Choice("install", system, tuple(pool))
 
 
 # --- two consoles, one installation -------------------------------------------------------------
@@ -515,7 +413,7 @@ def install(inp: LineSource, out: TextIO, args: argparse.Namespace) -> str:
         f"Written {human_size(info.size)} in {report.write_seconds:.1f} s "
         f"({report.write_mib_per_s:.1f} MiB/s), verified in {report.verify_seconds:.1f} s\n"
     )
-    grow_and_record(choice.system, choice.pool, out)
+    grow_and_record(choice.system, choice.pool, out, choice.root_password)
     out.write("Installed. Remove the installation medium; the box restarts into the appliance.\n")
     out.flush()
     return "reboot"

@@ -224,8 +224,38 @@ def first_pool_doc(pool: tuple[Disk, ...], links: Callable[[str], list[str]]) ->
     }
 
 
-def grow_and_record(disk: Disk, pool: tuple[Disk, ...], out: TextIO) -> None:
-    """Move the backup GPT to the disk's end, grow the root to fill it, record the pool choice."""
+def shadow_with_root_hash(shadow: str, hashed: str, today: int) -> str:
+    """``/etc/shadow`` with root's password hash (and its last change, in days) replaced."""
+    lines = shadow.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        fields = line.rstrip("\n").split(":")
+        if fields[0] == "root" and len(fields) >= 3:
+            fields[1], fields[2] = hashed, str(today)
+            lines[i] = ":".join(fields) + "\n"
+            return "".join(lines)
+    raise Conflict("the system image's /etc/shadow has no root entry")
+
+
+def set_root_password(root: Path, password: str) -> None:
+    """Give root of the installed tree at ``root`` this password (SHA-512 crypt)."""
+    hashed = run_tool(["openssl", "passwd", "-6", "-stdin"], stdin=password + "\n").stdout.strip()
+    shadow = root / "etc/shadow"
+    st = shadow.stat()
+    text = shadow_with_root_hash(shadow.read_text(), hashed, int(time.time() // 86400))
+    tmp = shadow.with_name("shadow.appliance-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.replace(tmp, shadow)
+
+
+def grow_and_record(
+    disk: Disk, pool: tuple[Disk, ...], out: TextIO, root_password: str | None = None
+) -> None:
+    """Move the backup GPT to the disk's end, grow the root to fill it, record the pool choice
+    and set the console password."""
     out.write("Growing the system partition to the whole disk...\n")
     out.flush()
     # Closing the written disk makes udev probe it; let that finish before the table changes.
@@ -246,5 +276,7 @@ def grow_and_record(disk: Disk, pool: tuple[Disk, ...], out: TextIO) -> None:
             tmp = target.with_suffix(".tmp")
             tmp.write_text(json.dumps(first_pool_doc(pool, by_id_links), indent=2) + "\n")
             os.replace(tmp, target)
+            if root_password:
+                set_root_password(Path(mnt), root_password)
         finally:
             run_tool(["umount", mnt])
