@@ -44,6 +44,7 @@ INSTALL_TIMEOUT = 900.0
 FINGERPRINT = re.compile(r"Certificate:\s+SHA-256 ([0-9A-F:]{95})")
 SETUP_CODE = re.compile(r"Set-up code:\s+(\S+)")
 PAGE = re.compile(r"Page:\s+(https://\S+)")
+CONSOLE_PASSWORD = "console-pass-1"
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,12 @@ class Guest:
     process: subprocess.Popen[bytes]
     serial_log: Path
     started: float
+    line: socket.socket
     port: int | None = None
+
+    def type(self, text: str) -> None:
+        """Type a line on the serial console (Enter is a carriage return there)."""
+        self.line.sendall(text.encode() + b"\r")
 
     def console(self) -> str:
         return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
@@ -122,25 +128,42 @@ class Guest:
         )
 
 
+def _drain(line: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while line.recv(65536):
+            pass
+
+
+def _connect(path: Path, process: subprocess.Popen[bytes]) -> socket.socket:
+    deadline = time.monotonic() + 30
+    while True:
+        line = socket.socket(socket.AF_UNIX)
+        try:
+            line.connect(str(path))
+            return line
+        except OSError:
+            line.close()
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
-def qemu(
-    tmp: Path,
-    disks: list[Path],
-    *,
-    uefi: bool,
-    port: int | None = None,
-    serial: str | None = None,
-) -> Iterator[Guest]:
-    """A TCG guest with ``disks`` (virtio, qcow2), its serial line logged to a file."""
-    log = tmp / f"serial-{time.monotonic_ns()}.log"
+def qemu(tmp: Path, disks: list[Path], *, uefi: bool, port: int | None = None) -> Iterator[Guest]:
+    """A TCG guest with ``disks`` (virtio, qcow2). Its serial line is a socket the test types
+    on, and a log file the test reads."""
+    stamp = time.monotonic_ns()
+    log, sock = tmp / f"serial-{stamp}.log", tmp / f"serial-{stamp}.sock"
     argv = [
         qemu_binary(),
         "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", str(MEMORY_MIB),
         "-display", "none", "-no-reboot", "-monitor", "none",
+        "-chardev", f"socket,id=s0,path={sock},server=on,wait=off,logfile={log}",
+        "-serial", "chardev:s0",
     ]  # fmt: skip
     if uefi:
         code, vars_template = find_ovmf()
-        vars_copy = tmp / f"vars-{time.monotonic_ns()}.fd"
+        vars_copy = tmp / f"vars-{stamp}.fd"
         shutil.copyfile(vars_template, vars_copy)
         argv += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
@@ -155,18 +178,20 @@ def qemu(
     if port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{port}-:443"
     argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
-    if serial is None:
-        argv += ["-serial", f"file:{log}"]
-    else:
-        argv += [
-            "-chardev", f"socket,id=s0,path={serial},server=on,wait=off,logfile={log}",
-            "-serial", "chardev:s0",
-        ]  # fmt: skip
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    guest = Guest(process, log, time.monotonic(), port)
+    try:
+        line = _connect(sock, process)
+    except OSError:
+        process.kill()
+        raise AssertionError(f"QEMU did not start: {process.communicate()[1].decode()}") from None
+    # What the guest sends must be read, or its serial line stalls once the socket's buffer is
+    # full (the chardev's log file keeps a copy for wait_for).
+    threading.Thread(target=_drain, args=(line,), daemon=True).start()
+    guest = Guest(process, log, time.monotonic(), line, port)
     try:
         yield guest
     finally:
+        line.close()
         if process.poll() is None:
             process.terminate()
             try:
@@ -219,14 +244,17 @@ def wait_for_page(guest: Guest, tmp: Path) -> tuple[httpx.Client, str, float]:
     return client, code, time.monotonic() - guest.started
 
 
-def first_run(client: httpx.Client, code: str) -> None:
+def first_run(client: httpx.Client, code: str) -> tuple[str, str]:
+    """The admin, then the recovery key shown once: (the key, the 410 that follows it)."""
     r = client.post("/api/setup", json={"name": ADMIN[0], "password": ADMIN[1], "setup_code": code})
     assert r.status_code == 201, r.text
     client.headers["X-CSRF-Token"] = login(client, *ADMIN)
     shown = client.get("/api/system/recovery-key")
     assert shown.status_code == 200, shown.text
     assert client.post("/api/system/recovery-key/confirm").status_code in (200, 204)
-    assert client.get("/api/system/recovery-key").status_code == 410
+    gone = client.get("/api/system/recovery-key")
+    assert gone.status_code == 410, gone.text
+    return str(shown.json()["recovery_key"]), str(gone.json()["message"])
 
 
 def back_up_a_folder(client: httpx.Client) -> dict[str, object]:
@@ -240,12 +268,6 @@ def back_up_a_folder(client: httpx.Client) -> dict[str, object]:
     point = client.get(f"/api/points/{job['result']['point']}")
     assert point.status_code == 200, point.text
     return dict(point.json())
-
-
-def _drain(line: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while line.recv(65536):
-            pass
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -304,26 +326,23 @@ def test_the_installer_writes_the_system_that_then_boots(built: Built, tmp_path:
     stick = _overlay(built.installer, "raw", tmp_path / "stick.qcow2")
     target = tmp_path / "target.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), "8G"], check=True)
-    sock = str(tmp_path / "serial.sock")
     started = time.monotonic()
-    with qemu(tmp_path, [stick, target], uefi=True, serial=sock) as guest:
+    with qemu(tmp_path, [stick, target], uefi=True) as guest:
         guest.wait_for(
             re.compile(r"Install the appliance on which disk\? \[1-1\] "), BANNER_TIMEOUT
         )
         assert "TESTDISK1" in guest.console(), "the target's serial is listed"
-        with socket.socket(socket.AF_UNIX) as line:
-            line.connect(sock)
-            # What the guest sends must be read, or its serial line stalls once the socket's
-            # buffer is full (the chardev's log file keeps a copy for wait_for).
-            threading.Thread(target=_drain, args=(line,), daemon=True).start()
-            line.sendall(b"1\r")
-            guest.wait_for(re.compile(r"Type ERASE"), 60)
-            line.sendall(b"ERASE\r")
-            guest.wait_for(
-                re.compile(r"Installed\. Remove the installation medium"), INSTALL_TIMEOUT
-            )
-            # The installer reboots; -no-reboot makes QEMU exit instead.
-            guest.process.wait(timeout=120)
+        guest.type("1")
+        guest.wait_for(re.compile(r"Type ERASE"), 60)
+        guest.type("ERASE")
+        guest.wait_for(re.compile(r"Password for root on the console"), 60)
+        guest.type(CONSOLE_PASSWORD)
+        guest.wait_for(re.compile(r"The same password again"), 60)
+        guest.type(CONSOLE_PASSWORD)
+        guest.wait_for(re.compile(r"Installed\. Remove the installation medium"), INSTALL_TIMEOUT)
+        assert CONSOLE_PASSWORD not in guest.console()  # typed without echo
+        # The installer reboots; -no-reboot makes QEMU exit instead.
+        guest.process.wait(timeout=120)
     install_seconds = time.monotonic() - started
     print(f"\ninstaller: boot, write and verify {install_seconds:.0f} s")
     port = free_port()
@@ -332,7 +351,18 @@ def test_the_installer_writes_the_system_that_then_boots(built: Built, tmp_path:
         print(f"installed system (BIOS): boot to page {boot_to_page:.0f} s")
         with contextlib.closing(client):
             assert client.get("/api/health").json()["version"] == built.version
-            first_run(client, code)
+            key, gone = first_run(client, code)
+        # The page shows the key once; the console command it names prints it again, for root
+        # signed in on the console with the password given to the installer.
+        command = re.search(r"`([^`]+)` prints it again", gone)
+        assert command, gone
+        guest.wait_for(re.compile(r"appliance login: "), 120)
+        guest.type("root")
+        guest.wait_for(re.compile(r"Password: "), 60)
+        guest.type(CONSOLE_PASSWORD)
+        guest.wait_for(re.compile(r"appliance:~# "), 120)
+        guest.type(command.group(1))
+        guest.wait_for(re.compile(re.escape(key)), 180)
     # The installer grew root to the end of the 8 GiB disk.
     info = json.loads(
         subprocess.run(

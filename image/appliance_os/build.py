@@ -39,7 +39,7 @@ from typing import TypedDict
 import zstandard
 
 from image.appliance_os import disk
-from image.appliance_os.bundle import build_bundle
+from image.appliance_os.bundle import build_bundle, sha256_file
 from image.appliance_os.install import PACKAGES
 from image.appliance_os.layout import (
     ESP_LABEL,
@@ -296,17 +296,9 @@ def compress(raw: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _describe(path: Path) -> DiskFile:
     st = path.stat()
-    return DiskFile(bytes=st.st_size, allocated_bytes=st.st_blocks * 512, sha256=_sha256(path))
+    return DiskFile(bytes=st.st_size, allocated_bytes=st.st_blocks * 512, sha256=sha256_file(path))
 
 
 @contextmanager

@@ -125,7 +125,7 @@ def _python_version(python: Path) -> str:
     ).stdout.strip()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         while chunk := stream.read(1 << 20):
@@ -186,7 +186,7 @@ def build_bundle(
             "version": version,
             "built": datetime.now(UTC).isoformat(timespec="seconds"),
             "python": _python_version(python),
-            "wheels": {w.name: _sha256(w) for w in sorted(wheels.glob("*.whl"))},
+            "wheels": {w.name: sha256_file(w) for w in sorted(wheels.glob("*.whl"))},
         }
         (staged / RELEASE_FILE).write_text(json.dumps(document, indent=2) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
