@@ -265,17 +265,17 @@ def customize(rootfs: Path, stage: Path) -> None:
 def make_tree(
     rootfs: Path, stage: Path, pins: dict[str, str] | None, sources: Sequence[str], log: Path
 ) -> None:
+    # The hook runs this module again, from this checkout, with the tree's path as "$1".
     hook = shlex.join(
         [sys.executable, "-m", "image.appliance_os.build", "customize", "--stage", str(stage)]
     )
-    checkout = Path(__file__).resolve().parents[2]
-    env_path = shlex.quote(str(checkout))
+    checkout = shlex.quote(str(Path(__file__).resolve().parents[2]))
     argv = [
         "mmdebstrap",
         "--mode=root",
         "--variant=minbase",
         "--include=" + ",".join(includes(pins)),
-        f'--customize-hook=cd {env_path} && PYTHONPATH={env_path} {hook} --rootfs "$1"',
+        f'--customize-hook=cd {checkout} && PYTHONPATH={checkout} {hook} --rootfs "$1"',
         SUITE,
         str(rootfs),
         *sources,
