@@ -28,13 +28,18 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 P99_TARGET_MS = 100.0
+_T = TypeVar("_T")
+
 SLOWDOWN_TARGET = 0.10
 ADMIN = ("bench", "bench-password-1")
 PASSPHRASE = "bench api load passphrase"
@@ -353,6 +358,17 @@ async def _load(
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
+def _run_coroutine(coroutine: Coroutine[object, object, _T]) -> _T:
+    """``asyncio.run``, in a thread of its own when this thread already runs an event loop (a
+    caller inside one, or Playwright's sync API in the same test process)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
+
+
 def run(
     cli: Path,
     work: Path,
@@ -390,7 +406,7 @@ def run(
             result.server_cpu_unloaded = _cpu_seconds(server.proc.pid) - cpu_before
             runs = len(result.unloaded)
             log(f"api-load: {runs} unloaded full backups, {_seconds(result.unloaded)}")
-            job_ids, latencies = asyncio.run(
+            job_ids, latencies = _run_coroutine(
                 _load(
                     server.url,
                     token,
