@@ -205,6 +205,15 @@ class Envelope:
 
     def seal(self, blob_type: int, blob_id: bytes, plaintext: bytes | memoryview) -> bytes:
         compression, body = self._compress(blob_type, plaintext)
+        return self.seal_body(blob_type, blob_id, compression, body)
+
+    def seal_body(
+        self, blob_type: int, blob_id: bytes, compression: int, body: bytes | memoryview
+    ) -> bytes:
+        """Seal a body already compressed as ``compression`` says (the backup client's chunks,
+        whose plaintext the caller has checked against ``blob_id``)."""
+        if compression not in (fmt.COMPRESSION_NONE, fmt.COMPRESSION_ZSTD):
+            raise UnsupportedFormat(f"unknown compression {compression}")
         header = bytes((fmt.ENVELOPE_VERSION, fmt.CIPHER_AES_256_GCM, compression))
         nonce = secrets.token_bytes(fmt.NONCE_SIZE)
         aad = fmt.AAD_PREFIX + header + bytes((blob_type,)) + blob_id

@@ -179,6 +179,21 @@ class BlobWriter:
                 self.dense_bytes += size
         return blob_id
 
+    def put_compressed(self, blob_id: bytes, size: int, compression: int, body: bytes) -> bool:
+        """Store a data blob that arrives compressed (the backup client), unless the store has
+        it; the caller has checked that its plaintext hashes to ``blob_id``. True if written."""
+        if blob_id in self._seen or self.repo.index.contains(blob_id):
+            return False
+        sealed = self.envelope.seal_body(fmt.BLOB_DATA, blob_id, compression, body)
+        self._data.add(fmt.BLOB_DATA, blob_id, sealed)
+        self._seen.add(blob_id)
+        self.new_bytes += len(sealed)
+        self.new_blobs += 1
+        self.data_bytes += size
+        if compression == fmt.COMPRESSION_NONE or len(body) >= size * DENSE_RATIO:
+            self.dense_bytes += size
+        return True
+
     def flush(self) -> list[IndexEntry]:
         return self._data.flush() + self._meta.flush()
 
