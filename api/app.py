@@ -25,10 +25,12 @@ from api.routers import (
     alerts,
     assets,
     auth,
+    client,
     console,
     failover,
     failover_points,
     hardware,
+    hosts,
     jobs,
     locations,
     maintenance,
@@ -143,6 +145,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     # matched in this order (with ~250 routes, matching the upload last cost ~0.5 ms each).
     for module in (
         replication,
+        client,
         auth,
         assets,
         failover,
@@ -168,6 +171,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         console,
         system,
         updates,
+        hosts,
     ):
         app.include_router(module.router, prefix="/api", responses=errors)
     app.include_router(status.metrics_router, responses=errors)

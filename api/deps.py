@@ -35,6 +35,7 @@ from fastapi import Depends, Query, Request
 from api.errors import AuthenticationRequired, CsrfFailed, PermissionDenied
 from api.pairing import SourceRecord, source_of_token, touch_source
 from api.security import (
+    CLIENT_ROLE,
     CSRF_COOKIE,
     CSRF_HEADER,
     REPLICATION_ROLE,
@@ -206,6 +207,12 @@ def _requiring(role: str) -> Callable[..., Awaitable[Principal]]:
                 await to_thread.run_sync(refuse_replication, service, principal, request)
                 raise PermissionDenied(
                     "a replication token is accepted only by the replication object routes",
+                    needed=role,
+                    role=principal.role,
+                )
+            if principal.role == CLIENT_ROLE:
+                raise PermissionDenied(
+                    "a host's client token is accepted only by the /api/client routes",
                     needed=role,
                     role=principal.role,
                 )

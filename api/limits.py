@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
+from appliance.client.wire import MAX_BATCH
 
 #: The most bytes any request body may have (1 MiB).
 MAX_BODY_BYTES = 1 << 20
@@ -39,6 +40,8 @@ MAX_BUNDLE_BYTES = 512 << 20
 LARGE_BODY_ROUTES: tuple[tuple[str, str, int], ...] = (
     ("PUT", "/api/replication/store/objects/", MAX_REPLICA_OBJECT_BYTES),
     ("POST", "/api/system/update", MAX_BUNDLE_BYTES),
+    # A backup client's chunk batches (and records batches) of up to about a pack each.
+    ("POST", "/api/client/sessions/", MAX_BATCH + 1024 * 1024),
 )
 
 

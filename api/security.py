@@ -40,6 +40,9 @@ ROLES = ("viewer", "operator", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 #: The role of a peer's system user for one replication source (docs/replication.md).
 REPLICATION_ROLE = "replication"
+#: The role of a protected host's system user: its token only adds points to its assets
+#: (``/api/client/...``, docs/sources.md).
+CLIENT_ROLE = "client"
 TOKEN_PREFIX = "apl_"
 SESSION_COOKIE = "appliance_session"
 CSRF_COOKIE = "appliance_csrf"

@@ -69,6 +69,7 @@ from appliance.path_rules import default_restore_area
 from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
+from appliance.sources.jobs import register_source_jobs
 from hardware.pool_jobs import device_from_params, pool_tick, register_pool_jobs
 from hardware.pools import mount_pools
 from hardware.records import BlockDevice, DeviceDiff, Inventory, diff
@@ -281,6 +282,7 @@ class Service:
             register_usb_jobs()
             register_tape_jobs()
             register_initialise_job()
+            register_source_jobs()
             # After the policy kinds: the backup kinds (policy_backup too) queue replication.
             register_replication_jobs()
             self._mount_pools()

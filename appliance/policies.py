@@ -32,6 +32,14 @@ RETENTION_KEYS = tuple(
 
 def backup_job_for(asset: AssetRecord, mode: str) -> tuple[str, dict[str, Any]]:
     """The job kind and parameters that back up ``asset`` once."""
+    if asset.kind == "files" and asset.source.startswith("client://"):
+        raise InvalidInput(
+            f"asset {asset.name} is backed up by its host's client (appliance-client backup); "
+            "the appliance cannot start it"
+        )
+    if asset.source.startswith(("ssh://", "libvirt://")):
+        kind = "backup_ssh" if asset.source.startswith("ssh://") else "backup_libvirt"
+        return kind, {"source": asset.source, "asset": asset.name, "mode": mode}
     if asset.kind == "files":
         if not asset.source:
             raise InvalidInput(f"asset {asset.name} has no source path")

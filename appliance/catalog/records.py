@@ -57,7 +57,7 @@ POOL_FS_TYPES = frozenset({"ext4", "xfs", "btrfs"})
 POOL_PROFILES = frozenset({"single", "raid1", "raid10"})
 MEDIA_KINDS = frozenset({"usb", "tape"})
 #: ``replication``: a peer's system user for one replication source (made by pairing only).
-USER_ROLES = frozenset({"admin", "operator", "viewer", "replication"})
+USER_ROLES = frozenset({"admin", "operator", "viewer", "replication", "client"})
 LOG_LEVELS = frozenset({"debug", "info", "warning", "error"})
 #: States of a failover session (``image.failover`` owns the state machine).
 FAILOVER_STATES = frozenset(

@@ -1,0 +1,328 @@
+"""One client backup: session, walk, chunk upload, records, finish.
+
+Pipeline: the main thread walks and reads (``TreeReader``), cuts chunks and hashes them with the
+store's key (BLAKE3 and FastCDC release the GIL). A chunk the appliance already has for this asset
+(its previous point's chunks, or sent earlier in this session) is only named in the record. Every
+other chunk is compressed by a small thread pool and framed into batches of about one pack; one
+sender thread posts the batches, at most :data:`IN_FLIGHT` waiting, so memory stays bounded and
+reading, compressing and sending overlap.
+
+Resuming: the session ID is kept in the state folder until the point is made. Run again after a
+crash or a lost link, the client reopens the same session; the appliance answers every chunk it
+got, so only the rest is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import zstandard
+
+from appliance.client import wire
+from appliance.client.connection import ClientError, Connection
+from appliance.sources.tree_source import LocalFS, Record, SourceFS, TreeReader
+
+#: Chunk batches queued for the sender beyond the one being sent.
+IN_FLIGHT = 2
+RECORDS_BATCH = 20_000
+
+
+class _Compressors(threading.local):
+    def __init__(self) -> None:
+        self.level3 = zstandard.ZstdCompressor(level=3)
+        self.level1 = zstandard.ZstdCompressor(level=1)
+
+
+_zstd = _Compressors()
+
+
+def compress(data: bytes) -> tuple[int, bytes]:
+    """As the store compresses file chunks: skip data that does not compress (probed on a
+    slice at a fast level), else zstd level 3."""
+    if len(data) >= 65536:
+        sample = data[:16384]
+        if len(_zstd.level1.compress(sample)) > len(sample) * 0.97:
+            return wire.COMPRESSION_NONE, data
+    packed = _zstd.level3.compress(data)
+    if len(packed) >= len(data):
+        return wire.COMPRESSION_NONE, data
+    return wire.COMPRESSION_ZSTD, packed
+
+
+def _frame(chunk_id: bytes, data: bytes) -> bytes:
+    compression, body = compress(data)
+    return wire.encode_frame(chunk_id, compression, len(data), body)
+
+
+@dataclass
+class UploadStats:
+    chunks_new: int = 0
+    chunks_known: int = 0
+    bytes_new_plain: int = 0
+    bytes_sent_chunks: int = 0
+    batches: int = 0
+    stored: int = 0
+
+
+@dataclass
+class _Batch:
+    frames: list[Future[bytes]] = field(default_factory=list)
+    ids: list[bytes] = field(default_factory=list)
+    plain: int = 0
+
+
+class UploadSink:
+    """Names every chunk; sends those the appliance lacks (see the module docstring)."""
+
+    def __init__(
+        self, conn: Connection, session: str, id_key: bytes, known: set[bytes], threads: int = 2
+    ) -> None:
+        self.conn = conn
+        self.session = session
+        self.id_key = id_key
+        self.known = known
+        self.stats = UploadStats()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="compress")
+        self._batch = _Batch()
+        self._queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
+        self._error: BaseException | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
+        self._sender.start()
+
+    def put(self, data: bytes) -> str:
+        chunk_id = blake3.blake3(data, key=self.id_key).digest()
+        if chunk_id in self.known:
+            self.stats.chunks_known += 1
+            return chunk_id.hex()
+        self.known.add(chunk_id)
+        self.stats.chunks_new += 1
+        self.stats.bytes_new_plain += len(data)
+        batch = self._batch
+        batch.frames.append(self._pool.submit(_frame, chunk_id, data))
+        batch.ids.append(chunk_id)
+        batch.plain += len(data)
+        if batch.plain >= wire.BATCH_TARGET:
+            self._hand_over()
+        return chunk_id.hex()
+
+    def _hand_over(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._batch.frames:
+            self._queue.put(self._batch)
+            self._batch = _Batch()
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                body = b"".join(f.result() for f in batch.frames)
+                answer = self.conn.request(
+                    "POST", f"/api/client/sessions/{self.session}/chunks", content=body
+                ).json()
+                self.stats.bytes_sent_chunks += len(body)
+                self.stats.batches += 1
+                self.stats.stored += int(answer.get("stored", 0))
+            except BaseException as exc:  # raised in the main thread at its next step
+                self._error = exc
+
+    def finish(self) -> None:
+        """Send what is left and wait until every batch is acknowledged."""
+        self._hand_over()
+        self._queue.put(None)
+        self._sender.join()
+        self._pool.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+
+    def abandon(self) -> None:
+        self._error = self._error or ClientError("abandoned", code="abandoned")
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class BackupRequest:
+    paths: list[str]
+    asset: str
+    host: str
+    mode: str = "incremental"
+    excludes: tuple[str, ...] = ()
+    one_file_system: bool = False
+    state_dir: str = "/var/lib/appliance-client"
+    threads: int = 2
+
+
+def source_of(request: BackupRequest) -> tuple[SourceFS, str, tuple[str, ...]]:
+    """The tree to walk and its ``source`` name. One folder is the tree's root; several are
+    kept under ``/`` with their parents, and everything else under ``/`` excluded."""
+    paths = [os.path.abspath(p) for p in request.paths]
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ClientError(f"{path} is not a folder on this host", code="not_a_folder")
+    if len(paths) == 1:
+        return LocalFS(paths[0]), f"client://{request.host}{paths[0]}", request.excludes
+    return (
+        _SelectedFS("/", paths),
+        f"client://{request.host}/" + ",".join(sorted(paths)),
+        request.excludes,
+    )
+
+
+class _SelectedFS(LocalFS):
+    """``/`` showing only the chosen folders and the folders above them."""
+
+    def __init__(self, root: str, chosen: list[str]) -> None:
+        super().__init__(root)
+        self.chosen = [p.strip("/") for p in chosen]
+
+    def listdir(self, rel: str) -> list[str]:
+        names = super().listdir(rel)
+        if any(rel == c or rel.startswith(c + "/") for c in self.chosen):
+            return names
+        keep = []
+        for name in names:
+            child = f"{rel}/{name}" if rel else name
+            if any(c == child or c.startswith(child + "/") for c in self.chosen):
+                keep.append(name)
+        return keep
+
+
+def _state_file(request: BackupRequest, source: str) -> str:
+    key = blake3.blake3(f"{request.asset}\n{source}".encode()).hexdigest()[:24]
+    return os.path.join(request.state_dir, f"session-{key}.json")
+
+
+def run_backup(
+    conn: Connection, request: BackupRequest, say: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    hello = conn.get_json("/api/client/hello")
+    if request.asset not in hello.get("assets", []):
+        raise ClientError(
+            f"this host's token may add points to {', '.join(hello.get('assets', [])) or 'no asset'}, "
+            f"not to {request.asset}",
+            code="asset_not_allowed",
+        )
+    fs, source, excludes = source_of(request)
+    os.makedirs(request.state_dir, mode=0o700, exist_ok=True)
+    state_file = _state_file(request, source)
+    resume = None
+    if os.path.exists(state_file):
+        with open(state_file) as f:
+            resume = json.load(f).get("session")
+    opened = conn.post_json(
+        "/api/client/sessions",
+        {"asset": request.asset, "source": source, "mode": request.mode, "resume": resume},
+    )
+    session = opened["session"]
+    if session == resume:
+        say(f"resuming session {session[:8]}")
+    with open(state_file + ".new", "w") as f:
+        json.dump({"session": session, "asset": request.asset, "source": source}, f)
+    os.replace(state_file + ".new", state_file)
+    known_raw = conn.request("GET", f"/api/client/sessions/{session}/known").content
+    known = {known_raw[i : i + wire.ID_SIZE] for i in range(0, len(known_raw), wire.ID_SIZE)}
+    sink = UploadSink(conn, session, bytes.fromhex(hello["id_key"]), known, threads=request.threads)
+    started = time.monotonic()
+    progress = _Progress(say)
+    reader = TreeReader(
+        fs,
+        sink,
+        hello["chunking"],
+        excludes=excludes,
+        one_file_system=request.one_file_system,
+        read_progress=progress.add,
+    )
+    batches = 0
+    try:
+        pending: list[bytes] = []
+        for record in reader.records():
+            pending.append(json.dumps(record, separators=(",", ":")).encode())
+            if len(pending) >= RECORDS_BATCH:
+                _send_records(conn, session, batches, pending)
+                batches += 1
+                pending = []
+            progress.tick(reader.stats.files, sink.stats.bytes_sent_chunks)
+        if pending or batches == 0:
+            _send_records(conn, session, batches, pending)
+            batches += 1
+        sink.finish()
+    except BaseException:
+        sink.abandon()
+        raise
+    walk = reader.stats
+    stats = {
+        "files": walk.files,
+        "directories": walk.directories,
+        "files_read": walk.files_read,
+        "bytes_read": walk.bytes_read,
+        "chunks_new": sink.stats.chunks_new,
+        "chunks_known": sink.stats.chunks_known,
+        "bytes_sent": conn.traffic.bytes_sent,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    done = conn.post_json(
+        f"/api/client/sessions/{session}/finish",
+        {
+            "batches": batches,
+            "stats": stats,
+            "warnings": walk.warnings,
+            "warning_count": walk.warning_count,
+        },
+    )
+    os.unlink(state_file)
+    return {
+        "point": done["point"],
+        "mode": done["mode"],
+        "stored_bytes": done.get("new_bytes", 0),
+        "warnings": walk.warning_count,
+        **stats,
+        "bytes_sent": conn.traffic.bytes_sent,
+        "chunk_bytes_sent": sink.stats.bytes_sent_chunks,
+        "retries": conn.traffic.retries,
+    }
+
+
+def _send_records(conn: Connection, session: str, seq: int, lines: list[bytes]) -> None:
+    body = zstandard.ZstdCompressor(level=3).compress(b"\n".join(lines) + b"\n" if lines else b"")
+    conn.request(
+        "POST", f"/api/client/sessions/{session}/records", content=body, params={"seq": seq}
+    )
+
+
+class _Progress:
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.read = 0
+        self.last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.read += n
+
+    def tick(self, files: int, sent: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 2.0:
+            self.last = now
+            self.say(
+                f"{files} files, {self.read / 2**20:.0f} MiB read, {sent / 2**20:.0f} MiB sent"
+            )
+
+
+def iter_records(lines: Iterator[bytes]) -> Iterator[Record]:
+    for line in lines:
+        yield json.loads(line)
