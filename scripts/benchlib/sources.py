@@ -1,0 +1,243 @@
+"""The ``sources`` phase: the backup client over HTTPS against the same data backed up locally.
+
+Two ``appliance serve --tls`` processes on 127.0.0.1 (fresh stores, so neither run dedups
+against the other): on ``local`` the tree is an asset backed up by a job, on ``client`` a client
+host is added through the API and ``appliance-client`` (in this process, as a host runs it) backs
+the same tree up over HTTPS with the pinned certificate. Both on the same two cores. Then ~5 % of
+the files are rewritten and the client backs up again: bytes of chunk batches on the wire vs the
+new sealed bytes the point added to the store.
+
+Targets (issue 18): client ≥ 0.7x local; incremental bytes sent ≤ 1.05x new compressed chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+TITLE = "Remote sources: the backup client over HTTPS vs a local backup"
+
+
+@dataclass
+class Run:
+    local_s: float
+    client_s: float
+    size: int
+    inc_sent: int
+    inc_new: int
+    inc_changed: int
+
+
+@dataclass
+class SourcesResult:
+    runs: list[Run] = field(default_factory=list)
+    problem: str | None = None
+
+
+def _tree(root: Path, size: int, seed: int) -> int:
+    """Half random files (do not compress), half text (compresses ~4x); 64 KiB to 8 MiB."""
+    rng = random.Random(seed)
+    words = [b"backup", b"appliance", b"chunk", b"store", b"point", b"client", b"pack"]
+    total = 0
+    n = 0
+    while total < size:
+        length = min(rng.choice([64 << 10, 256 << 10, 1 << 20, 8 << 20]), size - total)
+        folder = root / f"d{n % 16:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if n % 2:
+            data = rng.randbytes(length)
+        else:
+            line = b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+            data = (line * (length // len(line) + 1))[:length]
+        (folder / f"f{n:05d}").write_bytes(data)
+        total += length
+        n += 1
+    return total
+
+
+def _change(root: Path, share: float, seed: int) -> int:
+    rng = random.Random(seed)
+    files = sorted(p for p in root.rglob("f*") if p.is_file())
+    changed = 0
+    for path in rng.sample(files, max(1, int(len(files) * share))):
+        size = path.stat().st_size
+        path.write_bytes(rng.randbytes(size))
+        changed += size
+    return changed
+
+
+def _job_seconds(job: dict[str, Any]) -> float:
+    start = datetime.fromisoformat(job["started_at"])
+    end = datetime.fromisoformat(job["finished_at"])
+    return (end - start).total_seconds()
+
+
+def _local(service: Any, tree: Path, wait_job: Any) -> float:
+    with service.api() as api:
+        r = api.post("/api/assets", json={"name": "tree", "kind": "files", "path": str(tree)})
+        if r.status_code != 201:
+            raise RuntimeError(f"asset: {r.status_code} {r.text}")
+        job = api.post("/api/assets/tree/backup", json={"mode": "full"}).json()
+        done = wait_job(api, job["id"])
+        if done["state"] != "succeeded":
+            raise RuntimeError(f"local backup: {done.get('error')}")
+        return _job_seconds(done)
+
+
+def _client(service: Any, tree: Path, work: Path) -> tuple[str, Any]:
+    from appliance.client import cli
+
+    with service.api() as api:
+        r = api.post("/api/hosts", json={"name": "bench", "kind": "client"})
+        if r.status_code != 201:
+            raise RuntimeError(f"host: {r.status_code} {r.text}")
+        token = r.json()["token"]
+    config = work / "client.json"
+    from api.identity import certificate_fingerprint
+
+    fingerprint = certificate_fingerprint(service.data / "tls" / "cert.pem")
+    args = ["--config", str(config), "enroll", "--server", service.url]
+    if cli.main([*args, "--fingerprint", fingerprint, "--token", token]) != 0:
+        raise RuntimeError("enroll failed")
+    return str(config), cli
+
+
+def _client_backup(config: str, tree: Path, state: Path) -> dict[str, Any]:
+    from appliance.client.backup import BackupRequest, run_backup
+    from appliance.client.cli import connect, load_config
+
+    conn = connect(load_config(config))
+    try:
+        request = BackupRequest([str(tree)], "bench", "bench", state_dir=str(state))
+        return run_backup(conn, request)
+    finally:
+        conn.close()
+
+
+def run(
+    cli: Path,
+    work: Path,
+    *,
+    scale: float,
+    repeat: int,
+    log: Any,
+    service_cls: Any,
+    wait_job: Any,
+) -> SourcesResult:
+    result = SourcesResult()
+    size = int(512 * 1024 * 1024 * scale)
+    base = Path(tempfile.mkdtemp(prefix="sources-", dir=work))
+    logs = work / "logs"
+    try:
+        for n in range(repeat):
+            tree = base / f"tree{n}"
+            actual = _tree(tree, size, seed=n)
+            local = service_cls(cli, base / f"local{n}", logs)
+            remote = service_cls(cli, base / f"client{n}", logs)
+            try:
+                local.start()
+                remote.start()
+                config, _ = _client(remote, tree, base)
+                os.sync()
+                order = ["local", "client"] if n % 2 == 0 else ["client", "local"]
+                times: dict[str, float] = {}
+                for which in order:
+                    if which == "local":
+                        times["local"] = _local(local, tree, wait_job)
+                    else:
+                        started = time.monotonic()
+                        _client_backup(config, tree, base / "state")
+                        times["client"] = time.monotonic() - started
+                changed = _change(tree, 0.05, seed=100 + n)
+                inc = _client_backup(config, tree, base / "state")
+                with remote.api() as api:
+                    point = api.get(f"/api/points/{inc['point']}").json()
+                new = int(point.get("stored_bytes", 0))
+                run_ = Run(
+                    times["local"], times["client"], actual, inc["chunk_bytes_sent"], new, changed
+                )
+                result.runs.append(run_)
+                log(
+                    f"sources {n + 1}/{repeat}: local {run_.local_s:.1f} s, client "
+                    f"{run_.client_s:.1f} s ({_mib(actual) / run_.client_s:.0f} MiB/s), "
+                    f"incremental sent {_mib(run_.inc_sent):.1f} MiB for {_mib(new):.1f} MiB new"
+                )
+            finally:
+                local.stop()
+                remote.stop()
+                shutil.rmtree(tree, ignore_errors=True)
+    except Exception as exc:  # the report says what failed instead of a traceback
+        result.problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def _mib(n: float) -> float:
+    return n / 2**20
+
+
+def rows(result: SourcesResult) -> list[list[str]]:
+    out = []
+    for n, r in enumerate(result.runs, 1):
+        out.append(
+            [
+                str(n),
+                f"{_mib(r.size):.0f}",
+                f"{r.local_s:.1f} ({_mib(r.size) / r.local_s:.0f} MiB/s)",
+                f"{r.client_s:.1f} ({_mib(r.size) / r.client_s:.0f} MiB/s)",
+                f"{r.local_s / r.client_s:.2f}x",
+                f"{_mib(r.inc_sent):.1f} / {_mib(r.inc_new):.1f} = {r.inc_sent / max(r.inc_new, 1):.3f}x",
+            ]
+        )
+    return out
+
+
+HEADERS = ["run", "MiB", "local s", "client s", "client ÷ local speed", "incr. sent / new"]
+
+
+def targets(result: SourcesResult) -> list[tuple[str, str, str]]:
+    if not result.runs:
+        return [
+            ("client vs local", "≥ 0.7x", "not measured"),
+            ("incremental bytes", "≤ 1.05x", "-"),
+        ]
+    speed = statistics.median(r.local_s / r.client_s for r in result.runs)
+    sent = statistics.median(r.inc_sent / max(r.inc_new, 1) for r in result.runs)
+    return [
+        (
+            "client over HTTPS vs local (median)",
+            "≥ 0.7x",
+            f"{speed:.2f}x {'✓' if speed >= 0.7 else '✗'}",
+        ),
+        (
+            "incremental bytes sent vs new (median)",
+            "≤ 1.05x",
+            f"{sent:.3f}x {'✓' if sent <= 1.05 else '✗'}",
+        ),
+    ]
+
+
+def render(
+    result: SourcesResult, text_table: Any, markdown_table: Any
+) -> tuple[list[str], list[str]]:
+    text = ["", f"== {TITLE} =="]
+    md = ["", f"### {TITLE}", ""]
+    if result.problem:
+        text.append(f"  ! {result.problem}")
+        md.append(f"- {result.problem}")
+    if result.runs:
+        text.append(text_table(HEADERS, rows(result)))
+        md.append(markdown_table(HEADERS, rows(result)))
+    checks = [[name, goal, got] for name, goal, got in targets(result)]
+    text.append(text_table(["target", "goal", "measured"], checks))
+    md += ["", markdown_table(["target", "goal", "measured"], checks)]
+    return text, md
