@@ -38,6 +38,7 @@ from appliance.locations.work import copies_public
 from appliance.maintenance import collect_garbage, repair_store
 from appliance.point_check import verify_new_point
 from appliance.retention import RetentionRules
+from appliance.sources.ingest import session_chunks
 from appliance.workers import start_early
 
 EXIT_DAMAGE = 1
@@ -391,7 +392,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with _open(args) as app, app.locks.exclusive():
-        report = collect_garbage(app.repo, grace_seconds=args.grace, dry_run=args.dry_run)
+        report = collect_garbage(
+            app.repo,
+            grace_seconds=args.grace,
+            dry_run=args.dry_run,
+            keep=session_chunks(app.data_dir.path),
+        )
     _emit(
         args,
         report.to_dict(),

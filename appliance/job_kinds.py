@@ -17,6 +17,7 @@ from appliance.job_context import JobView
 from appliance.maintenance import collect_garbage
 from appliance.point_check import verify_new_point
 from appliance.retention import RetentionRules
+from appliance.sources.ingest import session_chunks
 
 #: How long a copy waits for its unavailable location before it tries again (an outside event,
 #: such as the disk being inserted, wakes it sooner: ``JobRunner.wake_matching("location:ID")``).
@@ -214,7 +215,11 @@ def copy_resources(p: dict[str, Any]) -> list[tuple[str, bool]]:
 
 def gc(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any]:
     with app.locks.exclusive():
-        report = collect_garbage(app.repo, grace_seconds=float(p.get("grace", 3600)))
+        report = collect_garbage(
+            app.repo,
+            grace_seconds=float(p.get("grace", 3600)),
+            keep=session_chunks(app.data_dir.path),
+        )
     return report.to_dict()
 
 

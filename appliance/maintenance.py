@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,8 +260,12 @@ def collect_garbage(
     repack_below: float = 0.5,
     dry_run: bool = False,
     now: Callable[[], float] = time.time,
+    keep: Iterable[bytes] = (),
 ) -> GcReport:
-    """Free the space of blobs no point references. The caller holds the exclusive store lock."""
+    """Free the space of blobs no point references. The caller holds the exclusive store lock.
+
+    ``keep``: blobs no point references yet that must stay (the chunks of open upload sessions
+    of the backup client, ``appliance.sources.ingest.session_chunks``)."""
     repo.sync_index()
     report = GcReport(dry_run=dry_run)
     cutoff = now() - grace_seconds
@@ -277,6 +281,9 @@ def collect_garbage(
                 batch = []
         index.mark(batch)
         report.points += 1
+    pending = [blob_id for blob_id in keep if index.contains(blob_id)]
+    for start in range(0, len(pending), 50_000):
+        index.mark(pending[start : start + 50_000])
     lost = index.missing_marks(limit=10)
     if lost:
         raise IntegrityError(

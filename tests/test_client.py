@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import zstandard
-from api_support import bootstrap_accounts, free_port, weak_kdf_env
+from api_support import bootstrap_accounts, free_port, wait_job, weak_kdf_env
 from client_support import add_client_host, cutting_relay, enroll, make_tree, run_client
 from replication_support import TlsServer, digest_tree, tls_server
 
@@ -414,3 +415,51 @@ def test_the_zipapp_downloads_with_the_pinned_key_and_runs_on_its_own(
         cwd=tmp_path,
     )
     assert done.returncode == 0 and "enroll" in done.stdout, done.stderr
+
+
+def test_gc_keeps_the_chunks_of_an_open_session(server: TlsServer, web1: dict[str, Any]) -> None:
+    """A GC between two batches of a client's upload must not free what the session sent:
+    no point references those chunks until the session finishes."""
+    token = json.loads(web1["config"].read_text())["token"]
+    hello_key = None
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
+        hello_key = bytes.fromhex(c.get("/api/client/hello").json()["id_key"])
+        sid = c.post(
+            "/api/client/sessions",
+            json={"asset": "web1", "source": "client://web1/gc", "mode": "full"},
+        ).json()["session"]
+        data = os.urandom(100_000)
+        chunk_id = blake3.blake3(data, key=hello_key).digest()
+        frame = wire.encode_frame(chunk_id, wire.COMPRESSION_NONE, len(data), data)
+        assert c.post(f"/api/client/sessions/{sid}/chunks", content=frame).json()["stored"] == 1
+    with server.as_role("admin") as admin:
+        job = admin.post("/api/gc", json={"grace_seconds": 0}).json()
+        assert wait_job(admin, job["id"])["state"] == "succeeded"
+    records = [
+        {"path": "", "type": "dir", "mode": 0o755, "uid": 0, "gid": 0, "mtime_ns": 0},
+        {
+            "path": "f",
+            "type": "file",
+            "mode": 0o644,
+            "uid": 0,
+            "gid": 0,
+            "mtime_ns": 0,
+            "size": len(data),
+            "ctime_ns": 0,
+            "ino": 1,
+            "chunks": [[chunk_id.hex(), len(data)]],
+        },
+    ]
+    body = zstandard.ZstdCompressor().compress(
+        b"".join(json.dumps(r).encode() + b"\n" for r in records)
+    )
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as c:
+        assert c.post(f"/api/client/sessions/{sid}/records?seq=0", content=body).status_code == 204
+        done = c.post(f"/api/client/sessions/{sid}/finish", json={"batches": 1})
+        assert done.status_code == 200, done.text
+    out = io.BytesIO()
+    server.service.app.restore_tar(done.json()["point"], out, subpath="f")
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        member = tar.extractfile("f")
+        assert member is not None and member.read() == data

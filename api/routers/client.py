@@ -83,7 +83,7 @@ class SessionFinish(RequestModel):
     batches: int = Field(ge=1, le=1_000_000)
     stats: dict[str, Any] = Field(default_factory=dict)
     warnings: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
-    warning_count: int = Field(default=0, ge=0)
+    warning_count: int = Field(default=0, ge=0, le=2**62)
 
 
 @router.get("/client/hello")
@@ -199,7 +199,7 @@ def download_client(
 
 class RestoreDone(RequestModel):
     ok: bool
-    entries: int = Field(ge=0)
+    entries: int = Field(ge=0, le=2**62)
     message: str = Field(default="", max_length=500)
 
 

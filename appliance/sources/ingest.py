@@ -165,9 +165,8 @@ class IngestSessions:
                 session.uploaded += 1
         except FileNotFoundError:
             pass
-        with contextlib.suppress(OSError, ValueError):
-            with open(os.path.join(folder, "new_bytes")) as f:
-                session.new_bytes = int(f.read())
+        with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, "new_bytes")) as f:
+            session.new_bytes = int(f.read())
         with self._lock:
             session = self._open.setdefault(session_id, session)
         return session
@@ -253,7 +252,9 @@ class IngestSessions:
             session.known.update(new)
             session.uploaded += len(new)
             session.new_bytes += writer.new_bytes
-            _write_atomic(os.path.join(session.folder, "new_bytes"), str(session.new_bytes).encode())
+            _write_atomic(
+                os.path.join(session.folder, "new_bytes"), str(session.new_bytes).encode()
+            )
         return {"chunks": len(ids), "stored": stored, "present": skipped, "bytes": writer.new_bytes}
 
     def _plaintext(self, chunk_id: bytes, compression: int, size: int, data: memoryview) -> bytes:
@@ -489,3 +490,18 @@ def _newest(folder: str) -> float:
             with contextlib.suppress(OSError):
                 newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
     return newest
+
+
+def session_chunks(data_dir: str) -> list[bytes]:
+    """The chunks every open upload session has sent: GC keeps them (no point names them
+    until the session finishes)."""
+    folder = os.path.join(data_dir, "ingest")
+    ids: list[bytes] = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        with contextlib.suppress(OSError), open(os.path.join(folder, name, "uploaded"), "rb") as f:
+            data = f.read()
+            ids.extend(
+                data[pos : pos + wire.ID_SIZE]
+                for pos in range(0, len(data) - len(data) % wire.ID_SIZE, wire.ID_SIZE)
+            )
+    return ids
