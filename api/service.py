@@ -82,6 +82,7 @@ from hardware.usb_jobs import on_devices_changed, reconcile_media, register_usb_
 from image.appliance_os.layout import SETUP_DONE_MARK
 from image.failover import FailoverManager, register_failover_jobs
 from image.failover.plan_schedule import plan_test_tick
+from image.libvirt.jobs import register_libvirt_jobs
 from tiering.schedule import tiering_tick
 from tiering.work import register_tiering_jobs
 
@@ -283,6 +284,7 @@ class Service:
             register_tape_jobs()
             register_initialise_job()
             register_source_jobs()
+            register_libvirt_jobs()
             # After the policy kinds: the backup kinds (policy_backup too) queue replication.
             register_replication_jobs()
             self._mount_pools()

@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from appliance.backup.files import backup_tree
-from appliance.backup.images import backup_disk
 from appliance.backup.signals import SignalCounter
 from appliance.catalog import Catalog
 from appliance.catalog.records import PointRecord, home_location_id
+from appliance.engine_images import ImagesMixin
 from appliance.engine_locations import LocationsMixin
 from appliance.engine_restore import RestoreMixin
 from appliance.engine_signals import SignalsMixin
@@ -42,9 +42,6 @@ from appliance.errors import (
     ObjectMissing,
 )
 from appliance.maintenance import VerifyReport, verify_point, verify_store
-from appliance.path_rules import (
-    check_disk_source,
-)
 from appliance.points import new_manifest, new_point_id, record_from_manifest
 from appliance.retention import (
     RetentionDecision,
@@ -55,7 +52,6 @@ from appliance.retention import (
 from appliance.space import check_free_space
 from appliance.store.backend import LocalDirectoryBackend
 from appliance.store.repository import Repository
-from appliance.vmspec import default_spec, load_spec, normalise
 from appliance.workers import CpuMeter, default_workers
 
 Clock = Callable[[], datetime]
@@ -110,7 +106,7 @@ class BackupOutcome:
     warnings: list[dict[str, str]] = field(default_factory=list)
 
 
-class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
+class Appliance(ImagesMixin, LocationsMixin, RestoreMixin, SignalsMixin):
     def __init__(
         self, data_dir: DataDir, repo: Repository, catalog: Catalog, clock: Clock = utcnow
     ) -> None:
@@ -259,97 +255,6 @@ class Appliance(LocationsMixin, RestoreMixin, SignalsMixin):
             point = self.judge_point(self._record(manifest), signals.result())
             # The CPU it cost is the engine's report, not a fact of the point: not in the manifest.
             return BackupOutcome(point, {**manifest["stats"], "cpu": cpu.to_dict()}, warnings.items)
-
-    def backup_image(
-        self,
-        disks: list[str],
-        asset: str,
-        *,
-        mode: str = "incremental",
-        vm_spec: str | dict[str, Any] | None = None,
-        changed_ranges: dict[str, list[tuple[int, int]]] | None = None,
-        disk_format: str | None = None,
-        threads: int | None = None,
-        own_disks: bool = False,
-        progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> BackupOutcome:
-        """Back up VM disk images as a point of ``asset``. The disks must pass the disk-source
-        rules (``path_rules.check_disk_source``), checked at every backup, not only when the
-        asset was registered: a file may have been swapped for a link to a system file or a
-        device since. ``own_disks``: the disks are the appliance's own (a failback's local disks
-        in its failover folder), not named by a request."""
-        if not disks:
-            raise InvalidInput("name at least one disk image")
-        check_free_space(self.data_dir.store_path, f"pool {DEFAULT_POOL}")
-        if not own_disks:
-            facts = self.block_facts()
-            for d in disks:
-                check_disk_source(os.path.abspath(d), data_dir=self.data_dir.path, facts=facts)
-        disks = [os.path.abspath(d) for d in disks]
-        names = _disk_names(disks)
-        # The VM definition is checked before any disk is read: a bad one must not cost a backup.
-        if isinstance(vm_spec, str):
-            spec = load_spec(vm_spec)
-        elif isinstance(vm_spec, dict):
-            spec = normalise(vm_spec)
-        else:
-            spec = default_spec(asset, names)
-        with self.locks.shared(), self.locks.asset(asset):
-            created = self.clock()
-            mode, base = self._base(asset, "image", mode)
-            base_disks = {d["name"]: d for d in base.get("disks", [])} if base else {}
-            point_id = new_point_id(created)
-            cpu = CpuMeter()
-            entries_out: list[dict[str, Any]] = []
-            totals = {
-                "logical_bytes": 0,
-                "bytes_read": 0,
-                "new_bytes": 0,
-                "changed_chunks": 0,
-                "zero_chunks": 0,
-                "disks": len(disks),
-            }
-            for name, path in zip(names, disks, strict=True):
-                entry, stats, index_entries = backup_disk(
-                    self.repo,
-                    path,
-                    name=name,
-                    base=base_disks.get(name),
-                    changed_ranges=(changed_ranges or {}).get(name)
-                    if changed_ranges is not None
-                    else None,
-                    fmt_name=disk_format,
-                    threads=threads or default_workers(),
-                    progress=progress,
-                    cancel=cancel,
-                    cpu=cpu,
-                )
-                self.repo.commit_index(index_entries)
-                entries_out.append(entry)
-                totals["logical_bytes"] += stats.size
-                totals["bytes_read"] += stats.bytes_read
-                totals["new_bytes"] += stats.new_bytes
-                totals["changed_chunks"] += stats.changed_chunks
-                totals["zero_chunks"] += stats.zero_chunks
-            manifest = new_manifest(
-                point_id=point_id,
-                asset=asset,
-                kind="image",
-                mode=mode,
-                created=created,
-                parent=base["point_id"] if base else None,
-                base_full=self._base_full(base),
-                store_id=self.repo.store_id,
-                source=" ".join(disks),
-            )
-            manifest["disks"] = entries_out
-            manifest["vm"] = spec
-            manifest["stats"] = totals
-            manifest["warnings"] = []
-            manifest["warning_count"] = 0
-            point = self._record(manifest)
-            return BackupOutcome(point, {**totals, "cpu": cpu.to_dict()}, [])
 
     # --- restores -------------------------------------------------------------------------------
 
@@ -513,16 +418,3 @@ def _held_elsewhere(app: Appliance, point_id: str, copies: list[Any]) -> str:
         f"point {point_id} has no copy on the home pool; it is held at {', '.join(held)} "
         "and leaves by expiring there (never before its lock ends)"
     )
-
-
-def _disk_names(disks: list[str]) -> list[str]:
-    names: list[str] = []
-    for path in disks:
-        base = os.path.basename(path).rsplit(".", 1)[0] or "disk"
-        name = base
-        n = 1
-        while name in names:
-            n += 1
-            name = f"{base}-{n}"
-        names.append(name)
-    return names

@@ -245,6 +245,77 @@ def backup_host(name: str, principal: Operator, service: ServiceDep) -> list[Job
     return jobs
 
 
+# --- VMs of a libvirt host -----------------------------------------------------------------------
+
+
+def _libvirt(service: Service, name: str) -> tuple[dict[str, Any], Any]:
+    from image.libvirt import LibvirtHost
+
+    host = records.get_host(service.app.catalog, name)
+    if host["kind"] != "libvirt":
+        raise Conflict(f"{name} is not a libvirt host")
+    if not host.get("trusted"):
+        raise Conflict(f"confirm {name}'s host key first")
+    return host, LibvirtHost(service.app.data_dir.path, host["address"], host["port"], host["user"])
+
+
+@router.get("/hosts/{name}/vms")
+def list_vms(name: str, principal: Viewer, service: ServiceDep) -> list[dict[str, Any]]:
+    """The host's VMs (asked of libvirt now), whether each can be backed up live and, if not,
+    why, and the asset of those protected."""
+    from image.libvirt import list_domains
+
+    host, conn = _libvirt(service, name)
+    protected = host.get("vms", {})
+    answer = []
+    for info in list_domains(conn):
+        shown = info.to_dict()
+        shown["asset"] = protected.get(info.uuid, {}).get("asset")
+        shown["allow_offline"] = protected.get(info.uuid, {}).get("allow_offline", False)
+        answer.append(shown)
+    records.touch(service.app.catalog, name, service.now())
+    return answer
+
+
+@router.post("/hosts/{name}/vms", status_code=status.HTTP_201_CREATED)
+def protect_vm(name: str, body: VmProtect, principal: Admin, service: ServiceDep) -> dict[str, Any]:
+    """Protect a VM of the host: it becomes an asset (kind ``vm``) backed up by the
+    ``backup_libvirt`` job (policies, schedules and "Back up now" work as for other assets). A VM
+    that cannot be backed up live is refused with its reason unless ``allow_offline`` (shut
+    down, copied, started again at each backup)."""
+    from image.libvirt.inventory import find_domain
+
+    host, conn = _libvirt(service, name)
+    info = find_domain(conn, body.domain)
+    if info.reason is not None and not body.allow_offline:
+        raise Conflict(
+            f"{info.name} cannot be backed up live: {info.reason}. Allow the offline backup "
+            "(shut down, copy, start) to protect it anyway.",
+            reason=info.reason,
+        )
+    asset = body.asset or f"{name}-{info.name}"
+    source = records.libvirt_source(host["user"], host["address"], host["port"], info.uuid)
+    catalog = service.app.catalog
+    try:
+        existing = catalog.get_asset(asset)
+        if existing.source != source:
+            raise Conflict(f"asset {asset} already exists for something else", asset=asset)
+    except NotFound:
+        catalog.add_asset(asset, "vm", source, f"VM {info.name} on {name}")
+    vms = dict(host.get("vms", {}))
+    vms[info.uuid] = {"name": info.name, "asset": asset, "allow_offline": body.allow_offline}
+    assets = sorted({*host.get("assets", []), asset})
+    records.update_host(catalog, name, vms=vms, assets=assets)
+    catalog.audit(principal.name, "host.protect_vm", name, {"domain": info.name, "asset": asset})
+    return {
+        "asset": asset,
+        "domain": info.name,
+        "uuid": info.uuid,
+        "live": info.reason is None,
+        "reason": info.reason,
+    }
+
+
 # --- restores a client pulls ---------------------------------------------------------------------
 
 

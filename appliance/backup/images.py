@@ -131,78 +131,108 @@ def backup_disk(
     cancel: threading.Event | None = None,
     cpu: CpuMeter | None = None,
 ) -> tuple[dict[str, Any], DiskStats, list[IndexEntry]]:
-    """Back up one disk; return its manifest entry, stats and index entries to commit.
-    ``threads`` is the number of workers (processes or threads, see the module doc)."""
-    chunk_size = repo.config.disk_chunk_size
+    """Back up one disk image file or block device; return its manifest entry, stats and index
+    entries to commit. ``threads`` is the number of workers (processes or threads, see the
+    module doc)."""
     identity = file_identity(path)
-    cpu = cpu or CpuMeter()
     disk: DiskImage = open_disk(path, fmt_name)
     try:
-        size = disk.size
-        chunks = (size + chunk_size - 1) // chunk_size
-        stats = DiskStats(size=size)
-        entry: dict[str, Any] = {
-            "name": name,
-            "source": os.path.abspath(path),
-            "format": disk.format,
-            "size": size,
-            "chunk_size": chunk_size,
-            "identity": identity,
-        }
-        base_ok = (
-            base is not None and base.get("size") == size and base.get("chunk_size") == chunk_size
+        return backup_disk_image(
+            repo,
+            disk,
+            name=name,
+            source=os.path.abspath(path),
+            identity=identity,
+            base=base,
+            changed_ranges=changed_ranges,
+            threads=threads,
+            progress=progress,
+            cancel=cancel,
+            cpu=cpu,
         )
-        if (
-            base_ok
-            and identity is not None
-            and base is not None
-            and base.get("identity") == identity
-        ):
-            # Same file, untouched since the base point: reuse its table without reading.
-            entry["tables"] = list(base["tables"])
-            entry["allocated"] = base.get("allocated", 0)
-            stats.reused_table = True
-            return entry, stats, []
-        previous = read_table(repo, base) if base_ok and base is not None else None
-        extents = list(disk.extents())
-        zero = _zero_mask(extents, chunk_size, chunks)
-        to_read = None
-        if changed_ranges is not None and previous is not None:
-            to_read = _changed_mask(changed_ranges, chunk_size, chunks)
-        to_read_bytes = (chunks - sum(zero)) * chunk_size
-        if to_read is not None:
-            to_read_bytes = sum(to_read) * chunk_size
-        units = _units(chunks, zero, to_read, previous)
-        entries: list[IndexEntry] = []
-        workers = max(1, threads)
-        pool = None
-        if isinstance(disk, RawDisk) and to_read_bytes >= PROCESS_MIN_BYTES:
-            pool = process_pool(repo, workers, _init_worker)
-        if pool is not None:
-            assert isinstance(disk, RawDisk)
-            with pool:
-                shared = share_fd(disk.fileno())
-                answers = _process_answers(
-                    pool, workers, (shared, chunk_size, size), units, entries, stats, cpu
-                )
-                table = _collect(answers, chunks, chunk_size, name, stats, progress, cancel)
-        else:
-            answers = _thread_answers(repo, disk, workers, chunk_size, units, entries, stats, cpu)
-            table = _collect(answers, chunks, chunk_size, name, stats, progress, cancel)
-        if disk.size != size:
-            raise SourceError(f"disk {path} changed size during the backup", path=path)
-        table_writer = repo.writer()
-        slice_bytes = fmt.TABLE_SLICE_ENTRIES * fmt.ID_SIZE
-        entry["tables"] = [
-            table_writer.put(fmt.BLOB_TABLE, bytes(table[i : i + slice_bytes])).hex()
-            for i in range(0, len(table), slice_bytes)
-        ]
-        entries.extend(table_writer.flush())
-        stats.new_bytes += table_writer.new_bytes
-        entry["allocated"] = (chunks - stats.zero_chunks) * chunk_size
-        return entry, stats, entries
     finally:
         disk.close()
+
+
+def backup_disk_image(
+    repo: Repository,
+    disk: DiskImage,
+    *,
+    name: str,
+    source: str,
+    identity: dict[str, int] | None = None,
+    base: dict[str, Any] | None,
+    changed_ranges: Sequence[tuple[int, int]] | None = None,
+    threads: int = 2,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    cpu: CpuMeter | None = None,
+) -> tuple[dict[str, Any], DiskStats, list[IndexEntry]]:
+    """Back up one already opened disk (the caller closes it); see :func:`backup_disk`.
+
+    ``source`` is what the manifest names as the disk's origin; ``identity`` (a file's size,
+    times and inode, or None) lets an untouched file reuse the base's table without a read.
+    ``changed_ranges`` (guest offsets and lengths) limit the read to those ranges; they are
+    trusted only together with a base entry of the same size and chunk size.
+    """
+    chunk_size = repo.config.disk_chunk_size
+    cpu = cpu or CpuMeter()
+    size = disk.size
+    chunks = (size + chunk_size - 1) // chunk_size
+    stats = DiskStats(size=size)
+    entry: dict[str, Any] = {
+        "name": name,
+        "source": source,
+        "format": disk.format,
+        "size": size,
+        "chunk_size": chunk_size,
+        "identity": identity,
+    }
+    base_ok = base is not None and base.get("size") == size and base.get("chunk_size") == chunk_size
+    if base_ok and identity is not None and base is not None and base.get("identity") == identity:
+        # Same file, untouched since the base point: reuse its table without reading.
+        entry["tables"] = list(base["tables"])
+        entry["allocated"] = base.get("allocated", 0)
+        stats.reused_table = True
+        return entry, stats, []
+    previous = read_table(repo, base) if base_ok and base is not None else None
+    extents = list(disk.extents())
+    zero = _zero_mask(extents, chunk_size, chunks)
+    to_read = None
+    if changed_ranges is not None and previous is not None:
+        to_read = _changed_mask(changed_ranges, chunk_size, chunks)
+    to_read_bytes = (chunks - sum(zero)) * chunk_size
+    if to_read is not None:
+        to_read_bytes = sum(to_read) * chunk_size
+    units = _units(chunks, zero, to_read, previous)
+    entries: list[IndexEntry] = []
+    workers = max(1, threads)
+    pool = None
+    if isinstance(disk, RawDisk) and to_read_bytes >= PROCESS_MIN_BYTES:
+        pool = process_pool(repo, workers, _init_worker)
+    if pool is not None:
+        assert isinstance(disk, RawDisk)
+        with pool:
+            shared = share_fd(disk.fileno())
+            answers = _process_answers(
+                pool, workers, (shared, chunk_size, size), units, entries, stats, cpu
+            )
+            table = _collect(answers, chunks, chunk_size, name, stats, progress, cancel)
+    else:
+        answers = _thread_answers(repo, disk, workers, chunk_size, units, entries, stats, cpu)
+        table = _collect(answers, chunks, chunk_size, name, stats, progress, cancel)
+    if disk.size != size:
+        raise SourceError(f"disk {source} changed size during the backup", path=source)
+    table_writer = repo.writer()
+    slice_bytes = fmt.TABLE_SLICE_ENTRIES * fmt.ID_SIZE
+    entry["tables"] = [
+        table_writer.put(fmt.BLOB_TABLE, bytes(table[i : i + slice_bytes])).hex()
+        for i in range(0, len(table), slice_bytes)
+    ]
+    entries.extend(table_writer.flush())
+    stats.new_bytes += table_writer.new_bytes
+    entry["allocated"] = (chunks - stats.zero_chunks) * chunk_size
+    return entry, stats, entries
 
 
 def _units(

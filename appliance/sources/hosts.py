@@ -135,3 +135,17 @@ def host_for_source(catalog: Catalog, kind: str, address: str, port: int) -> dic
         if host.get("kind") == kind and host.get("address") == address and host.get("port") == port:
             return host
     return None
+
+
+def libvirt_source(user: str, address: str, port: int, domain_uuid: str) -> str:
+    shown = f"[{address}]" if ":" in address else address
+    return f"libvirt://{user}@{shown}:{port}/{domain_uuid}"
+
+
+def parse_libvirt_source(source: str) -> tuple[str, str, int, str]:
+    """``libvirt://USER@HOST:PORT/DOMAIN`` as (user, host, port, domain UUID or name)."""
+    user, host, port, path = parse_ssh_source("ssh://" + source.removeprefix("libvirt://"))
+    domain = path.strip("/")
+    if not domain or "/" in domain:
+        raise InvalidInput(f"{source[:200]!r} is not libvirt://user@host:port/domain")
+    return user, host, port, domain
