@@ -21,6 +21,7 @@ import media from "./views/media.js";
 import tape from "./views/tape.js";
 import tiering from "./views/tiering.js";
 import replication from "./views/replication.js";
+import hosts from "./views/hosts.js";
 import users from "./views/users.js";
 import audit from "./views/audit.js";
 import settingsView from "./views/settings.js";
@@ -35,6 +36,7 @@ const BADGE_SECONDS = 30;
 const NAV = [
   { href: "#/", label: "Dashboard", iconName: "dashboard", match: /^\/$/ },
   { href: "#/assets", label: "Assets & policies", iconName: "assets", match: /^\/assets/ },
+  { href: "#/hosts", label: "Hosts", iconName: "disk", match: /^\/hosts/ },
   { href: "#/points", label: "Recovery points", iconName: "points", match: /^\/points/ },
   { href: "#/failover", label: "Failover", iconName: "play", match: /^\/failover/ },
   { href: "#/plans", label: "Recovery plans", iconName: "check", match: /^\/plans/ },
@@ -53,6 +55,7 @@ const ROUTES = [
   [/^\/$/, dashboard, "Dashboard"],
   [/^\/report$/, report, "Weekly protection report"],
   [/^\/assets$/, assets, "Assets & policies"],
+  [/^\/hosts$/, hosts, "Hosts"],
   [/^\/points$/, points, "Recovery points"],
   [/^\/points\/([^/]+)$/, browse, "Browse a point"],
   [/^\/assets\/([^/]+)\/failover-settings$/, failoverSettings, "Failover settings"],
