@@ -241,6 +241,28 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ),
     ("GET", "/metrics", "viewer", None),
     ("GET", "/api/openapi.json", "viewer", None),
+    # Hosts (docs/sources.md); adding one with a bad name answers 400 before any connection.
+    ("GET", "/api/hosts", "viewer", None),
+    ("GET", "/api/hosts/ssh-key", "viewer", None),
+    ("POST", "/api/hosts", "admin", {"name": "Bad Name", "kind": "client"}),
+    ("POST", "/api/hosts/{name}/trust", "admin", {"fingerprint": "SHA256:" + "A" * 43}),
+    ("DELETE", "/api/hosts/{name}", "admin", None),
+    ("POST", "/api/hosts/{name}/backup", "operator", None),
+    ("GET", "/api/hosts/{name}/vms", "viewer", None),
+    ("POST", "/api/hosts/{name}/vms", "admin", {"domain": "x"}),
+    ("POST", "/api/hosts/{name}/restores", "operator", {"point": "x", "target": "/x"}),
+    ("GET", "/api/client/appliance-client.pyz", "viewer", None),
+    # Only a host's client token (tests/test_client.py): the three roles are all refused.
+    ("GET", "/api/client/hello", "client", None),
+    ("POST", "/api/client/sessions", "client", {"asset": "a", "source": "client://x/"}),
+    ("GET", "/api/client/sessions/{session_id}/known", "client", None),
+    ("POST", "/api/client/sessions/{session_id}/chunks", "client", None),
+    ("POST", "/api/client/sessions/{session_id}/records", "client", None),
+    ("POST", "/api/client/sessions/{session_id}/finish", "client", {"batches": 1}),
+    ("DELETE", "/api/client/sessions/{session_id}", "client", None),
+    ("GET", "/api/client/restores", "client", None),
+    ("GET", "/api/client/restores/{restore_id}/archive", "client", None),
+    ("POST", "/api/client/restores/{restore_id}/done", "client", {"ok": True, "entries": 0}),
 ]
 FILL = {
     "name": "missing",
@@ -258,8 +280,12 @@ FILL = {
     "path": "core/rfb.js",
     "identity": "virtual:missing",
     "barcode": "MISSING1",
+    "restore_id": "missing",
 }
-QUERY = {"/api/events": {"max_seconds": 0.2}}
+QUERY = {
+    "/api/events": {"max_seconds": 0.2},
+    "/api/client/sessions/{session_id}/records": {"seq": 0},
+}
 
 
 def _error_code(response: httpx.Response) -> str | None:
@@ -287,7 +313,7 @@ def test_role_matrix_covers_every_route(server: LiveServer) -> None:
 @pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
 def test_role_matrix(server: LiveServer, role: str) -> None:
     # ``replication`` is outside the order: none of the three roles may use its routes.
-    rank = {"viewer": 0, "operator": 1, "admin": 2, "replication": 3}
+    rank = {"viewer": 0, "operator": 1, "admin": 2, "replication": 3, "client": 3}
     failures = []
     with server.as_role(role) as client:
         for method, template, needed, body in ROUTES:

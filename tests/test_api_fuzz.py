@@ -71,12 +71,15 @@ def api_schema(fuzz_server: LiveServer, role: str) -> Any:
     # Adding a location writes its identity file as root into any empty folder the rules allow
     # (e.g. an empty /mnt): generated paths must not reach the host. Its rules are tested in
     # test_api.py and test_security.py.
-    # Adding a location or pairing with a peer connects to the address given: never fuzzed
-    # (the tests talk to 127.0.0.1 only).
+    # Adding a location, pairing with a peer or adding an SSH/libvirt host connects to the
+    # address given: never fuzzed (the tests talk to 127.0.0.1 only); nor the host routes that
+    # reach a host (its VMs, its backup). Hosts are tested in test_hosts_api.py.
     return (
         schema.exclude(path_regex=r"/events$")
         .exclude(path="/api/locations", method="POST")
         .exclude(path="/api/peers", method="POST")
+        .exclude(path="/api/hosts", method="POST")
+        .exclude(path_regex=r"^/api/hosts/[^/]+/(vms|backup)$")
     )
 
 
