@@ -14,8 +14,10 @@ Records are plain dicts in the settings document :data:`HOSTS_KEY` (``{"hosts": 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +114,22 @@ def touch(catalog: Catalog, name: str, when: datetime, **extra: Any) -> None:
     if last and not extra and when.isoformat()[:16] == str(last)[:16]:
         return
     update_host(catalog, name, last_contact=when.isoformat(), **extra)
+
+
+@contextlib.contextmanager
+def contact(
+    catalog: Catalog, host: dict[str, Any], clock: Callable[[], datetime]
+) -> Iterator[None]:
+    """Record the outcome of talking to ``host`` (a backup): its last contact, and its last
+    error or none. ``host`` may be ``{}`` (a source no host record names any more)."""
+    try:
+        yield
+    except Exception as exc:
+        if host:
+            touch(catalog, host["name"], clock(), last_error=str(exc)[:300])
+        raise
+    if host:
+        touch(catalog, host["name"], clock(), last_error=None)
 
 
 def ssh_source(user: str, address: str, port: int, path: str) -> str:

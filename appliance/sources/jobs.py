@@ -18,7 +18,7 @@ def backup_ssh(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any
     user, address, port, path = hosts.parse_ssh_source(p["source"])
     host = hosts.host_for_source(app.catalog, "ssh", address, port) or {}
     ctx.log("info", f"pulling {path} from {user}@{address}:{port} as {p['asset']}")
-    try:
+    with hosts.contact(app.catalog, host, app.clock):
         outcome = backup_sftp(
             app,
             host=address,
@@ -32,12 +32,6 @@ def backup_ssh(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str, Any
             progress=ctx.progress,
             cancel=ctx.cancel,
         )
-    except Exception as exc:
-        if host:
-            hosts.touch(app.catalog, host["name"], app.clock(), last_error=str(exc)[:300])
-        raise
-    if host:
-        hosts.touch(app.catalog, host["name"], app.clock(), last_error=None)
     for warning in outcome.warnings[:100]:
         ctx.log("warning", f"{warning['path']}: {warning['message']}")
     return {

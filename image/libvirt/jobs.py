@@ -19,7 +19,7 @@ def backup_libvirt(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str,
     host = hosts.host_for_source(app.catalog, "libvirt", address, port) or {}
     vm = host.get("vms", {}).get(domain, {})
     ctx.log("info", f"backing up VM {vm.get('name', domain)} of {user}@{address}:{port}")
-    try:
+    with hosts.contact(app.catalog, host, app.clock):
         outcome = backup_domain(
             app,
             LibvirtHost(app.data_dir.path, address, port, user),
@@ -30,12 +30,6 @@ def backup_libvirt(app: Appliance, p: dict[str, Any], ctx: JobView) -> dict[str,
             progress=ctx.progress,
             cancel=ctx.cancel,
         )
-    except Exception as exc:
-        if host:
-            hosts.touch(app.catalog, host["name"], app.clock(), last_error=str(exc)[:300])
-        raise
-    if host:
-        hosts.touch(app.catalog, host["name"], app.clock(), last_error=None)
     for warning in outcome.warnings[:100]:
         ctx.log("warning", str(warning.get("message", warning)))
     return {
