@@ -280,47 +280,52 @@ def test_a_vmdk_disk_gets_the_reason_and_the_offline_copy_only_when_allowed(
         os.unlink(restored)
 
 
-def test_the_api_adds_the_host_protects_the_running_vm_and_backs_it_up(
-    lab: dict[str, Any], tmp_path: Path
+def test_from_the_page_the_host_is_added_its_running_vm_protected_and_backed_up(
+    lab: dict[str, Any], tmp_path: Path, browser: Any
 ) -> None:
-    """What the page does: add the libvirt host, trust its key, list its VMs, protect the
-    running guest, "Back up now": a job makes a VM point of it (last: it adds a checkpoint)."""
-    from api_support import bootstrapped_server, wait_job
+    """What a new user does on the Hosts screen, against the real libvirtd over SSH: add the
+    libvirt host, trust its key, list its VMs, protect the running guest, "Back up now": a job
+    makes a VM point of it. (Last in the module: it adds a checkpoint of its own.)"""
+    from api_support import ADMIN, bootstrapped_server, wait_job
+    from web_support import expect, signed_in
 
     guest = lab["guest"]
+    port = lab["sshd"].port
     with bootstrapped_server(tmp_path, keep_env=("APPLIANCE_TEST_WEAK_KDF",)) as server:
         with server.as_role("viewer") as viewer:
             lab["sshd"].authorize(viewer.get("/api/hosts/ssh-key").json()["public_key"])
-        with server.as_role("admin") as admin:
-            r = admin.post(
-                "/api/hosts",
-                json={
-                    "name": "kvm1",
-                    "kind": "libvirt",
-                    "address": "127.0.0.1",
-                    "port": lab["sshd"].port,
-                    "user": "root",
-                },
+        with signed_in(browser, server, *ADMIN, path="/#/hosts") as page:
+            page.get_by_role("button", name="Add a host").first.click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_label("Name").fill("kvm1")
+            dialog.get_by_label("KVM/libvirt host").check()
+            dialog.get_by_label("Address").fill("127.0.0.1")
+            dialog.get_by_label("Port").fill(str(port))
+            dialog.get_by_label("User").fill("root")
+            dialog.get_by_role("button", name="Add host").click()
+            trust = page.get_by_role("dialog", name="Trust kvm1's host key")
+            expect(trust.locator("[data-offered-fingerprint]")).to_have_text(
+                scan_host_key("127.0.0.1", port).fingerprint
             )
-            assert r.status_code == 201, r.text
-            fingerprint = r.json()["offered_fingerprint"]
-            assert admin.get("/api/hosts/kvm1/vms").status_code == 409  # key not trusted yet
-            r = admin.post("/api/hosts/kvm1/trust", json={"fingerprint": fingerprint})
-            assert r.status_code == 200, r.text
-            vms = {v["name"]: v for v in admin.get("/api/hosts/kvm1/vms").json()}
-            vm = vms[guest.name]
-            assert vm["state"] == "running" and vm["live_backup"] and vm["asset"] is None
-            r = admin.post("/api/hosts/kvm1/vms", json={"domain": guest.name})
-            assert r.status_code == 201, r.text
-            asset = r.json()["asset"]
-            assert {v["name"]: v for v in admin.get("/api/hosts/kvm1/vms").json()}[guest.name][
-                "asset"
-            ] == asset
-            jobs = admin.post("/api/hosts/kvm1/backup")
-            assert jobs.status_code == 202, jobs.text
-            done = wait_job(admin, jobs.json()[0]["id"], timeout=300)
-            assert done["state"] == "succeeded", done
-            point = admin.get(f"/api/points/{done['result']['point']}").json()
-            assert point["asset"] == asset and point["kind"] == "image"
-            host = next(h for h in admin.get("/api/hosts").json() if h["name"] == "kvm1")
-            assert host["assets"] == [asset] and host["last_contact"] and not host.get("last_error")
+            trust.get_by_role("button", name="Trust this key").click()
+            row = page.locator("tr[data-host=kvm1]")
+            expect(row.locator("[data-state]")).to_contain_text("Trusted")
+
+            row.get_by_role("button", name="Virtual machines on kvm1").click()
+            vms = page.get_by_role("dialog", name="Virtual machines on kvm1")
+            vm = vms.locator(f"[data-vm='{guest.name}']")
+            expect(vm).to_contain_text("running", timeout=30_000)
+            vm.get_by_role("button", name=f"Protect {guest.name}").click()
+            expect(vm).to_contain_text(f"Protected as kvm1-{guest.name}")
+            vms.get_by_role("button", name="Close", exact=True).last.click()
+
+            row.get_by_role("button", name="Back up kvm1 now").click()
+            job_link = row.get_by_role("link", name="its job")
+            expect(job_link).to_be_visible()
+            job_id = (job_link.get_attribute("href") or "").rsplit("/", 1)[-1]
+            with server.as_role("operator") as operator:
+                done = wait_job(operator, job_id, timeout=300)
+                assert done["state"] == "succeeded", done
+                point = operator.get(f"/api/points/{done['result']['point']}").json()
+            assert point["asset"] == f"kvm1-{guest.name}" and point["kind"] == "image"
+            expect(row.locator(f"[data-point='{point['id']}']")).to_contain_text("last point")
