@@ -208,8 +208,9 @@ def test_roles_shape_the_page(page: Any, server: LiveServer, admin: httpx.Client
     sign_in(page, server.url, "vera", "vera-password-1")
     expect(page.locator(".user-role")).to_have_text("Viewer")
     menu = page.get_by_role("navigation", name="Main")
-    # Replication, Alerts, Recovery plans, Tape: every role reads them.
-    expect(menu.get_by_role("link")).to_have_count(11)
+    # Replication, Alerts, Recovery plans, Tape, Hosts: every role reads them.
+    expect(menu.get_by_role("link")).to_have_count(12)
+    expect(menu.get_by_role("link", name="Hosts")).to_have_count(1)
     expect(menu).not_to_contain_text("Users & tokens")
     nav(page, "Assets & policies")
     expect(page.get_by_role("button", name="Add asset")).to_have_count(0)
