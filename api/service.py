@@ -69,6 +69,7 @@ from appliance.path_rules import default_restore_area
 from appliance.policies import register_policy_jobs
 from appliance.protection import directory_bytes
 from appliance.schedule import Scheduler, timezone_named
+from appliance.sources.ingest import IngestSessions
 from appliance.sources.jobs import register_source_jobs
 from hardware.pool_jobs import device_from_params, pool_tick, register_pool_jobs
 from hardware.pools import mount_pools
@@ -233,6 +234,8 @@ class Service:
         #: Set on the view of a taken-over store (``api.takeover``): the store's id.
         self.store_taken_over: str | None = None
         self.setup_code: str | None = None
+        #: The backup clients' upload sessions (made on first use, for the store in service).
+        self.ingest_sessions: IngestSessions | None = None
         self.throttle = LoginThrottle(
             settings.login_throttle, client_free_failures=settings.login_throttle_per_client
         )

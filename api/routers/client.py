@@ -61,10 +61,10 @@ Client = Annotated[ClientHost, Depends(client_host)]
 
 
 def sessions_of(service: Service) -> IngestSessions:
-    sessions = getattr(service, "ingest_sessions", None)
+    sessions = service.ingest_sessions
+    # A new store (recovered from tapes) gets sessions of its own.
     if sessions is None or sessions.app is not service.app:
-        sessions = IngestSessions(service.app)
-        service.ingest_sessions = sessions  # type: ignore[attr-defined]
+        sessions = service.ingest_sessions = IngestSessions(service.app)
     return sessions
 
 

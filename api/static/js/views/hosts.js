@@ -5,8 +5,7 @@
 //   SFTP; adding one scans the host key, and nothing is pulled until an administrator compares
 //   the offered fingerprint and trusts it (the folders then become assets);
 // - a KVM/libvirt host ("libvirt"): reached over SSH the same way; its VMs are listed and
-//   protected one by one (GET/POST /api/hosts/{name}/vms, drawn as "not available yet" while
-//   the appliance lacks those routes). The page reads GET's answer as a list (or {vms: [...]})
+//   protected one by one (GET/POST /api/hosts/{name}/vms). The page reads GET's answer as a list (or {vms: [...]})
 //   of {name (or domain), state?, protected?, asset?, live_backup?, reason?}: a VM with an asset
 //   (and protected not false) is protected; live_backup false shows the reason and offers the
 //   offline backup. POST takes {domain, allow_offline}; the list is read again after it.
@@ -343,11 +342,6 @@ async function restoreDialog(host, ctx) {
 
 // --- VMs of a libvirt host -------------------------------------------------------------------------
 
-/** Whether an error is FastAPI's answer for a route that does not exist (not a missing host). */
-function routeMissing(err) {
-  return err && err.status === 404 && /^not found$/i.test(String(err.message || "").trim());
-}
-
 function vmRow(host, vm, ctx, redraw) {
   const name = vm.name || vm.domain;
   const protectedAs = vm.asset && vm.protected !== false ? vm.asset : null;
@@ -397,11 +391,8 @@ function vmsDialog(host, ctx) {
     try {
       vms = await api.get(`/api/hosts/${enc(host.name)}/vms`);
     } catch (err) {
-      if (routeMissing(err)) replace(box, h("p", { class: "muted", dataset: { vms: "unavailable" }, text: "VM listing is not available yet." }));
-      else {
-        replace(box);
-        banner.error(err);
-      }
+      replace(box);
+      banner.error(err);
       return;
     }
     const list = Array.isArray(vms) ? vms : vms.vms || [];
