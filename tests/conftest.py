@@ -6,12 +6,41 @@ The tests directory is not a package: pytest puts it on sys.path, so helper modu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pg import PostgresUnavailable, ThrowawayPostgres
+
+# --- Long boots ----------------------------------------------------------------------------------
+
+LONG_BOOTS_ENV = "APPLIANCE_LONG_BOOTS"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long-boots",
+        action="store_true",
+        help="also run the tests marked long_boot (the OS installer under TCG, ~8 min)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the long_boot tests unless asked for: CI has one hour for the whole suite.
+
+    They are deselected, not skipped, so the summary counts them ("N deselected") and no test
+    pretends to have passed.
+    """
+    if config.getoption("--long-boots") or os.environ.get(LONG_BOOTS_ENV) == "1":
+        return
+    kept = [item for item in items if item.get_closest_marker("long_boot") is None]
+    left_out = [item for item in items if item.get_closest_marker("long_boot") is not None]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
