@@ -187,8 +187,11 @@ class ImagesMixin:
         changed_since: str | None = None,
         details: dict[str, Any] | None = None,
         warnings: list[dict[str, str]] | None = None,
+        before_record: Callable[[], None] | None = None,
     ) -> BackupOutcome:
-        """Read each disk against the asset's base point and record the image point."""
+        """Read each disk against the asset's base point and record the image point.
+        ``before_record`` runs after the last disk, before the point is made: a last check
+        that may still refuse it (an upload's table longer than its disks)."""
         notes = list(warnings or [])
         with self._engine.locks.shared(), self._engine.locks.asset(asset):
             created = self._engine.clock()
@@ -229,6 +232,8 @@ class ImagesMixin:
                 totals["new_bytes"] += stats.new_bytes
                 totals["changed_chunks"] += stats.changed_chunks
                 totals["zero_chunks"] += stats.zero_chunks
+            if before_record is not None:
+                before_record()
             manifest = new_manifest(
                 point_id=point_id,
                 asset=asset,

@@ -26,3 +26,15 @@ def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[st
             subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
     finally:
         subprocess.run(["losetup", "-d", device], check=False)
+
+
+@contextlib.contextmanager
+def attached(image: Path) -> Iterator[str]:
+    """``image`` on a loop device of its own (read-write); detached afterwards."""
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)

@@ -256,6 +256,7 @@ ROUTES: list[tuple[str, str, str | None, Any]] = [
     ("GET", "/api/client/hello", "client", None),
     ("POST", "/api/client/sessions", "client", {"asset": "a", "source": "client://x/"}),
     ("GET", "/api/client/sessions/{session_id}/known", "client", None),
+    ("GET", "/api/client/sessions/{session_id}/base", "client", None),
     ("POST", "/api/client/sessions/{session_id}/chunks", "client", None),
     ("POST", "/api/client/sessions/{session_id}/records", "client", None),
     ("POST", "/api/client/sessions/{session_id}/finish", "client", {"batches": 1}),
@@ -285,6 +286,7 @@ FILL = {
 QUERY = {
     "/api/events": {"max_seconds": 0.2},
     "/api/client/sessions/{session_id}/records": {"seq": 0},
+    "/api/client/sessions/{session_id}/base": {"disk": "sda"},
 }
 
 

@@ -95,10 +95,12 @@ def test_an_admin_adds_a_client_host_and_sees_the_install_command_once(
         expect(dialog.get_by_role("alert")).to_contain_text("Please check the details.")
         assert "Lap Top" not in _hosts(server)
         dialog.get_by_label("Name").fill("laptop")
+        dialog.get_by_label("Also its block devices").check()
         dialog.get_by_role("button", name="Add host").click()
 
         shown = page.get_by_role("dialog", name="Install the client on laptop")
         expect(shown).to_contain_text("The token is shown only now.")
+        expect(shown).to_contain_text("Block devices go to laptop-disks")
         command = shown.locator("[data-install-command]").input_value()
         token = shown.locator("[data-token]").input_value()
         assert len(token) > 20
@@ -114,9 +116,12 @@ def test_an_admin_adds_a_client_host_and_sees_the_install_command_once(
         expect(row.locator("[data-contact]")).to_have_text("never")
         expect(row).to_contain_text("Waiting for the client")
         expect(row.locator("[data-asset=laptop]")).to_contain_text("no point yet")
+        expect(row.locator("[data-asset=laptop-disks]")).to_contain_text("no point yet")
         # The token shown is the one the appliance made: its client routes accept it.
         with server.client(headers={"Authorization": f"Bearer {token}"}) as host:
-            assert host.get("/api/client/hello").status_code == 200
+            hello = host.get("/api/client/hello")
+            assert hello.status_code == 200
+            assert hello.json()["assets"] == ["laptop", "laptop-disks"]
         # The token is not shown again: the page and the API list no token.
         page.reload()
         expect(page.locator("tr[data-host=laptop]")).to_be_visible()

@@ -29,6 +29,7 @@ from appliance.client.zipapp import build_zipapp
 from appliance.errors import NotFound
 from appliance.sources import hosts as host_records
 from appliance.sources.ingest import IngestSession, IngestSessions, chunk_parameters
+from appliance.sources.ingest_image import MAX_DISK_BYTES, MAX_DISKS, base_table
 
 router = APIRouter(tags=["client"])
 
@@ -72,11 +73,19 @@ def _session(service: Service, client: ClientHost, session_id: str) -> IngestSes
     return sessions_of(service).get(session_id, client.principal.token_id or "")
 
 
+class DiskDeclared(RequestModel):
+    name: str = Field(min_length=1, max_length=64)
+    size: int = Field(ge=1, le=MAX_DISK_BYTES)
+
+
 class SessionCreate(RequestModel):
     asset: str = Field(min_length=1, max_length=120)
     source: str = Field(min_length=1, max_length=4096)
     mode: str = Field(default="incremental", pattern="^(incremental|differential|full)$")
     resume: str | None = Field(default=None, max_length=64)
+    #: "files" (a tree) or "image" (block devices, declared in ``disks``).
+    kind: str = Field(default="files", pattern="^(files|image)$")
+    disks: list[DiskDeclared] = Field(default_factory=list, max_length=MAX_DISKS)
 
 
 class SessionFinish(RequestModel):
@@ -95,6 +104,7 @@ def hello(client: Client, service: ServiceDep) -> dict[str, Any]:
         "host": client.host["name"],
         "assets": client.assets,
         "chunking": chunk_parameters(app),
+        "disk_chunk_size": app.repo.config.disk_chunk_size,
         "id_key": app.repo.key.id_key.hex(),
         "max_batch": wire.MAX_BATCH,
     }
@@ -112,7 +122,13 @@ def open_session(body: SessionCreate, client: Client, service: ServiceDep) -> di
     if not source.startswith(prefix):
         raise PermissionDenied(f"a source of this host starts with {prefix}")
     session = sessions_of(service).open_session(
-        body.asset, source, body.mode, client.principal.token_id or "", body.resume
+        body.asset,
+        source,
+        body.mode,
+        client.principal.token_id or "",
+        body.resume,
+        kind=body.kind,
+        disks=[d.model_dump() for d in body.disks],
     )
     return session.describe()
 
@@ -123,6 +139,20 @@ def known(session_id: str, client: Client, service: ServiceDep) -> Response:
     session = _session(service, client, session_id)
     data = sessions_of(service).known_ids(session)
     return Response(data, media_type="application/octet-stream")
+
+
+@router.get("/client/sessions/{session_id}/base")
+def base(
+    session_id: str,
+    client: Client,
+    service: ServiceDep,
+    disk: Annotated[str, Query(min_length=1, max_length=64)],
+) -> StreamingResponse:
+    """An image session's base: the chunk table (32-byte IDs in disk order) of this disk in the
+    asset's previous point; empty when there is none or the disk's size changed."""
+    session = _session(service, client, session_id)
+    slices = base_table(service.app, session, disk)
+    return StreamingResponse(primed(slices), media_type="application/octet-stream")
 
 
 @router.post("/client/sessions/{session_id}/chunks")

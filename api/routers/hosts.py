@@ -45,6 +45,8 @@ class HostCreate(RequestModel):
     one_file_system: bool = False
     #: client: the asset its token may add points to (default: the host's name).
     asset: str | None = Field(default=None, max_length=120)
+    #: client: it also sends block devices, to a second asset (kind ``vm``): ``<asset>-disks``.
+    disks: bool = False
 
 
 class HostTrust(RequestModel):
@@ -129,10 +131,20 @@ def add_host(
     answer: dict[str, Any] = {}
     if body.kind == "client":
         asset = body.asset or name
-        try:
-            catalog.get_asset(asset)
-        except NotFound:
-            catalog.add_asset(asset, "files", f"client://{name}/", f"backed up by {name}'s client")
+        assets = [(asset, "files", f"backed up by {name}'s client")]
+        if body.disks:
+            assets.append((f"{asset}-disks", "vm", f"{name}'s block devices, sent by its client"))
+        for asset_name, kind, description in assets:
+            try:
+                existing = catalog.get_asset(asset_name)
+            except NotFound:
+                catalog.add_asset(asset_name, kind, f"client://{name}/", description)
+                continue
+            if existing.kind != kind:
+                raise Conflict(
+                    f"asset {asset_name} already exists for {existing.kind} points, not {kind}",
+                    asset=asset_name,
+                )
         user = records.host_user(name)
         try:
             catalog.get_user(user)
@@ -141,9 +153,9 @@ def add_host(
             catalog.add_user(user, CLIENT_ROLE, records.NO_PASSWORD)
         token = new_api_token()
         token_record = catalog.add_token(
-            user, digest(token), ["client", records.asset_scope(asset)]
+            user, digest(token), ["client", *(records.asset_scope(a) for a, _, _ in assets)]
         )
-        record.update(assets=[asset], token_id=token_record.id)
+        record.update(assets=[a for a, _, _ in assets], token_id=token_record.id)
         records.add_host(catalog, record)
         answer = {"token": token, "install_command": install_command(service, request, token)}
     else:

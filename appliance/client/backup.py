@@ -64,6 +64,14 @@ def _frame(chunk_id: bytes, data: bytes) -> bytes:
     return wire.encode_frame(chunk_id, compression, len(data), body)
 
 
+def disk_frame(chunk_id: bytes, data: bytes) -> bytes:
+    """As the store compresses disk chunks: zstd level 1, no probe (64 KiB chunks)."""
+    packed = _zstd.level1.compress(data)
+    if len(packed) >= len(data):
+        return wire.encode_frame(chunk_id, wire.COMPRESSION_NONE, len(data), data)
+    return wire.encode_frame(chunk_id, wire.COMPRESSION_ZSTD, len(data), packed)
+
+
 @dataclass
 class UploadStats:
     chunks_new: int = 0
@@ -85,8 +93,15 @@ class UploadSink:
     """Names every chunk; sends those the appliance lacks (see the module docstring)."""
 
     def __init__(
-        self, conn: Connection, session: str, id_key: bytes, known: set[bytes], threads: int = 2
+        self,
+        conn: Connection,
+        session: str,
+        id_key: bytes,
+        known: set[bytes],
+        threads: int = 2,
+        frame: Callable[[bytes, bytes], bytes] = _frame,
     ) -> None:
+        self.frame = frame
         self.conn = conn
         self.session = session
         self.id_key = id_key
@@ -101,19 +116,23 @@ class UploadSink:
 
     def put(self, data: bytes) -> str:
         chunk_id = blake3.blake3(data, key=self.id_key).digest()
+        self.send(chunk_id, data)
+        return chunk_id.hex()
+
+    def send(self, chunk_id: bytes, data: bytes) -> None:
+        """Send the chunk unless the appliance has it for this session already."""
         if chunk_id in self.known:
             self.stats.chunks_known += 1
-            return chunk_id.hex()
+            return
         self.known.add(chunk_id)
         self.stats.chunks_new += 1
         self.stats.bytes_new_plain += len(data)
         batch = self._batch
-        batch.frames.append(self._pool.submit(_frame, chunk_id, data))
+        batch.frames.append(self._pool.submit(self.frame, chunk_id, data))
         batch.ids.append(chunk_id)
         batch.plain += len(data)
         if batch.plain >= wire.BATCH_TARGET:
             self._hand_over()
-        return chunk_id.hex()
 
     def _hand_over(self) -> None:
         if self._error is not None:
@@ -203,40 +222,69 @@ class _SelectedFS(LocalFS):
         return keep
 
 
-def _state_file(request: BackupRequest, source: str) -> str:
-    key = blake3.blake3(f"{request.asset}\n{source}".encode()).hexdigest()[:24]
-    return os.path.join(request.state_dir, f"session-{key}.json")
+def state_file_for(state_dir: str, asset: str, source: str) -> str:
+    key = blake3.blake3(f"{asset}\n{source}".encode()).hexdigest()[:24]
+    return os.path.join(state_dir, f"session-{key}.json")
 
 
-def run_backup(
-    conn: Connection, request: BackupRequest, say: Callable[[str], None] = lambda _: None
-) -> dict[str, Any]:
-    hello = conn.get_json("/api/client/hello")
-    if request.asset not in hello.get("assets", []):
+def hello_for(conn: Connection, asset: str) -> dict[str, Any]:
+    """The appliance's hello, refusing an asset this host's token may not add points to."""
+    hello: dict[str, Any] = conn.get_json("/api/client/hello")
+    if asset not in hello.get("assets", []):
         raise ClientError(
             f"this host's token may add points to {', '.join(hello.get('assets', [])) or 'no asset'}, "
-            f"not to {request.asset}",
+            f"not to {asset}",
             code="asset_not_allowed",
         )
-    fs, source, excludes = source_of(request)
-    os.makedirs(request.state_dir, mode=0o700, exist_ok=True)
-    state_file = _state_file(request, source)
+    return hello
+
+
+def open_session(
+    conn: Connection,
+    *,
+    state_dir: str,
+    asset: str,
+    source: str,
+    mode: str,
+    say: Callable[[str], None],
+    **extra: Any,
+) -> tuple[str, str, set[bytes]]:
+    """Open (or resume, from the state folder) an upload session: (session, state file, the
+    chunk IDs it need not send)."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    state_file = state_file_for(state_dir, asset, source)
     resume = None
     if os.path.exists(state_file):
         with open(state_file) as f:
             resume = json.load(f).get("session")
     opened = conn.post_json(
         "/api/client/sessions",
-        {"asset": request.asset, "source": source, "mode": request.mode, "resume": resume},
+        {"asset": asset, "source": source, "mode": mode, "resume": resume, **extra},
     )
-    session = opened["session"]
+    session: str = opened["session"]
     if session == resume:
         say(f"resuming session {session[:8]}")
     with open(state_file + ".new", "w") as f:
-        json.dump({"session": session, "asset": request.asset, "source": source}, f)
+        json.dump({"session": session, "asset": asset, "source": source}, f)
     os.replace(state_file + ".new", state_file)
     known_raw = conn.request("GET", f"/api/client/sessions/{session}/known").content
     known = {known_raw[i : i + wire.ID_SIZE] for i in range(0, len(known_raw), wire.ID_SIZE)}
+    return session, state_file, known
+
+
+def run_backup(
+    conn: Connection, request: BackupRequest, say: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    hello = hello_for(conn, request.asset)
+    fs, source, excludes = source_of(request)
+    session, state_file, known = open_session(
+        conn,
+        state_dir=request.state_dir,
+        asset=request.asset,
+        source=source,
+        mode=request.mode,
+        say=say,
+    )
     sink = UploadSink(conn, session, bytes.fromhex(hello["id_key"]), known, threads=request.threads)
     started = time.monotonic()
     progress = _Progress(say)
@@ -254,12 +302,12 @@ def run_backup(
         for record in reader.records():
             pending.append(json.dumps(record, separators=(",", ":")).encode())
             if len(pending) >= RECORDS_BATCH:
-                _send_records(conn, session, batches, pending)
+                send_records(conn, session, batches, pending)
                 batches += 1
                 pending = []
             progress.tick(reader.stats.files, sink.stats.bytes_sent_chunks)
         if pending or batches == 0:
-            _send_records(conn, session, batches, pending)
+            send_records(conn, session, batches, pending)
             batches += 1
         sink.finish()
     except BaseException:
@@ -298,8 +346,12 @@ def run_backup(
     }
 
 
-def _send_records(conn: Connection, session: str, seq: int, lines: list[bytes]) -> None:
-    body = zstandard.ZstdCompressor(level=3).compress(b"\n".join(lines) + b"\n" if lines else b"")
+def send_records(conn: Connection, session: str, seq: int, lines: list[bytes]) -> None:
+    send_batch(conn, session, seq, b"\n".join(lines) + b"\n" if lines else b"")
+
+
+def send_batch(conn: Connection, session: str, seq: int, data: bytes) -> None:
+    body = zstandard.ZstdCompressor(level=3).compress(data)
     conn.request(
         "POST", f"/api/client/sessions/{session}/records", content=body, params={"seq": seq}
     )

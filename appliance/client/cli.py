@@ -3,6 +3,7 @@
     appliance-client enroll --server https://appliance --fingerprint AB:CD:... --token apl_...
     appliance-client backup /etc /srv --asset web1 [--exclude '*.tmp'] [--one-file-system]
                             [--pre 'pg_dump ... > /srv/db.sql'] [--post '...']
+    appliance-client backup /dev/vg0/root-snap [--asset web1-disks] [--image] [--pre ...]
     appliance-client restore [--id ID] [--to FOLDER]
     appliance-client status
 
@@ -22,6 +23,7 @@ import sys
 from typing import Any
 
 from appliance.client.backup import BackupRequest, run_backup
+from appliance.client.blockdev import ImageRequest, is_block_device, run_image_backup
 from appliance.client.connection import ClientError, Connection
 from appliance.client.tls import PinError, pin
 
@@ -81,30 +83,76 @@ def _hook(command: str | None, what: str, env: dict[str, str]) -> None:
         )
 
 
+def _wants_image(args: argparse.Namespace) -> bool:
+    """Block devices (or, with --image, files) make an image point; folders a files point.
+    One run is one or the other."""
+    if not args.image:
+        for path in args.paths:
+            if os.path.isfile(path):
+                raise ClientError(
+                    f"{path} is a file: add --image to back it up as a raw disk image",
+                    code="not_a_device",
+                )
+    devices = [p for p in args.paths if is_block_device(p) or (args.image and os.path.isfile(p))]
+    if not devices:
+        return False
+    if len(devices) != len(args.paths):
+        raise ClientError(
+            "back up folders and block devices in separate runs (and to separate assets)",
+            code="mixed_paths",
+        )
+    if args.exclude or args.one_file_system:
+        raise ClientError(
+            "--exclude and --one-file-system apply to folders, not to block devices",
+            code="usage",
+        )
+    return True
+
+
 def backup(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(_config_path(args))
+    host = config.get("host") or socket.gethostname()
+    image = _wants_image(args)
+    # The appliance names a host's assets <host> (folders) and <host>-disks (block devices).
+    asset = args.asset or (f"{host}-disks" if image else host)
     conn = connect(config, retry_for=args.retry_for)
-    request = BackupRequest(
-        paths=args.paths,
-        asset=args.asset or config.get("host") or socket.gethostname(),
-        host=config.get("host") or socket.gethostname(),
-        mode=args.mode,
-        excludes=tuple(args.exclude),
-        one_file_system=args.one_file_system,
-        state_dir=args.state_dir,
-        threads=args.threads,
-    )
     status = "failed"
     try:
-        _hook(args.pre, "pre", {"APPLIANCE_ASSET": request.asset})
+        _hook(args.pre, "pre", {"APPLIANCE_ASSET": asset})
         say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-        result = run_backup(conn, request, say)
+        result: dict[str, Any]
+        if image:
+            result = run_image_backup(
+                conn,
+                ImageRequest(
+                    paths=args.paths,
+                    asset=asset,
+                    host=host,
+                    mode=args.mode,
+                    image_files=args.image,
+                    state_dir=args.state_dir,
+                    threads=args.threads,
+                ),
+                say,
+            )
+        else:
+            request = BackupRequest(
+                paths=args.paths,
+                asset=asset,
+                host=host,
+                mode=args.mode,
+                excludes=tuple(args.exclude),
+                one_file_system=args.one_file_system,
+                state_dir=args.state_dir,
+                threads=args.threads,
+            )
+            result = run_backup(conn, request, say)
         status = "ok"
         return result
     finally:
         conn.close()
         if args.pre or args.post:
-            _hook(args.post, "post", {"APPLIANCE_ASSET": request.asset, "APPLIANCE_STATUS": status})
+            _hook(args.post, "post", {"APPLIANCE_ASSET": asset, "APPLIANCE_STATUS": status})
 
 
 def status(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,12 +187,20 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--token", required=True, help="the host's token, as the page shows it once")
     e.set_defaults(func=enroll)
-    b = sub.add_parser("backup", help="back up folders of this host")
+    b = sub.add_parser("backup", help="back up folders or block devices of this host")
     b.add_argument("paths", nargs="+", metavar="PATH")
-    b.add_argument("--asset", help="the asset (default: the host's name on the appliance)")
+    b.add_argument(
+        "--asset",
+        help="the asset (default: the host's name on the appliance; NAME-disks for devices)",
+    )
     b.add_argument("--mode", choices=("incremental", "differential", "full"), default="incremental")
     b.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
     b.add_argument("--one-file-system", action="store_true")
+    b.add_argument(
+        "--image",
+        action="store_true",
+        help="back up the files named as raw disk images (block devices always are)",
+    )
     b.add_argument("--pre", help="shell command run before (a failure stops the backup)")
     b.add_argument("--post", help="shell command run after, with APPLIANCE_STATUS=ok|failed")
     b.add_argument("--state-dir", default=DEFAULT_STATE)

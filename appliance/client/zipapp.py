@@ -18,6 +18,7 @@ FILES = (
     "__init__.py",
     "client/__init__.py",
     "client/backup.py",
+    "client/blockdev.py",
     "client/cli.py",
     "client/connection.py",
     "client/restore.py",

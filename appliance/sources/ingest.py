@@ -16,6 +16,10 @@ A session belongs to one asset and one client token. Its life:
 4. ``finish``: every record is checked (paths, order, types, chunk IDs this session may use, chunk
    lengths) before the tree, manifest and catalog row are written, under the asset's lock.
 
+An ``image`` session (block devices, :mod:`appliance.sources.ingest_image`) declares its disks
+when it opens, sends fixed-size disk chunks, and its records batches are the disks' chunk tables
+(raw IDs) instead of tree records; it ends in an image point.
+
 Session folders live in ``<data>/ingest/<session id>/`` and are removed when the point is made or
 after :data:`SESSION_TTL` of silence; their chunks then wait for GC like any unreferenced pack.
 """
@@ -38,6 +42,7 @@ import zstandard
 from appliance.backup.tree import iter_tree, path_key
 from appliance.client import wire
 from appliance.errors import Conflict, InvalidInput, NotFound
+from appliance.sources import ingest_image
 from appliance.sources.points import commit_tree_point, write_tree
 from appliance.space import check_free_space
 from appliance.store import format as fmt
@@ -46,6 +51,7 @@ if TYPE_CHECKING:
     from appliance.engine import Appliance, BackupOutcome
 
 SESSION_TTL = 24 * 3600
+KINDS = ("files", "image")
 RECORD_TYPES = ("file", "dir", "symlink", "hardlink")
 _SESSION_ID = frozenset("0123456789abcdef")
 
@@ -73,6 +79,11 @@ class IngestSession:
     token_id: str
     created: str
     folder: str
+    #: "files" (a tree) or "image" (block devices: ``disks`` lists their names and sizes).
+    kind: str = "files"
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    #: Files: the chunks of the base tree and those uploaded. Images: those uploaded only (the
+    #: base's chunks are matched by position, see ingest_image).
     known: set[bytes] = field(default_factory=set)
     uploaded: int = 0
     #: Sealed bytes this session added to the store (its chunks; the tree is added at finish).
@@ -85,6 +96,7 @@ class IngestSession:
             "asset": self.asset,
             "source": self.source,
             "mode": self.mode,
+            "kind": self.kind,
             "base_point": self.base_point,
             "known_chunks": len(self.known),
         }
@@ -102,18 +114,45 @@ class IngestSessions:
     # --- sessions ----------------------------------------------------------------------------
 
     def open_session(
-        self, asset: str, source: str, mode: str, token_id: str, resume: str | None = None
+        self,
+        asset: str,
+        source: str,
+        mode: str,
+        token_id: str,
+        resume: str | None = None,
+        *,
+        kind: str = "files",
+        disks: list[dict[str, Any]] | None = None,
     ) -> IngestSession:
+        if kind not in KINDS:
+            raise InvalidInput(f"an upload session is one of {', '.join(KINDS)}")
+        disks = ingest_image.check_disks(disks or []) if kind == "image" else []
         if resume:
             try:
                 session = self.get(resume, token_id)
             except NotFound:
                 session = None
-            if session is not None and (session.asset, session.source) == (asset, source):
+            if session is not None and (
+                session.asset,
+                session.source,
+                session.kind,
+                session.disks,
+            ) == (asset, source, kind, disks):
                 return session
+        holds = self.app.catalog.get_asset(asset).kind
+        if holds != ("vm" if kind == "image" else "files"):
+            raise Conflict(
+                f"asset {asset} holds {holds} points: "
+                + (
+                    "block devices go to a VM asset (add the host with its disks)"
+                    if kind == "image"
+                    else "folders go to a files asset"
+                ),
+                asset=asset,
+            )
         self._expire()
         check_free_space(self.app.data_dir.store_path, "pool default")
-        mode, base = self.app._base(asset, "files", mode)
+        mode, base = self.app._base(asset, kind, mode)
         if base is not None and base.get("source") != source:
             mode, base = "full", None
         session_id = secrets.token_hex(16)
@@ -126,10 +165,13 @@ class IngestSessions:
             "base_point": base["point_id"] if base else None,
             "token_id": token_id,
             "created": self.app.clock().isoformat(),
+            "kind": kind,
+            "disks": disks,
         }
         _write_atomic(os.path.join(folder, "state.json"), json.dumps(state).encode())
         session = IngestSession(session_id, folder=folder, **state)
-        session.known = self._base_chunks(base)
+        if kind == "files":
+            session.known = self._base_chunks(base)
         with self._lock:
             self._open[session_id] = session
         return session
@@ -154,8 +196,8 @@ class IngestSessions:
         except (OSError, ValueError):
             raise NotFound("no such upload session (it ended or expired)") from None
         session = IngestSession(session_id, folder=folder, **state)
-        base = self.app.repo.get_manifest(session.base_point) if session.base_point else None
-        session.known = self._base_chunks(base)
+        if session.kind == "files" and session.base_point:
+            session.known = self._base_chunks(self.app.repo.get_manifest(session.base_point))
         try:
             with open(os.path.join(folder, "uploaded"), "rb") as f:
                 data = f.read()
@@ -210,7 +252,10 @@ class IngestSessions:
         """Check and store one batch; durable on return. Returns counts for the client."""
         if len(body) > wire.MAX_BATCH:
             raise InvalidInput(f"a chunk batch holds at most {wire.MAX_BATCH} bytes")
-        largest = self.app.repo.config.file_chunk_max
+        config = self.app.repo.config
+        largest, blob_type = config.file_chunk_max, fmt.BLOB_DATA
+        if session.kind == "image":
+            largest, blob_type = config.disk_chunk_size, fmt.BLOB_DISK
         envelope = self.app.repo.envelope
         writer = self.app.repo.writer()
         ids: list[bytes] = []
@@ -231,7 +276,7 @@ class IngestSessions:
                     if compression == wire.COMPRESSION_ZSTD
                     else fmt.COMPRESSION_NONE
                 )
-                if writer.put_compressed(chunk_id, size, code, bytes(data)):
+                if writer.put_compressed(chunk_id, size, code, bytes(data), blob_type):
                     stored += 1
                 else:
                     skipped += 1
@@ -307,6 +352,20 @@ class IngestSessions:
                 missing=[int(m[:6]) for m in missing[:20]],
             )
         app = self.app
+        if session.kind == "image":
+            try:
+                outcome = ingest_image.finish_image(
+                    app,
+                    session,
+                    [os.path.join(folder, name) for name in expected],
+                    stats=stats,
+                    warnings=_clean_warnings(warnings),
+                )
+            except ingest_image.BaseGone:
+                self.abort(session)
+                raise
+            self.abort(session)
+            return outcome
         with app.locks.shared(), app.locks.asset(session.asset):
             base = app.repo.get_manifest(session.base_point) if session.base_point else None
             checker = RecordChecker(session.known, app.repo.index.contains)
@@ -329,17 +388,18 @@ class IngestSessions:
                 created=app.clock(),
                 tree_ids=tree_ids,
                 stats=clean,
-                warnings=[
-                    {
-                        "path": str(w.get("path", ""))[:4096],
-                        "message": str(w.get("message", ""))[:500],
-                    }
-                    for w in warnings[:1000]
-                ],
+                warnings=_clean_warnings(warnings),
                 warning_count=max(warning_count, len(warnings)),
             )
         self.abort(session)
         return outcome
+
+
+def _clean_warnings(warnings: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {"path": str(w.get("path", ""))[:4096], "message": str(w.get("message", ""))[:500]}
+        for w in warnings[:1000]
+    ]
 
 
 def _read_batches(folder: str, names: list[str]) -> Iterator[dict[str, Any]]:

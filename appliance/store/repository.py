@@ -179,19 +179,30 @@ class BlobWriter:
                 self.dense_bytes += size
         return blob_id
 
-    def put_compressed(self, blob_id: bytes, size: int, compression: int, body: bytes) -> bool:
-        """Store a data blob that arrives compressed (the backup client), unless the store has
-        it; the caller has checked that its plaintext hashes to ``blob_id``. True if written."""
+    def put_compressed(
+        self,
+        blob_id: bytes,
+        size: int,
+        compression: int,
+        body: bytes,
+        blob_type: int = fmt.BLOB_DATA,
+    ) -> bool:
+        """Store a data or disk blob that arrives compressed (the backup client), unless the
+        store has it; the caller has checked that its plaintext hashes to ``blob_id``. True if
+        written."""
+        if blob_type not in fmt.DATA_BLOB_TYPES:
+            raise ValueError(f"blob type {blob_type} is not a data blob")
         if blob_id in self._seen or self.repo.index.contains(blob_id):
             return False
-        sealed = self.envelope.seal_body(fmt.BLOB_DATA, blob_id, compression, body)
-        self._data.add(fmt.BLOB_DATA, blob_id, sealed)
+        sealed = self.envelope.seal_body(blob_type, blob_id, compression, body)
+        self._data.add(blob_type, blob_id, sealed)
         self._seen.add(blob_id)
         self.new_bytes += len(sealed)
         self.new_blobs += 1
-        self.data_bytes += size
-        if compression == fmt.COMPRESSION_NONE or len(body) >= size * DENSE_RATIO:
-            self.dense_bytes += size
+        if blob_type == fmt.BLOB_DATA:
+            self.data_bytes += size
+            if compression == fmt.COMPRESSION_NONE or len(body) >= size * DENSE_RATIO:
+                self.dense_bytes += size
         return True
 
     def flush(self) -> list[IndexEntry]:

@@ -194,6 +194,9 @@ function clientAddedDialog(answer) {
       { class: "hosts-install", dataset: { installFor: answer.host.name } },
       h("div", { class: "banner banner-warning", role: "note" }, icon("alert", "banner-icon"), h("div", { class: "banner-body" }, h("strong", { text: "The token is shown only now." }), " Copy the command before closing this dialog; to get a new token, remove the host and add it again.")),
       h("p", { text: `Run this as root on ${answer.host.name}. It downloads the client from this appliance over the pinned certificate and enrolls it; then back up with “appliance-client backup PATH --asset ${(answer.host.assets || [answer.host.name])[0]}”.` }),
+      (answer.host.assets || []).length > 1
+        ? h("p", { text: `Block devices go to ${answer.host.assets[1]}: “appliance-client backup /dev/DEVICE” (a snapshot of it, for a disk in use).` })
+        : null,
       // Without TLS the appliance answers a comment instead of a command: say it, keep the token.
       String(answer.install_command || "").startsWith("#")
         ? h("p", { class: "warn-text", text: sentence(answer.install_command.replace(/^#\s*/, "")) })
@@ -244,7 +247,11 @@ function addDialog(ctx) {
     h("legend", { class: "label", text: "Kind of host" }),
     kinds.map(([value, label, help]) => h("label", { class: "radio" }, h("input", { type: "radio", name: "kind", value, checked: value === "client" }), h("span", h("strong", { text: label }), h("small", { class: "muted", text: help })))),
   );
-  const clientPart = h("div", field({ label: "Asset", name: "asset", placeholder: "the host's name", autocomplete: "off", help: "The asset the client's token may add points to (empty: named like the host)." }));
+  const clientPart = h(
+    "div",
+    field({ label: "Asset", name: "asset", placeholder: "the host's name", autocomplete: "off", help: "The asset the client's token may add points to (empty: named like the host)." }),
+    h("label", { class: "fo-check" }, h("input", { type: "checkbox", name: "disks" }), h("span", { text: "Also its block devices (whole disks, kept as a VM)" })),
+  );
   const sshPart = h(
     "div",
     h(
@@ -286,6 +293,7 @@ function addDialog(ctx) {
       const body = { name: el.name.value.trim(), kind };
       if (kind === "client") {
         if (el.asset.value.trim()) body.asset = el.asset.value.trim();
+        body.disks = el.disks.checked;
       } else {
         body.address = el.address.value.trim();
         body.port = Number(el.port.value || 22);
