@@ -19,12 +19,14 @@ from typing import Any
 import blake3
 import pytest
 import zstandard
-from api_support import bootstrap_accounts, free_port, weak_kdf_env
+from api_support import bootstrap_accounts, free_port, wait_job, weak_kdf_env
 from client_support import enroll, run_client
+from guest_support import guest_image_path
 from loop_support import attached
 from replication_support import TlsServer, tls_server
 
 from appliance.client import wire
+from image.testguest import MARKER, copy_sparse
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 64 * 1024
@@ -299,3 +301,42 @@ def test_hostile_image_uploads_are_refused(server: TlsServer, db1: dict[str, Any
     restored = Path(server.settings.data_dir).parent / "hostile.raw"
     server.service.app.restore(point, str(restored))
     assert restored.read_bytes() == chunk + bytes(CHUNK) + chunk
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_a_hosts_disk_sent_by_the_client_fails_over_on_the_appliance(
+    server: TlsServer, db1: dict[str, Any], tmp_path: Path, capsys: Any
+) -> None:
+    """The failover test guest's disk, as a host's block device, backed up through the client:
+    the point boots on the appliance and the guest's marker is seen (a physical machine's
+    disk failing over as a VM)."""
+    disk = tmp_path / "host-disk.raw"
+    copy_sparse(guest_image_path(), str(disk))
+    with attached(disk) as device:
+        result = _backup(
+            db1["config"], capsys, device, "--state-dir", str(tmp_path / "state"), "--mode", "full"
+        )
+    with server.as_role("admin") as admin:
+        r = admin.put(
+            "/api/assets/db1-disks/failover-settings",
+            json={"proof": {"serial": MARKER, "timeout": 150}, "network": {"mode": "isolated"}},
+        )
+        assert r.status_code == 200, r.text
+    with server.as_role("operator") as operator:
+        r = operator.post("/api/assets/db1-disks/failover", json={"point": result["point"]})
+        assert r.status_code == 202, r.text
+        job = wait_job(operator, r.json()["id"], timeout=240)
+        assert job["state"] == "succeeded", job
+        session = operator.get(f"/api/failover/{job['result']['session']}").json()
+        assert session["state"] == "running" and session["live"], session
+        assert session["point_id"] == result["point"]
+        r = operator.post(f"/api/failover/{session['id']}/stop", json={"discard": True})
+        assert r.status_code == 202, r.text
+        assert wait_job(operator, r.json()["id"], timeout=120)["state"] == "succeeded"
+    # The client pulls files only: a disk point is not offered to it.
+    with server.as_role("operator") as operator:
+        r = operator.post(
+            "/api/hosts/db1/restores", json={"point": result["point"], "target": "/restore"}
+        )
+        assert r.status_code == 400 and "holds disks" in r.json()["message"]

@@ -344,6 +344,11 @@ def start_client_restore(
     point = app.catalog.get_point(body.point)
     if point.asset not in host.get("assets", []):
         raise InvalidInput(f"point {body.point} is not of an asset of {name}")
+    if point.kind != "files":
+        raise InvalidInput(
+            f"point {body.point} holds disks, not files: the client pulls files only; "
+            "download its disks from the point or fail it over on the appliance"
+        )
     if not body.target.startswith("/") or "\0" in body.target:
         raise InvalidInput("the target is an absolute folder on the host")
     now = service.now()

@@ -320,7 +320,8 @@ async function restoreDialog(host, ctx) {
   let points = [];
   try {
     const lists = await Promise.all((host.assets || []).map((asset) => api.get(`/api/points?asset=${enc(asset)}&limit=50`)));
-    points = lists.flat().sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
+    // The client pulls files; disk points are downloaded or failed over instead.
+    points = lists.flat().filter((p) => p.kind === "files").sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
   } catch (err) {
     ctx.banner.error(err);
     return;
