@@ -3,9 +3,9 @@
 Pipeline: the main thread walks and reads (``TreeReader``), cuts chunks and hashes them with the
 store's key (BLAKE3 and FastCDC release the GIL). A chunk the appliance already has for this asset
 (its previous point's chunks, or sent earlier in this session) is only named in the record. Every
-other chunk is compressed by a small thread pool and framed into batches of about one pack; one
-sender thread posts the batches, at most :data:`IN_FLIGHT` waiting, so memory stays bounded and
-reading, compressing and sending overlap.
+other chunk is compressed by a small thread pool and framed into batches of about one pack;
+:data:`SENDERS` sender threads post the batches, at most :data:`IN_FLIGHT` waiting, so memory
+stays bounded and reading, compressing, sending and the appliance's writes overlap.
 
 Resuming: the session ID is kept in the state folder until the point is made. Run again after a
 crash or a lost link, the client reopens the same session; the appliance answers every chunk it
@@ -32,8 +32,11 @@ from appliance.client import wire
 from appliance.client.connection import ClientError, Connection
 from appliance.sources.tree_source import LocalFS, Record, SourceFS, TreeReader
 
-#: Chunk batches queued for the sender beyond the one being sent.
+#: Chunk batches queued for the senders beyond those being sent.
 IN_FLIGHT = 2
+#: Batches posted at once: the appliance checks and writes one while the next one arrives
+#: (measured: one sender left the client waiting on the appliance's writes most of the time).
+SENDERS = 2
 RECORDS_BATCH = 20_000
 
 
@@ -111,8 +114,13 @@ class UploadSink:
         self._batch = _Batch()
         self._queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=IN_FLIGHT)
         self._error: BaseException | None = None
-        self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
-        self._sender.start()
+        self._stats_lock = threading.Lock()
+        self._senders = [
+            threading.Thread(target=self._send_loop, name=f"sender-{n}", daemon=True)
+            for n in range(SENDERS)
+        ]
+        for sender in self._senders:
+            sender.start()
 
     def put(self, data: bytes) -> str:
         chunk_id = blake3.blake3(data, key=self.id_key).digest()
@@ -153,25 +161,29 @@ class UploadSink:
                 answer = self.conn.request(
                     "POST", f"/api/client/sessions/{self.session}/chunks", content=body
                 ).json()
-                self.stats.bytes_sent_chunks += len(body)
-                self.stats.batches += 1
-                self.stats.stored += int(answer.get("stored", 0))
+                with self._stats_lock:
+                    self.stats.bytes_sent_chunks += len(body)
+                    self.stats.batches += 1
+                    self.stats.stored += int(answer.get("stored", 0))
             except BaseException as exc:  # raised in the main thread at its next step
                 self._error = exc
 
     def finish(self) -> None:
         """Send what is left and wait until every batch is acknowledged."""
         self._hand_over()
-        self._queue.put(None)
-        self._sender.join()
+        for _ in self._senders:
+            self._queue.put(None)
+        for sender in self._senders:
+            sender.join()
         self._pool.shutdown(wait=True)
         if self._error is not None:
             raise self._error
 
     def abandon(self) -> None:
         self._error = self._error or ClientError("abandoned", code="abandoned")
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
+        for _ in self._senders:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -17,11 +17,14 @@ and back up the snapshot, or the point is only crash-consistent at best.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,20 +164,18 @@ def run_image_backup(
             if len(base) != chunks * wire.ID_SIZE:
                 base = b""
             last_said = time.monotonic()
-            zero = bytes(chunk_size)
-            for index, data in _chunks(device, chunk_size):
+            for first, data, ids in _hashed(device, chunk_size, id_key, request.threads):
                 counts.bytes_read += len(data)
-                if data == (zero if len(data) == chunk_size else bytes(len(data))):
-                    chunk_id = ZERO_ID
-                    counts.zero_chunks += 1
-                else:
-                    chunk_id = blake3.blake3(data, key=id_key).digest()
-                    pos = index * wire.ID_SIZE
+                for k, chunk_id in enumerate(ids):
+                    if chunk_id == ZERO_ID:
+                        counts.zero_chunks += 1
+                        continue
+                    pos = (first + k) * wire.ID_SIZE
                     if base and base[pos : pos + wire.ID_SIZE] == chunk_id:
                         counts.same_as_base += 1
                     else:
-                        sink.send(chunk_id, data)
-                table += chunk_id
+                        sink.send(chunk_id, data[k * chunk_size : (k + 1) * chunk_size])
+                table += b"".join(ids)
                 if len(table) >= TABLE_BATCH * wire.ID_SIZE:
                     send_batch(conn, session, batches, bytes(table))
                     batches += 1
@@ -182,7 +183,7 @@ def run_image_backup(
                 if time.monotonic() - last_said >= 2.0:
                     last_said = time.monotonic()
                     say(
-                        f"{device.name}: {(index + 1) * chunk_size / 2**20:.0f} of "
+                        f"{device.name}: {(first + len(ids)) * chunk_size / 2**20:.0f} of "
                         f"{device.size / 2**20:.0f} MiB read, "
                         f"{sink.stats.bytes_sent_chunks / 2**20:.0f} MiB sent"
                     )
@@ -218,25 +219,49 @@ def run_image_backup(
     }
 
 
-def _chunks(device: Device, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-    """(chunk index, bytes) of the whole device, read about ``READ_SIZE`` at a time."""
+def _hashed(
+    device: Device, chunk_size: int, id_key: bytes, workers: int
+) -> Iterator[tuple[int, bytes, list[bytes]]]:
+    """(first chunk index, bytes read, their chunk IDs) of the whole device, in order, read
+    about ``READ_SIZE`` at a time. Threads read and hash a few reads ahead (``pread`` and
+    BLAKE3 release the GIL), so the caller only compares and sends."""
     read_size = chunk_size * max(1, READ_SIZE // chunk_size)
+    zero = bytes(chunk_size)
     fd = os.open(device.path, os.O_RDONLY)
+
+    def read(offset: int) -> tuple[bytes, list[bytes]]:
+        want = min(read_size, device.size - offset)
+        data = os.pread(fd, want, offset)
+        if len(data) < want:
+            raise ClientError(
+                f"{device.path} ended at {offset + len(data)} bytes while it was read "
+                f"(it had {device.size})",
+                code="device_shrank",
+            )
+        view = memoryview(data)
+        ids = []
+        for pos in range(0, want, chunk_size):
+            end = min(pos + chunk_size, want)
+            # Most data chunks are told apart by their ends; a memoryview compares slowly,
+            # so a likely zero chunk is compared as bytes.
+            if not data[pos] and not data[end - 1] and data[pos:end] == zero[: end - pos]:
+                ids.append(ZERO_ID)
+            else:
+                ids.append(blake3.blake3(view[pos:end], key=id_key).digest())
+        return data, ids
+
     try:
-        offset = 0
-        index = 0
-        while offset < device.size:
-            want = min(read_size, device.size - offset)
-            data = os.pread(fd, want, offset)
-            if len(data) < want:
-                raise ClientError(
-                    f"{device.path} ended at {offset + len(data)} bytes while it was read "
-                    f"(it had {device.size})",
-                    code="device_shrank",
-                )
-            for pos in range(0, want, chunk_size):
-                yield index, data[pos : pos + chunk_size]
-                index += 1
-            offset += want
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hash") as pool:
+            offsets = iter(range(0, device.size, read_size))
+            ahead: deque[tuple[int, Future[tuple[bytes, list[bytes]]]]] = deque()
+            for offset in itertools.islice(offsets, 2 * max(1, workers)):
+                ahead.append((offset, pool.submit(read, offset)))
+            while ahead:
+                offset, future = ahead.popleft()
+                data, ids = future.result()
+                following = next(offsets, None)
+                if following is not None:
+                    ahead.append((following, pool.submit(read, following)))
+                yield offset // chunk_size, data, ids
     finally:
         os.close(fd)

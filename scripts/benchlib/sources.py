@@ -7,6 +7,10 @@ the same tree up over HTTPS with the pinned certificate. Both on the same two co
 the files are rewritten and the client backs up again: bytes of chunk batches on the wire vs the
 new sealed bytes the point added to the store.
 
+The same for a disk: a raw image file (random, text and zero regions) as a VM asset backed up
+by a job on ``local``, and sent by the client as a block device (``--image``) to ``client``; then
+2 % of its 4 KiB blocks are rewritten and the client sends an incremental.
+
 Targets (issue 18): client ≥ 0.7x local; incremental bytes sent ≤ 1.05x new compressed chunks.
 """
 
@@ -34,6 +38,10 @@ class Run:
     inc_sent: int
     inc_new: int
     inc_changed: int
+    img_local_s: float = 0.0
+    img_client_s: float = 0.0
+    img_inc_sent: int = 0
+    img_inc_new: int = 0
 
 
 @dataclass
@@ -74,6 +82,52 @@ def _change(root: Path, share: float, seed: int) -> int:
     return changed
 
 
+def _disk(path: Path, size: int, seed: int) -> None:
+    """A third random, a third text, a third zeros, in 1 MiB runs."""
+    rng = random.Random(seed)
+    line = b"backup appliance disk block of text\n"
+    text = (line * (2**20 // len(line) + 1))[: 2**20]
+    with open(path, "wb") as f:
+        for n in range(size // 2**20):
+            kind = n % 3
+            f.write(rng.randbytes(2**20) if kind == 0 else text if kind == 1 else bytes(2**20))
+
+
+def _scribble(path: Path, share: float, seed: int) -> None:
+    rng = random.Random(seed)
+    blocks = path.stat().st_size // 4096
+    with open(path, "r+b") as f:
+        for block in rng.sample(range(blocks), int(blocks * share)):
+            f.seek(block * 4096)
+            f.write(rng.randbytes(4096))
+
+
+def _local_disk(service: Any, disk: Path, wait_job: Any) -> float:
+    with service.api() as api:
+        r = api.post("/api/assets", json={"name": "disk", "kind": "vm", "disks": [str(disk)]})
+        if r.status_code != 201:
+            raise RuntimeError(f"asset: {r.status_code} {r.text}")
+        job = api.post("/api/assets/disk/backup", json={"mode": "full"}).json()
+        done = wait_job(api, job["id"])
+        if done["state"] != "succeeded":
+            raise RuntimeError(f"local disk backup: {done.get('error')}")
+        return _job_seconds(done)
+
+
+def _client_disk(config: str, disk: Path, state: Path) -> dict[str, Any]:
+    from appliance.client.blockdev import ImageRequest, run_image_backup
+    from appliance.client.cli import connect, load_config
+
+    conn = connect(load_config(config))
+    try:
+        request = ImageRequest(
+            [str(disk)], "bench-disks", "bench", image_files=True, state_dir=str(state)
+        )
+        return run_image_backup(conn, request)
+    finally:
+        conn.close()
+
+
 def _job_seconds(job: dict[str, Any]) -> float:
     start = datetime.fromisoformat(job["started_at"])
     end = datetime.fromisoformat(job["finished_at"])
@@ -96,7 +150,7 @@ def _client(service: Any, tree: Path, work: Path) -> tuple[str, Any]:
     from appliance.client import cli
 
     with service.api() as api:
-        r = api.post("/api/hosts", json={"name": "bench", "kind": "client"})
+        r = api.post("/api/hosts", json={"name": "bench", "kind": "client", "disks": True})
         if r.status_code != 201:
             raise RuntimeError(f"host: {r.status_code} {r.text}")
         token = r.json()["token"]
@@ -134,6 +188,7 @@ def run(
 ) -> SourcesResult:
     result = SourcesResult()
     size = int(512 * 1024 * 1024 * scale)
+    work.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="sources-", dir=work))
     logs = work / "logs"
     try:
@@ -150,6 +205,9 @@ def run(
                 order = ["local", "client"] if n % 2 == 0 else ["client", "local"]
                 times: dict[str, float] = {}
                 for which in order:
+                    # Each starts with no dirty pages left by the other (writeback would
+                    # slow whichever runs second).
+                    os.sync()
                     if which == "local":
                         times["local"] = _local(local, tree, wait_job)
                     else:
@@ -157,6 +215,7 @@ def run(
                         _client_backup(config, tree, base / "state")
                         times["client"] = time.monotonic() - started
                 changed = _change(tree, 0.05, seed=100 + n)
+                os.sync()
                 inc = _client_backup(config, tree, base / "state")
                 with remote.api() as api:
                     point = api.get(f"/api/points/{inc['point']}").json()
@@ -164,11 +223,34 @@ def run(
                 run_ = Run(
                     times["local"], times["client"], actual, inc["chunk_bytes_sent"], new, changed
                 )
+                shutil.rmtree(tree, ignore_errors=True)
+                disk = base / f"disk{n}.raw"
+                _disk(disk, size, seed=n)
+                os.sync()
+                for which in order:
+                    os.sync()
+                    if which == "local":
+                        run_.img_local_s = _local_disk(local, disk, wait_job)
+                    else:
+                        started = time.monotonic()
+                        _client_disk(config, disk, base / "state")
+                        run_.img_client_s = time.monotonic() - started
+                _scribble(disk, 0.02, seed=200 + n)
+                os.sync()
+                img = _client_disk(config, disk, base / "state")
+                with remote.api() as api:
+                    point = api.get(f"/api/points/{img['point']}").json()
+                run_.img_inc_sent = img["chunk_bytes_sent"]
+                run_.img_inc_new = int(point.get("stored_bytes", 0))
+                disk.unlink()
                 result.runs.append(run_)
                 log(
                     f"sources {n + 1}/{repeat}: local {run_.local_s:.1f} s, client "
                     f"{run_.client_s:.1f} s ({_mib(actual) / run_.client_s:.0f} MiB/s), "
-                    f"incremental sent {_mib(run_.inc_sent):.1f} MiB for {_mib(new):.1f} MiB new"
+                    f"incremental sent {_mib(run_.inc_sent):.1f} MiB for {_mib(new):.1f} MiB new; "
+                    f"disk: local {run_.img_local_s:.1f} s, client {run_.img_client_s:.1f} s, "
+                    f"incremental sent {_mib(run_.img_inc_sent):.1f} MiB for "
+                    f"{_mib(run_.img_inc_new):.1f} MiB new"
                 )
             finally:
                 local.stop()
@@ -202,6 +284,33 @@ def rows(result: SourcesResult) -> list[list[str]]:
 
 
 HEADERS = ["run", "MiB", "local s", "client s", "client ÷ local speed", "incr. sent / new"]
+DISK_HEADERS = [
+    "run",
+    "disk MiB",
+    "local job s",
+    "client --image s",
+    "client ÷ local speed",
+    "incr. sent / new",
+]
+
+
+def disk_rows(result: SourcesResult) -> list[list[str]]:
+    out = []
+    for n, r in enumerate(result.runs, 1):
+        if not r.img_client_s:
+            continue
+        out.append(
+            [
+                str(n),
+                f"{_mib(r.size):.0f}",
+                f"{r.img_local_s:.1f} ({_mib(r.size) / r.img_local_s:.0f} MiB/s)",
+                f"{r.img_client_s:.1f} ({_mib(r.size) / r.img_client_s:.0f} MiB/s)",
+                f"{r.img_local_s / r.img_client_s:.2f}x",
+                f"{_mib(r.img_inc_sent):.1f} / {_mib(r.img_inc_new):.1f} = "
+                f"{r.img_inc_sent / max(r.img_inc_new, 1):.3f}x",
+            ]
+        )
+    return out
 
 
 def targets(result: SourcesResult) -> list[tuple[str, str, str]]:
@@ -212,6 +321,23 @@ def targets(result: SourcesResult) -> list[tuple[str, str, str]]:
         ]
     speed = statistics.median(r.local_s / r.client_s for r in result.runs)
     sent = statistics.median(r.inc_sent / max(r.inc_new, 1) for r in result.runs)
+    disks = [r for r in result.runs if r.img_client_s]
+    disk_checks = []
+    if disks:
+        d_speed = statistics.median(r.img_local_s / r.img_client_s for r in disks)
+        d_sent = statistics.median(r.img_inc_sent / max(r.img_inc_new, 1) for r in disks)
+        disk_checks = [
+            (
+                "disk: client --image vs local job (median)",
+                "≥ 0.7x",
+                f"{d_speed:.2f}x {'✓' if d_speed >= 0.7 else '✗'}",
+            ),
+            (
+                "disk: incremental bytes sent vs new (median)",
+                "≤ 1.05x",
+                f"{d_sent:.3f}x {'✓' if d_sent <= 1.05 else '✗'}",
+            ),
+        ]
     return [
         (
             "client over HTTPS vs local (median)",
@@ -223,6 +349,7 @@ def targets(result: SourcesResult) -> list[tuple[str, str, str]]:
             "≤ 1.05x",
             f"{sent:.3f}x {'✓' if sent <= 1.05 else '✗'}",
         ),
+        *disk_checks,
     ]
 
 
@@ -237,6 +364,9 @@ def render(
     if result.runs:
         text.append(text_table(HEADERS, rows(result)))
         md.append(markdown_table(HEADERS, rows(result)))
+        if disk_rows(result):
+            text.append(text_table(DISK_HEADERS, disk_rows(result)))
+            md += ["", markdown_table(DISK_HEADERS, disk_rows(result))]
     checks = [[name, goal, got] for name, goal, got in targets(result)]
     text.append(text_table(["target", "goal", "measured"], checks))
     md += ["", markdown_table(["target", "goal", "measured"], checks)]
