@@ -186,13 +186,18 @@ class BlobWriter:
         compression: int,
         body: bytes,
         blob_type: int = fmt.BLOB_DATA,
+        *,
+        in_index: bool | None = None,
     ) -> bool:
         """Store a data or disk blob that arrives compressed (the backup client), unless the
         store has it; the caller has checked that its plaintext hashes to ``blob_id``. True if
-        written."""
+        written. ``in_index``: whether the index holds it, when the caller asked for a whole
+        batch at once (one query instead of one per chunk)."""
         if blob_type not in fmt.DATA_BLOB_TYPES:
             raise ValueError(f"blob type {blob_type} is not a data blob")
-        if blob_id in self._seen or self.repo.index.contains(blob_id):
+        if in_index is None:
+            in_index = self.repo.index.contains(blob_id)
+        if blob_id in self._seen or in_index:
             return False
         sealed = self.envelope.seal_body(blob_type, blob_id, compression, body)
         self._data.add(blob_type, blob_id, sealed)
