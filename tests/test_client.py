@@ -97,11 +97,28 @@ def test_first_and_incremental_backup_send_only_new_chunks(
     second = _backup(config, capsys, str(tree), "--asset", "web1", "--state-dir", state)
     assert second["mode"] == "incremental"
     assert second["chunks_new"] == 2, second
-    assert second["chunks_known"] == 39
+    # The files cache: only the two files that changed are read.
+    assert second["files_read"] == 2 and second["files_reused"] == second["files"] - 2, second
     point = server.service.app.catalog.get_point(second["point"])
     # Bytes of chunk batches vs what the store added (sealed): framing and the envelope only.
     assert second["chunk_bytes_sent"] <= 1.05 * point.stored_bytes, (second, point.stored_bytes)
     restored = _restored(server, second["point"], tmp_path / "r2")
+    assert digest_tree(restored) == digest_tree(tree)
+
+    # The cache is trusted only for chunks the appliance lists: with the points it came from
+    # deleted on the appliance, every file is read again, and a damaged cache reads them too.
+    server.service.app.delete_points([first["point"], second["point"]])
+    third = _backup(config, capsys, str(tree), "--asset", "web1", "--state-dir", state)
+    # Only zeros.img is reused: all its chunks are zeros, which name no stored chunk.
+    assert third["mode"] == "full" and third["files_reused"] == 1, third
+    assert third["files_read"] == third["files"] - 1, third
+    (cache,) = Path(state).glob("files-*.zst")
+    cache.write_bytes(b"not zstd at all")
+    fourth = _backup(config, capsys, str(tree), "--asset", "web1", "--state-dir", state)
+    assert fourth["files_read"] == fourth["files"] and fourth["chunks_new"] == 0, fourth
+    fifth = _backup(config, capsys, str(tree), "--asset", "web1", "--state-dir", state)
+    assert fifth["files_read"] == 0 and fifth["files_reused"] == fifth["files"], fifth
+    restored = _restored(server, fifth["point"], tmp_path / "r5")
     assert digest_tree(restored) == digest_tree(tree)
 
 

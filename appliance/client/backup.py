@@ -7,6 +7,12 @@ other chunk is compressed by a small thread pool and framed into batches of abou
 :data:`SENDERS` sender threads post the batches, at most :data:`IN_FLIGHT` waiting, so memory
 stays bounded and reading, compressing, sending and the appliance's writes overlap.
 
+Files cache: like borg's, kept on the host (``files-*.zst`` in the state folder): the file records
+of the last backup that made a point. A file whose size, mtime, ctime and inode match its cached
+record reuses its chunk list without being read, provided the appliance listed every one of those
+chunks for this session (its previous point's); otherwise the file is read. So an incremental
+reads only what changed, as local backups do, while the appliance still checks every record.
+
 Resuming: the session ID is kept in the state folder until the point is made. Run again after a
 crash or a lost link, the client reopens the same session; the appliance answers every chunk it
 got, so only the rest is sent.
@@ -15,6 +21,7 @@ got, so only the rest is sent.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -239,6 +246,65 @@ def state_file_for(state_dir: str, asset: str, source: str) -> str:
     return os.path.join(state_dir, f"session-{key}.json")
 
 
+def files_cache_for(state_dir: str, asset: str, source: str) -> str:
+    key = blake3.blake3(f"{asset}\n{source}".encode()).hexdigest()[:24]
+    return os.path.join(state_dir, f"files-{key}.zst")
+
+
+def cached_files(path: str, known: set[bytes]) -> Iterator[Record] | None:
+    """The files cache's records whose chunks the appliance listed; None without a cache."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed when the generator ends
+    except FileNotFoundError:
+        return None
+
+    def records() -> Iterator[Record]:
+        with f, zstandard.ZstdDecompressor().stream_reader(f) as raw:
+            lines = io.TextIOWrapper(raw, encoding="utf-8")
+            while True:
+                try:
+                    line = lines.readline()
+                    if not line:
+                        return
+                    record = json.loads(line)
+                    chunks = record["chunks"]
+                    if not isinstance(record["path"], str) or record["size"] != sum(
+                        n for _, n in chunks
+                    ):
+                        return
+                    usable = all(c is None or bytes.fromhex(c) in known for c, _ in chunks)
+                except (zstandard.ZstdError, OSError, ValueError, KeyError, TypeError):
+                    return  # a damaged cache: the rest of the files are read
+                if usable:
+                    yield record
+
+    return records()
+
+
+class FilesCache:
+    """Writes the next files cache as records go by; it replaces the old one on :meth:`commit`."""
+
+    FIELDS = ("path", "type", "size", "mtime_ns", "ctime_ns", "ino", "chunks")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path + ".new", "wb")  # noqa: SIM115 - closed by commit or close
+        self._out = zstandard.ZstdCompressor(level=3).stream_writer(self._file)
+
+    def add(self, record: Record) -> None:
+        if record.get("type") == "file":
+            line = json.dumps({k: record[k] for k in self.FIELDS if k in record})
+            self._out.write(line.encode() + b"\n")
+
+    def commit(self) -> None:
+        self._out.close()  # closes the file too
+        os.replace(self.path + ".new", self.path)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._out.close()
+
+
 def hello_for(conn: Connection, asset: str) -> dict[str, Any]:
     """The appliance's hello, refusing an asset this host's token may not add points to."""
     hello: dict[str, Any] = conn.get_json("/api/client/hello")
@@ -309,9 +375,13 @@ def run_backup(
         read_progress=progress.add,
     )
     batches = 0
+    cache_path = files_cache_for(request.state_dir, request.asset, source)
+    previous = None if request.mode == "full" else cached_files(cache_path, known)
+    cache = FilesCache(cache_path)
     try:
         pending: list[bytes] = []
-        for record in reader.records():
+        for record in reader.records(previous):
+            cache.add(record)
             pending.append(json.dumps(record, separators=(",", ":")).encode())
             if len(pending) >= RECORDS_BATCH:
                 send_records(conn, session, batches, pending)
@@ -324,27 +394,34 @@ def run_backup(
         sink.finish()
     except BaseException:
         sink.abandon()
+        cache.close()
         raise
     walk = reader.stats
     stats = {
         "files": walk.files,
         "directories": walk.directories,
         "files_read": walk.files_read,
+        "files_reused": walk.files_reused,
         "bytes_read": walk.bytes_read,
         "chunks_new": sink.stats.chunks_new,
         "chunks_known": sink.stats.chunks_known,
         "bytes_sent": conn.traffic.bytes_sent,
         "seconds": round(time.monotonic() - started, 3),
     }
-    done = conn.post_json(
-        f"/api/client/sessions/{session}/finish",
-        {
-            "batches": batches,
-            "stats": stats,
-            "warnings": walk.warnings,
-            "warning_count": walk.warning_count,
-        },
-    )
+    try:
+        done = conn.post_json(
+            f"/api/client/sessions/{session}/finish",
+            {
+                "batches": batches,
+                "stats": stats,
+                "warnings": walk.warnings,
+                "warning_count": walk.warning_count,
+            },
+        )
+    except BaseException:
+        cache.close()
+        raise
+    cache.commit()
     os.unlink(state_file)
     return {
         "point": done["point"],
