@@ -480,3 +480,33 @@ def test_gc_keeps_the_chunks_of_an_open_session(server: TlsServer, web1: dict[st
     with tarfile.open(fileobj=out) as tar:
         member = tar.extractfile("f")
         assert member is not None and member.read() == data
+
+
+def test_a_full_pool_refuses_a_batch_and_the_backup_resumes_when_there_is_room(
+    server: TlsServer, web1: dict[str, Any], tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    from appliance import space
+
+    tree = tmp_path / "bulk"
+    tree.mkdir()
+    for n in range(3):
+        (tree / f"f{n}.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    state = str(tmp_path / "state")
+    real = space.filesystem_space
+    calls = {"n": 0}
+
+    def filling_up(path: str) -> tuple[int, int]:
+        calls["n"] += 1
+        free, total = real(path)
+        return (free, total) if calls["n"] == 1 else (0, total)  # room to open, none after
+
+    monkeypatch.setattr(space, "filesystem_space", filling_up)
+    code, _, err = run_client(
+        web1["config"], "backup", "--quiet", str(tree), "--state-dir", state, capsys=capsys
+    )
+    assert code == 1 and "pool default is full" in err and "nothing was written" in err, err
+    assert calls["n"] >= 2
+    monkeypatch.setattr(space, "filesystem_space", real)
+    result = _backup(web1["config"], capsys, str(tree), "--state-dir", state)
+    restored = _restored(server, result["point"], tmp_path / "r")
+    assert digest_tree(restored) == digest_tree(tree)

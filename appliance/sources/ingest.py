@@ -252,6 +252,9 @@ class IngestSessions:
         """Check and store one batch; durable on return. Returns counts for the client."""
         if len(body) > wire.MAX_BATCH:
             raise InvalidInput(f"a chunk batch holds at most {wire.MAX_BATCH} bytes")
+        # Every batch, not only the session's start: a host must not fill the pool past its
+        # reserve (507; the session stays and resumes once there is room).
+        check_free_space(self.app.data_dir.store_path, "pool default", needed_bytes=len(body))
         config = self.app.repo.config
         largest, blob_type = config.file_chunk_max, fmt.BLOB_DATA
         if session.kind == "image":
