@@ -91,7 +91,7 @@ from appliance.locations.work import location_options
 REPLICATE_KIND = "replicate"
 PEER_KIND = "peer"
 #: The job kinds after whose success new points go to the peers.
-BACKUP_KINDS = ("backup_files", "backup_image", "policy_backup")
+BACKUP_KINDS = ("backup_files", "backup_image", "backup_ssh", "backup_libvirt", "policy_backup")
 #: Minutes between catch-up runs of a peer that has none set.
 DEFAULT_CATCH_UP_MINUTES = 15
 #: Job states in which a replicate job will still send what is pending.

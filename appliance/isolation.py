@@ -38,7 +38,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, cast
 
 from appliance.errors import ApplianceError, BackupCancelled, JobWaiting
-from appliance.job_context import JobView
+from appliance.job_context import JobView, inherit_work
 
 if TYPE_CHECKING:
     from appliance.engine import Appliance
@@ -128,10 +128,13 @@ def _child_main(
     params: dict[str, Any],
     job_id: str,
     checkpoint: dict[str, Any],
+    works: dict[str, bytes] | None = None,
 ) -> None:
     _die_with_parent()
     if os.getppid() == 1:  # the fork server died before the signal was armed
         os.killpg(0, signal.SIGKILL)
+    if works:
+        inherit_work(works)
     try:
         app = opener.open()
     except ApplianceError as exc:
@@ -174,8 +177,11 @@ def run_isolated(
     work: Callable[..., dict[str, Any]],
     params: dict[str, Any],
     ctx: JobView,
+    works: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Run ``work(app, params, ctx)`` in a clean child; same result, errors and effects."""
+    """Run ``work(app, params, ctx)`` in a clean child; same result, errors and effects.
+    ``works``: other kinds' work functions (pickled references) the child may need
+    (:func:`appliance.job_context.inherit_work`)."""
     mp = multiprocessing.get_context("forkserver")
     # The fork server is started (by exec, so cleanly) on first use, imports these once, and
     # forks every child from its single thread: a child starts in milliseconds, not seconds.
@@ -192,6 +198,7 @@ def run_isolated(
             params,
             ctx.job_id,
             dict(ctx.checkpoint),
+            works,
         ),
         name=f"job-{ctx.job_id[:8]}",
     )

@@ -36,3 +36,16 @@ class JobView(Protocol):
 
     def save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store a JSON checkpoint: a run interrupted after this resumes from it."""
+
+
+#: Work functions (pickled references) of kinds the service registered but an isolated job's
+#: process did not (its fork server started before): handed over by appliance.isolation.
+_INHERITED_WORK: dict[str, bytes] = {}
+
+
+def inherit_work(works: dict[str, bytes]) -> None:
+    _INHERITED_WORK.update(works)
+
+
+def inherited_work(kind: str) -> bytes | None:
+    return _INHERITED_WORK.get(kind)

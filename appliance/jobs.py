@@ -32,6 +32,7 @@ kinds' functions live in :mod:`appliance.job_kinds`; outer packages register the
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 import traceback
@@ -51,6 +52,7 @@ from appliance.errors import (
     TransientBackendError,
 )
 from appliance.isolation import run_isolated
+from appliance.job_context import inherited_work
 from appliance.job_kinds import LOCATION_RETRY
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,39 @@ JOB_KINDS: dict[str, JobKind] = {
 def register_job_kind(name: str, kind: JobKind) -> None:
     """Outer packages (tiering, failover) add their own job kinds at start-up."""
     JOB_KINDS[name] = kind
+
+
+def work_of(kind: str) -> WorkFunction:
+    """The work function of a job kind, in the service or in an isolated job's process."""
+    if kind in JOB_KINDS:
+        return JOB_KINDS[kind].work
+    reference = inherited_work(kind)
+    if reference is None:
+        raise KeyError(f"no job kind {kind!r} is registered in this process")
+    work: WorkFunction = pickle.loads(reference)  # a reference from our own parent
+    return work
+
+
+_SHAREABLE: dict[int, bytes | None] = {}
+
+
+def shareable_works() -> dict[str, bytes]:
+    """The work functions of the registered kinds that a child can import by name, pickled (a
+    reference, unpickled only when used, so a child imports no package it does not run). The
+    fork server started before the service registered the outer packages' kinds (SSH, libvirt,
+    ...): a job that runs another kind's work inside the child (a policy's backup) finds it."""
+    works = {}
+    for name, kind in JOB_KINDS.items():
+        key = id(kind.work)
+        if key not in _SHAREABLE:
+            try:
+                _SHAREABLE[key] = pickle.dumps(kind.work)
+            except Exception:  # a closure over the service's state: only the parent runs it
+                _SHAREABLE[key] = None
+        reference = _SHAREABLE[key]
+        if reference is not None:
+            works[name] = reference
+    return works
 
 
 # --- the runner ---------------------------------------------------------------------------------------
@@ -448,7 +483,7 @@ class JobRunner:
     ) -> None:
         try:
             if self.isolate and spec.isolated:
-                result = run_isolated(self.app, spec.work, dict(job.params), ctx)
+                result = run_isolated(self.app, spec.work, dict(job.params), ctx, shareable_works())
             else:
                 result = spec.work(self.app, dict(job.params), ctx)
             self._record_end(

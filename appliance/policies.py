@@ -20,7 +20,7 @@ from typing import Any
 from appliance.catalog.records import AssetRecord
 from appliance.engine import Appliance
 from appliance.errors import InvalidInput
-from appliance.jobs import JOB_KINDS, JobContext, JobKind, register_job_kind
+from appliance.jobs import JobContext, JobKind, register_job_kind, work_of
 from appliance.retention import RetentionRules
 from appliance.vmspec import parse_vm_source
 
@@ -32,7 +32,7 @@ RETENTION_KEYS = tuple(
 
 def backup_job_for(asset: AssetRecord, mode: str) -> tuple[str, dict[str, Any]]:
     """The job kind and parameters that back up ``asset`` once."""
-    if asset.kind == "files" and asset.source.startswith("client://"):
+    if asset.source.startswith("client://"):
         raise InvalidInput(
             f"asset {asset.name} is backed up by its host's client (appliance-client backup); "
             "the appliance cannot start it"
@@ -75,7 +75,7 @@ def _policy_backup(app: Appliance, p: dict[str, Any], ctx: JobContext) -> dict[s
     asset = app.catalog.get_asset(p["asset"])
     mode = p.get("mode") or policy.mode
     kind, params = backup_job_for(asset, mode)
-    result = dict(JOB_KINDS[kind].work(app, params, ctx))
+    result = dict(work_of(kind)(app, params, ctx))
     rules = retention_rules(policy.retention)
     if p.get("apply_retention", True) and not rules.empty():
         prune = ctx.submit(

@@ -334,6 +334,10 @@ def test_a_hosts_disk_sent_by_the_client_fails_over_on_the_appliance(
         r = operator.post(f"/api/failover/{session['id']}/stop", json={"discard": True})
         assert r.status_code == 202, r.text
         assert wait_job(operator, r.json()["id"], timeout=120)["state"] == "succeeded"
+    # Only the host starts its backups, disks included.
+    with server.as_role("operator") as operator:
+        r = operator.post("/api/assets/db1-disks/backup", json={})
+        assert r.status_code == 400 and "backed up by its host's client" in r.json()["message"]
     # The client pulls files only: a disk point is not offered to it.
     with server.as_role("operator") as operator:
         r = operator.post(

@@ -84,6 +84,33 @@ def test_an_ssh_host_is_added_trusted_and_backed_up(
         assert second["state"] == "succeeded" and second["result"]["mode"] == "incremental"
         assert second["result"]["stats"]["files_read"] == 0
 
+    # Hands-off: a policy covers the SSH asset like any other; its run pulls over SSH and
+    # prunes with the policy's rules.
+    with server.as_role("admin") as admin:
+        r = admin.post(
+            "/api/policies",
+            json={
+                "name": "web2-nightly",
+                "assets": ["web2"],
+                "schedule": {"entries": [{"cron": "0 22 * * *"}]},
+                "retention": {"keep_last": 2},
+            },
+        )
+        assert r.status_code == 201, r.text
+    (tree / "www" / "new.html").write_text("<p>new</p>")
+    with server.as_role("operator") as operator:
+        run = operator.post("/api/policies/web2-nightly/run")
+        assert run.status_code == 202, run.text
+        done = wait_job(operator, run.json()["id"])
+        assert done["state"] == "succeeded", done.get("error", {}).get("message")
+        assert done["result"]["stats"]["files_read"] == 1, done["result"]
+        pruned = wait_job(operator, done["result"]["prune_job"])
+        assert pruned["state"] == "succeeded", pruned.get("error")
+        points = operator.get("/api/points", params={"asset": "web2"}).json()
+        assert [p["id"] for p in points][:1] == [done["result"]["point"]] and len(points) == 2
+    with server.as_role("admin") as admin:
+        assert admin.delete("/api/policies/web2-nightly").status_code == 204
+
     # The host is reinstalled: its new key is refused, naming both fingerprints.
     sshd.restart(new_key=True)
     with server.as_role("operator") as operator:
