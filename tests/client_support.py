@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from api_support import free_port
 from replication_support import TlsServer
 
 from api.identity import certificate_fingerprint
-from appliance.client import cli
+from appliance.client import cli, wire
 
 
 def add_client_host(server: TlsServer, name: str, asset: str | None = None) -> dict[str, Any]:
@@ -151,3 +154,21 @@ def make_tree(root: Path, files: int = 20, size: int = 200_000, seed: int = 1) -
     (root / "link").symlink_to("docs/note-0.txt")
     os.link(root / "docs" / "note-1.txt", root / "hard")
     (root / "zeros.img").write_bytes(bytes(3 * 1024 * 1024))
+
+
+def kill_client_mid_upload(argv: list[str], ingest: Path, ids: int, cwd: Path) -> int:
+    """Run the client (``argv``), SIGKILL it once the appliance acknowledged ``ids`` chunks of
+    its session; returns how many it had acknowledged."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        uploaded = list(ingest.glob("*/uploaded"))
+        if uploaded and uploaded[0].stat().st_size >= ids * wire.ID_SIZE:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise AssertionError(proc.communicate())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return uploaded[0].stat().st_size // wire.ID_SIZE

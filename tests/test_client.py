@@ -8,11 +8,9 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,14 @@ import blake3
 import pytest
 import zstandard
 from api_support import bootstrap_accounts, free_port, wait_job, weak_kdf_env
-from client_support import add_client_host, cutting_relay, enroll, make_tree, run_client
+from client_support import (
+    add_client_host,
+    cutting_relay,
+    enroll,
+    kill_client_mid_upload,
+    make_tree,
+    run_client,
+)
 from replication_support import TlsServer, digest_tree, tls_server
 
 from appliance.client import wire
@@ -216,20 +221,8 @@ def test_a_killed_client_resumes_its_session(
         "--threads",
         "1",
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     ingest = Path(server.settings.data_dir) / "ingest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        uploaded = list(ingest.glob("*/uploaded"))
-        if uploaded and uploaded[0].stat().st_size >= 2 * wire.ID_SIZE * 8:
-            break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        raise AssertionError(proc.communicate())
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    acknowledged = uploaded[0].stat().st_size // wire.ID_SIZE
+    acknowledged = kill_client_mid_upload(argv, ingest, 2 * 8, REPO)
     assert list(state.glob("session-*.json")), "the session is remembered for the next run"
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import blake3
 import pytest
 import zstandard
 from api_support import bootstrap_accounts, free_port, wait_job, weak_kdf_env
-from client_support import enroll, run_client
+from client_support import enroll, kill_client_mid_upload, run_client
 from guest_support import guest_image_path
 from loop_support import attached
 from replication_support import TlsServer, tls_server
@@ -207,19 +205,7 @@ def test_a_killed_client_resumes_its_block_device_upload(
         code, _, _ = run_client(db1["config"], "backup", device, "--asset", "db1-raw")
         assert code == 1
         argv[argv.index("db1-raw")] = "db1-disks"
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            uploaded = list(ingest.glob("*/uploaded"))
-            if uploaded and uploaded[0].stat().st_size >= 300 * wire.ID_SIZE:
-                break
-            time.sleep(0.05)
-        else:
-            proc.kill()
-            raise AssertionError(proc.communicate())
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        acknowledged = uploaded[0].stat().st_size // wire.ID_SIZE
+        acknowledged = kill_client_mid_upload(argv, ingest, 300, REPO)
         assert list(state.glob("session-*.json")), "the session is remembered for the next run"
         done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr

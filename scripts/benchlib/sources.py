@@ -102,18 +102,6 @@ def _scribble(path: Path, share: float, seed: int) -> None:
             f.write(rng.randbytes(4096))
 
 
-def _local_disk(service: Any, disk: Path, wait_job: Any) -> float:
-    with service.api() as api:
-        r = api.post("/api/assets", json={"name": "disk", "kind": "vm", "disks": [str(disk)]})
-        if r.status_code != 201:
-            raise RuntimeError(f"asset: {r.status_code} {r.text}")
-        job = api.post("/api/assets/disk/backup", json={"mode": "full"}).json()
-        done = wait_job(api, job["id"])
-        if done["state"] != "succeeded":
-            raise RuntimeError(f"local disk backup: {done.get('error')}")
-        return _job_seconds(done)
-
-
 def _client_disk(config: str, disk: Path, state: Path) -> dict[str, Any]:
     from appliance.client.blockdev import ImageRequest, run_image_backup
     from appliance.client.cli import connect, load_config
@@ -134,15 +122,16 @@ def _job_seconds(job: dict[str, Any]) -> float:
     return (end - start).total_seconds()
 
 
-def _local(service: Any, tree: Path, wait_job: Any) -> float:
+def _local(service: Any, asset: dict[str, Any], wait_job: Any) -> float:
+    """Add ``asset`` (the body of ``POST /api/assets``) and time its full backup job."""
     with service.api() as api:
-        r = api.post("/api/assets", json={"name": "tree", "kind": "files", "path": str(tree)})
+        r = api.post("/api/assets", json=asset)
         if r.status_code != 201:
             raise RuntimeError(f"asset: {r.status_code} {r.text}")
-        job = api.post("/api/assets/tree/backup", json={"mode": "full"}).json()
+        job = api.post(f"/api/assets/{asset['name']}/backup", json={"mode": "full"}).json()
         done = wait_job(api, job["id"])
         if done["state"] != "succeeded":
-            raise RuntimeError(f"local backup: {done.get('error')}")
+            raise RuntimeError(f"local backup of {asset['name']}: {done.get('error')}")
         return _job_seconds(done)
 
 
@@ -209,7 +198,9 @@ def run(
                     # slow whichever runs second).
                     os.sync()
                     if which == "local":
-                        times["local"] = _local(local, tree, wait_job)
+                        times["local"] = _local(
+                            local, {"name": "tree", "kind": "files", "path": str(tree)}, wait_job
+                        )
                     else:
                         started = time.monotonic()
                         _client_backup(config, tree, base / "state")
@@ -230,7 +221,9 @@ def run(
                 for which in order:
                     os.sync()
                     if which == "local":
-                        run_.img_local_s = _local_disk(local, disk, wait_job)
+                        run_.img_local_s = _local(
+                            local, {"name": "disk", "kind": "vm", "disks": [str(disk)]}, wait_job
+                        )
                     else:
                         started = time.monotonic()
                         _client_disk(config, disk, base / "state")
