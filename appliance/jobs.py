@@ -186,25 +186,19 @@ def work_of(kind: str) -> WorkFunction:
     return work
 
 
-_SHAREABLE: dict[int, bytes | None] = {}
-
-
 def shareable_works() -> dict[str, bytes]:
     """The work functions of the registered kinds that a child can import by name, pickled (a
     reference, unpickled only when used, so a child imports no package it does not run). The
     fork server started before the service registered the outer packages' kinds (SSH, libvirt,
-    ...): a job that runs another kind's work inside the child (a policy's backup) finds it."""
+    ...): a job that runs another kind's work inside the child (a policy's backup) finds it.
+    Pickled afresh at each start (well under a millisecond): a cache keyed by the functions'
+    ids would hand over another function once an id is reused."""
     works = {}
     for name, kind in JOB_KINDS.items():
-        key = id(kind.work)
-        if key not in _SHAREABLE:
-            try:
-                _SHAREABLE[key] = pickle.dumps(kind.work)
-            except Exception:  # a closure over the service's state: only the parent runs it
-                _SHAREABLE[key] = None
-        reference = _SHAREABLE[key]
-        if reference is not None:
-            works[name] = reference
+        try:
+            works[name] = pickle.dumps(kind.work)
+        except Exception:  # a closure over the service's state: only the parent runs it
+            continue
     return works
 
 

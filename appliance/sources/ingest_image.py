@@ -165,10 +165,15 @@ def finish_image(
             size = declared["size"]
             chunks = chunk_count(size, chunk_size)
             table = tables.take(chunks)
-            previous = _base_ids(app, _base_disk(app, session.base_point, name, size))
+            previous_entry = _base_disk(app, session.base_point, name, size)
+            previous = _base_ids(app, previous_entry)
             # What the engine compares against may be newer than the session's base (another
             # point made meanwhile): "changed" is counted against it, as for other image points.
-            compared = _base_ids(app, base) if base and base.get("size") == size else None
+            compared = previous
+            if base is None or base.get("size") != size:
+                compared = None
+            elif previous_entry is None or base.get("tables") != previous_entry.get("tables"):
+                compared = _base_ids(app, base)
             disk_stats = DiskStats(size=size)
             checked: set[bytes] = set()
             for i in range(chunks):
