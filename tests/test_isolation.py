@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,45 @@ def _holders(path: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _first_work(app: Appliance, p: dict[str, object], ctx: object) -> dict[str, object]:
+    return {"which": "first"}
+
+
+def _second_work(app: Appliance, p: dict[str, object], ctx: object) -> dict[str, object]:
+    return {"which": "second"}
+
+
+def _wrapped(work: Any, app: Appliance, p: dict[str, object], ctx: object) -> Any:
+    return work(app, p, ctx)
+
+
+def test_a_child_finds_the_services_kinds_as_they_are_registered_now() -> None:
+    """An isolated job's process started before the service registered some kinds; it gets
+    them by reference. Re-registering a kind hands over the new work, never a stale one: the
+    service re-wraps kinds (replication) at each start, and a cache keyed by id() once handed a
+    policy's SSH backup the libvirt work when a freed wrapper's id came back."""
+    import functools
+    import pickle
+
+    from appliance import job_context, jobs
+
+    name = "test_handover_kind"
+    try:
+        for work in (_first_work, _second_work):
+            jobs.JOB_KINDS.pop(name, None)  # the old wrapper is freed: its id may come back
+            wrapper = functools.partial(_wrapped, work)
+            jobs.register_job_kind(name, jobs.JobKind(wrapper, lambda p: []))
+            del wrapper
+            handed = pickle.loads(jobs.shareable_works()[name])
+            assert handed(None, {}, None) == {"which": work.__name__.split("_")[1]}
+        shared = jobs.shareable_works()[name]
+        del jobs.JOB_KINDS[name]  # as in a child, which never registered it
+        with pytest.raises(KeyError, match="no job kind"):
+            jobs.work_of(name)
+        job_context.inherit_work({name: shared})
+        assert jobs.work_of(name)(None, {}, None) == {"which": "second"}  # type: ignore[arg-type]
+    finally:
+        jobs.JOB_KINDS.pop(name, None)
+        job_context._INHERITED_WORK.pop(name, None)
