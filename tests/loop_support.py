@@ -13,10 +13,7 @@ def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[st
     """A fresh ext4 on a loop device of ``image``, mounted at ``where``; the device."""
     with open(image, "wb") as f:
         f.truncate(size)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
+    with attached(image) as device:
         subprocess.run(["mkfs.ext4", "-q", "-F", device], check=True, capture_output=True)
         where.mkdir(exist_ok=True)
         subprocess.run(["mount", device, str(where)], check=True)
@@ -24,8 +21,6 @@ def mounted_disk(image: Path, where: Path, size: int = 256 << 20) -> Iterator[st
             yield device
         finally:
             subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from api_support import (
     wait_job,
     weak_kdf_env,
 )
+from loop_support import attached
 
 from appliance.errors import PathRefused
 from appliance.path_rules import (
@@ -89,13 +90,8 @@ def points(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> dict
 def loop_device(path: Path, size: int = 8 * 1024 * 1024) -> Iterator[str]:
     with open(path, "wb") as f:
         f.truncate(size)
-    device = subprocess.run(
-        ["losetup", "--find", "--show", str(path)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
+    with attached(path) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 @contextlib.contextmanager
